@@ -1,0 +1,324 @@
+"""The on-disk token dataset: writing shards, committing atomically, and reading them zero-copy.
+
+Everything downstream of `pipeline.tokenize` (the mixer service, the trainer, the benchmarks) reads a
+dataset only through `TokenDataset`. The layout is documented in `pipeline/FORMAT.md`; this module is
+its single implementation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+FORMAT_VERSION = "replaymix.tokens/1"
+MANIFEST_NAME = "manifest.json"
+TOKENIZER_NAME = "tokenizer.model"
+SPLITS = ("train", "val")
+INDEX_DTYPE = np.dtype("<u8")
+
+
+class DatasetError(Exception):
+    """A dataset on disk is missing, damaged or inconsistent; the message names the file."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits, else uint32: half the disk and page cache for vocabularies <= 65536."""
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """What a dataset records of the SentencePiece model that made it (a copy lives beside the shards)."""
+
+    file: str  # always TOKENIZER_NAME, relative to the dataset folder
+    source_path: str  # where the model was read from when the dataset was made
+    sha256: str
+    vocab_size: int
+    eos_id: int
+    bos_id: int  # -1 when the model has none
+    add_bos: bool
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard: `<name>.bin` holds the tokens, `<name>.idx` the document start offsets."""
+
+    file: str
+    index: str
+    tokens: int
+    documents: int
+    sha256: str
+    index_sha256: str
+
+
+def write_shard(folder: Path, name: str, documents: Iterable[np.ndarray], dtype: np.dtype) -> ShardInfo:
+    """Write documents (token arrays, already ending in EOS) as one shard; return its manifest entry."""
+    folder = Path(folder)
+    bin_path, idx_path = folder / f"{name}.bin", folder / f"{name}.idx"
+    offsets = [0]
+    digest = hashlib.sha256()
+    with open(bin_path, "wb") as out:
+        for doc in documents:
+            data = np.ascontiguousarray(doc, dtype=dtype).tobytes()
+            digest.update(data)
+            out.write(data)
+            offsets.append(offsets[-1] + len(doc))
+        out.flush()
+        os.fsync(out.fileno())
+    index_bytes = np.asarray(offsets, dtype=INDEX_DTYPE).tobytes()
+    with open(idx_path, "wb") as out:
+        out.write(index_bytes)
+        out.flush()
+        os.fsync(out.fileno())
+    return ShardInfo(
+        file=bin_path.name,
+        index=idx_path.name,
+        tokens=offsets[-1],
+        documents=len(offsets) - 1,
+        sha256=digest.hexdigest(),
+        index_sha256=hashlib.sha256(index_bytes).hexdigest(),
+    )
+
+
+def build_manifest(
+    tokenizer: TokenizerInfo,
+    shards: dict[str, Sequence[ShardInfo]],
+    **fields: object,
+) -> dict:
+    """The manifest dict: tokenizer, per-split shard lists with totals, plus any extra fields
+    (inputs, seed, val_fraction, stats) the writer wants to record."""
+    splits = {}
+    for split in SPLITS:
+        entries = list(shards.get(split, []))
+        splits[split] = {
+            "tokens": sum(s.tokens for s in entries),
+            "documents": sum(s.documents for s in entries),
+            "shards": [asdict(s) for s in entries],
+        }
+    return {
+        "format": FORMAT_VERSION,
+        "dtype": token_dtype(tokenizer.vocab_size).name,
+        "tokenizer": asdict(tokenizer),
+        "splits": splits,
+        **fields,
+    }
+
+
+def commit_dataset(staging: Path, out: Path, manifest: dict, overwrite: bool = False) -> None:
+    """Write the manifest last, fsync, then rename the staging folder onto `out`.
+
+    A folder without a manifest is never a dataset, so a job killed before this point leaves nothing
+    that looks valid. An existing valid dataset is replaced only when `overwrite` is set.
+    """
+    staging, out = Path(staging), Path(out)
+    if out.exists() and (out / MANIFEST_NAME).exists() and not overwrite:
+        raise DatasetError(
+            f"{out}: a dataset already exists here; pass --overwrite to replace it or choose another --out"
+        )
+    manifest_tmp = staging / (MANIFEST_NAME + ".tmp")
+    with open(manifest_tmp, "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(manifest_tmp, staging / MANIFEST_NAME)
+    if out.exists():
+        # Move the old folder aside first so that `out` is never a half-deleted dataset.
+        trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, trash)
+        os.replace(staging, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, out)
+    _fsync_dir(out.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class TokenSplit:
+    """One split (train or val) of a dataset: its shards memory-mapped, addressed as one token stream."""
+
+    def __init__(self, root: Path, shards: Sequence[dict], dtype: np.dtype):
+        self.root = root
+        self.dtype = dtype
+        self.shards = [ShardInfo(**s) for s in shards]
+        self._tokens = [self._map(s.file, dtype, s.tokens) for s in self.shards]
+        self._starts = np.cumsum([0] + [s.tokens for s in self.shards], dtype=np.int64)
+
+    def _map(self, name: str, dtype: np.dtype, count: int) -> np.ndarray:
+        path = self.root / name
+        if count == 0:
+            return np.zeros(0, dtype=dtype)
+        return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self._starts[-1])
+
+    @property
+    def num_documents(self) -> int:
+        return sum(s.documents for s in self.shards)
+
+    def shard_tokens(self, i: int) -> np.ndarray:
+        return self._tokens[i]
+
+    def document_offsets(self, i: int) -> np.ndarray:
+        """Start offsets of shard i's documents within that shard, plus its token count at the end."""
+        s = self.shards[i]
+        return np.fromfile(self.root / s.index, dtype=INDEX_DTYPE, count=s.documents + 1)
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length) of the split's stream, crossing shard boundaries as needed."""
+        if start < 0 or length < 0 or start + length > self.num_tokens:
+            raise IndexError(f"tokens [{start}, {start + length}) outside the split's {self.num_tokens} tokens")
+        shard = int(np.searchsorted(self._starts, start, side="right")) - 1
+        offset = start - int(self._starts[shard])
+        first = self._tokens[shard][offset : offset + length]
+        if len(first) == length:
+            return first
+        parts, remaining = [first], length - len(first)
+        while remaining:
+            shard += 1
+            part = self._tokens[shard][:remaining]
+            parts.append(part)
+            remaining -= len(part)
+        return np.concatenate(parts)
+
+    def documents(self) -> Iterable[np.ndarray]:
+        """Every document in order (views into the memory map)."""
+        for i in range(len(self.shards)):
+            offsets, tokens = self.document_offsets(i), self._tokens[i]
+            for a, b in zip(offsets[:-1], offsets[1:]):
+                yield tokens[a:b]
+
+
+class TokenDataset:
+    """A dataset folder written by `pipeline.tokenize` (see FORMAT.md), opened read-only.
+
+    `verify="size"` (the default) checks that every file exists with the size the manifest gives;
+    `verify="full"` also recomputes each shard's sha256. Either raises `DatasetError` naming the file.
+    """
+
+    def __init__(self, path: str | os.PathLike, verify: str = "size"):
+        self.root = Path(path)
+        manifest_path = self.root / MANIFEST_NAME
+        if not manifest_path.exists():
+            raise DatasetError(
+                f"{manifest_path}: no manifest, so {self.root} is not a finished dataset "
+                "(a job that did not complete leaves none); run `python -m pipeline.tokenize` to make it"
+            )
+        try:
+            self.manifest = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DatasetError(f"{manifest_path}: not valid JSON ({e}); re-run the tokenize job") from e
+        if self.manifest.get("format") != FORMAT_VERSION:
+            raise DatasetError(
+                f"{manifest_path}: format {self.manifest.get('format')!r}, expected {FORMAT_VERSION!r}"
+            )
+        self.tokenizer = TokenizerInfo(**self.manifest["tokenizer"])
+        self.dtype = np.dtype(self.manifest["dtype"]).newbyteorder("<")
+        if verify != "none":
+            self.verify(full=verify == "full")
+        self.splits = {
+            name: TokenSplit(self.root, self.manifest["splits"][name]["shards"], self.dtype) for name in SPLITS
+        }
+
+    @property
+    def train(self) -> TokenSplit:
+        return self.splits["train"]
+
+    @property
+    def val(self) -> TokenSplit:
+        return self.splits["val"]
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.root / self.tokenizer.file
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def verify(self, full: bool = False) -> None:
+        """Check files against the manifest; raise DatasetError naming the first bad file."""
+        tokenizer_path = self.root / self.tokenizer.file
+        if not tokenizer_path.exists():
+            raise DatasetError(f"{tokenizer_path}: missing; the dataset's tokenizer copy is gone")
+        if full and sha256_file(tokenizer_path) != self.tokenizer.sha256:
+            raise DatasetError(f"{tokenizer_path}: sha256 differs from the manifest")
+        for split in SPLITS:
+            entry = self.manifest["splits"][split]
+            shards = entry["shards"]
+            if sum(s["tokens"] for s in shards) != entry["tokens"]:
+                raise DatasetError(
+                    f"{self.root / MANIFEST_NAME}: splits.{split}.tokens = {entry['tokens']} but its "
+                    f"shards add up to {sum(s['tokens'] for s in shards)}; the manifest is inconsistent"
+                )
+            for s in shards:
+                self._verify_file(self.root / s["file"], s["tokens"] * self.dtype.itemsize, s["sha256"], full)
+                self._verify_file(
+                    self.root / s["index"], (s["documents"] + 1) * INDEX_DTYPE.itemsize, s["index_sha256"], full
+                )
+
+    @staticmethod
+    def _verify_file(path: Path, size: int, sha256: str, full: bool) -> None:
+        if not path.exists():
+            raise DatasetError(f"{path}: shard file missing; re-run the tokenize job")
+        actual = path.stat().st_size
+        if actual != size:
+            raise DatasetError(
+                f"{path}: {actual} bytes on disk but the manifest implies {size}; the shard is truncated "
+                "or the manifest is wrong; re-run the tokenize job"
+            )
+        if full and sha256_file(path) != sha256:
+            raise DatasetError(f"{path}: sha256 differs from the manifest; the shard is damaged")
+
+    def __repr__(self) -> str:
+        return (
+            f"TokenDataset({str(self.root)!r}, train={self.train.num_tokens} tokens, "
+            f"val={self.val.num_tokens} tokens, vocab={self.vocab_size})"
+        )
+
+
+def describe_tokenizer(model_path: str | os.PathLike, add_bos: bool | None = None) -> TokenizerInfo:
+    """Read a SentencePiece model's ids. BOS is added when the model defines one, unless told otherwise."""
+    import sentencepiece as spm
+
+    model_path = Path(model_path)
+    processor = spm.SentencePieceProcessor(model_file=str(model_path))
+    eos_id, bos_id = processor.eos_id(), processor.bos_id()
+    if eos_id < 0:
+        raise DatasetError(
+            f"{model_path}: the tokenizer has no EOS piece (eos_id=-1); documents must end in EOS, "
+            "so train it with eos_id >= 0"
+        )
+    return TokenizerInfo(
+        file=TOKENIZER_NAME,
+        source_path=str(model_path.resolve()),
+        sha256=sha256_file(model_path),
+        vocab_size=processor.vocab_size(),
+        eos_id=eos_id,
+        bos_id=bos_id,
+        add_bos=bos_id >= 0 if add_bos is None else add_bos,
+    )
