@@ -1,0 +1,111 @@
+"""Shared test fixtures: small real text, real SentencePiece models trained here, real token datasets.
+
+Nothing here is mocked: models are trained by sentencepiece on the text below and datasets are
+written with the same `pipeline.dataset` functions the tokenize job uses.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from pipeline.dataset import (
+    TOKENIZER_NAME,
+    TokenDataset,
+    build_manifest,
+    commit_dataset,
+    describe_tokenizer,
+    token_dtype,
+    write_shard,
+)
+
+_ENGLISH = (
+    "the manual page describes how the command reads its input file and writes the result to standard "
+    "output when no option is given the program prints a short summary of usage and exits with status "
+    "zero on success and a non zero value when an error occurs the environment variable controls the "
+    "default directory where configuration files are searched"
+).split()
+_GERMAN = (
+    "die handbuchseite beschreibt wie der befehl seine eingabedatei liest und das ergebnis auf die "
+    "standardausgabe schreibt wenn keine option angegeben wird gibt das programm eine kurze "
+    "zusammenfassung der verwendung aus und beendet sich mit dem status null bei erfolg und einem "
+    "anderen wert wenn ein fehler auftritt die umgebungsvariable steuert das verzeichnis"
+).split()
+
+
+def make_lines(words: Sequence[str], count: int, seed: int, length: tuple[int, int] = (8, 20)) -> list[str]:
+    """Deterministic pseudo-sentences drawn from a word list: enough structure for BPE to learn."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(*length))) + "." for _ in range(count)]
+
+
+@pytest.fixture(scope="session")
+def english_lines() -> list[str]:
+    return make_lines(_ENGLISH, 2000, seed=1)
+
+
+@pytest.fixture(scope="session")
+def german_lines() -> list[str]:
+    return make_lines(_GERMAN, 2000, seed=2)
+
+
+def train_spm(text_lines: Sequence[str], prefix: Path, vocab_size: int = 200, **options: object) -> Path:
+    """Train a real SentencePiece model on the lines; return the .model path."""
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    corpus = prefix.with_suffix(".txt")
+    corpus.write_text("\n".join(text_lines) + "\n")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(prefix),
+        vocab_size=vocab_size,
+        model_type=options.pop("model_type", "bpe"),
+        num_threads=1,
+        minloglevel=2,
+        **options,
+    )
+    return prefix.with_suffix(".model")
+
+
+@pytest.fixture(scope="session")
+def english_model(tmp_path_factory: pytest.TempPathFactory, english_lines: list[str]) -> Path:
+    return train_spm(english_lines, tmp_path_factory.mktemp("spm") / "english", vocab_size=200)
+
+
+def write_token_dataset(
+    out: Path, documents: Sequence[str], model_path: Path, val_documents: Sequence[str] = (), shard_docs: int = 50
+) -> TokenDataset:
+    """Encode documents with the model (in-process, no Ray) and write them in the real on-disk format."""
+    info = describe_tokenizer(model_path)
+    processor = spm.SentencePieceProcessor(model_file=str(model_path))
+    dtype = token_dtype(info.vocab_size)
+
+    def encode(doc: str) -> np.ndarray:
+        ids = ([info.bos_id] if info.add_bos else []) + processor.encode(doc) + [info.eos_id]
+        return np.asarray(ids, dtype=dtype)
+
+    staging = out.with_name(out.name + ".staging")
+    staging.mkdir(parents=True)
+    shutil.copyfile(model_path, staging / TOKENIZER_NAME)
+    shards: dict[str, list] = {"train": [], "val": []}
+    for split, docs in (("train", documents), ("val", val_documents)):
+        for i in range(0, max(len(docs), 1), shard_docs):
+            chunk = docs[i : i + shard_docs]
+            shards[split].append(write_shard(staging, f"{split}-{i // shard_docs:05d}", map(encode, chunk), dtype))
+    commit_dataset(staging, out, build_manifest(info, shards, seed=0, val_fraction=0.0, inputs=[]))
+    return TokenDataset(out)
+
+
+@pytest.fixture
+def token_dataset_factory(tmp_path: Path) -> Callable[..., TokenDataset]:
+    """`factory(name, documents, model_path, val_documents=())` -> a real TokenDataset under tmp_path."""
+
+    def factory(name: str, documents: Sequence[str], model_path: Path, val_documents: Sequence[str] = ()):
+        return write_token_dataset(tmp_path / name, documents, model_path, val_documents)
+
+    return factory
