@@ -1,0 +1,116 @@
+"""The GPT, vocabulary growth and checkpoints, on the tiny "test" model."""
+
+import json
+
+import pytest
+import torch
+
+from trainer.checkpoint import CheckpointError, load_checkpoint, model_config_of, save_checkpoint
+from trainer.model import GPT, config_for
+from trainer.vocab import ExtensionReport, ExtensionReportError, grow_vocab, pad_optimizer_state
+
+
+def small_model(vocab: int = 64, tied: bool = True, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(config_for("test", vocab, max_seq_len=32, tie_embeddings=tied))
+
+
+def test_named_sizes_have_the_advertised_scale():
+    def millions(size, vocab):
+        return GPT(config_for(size, vocab, 64)).num_params() / 1e6
+
+    assert 0.5 < millions("test", 512) < 1.5
+    assert 2 < millions("tiny", 4096) < 8
+
+
+def test_logits_are_causal():
+    model = small_model().eval()
+    tokens = torch.randint(0, 64, (2, 16))
+    changed = tokens.clone()
+    changed[:, 10:] = (changed[:, 10:] + 1) % 64
+    with torch.no_grad():
+        a, b = model(tokens), model(changed)
+    assert a.shape == (2, 16, 64)
+    torch.testing.assert_close(a[:, :10], b[:, :10])
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_model_overfits_a_fixed_batch():
+    model = small_model()
+    tokens = torch.randint(0, 64, (4, 17))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(60):
+        loss = model(tokens[:, :-1], tokens[:, 1:])
+        first = first if first is not None else loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert first > 4.0 and loss.item() < first / 3
+
+
+def write_report(path, base, extended, pieces):
+    path.write_text(json.dumps({
+        "base": {"vocab_size": base},
+        "extended": {"vocab_size": extended},
+        "new_pieces": [{"id": i, "piece": f"p{i}", "base_ids": ids} for i, ids in pieces.items()],
+    }))
+    return path
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_growth_keeps_old_rows_and_sets_new_rows_to_means(tmp_path, tied):
+    model = small_model(tied=tied)
+    old_embed, old_head = model.embed.weight.detach().clone(), model.lm_head.weight.detach().clone()
+    report = ExtensionReport.load(write_report(tmp_path / "r.json", 64, 67, {64: [3, 5], 65: [7], 66: []}))
+    grow_vocab(model, report)
+    assert model.config.vocab_size == 67 and model.embed.weight.shape == (67, 128)
+    for weight, old in ((model.embed.weight, old_embed), (model.lm_head.weight, old_head)):
+        torch.testing.assert_close(weight[:64], old)
+        torch.testing.assert_close(weight[64], old[[3, 5]].mean(0))
+        torch.testing.assert_close(weight[65], old[7])
+        torch.testing.assert_close(weight[66], old.mean(0))  # no segmentation: mean of all old rows
+    assert (model.lm_head.weight is model.embed.weight) == tied
+    assert model(torch.tensor([[64, 65, 66]])).shape == (1, 3, 67)
+
+
+def test_growth_pads_the_optimizer_state_with_zero_moments(tmp_path):
+    model = small_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8))).backward()
+    optimizer.step()
+    state = optimizer.state_dict()
+    grow_vocab(model, ExtensionReport.load(write_report(tmp_path / "r.json", 64, 66, {64: [1], 65: [2]})))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer.load_state_dict(state)
+    pad_optimizer_state(optimizer)
+    moments = optimizer.state[model.embed.weight]["exp_avg"]
+    assert moments.shape == (66, 128) and moments[64:].abs().sum() == 0 and moments[:64].abs().sum() > 0
+    model(torch.tensor([[64, 65]]), torch.tensor([[65, 64]])).backward()
+    optimizer.step()  # would raise on a shape mismatch
+
+
+def test_bad_extension_reports_are_named(tmp_path):
+    with pytest.raises(ExtensionReportError, match="missing \\[65\\]"):
+        ExtensionReport.load(write_report(tmp_path / "a.json", 64, 66, {64: [1]}))
+    with pytest.raises(ExtensionReportError, match="outside the base vocabulary"):
+        ExtensionReport.load(write_report(tmp_path / "b.json", 64, 65, {64: [70]}))
+    report = ExtensionReport.load(write_report(tmp_path / "c.json", 60, 61, {60: [1]}))
+    with pytest.raises(ExtensionReportError, match="base.vocab_size is 60 but the checkpoint's model has 64"):
+        grow_vocab(small_model(), report)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = small_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    save_checkpoint(tmp_path / "c.pt", model, optimizer, step=7, first_eval={"en": 4.0}, run_config={"x": 1})
+    payload = load_checkpoint(tmp_path / "c.pt")
+    restored = GPT(model_config_of(payload))
+    restored.load_state_dict(payload["model"])
+    assert payload["step"] == 7 and payload["first_eval"] == {"en": 4.0}
+    for a, b in zip(model.parameters(), restored.parameters()):
+        torch.testing.assert_close(a, b)
+    assert restored.lm_head.weight is restored.embed.weight
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pt: not a readable checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")

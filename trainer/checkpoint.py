@@ -1,0 +1,95 @@
+"""Checkpoints: model, optimizer, step, RNG and the run's first evaluation, written atomically.
+
+Layout under RUN_DIR/checkpoints/: `latest.pt` (rewritten every --checkpoint-every steps and at the end;
+what --resume reads), `step-NNNNNN.pt` for each --save-at step, `final.pt` at the end. The schedule is a
+pure function of the step and the run's config, so the step is all of its state that needs saving.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainer.model import GPT, GPTConfig
+
+CHECKPOINT_DIR = "checkpoints"
+LATEST = "latest.pt"
+FINAL = "final.pt"
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing, unreadable, or does not fit the run; the message names the file."""
+
+
+def named_checkpoint(step: int) -> str:
+    return f"step-{step:06d}.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    path: Path,
+    model: GPT,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    first_eval: dict[str, float] | None,
+    run_config: dict[str, Any],
+) -> None:
+    """Write to a temporary file and rename, so a crash mid-write never leaves a half checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "model_config": asdict(model.config),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "rng": rng_state(),
+        "first_eval": first_eval,
+        "run_config": run_config,
+    }
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint; check --init-from, or drop --resume to start afresh")
+    try:
+        # Our own files: the RNG states are numpy objects, which weights_only loading rejects.
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+    missing = {"model_config", "model", "optimizer", "step"} - set(payload)
+    if missing:
+        raise CheckpointError(f"{path}: not a replaymix trainer checkpoint (missing {sorted(missing)})")
+    return payload
+
+
+def model_config_of(payload: dict[str, Any]) -> GPTConfig:
+    return GPTConfig(**payload["model_config"])
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    path = Path(run_dir) / CHECKPOINT_DIR / LATEST
+    return path if path.is_file() else None
