@@ -1,0 +1,189 @@
+"""The in-process mixer: exact per-prefix shares, rank slices, epochs, random access, vocabularies."""
+
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sentencepiece import sentencepiece_model_pb2
+
+from service.mixer import Mixer, MixerConfig
+from service.schedule import MixSchedule, ScheduleError, Stage
+from service.vocab import VocabularyError
+from tests.conftest import train_spm
+
+
+@pytest.fixture
+def three_datasets(english_lines, english_model, token_dataset_factory):
+    return {
+        "a": token_dataset_factory("a", english_lines[:40], english_model),
+        "b": token_dataset_factory("b", english_lines[40:100], english_model),
+        "c": token_dataset_factory("c", english_lines[100:130], english_model),
+    }
+
+
+def sources_of(mixer: Mixer, steps: range) -> np.ndarray:
+    return np.concatenate([mixer.locate(step)[0] for step in steps])
+
+
+def greedy_reference(weights: list[float], n: int) -> list[int]:
+    """Megatron's rule evaluated sample by sample in exact fractions: the hand check."""
+    p = [Fraction(w).limit_denominator(10_000) for w in weights]
+    counts, out = [0] * len(p), []
+    for i in range(n):
+        best = max(range(len(p)), key=lambda d: (p[d] * (i + 1) - counts[d], -d))
+        counts[best] += 1
+        out.append(best)
+    return out
+
+
+def assert_prefix_shares(sources: np.ndarray, weights: list[float]) -> None:
+    counts = np.zeros(len(weights), dtype=np.int64)
+    for n, source in enumerate(sources, start=1):
+        counts[source] += 1
+        for d, w in enumerate(weights):
+            assert abs(counts[d] - w * n) <= 1 + 1e-9, (n, d, counts[d], w * n)
+
+
+@pytest.mark.parametrize(
+    "weights", [[0.05, 0.95], [0.5, 0.5], [0.3, 0.7], [0.2, 0.3, 0.5], [0.01, 0.33, 0.66], [1 / 3, 1 / 3, 1 / 3]]
+)
+def test_every_prefix_holds_its_share(three_datasets, weights):
+    names = list(three_datasets)[: len(weights)]
+    datasets = {name: three_datasets[name] for name in names}
+    mixer = Mixer(datasets, MixerConfig(seq_len=16, global_batch=7), MixSchedule.constant(dict(zip(names, weights))))
+    sources = sources_of(mixer, range(300))  # 2100 samples: several periods of the rule
+    assert_prefix_shares(sources, weights)
+    assert sources.tolist() == greedy_reference(weights, len(sources))
+    if len(weights) == 2:  # two datasets: strictly within one sample
+        counts = np.cumsum(sources == 0)
+        assert np.all(np.abs(counts - weights[0] * np.arange(1, len(sources) + 1)) < 1)
+    # 5% replay means 5% of every batch of 20, not on average
+    if weights == [0.05, 0.95]:
+        wide = Mixer(datasets, MixerConfig(seq_len=16, global_batch=20), mixer.schedule)
+        assert all(np.count_nonzero(wide.locate(s)[0] == 0) == 1 for s in range(50))
+
+
+def test_shares_hold_inside_each_stage_and_counts_carry_over(three_datasets):
+    schedule = MixSchedule.constant({"a": 0.5, "b": 0.5, "c": 0})
+    schedule = schedule.appended(Stage(13, {"a": 0.1, "b": 0.2, "c": 0.7}))
+    schedule = schedule.appended(Stage(40, {"c": 1}))
+    schedule = schedule.appended(Stage(45, {"a": 0.25, "b": 0.25, "c": 0.5}))
+    mixer = Mixer(three_datasets, MixerConfig(seq_len=16, global_batch=6), schedule)
+    bounds = [0, 13, 40, 45, 120]
+    for stage, lo, hi in zip(schedule.stages, bounds, bounds[1:]):
+        sources = sources_of(mixer, range(lo, hi))
+        assert_prefix_shares(sources, [stage.weights.get(n, 0.0) for n in mixer.names])
+    # the cumulative counts kept at stage starts equal what the steps actually drew
+    drawn = np.bincount(sources_of(mixer, range(0, 120)), minlength=3)
+    assert list(mixer.samples_before(120).values()) == drawn.tolist()
+    # ordinals are 0, 1, 2, ... per dataset across all stages: no sample skipped or repeated
+    ordinals = {d: [] for d in range(3)}
+    for step in range(120):
+        for source, ordinal in zip(*mixer.locate(step)):
+            ordinals[int(source)].append(int(ordinal))
+    assert all(ordinals[d] == list(range(len(ordinals[d]))) for d in range(3))
+
+
+def test_appending_a_stage_never_changes_earlier_steps(three_datasets):
+    config = MixerConfig(seq_len=16, global_batch=4, seed=3)
+    mixer = Mixer(three_datasets, config, MixSchedule.constant({"a": 0.2, "b": 0.8}))
+    before = [mixer.batch(step).tokens.copy() for step in range(30)]
+    mixer.set_schedule(mixer.schedule.appended(Stage(30, {"c": 1})))
+    assert all(np.array_equal(before[s], mixer.batch(s).tokens) for s in range(30))
+    assert set(mixer.batch(30).sources.tolist()) == {2}
+
+
+def test_ranks_get_disjoint_slices_covering_the_global_batch(three_datasets):
+    mixer = Mixer(three_datasets, MixerConfig(seq_len=16, global_batch=12, seed=1), MixSchedule.constant({"a": 1, "b": 2, "c": 3}))
+    for step in (0, 5, 77):
+        whole = mixer.batch(step)
+        for world in (1, 2, 3, 4, 6, 12):
+            parts = [mixer.batch(step, rank, world) for rank in range(world)]
+            assert all(len(p.tokens) == 12 // world for p in parts)
+            np.testing.assert_array_equal(np.concatenate([p.tokens for p in parts]), whole.tokens)
+            np.testing.assert_array_equal(np.concatenate([p.sources for p in parts]), whole.sources)
+    with pytest.raises(ValueError, match="does not divide global_batch 12"):
+        mixer.batch(0, 0, 5)
+    with pytest.raises(ValueError, match="rank"):
+        mixer.batch(0, 4, 4)
+
+
+def test_epochs_are_permutations_of_all_windows(english_lines, english_model, token_dataset_factory):
+    dataset = token_dataset_factory("one", english_lines[:20], english_model)
+    seq_len = 16
+    mixer = Mixer({"one": dataset}, MixerConfig(seq_len=seq_len, global_batch=5, seed=7), MixSchedule.constant({"one": 1}))
+    windows = int(mixer.windows[0])
+    assert windows == (dataset.train.num_tokens - 1) // seq_len and windows > 10
+    steps = range(0, (3 * windows) // 5 + 1)
+    batches = [mixer.batch(step) for step in steps]
+    rows = np.concatenate([b.tokens for b in batches])
+    stream = dataset.train.read(0, dataset.train.num_tokens)
+    all_windows = {tuple(stream[w * seq_len : w * seq_len + seq_len + 1]): w for w in range(windows)}
+    order = [all_windows[tuple(row)] for row in rows]
+    epochs = [order[e * windows : (e + 1) * windows] for e in range(3)]
+    assert all(sorted(epoch) == list(range(windows)) for epoch in epochs)
+    assert epochs[0] != epochs[1] != epochs[2] and epochs[0] != list(range(windows))
+    assert mixer.epochs(0) == {"one": 0}
+    assert mixer.epochs(len(steps)) == {"one": (len(steps) * 5) // windows}
+    # another seed gives another order; the same seed the same bytes
+    other = Mixer({"one": dataset}, MixerConfig(seq_len=seq_len, global_batch=5, seed=8), mixer.schedule)
+    assert not np.array_equal(other.batch(0).tokens, batches[0].tokens)
+    np.testing.assert_array_equal(Mixer({"one": dataset}, mixer.config, mixer.schedule).batch(3).tokens, batches[3].tokens)
+
+
+def test_random_access_far_ahead_and_with_many_stages(three_datasets):
+    schedule = MixSchedule.constant({"a": 1, "b": 1})
+    for i in range(1, 100):
+        schedule = schedule.appended(Stage(i * 100_003, {"a": i % 7 + 1, "b": 0.5, "c": (i % 3) * 0.37}))
+    mixer = Mixer(three_datasets, MixerConfig(seq_len=16, global_batch=8), schedule)
+    step = 10**7
+    batch = mixer.batch(step)
+    assert batch.tokens.shape == (8, 17) and batch.tokens.dtype == np.int64
+    # counts reported before and after the step differ exactly by what the step drew
+    before, after = mixer._counts_before(step), mixer._counts_before(step + 1)
+    np.testing.assert_array_equal(after - before, np.bincount(batch.sources, minlength=3))
+    assert sum(mixer.samples_before(step).values()) == step * 8
+    np.testing.assert_array_equal(Mixer(three_datasets, mixer.config, schedule).batch(step).tokens, batch.tokens)
+
+
+def extend_model(base: Path, donor: Path, out: Path) -> Path:
+    """Append the donor's new pieces to the base, as `pipeline.tokenizer extend` does."""
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString(base.read_bytes())
+    donor_model = sentencepiece_model_pb2.ModelProto()
+    donor_model.ParseFromString(donor.read_bytes())
+    known = {p.piece for p in model.pieces}
+    lowest = min(p.score for p in model.pieces)
+    for piece in donor_model.pieces:
+        if piece.type == 1 and piece.piece not in known:
+            model.pieces.add(piece=piece.piece, score=lowest - 1, type=1)
+    out.write_bytes(model.SerializeToString())
+    return out
+
+
+def test_prefix_compatible_vocabularies_mix_and_others_are_refused(
+    tmp_path, english_lines, german_lines, english_model, token_dataset_factory
+):
+    german_model = train_spm(german_lines, tmp_path / "spm" / "german", vocab_size=200)
+    extended = extend_model(english_model, german_model, tmp_path / "spm" / "extended.model")
+    old = token_dataset_factory("old", english_lines[:40], english_model)
+    new = token_dataset_factory("new", german_lines[:40], extended)
+    assert new.vocab_size > old.vocab_size
+    mixer = Mixer({"old": old, "new": new}, MixerConfig(16, 4), MixSchedule.constant({"old": 0.25, "new": 0.75}))
+    assert mixer.vocab_size == new.vocab_size
+    assert int(mixer.batch(3).tokens.max()) < mixer.vocab_size
+
+    foreign = token_dataset_factory("foreign", german_lines[:40], german_model)
+    with pytest.raises(VocabularyError, match=r"'old'.*'foreign'|'foreign'.*'old'") as err:
+        Mixer({"old": old, "foreign": foreign}, MixerConfig(16, 4), MixSchedule.constant({"old": 1}))
+    assert "do not share a vocabulary: id" in str(err.value)
+
+
+def test_bad_inputs_are_refused_clearly(three_datasets):
+    with pytest.raises(ScheduleError, match=r"unknown dataset\(s\) \['z'\]"):
+        Mixer(three_datasets, MixerConfig(16, 4), MixSchedule.constant({"z": 1}))
+    with pytest.raises(ValueError, match="fewer than seq_len"):
+        Mixer(three_datasets, MixerConfig(100_000, 4), MixSchedule.constant({"a": 1}))
+    with pytest.raises(ValueError, match="global_batch"):
+        MixerConfig(seq_len=16, global_batch=0)

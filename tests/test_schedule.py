@@ -1,0 +1,80 @@
+"""The mix schedule: normalisation, validation, append-only rules and an exact JSON round trip."""
+
+import json
+import math
+
+import pytest
+
+from service.schedule import WEIGHT_UNITS, MixSchedule, ScheduleError, Stage, quantize_weights
+
+
+def test_weights_are_normalised_and_quantised_idempotently():
+    stage = Stage(0, {"old": 1, "new": 19})
+    assert stage.weights == {"old": 0.05, "new": 0.95}
+    thirds = Stage(3, {"a": 1, "b": 1, "c": 1})
+    assert sum(thirds.units.values()) == WEIGHT_UNITS
+    assert sorted(thirds.units.values()) == [3333, 3333, 3334]
+    assert math.fsum(thirds.weights.values()) == pytest.approx(1.0, abs=1e-12)
+    # normalising normalised weights changes nothing, bit for bit
+    assert Stage(3, thirds.weights) == thirds
+
+
+@pytest.mark.parametrize(
+    "weights, field",
+    [
+        ({"a": -0.1, "b": 1}, "weights.a"),
+        ({"a": float("nan")}, "weights.a"),
+        ({"a": float("inf")}, "weights.a"),
+        ({"a": 0, "b": 0.0}, "all zero"),
+        ({}, "empty"),
+        ({"a": "0.5"}, "not a number"),
+        ({"a": True}, "not a number"),
+    ],
+)
+def test_bad_weights_are_refused_naming_the_field(weights, field):
+    with pytest.raises(ScheduleError, match=field):
+        Stage(0, weights)
+
+
+def test_bad_start_steps_are_refused():
+    with pytest.raises(ScheduleError, match="start_step"):
+        Stage(-1, {"a": 1})
+    with pytest.raises(ScheduleError, match="must start at 0"):
+        MixSchedule([Stage(5, {"a": 1})])
+    with pytest.raises(ScheduleError, match="must increase"):
+        MixSchedule([Stage(0, {"a": 1}), Stage(10, {"a": 1}), Stage(10, {"a": 1})])
+
+
+def test_stage_at_and_append_only():
+    schedule = MixSchedule.constant({"old": 0.5, "new": 0.5})
+    schedule = schedule.appended(Stage(100, {"old": 0.05, "new": 0.95}))
+    schedule = schedule.appended(Stage(250, {"old": 0.25, "new": 0.75}))
+    assert [schedule.stage_at(s).start_step for s in (0, 99, 100, 249, 250, 10**9)] == [0, 0, 100, 100, 250, 250]
+    with pytest.raises(ScheduleError, match="append-only"):
+        schedule.appended(Stage(200, {"old": 1}))
+    # the same start step as the last stage supersedes it (it was never served)
+    superseded = schedule.appended(Stage(250, {"old": 1}))
+    assert len(superseded) == 3 and superseded.stage_at(300).weights == {"old": 1.0}
+    assert len(schedule) == 3 and schedule.stage_at(300).weights["old"] == 0.25
+
+
+def test_json_round_trip_is_exact():
+    schedule = MixSchedule.constant({"a": 1, "b": 2, "c": 4})
+    for i in range(1, 100):
+        schedule = schedule.appended(Stage(i * 17, {"a": i, "b": 0.3 * i, "c": 1 / i}))
+    data = json.loads(json.dumps(schedule.to_json()))
+    again = MixSchedule.from_json(data)
+    assert again == schedule
+    assert [s.units for s in again.stages] == [s.units for s in schedule.stages]
+
+
+def test_from_json_names_the_bad_entry():
+    with pytest.raises(ScheduleError, match=r"stages\[1\]\.weights\.b"):
+        MixSchedule.from_json([{"start_step": 0, "weights": {"a": 1}}, {"start_step": 3, "weights": {"b": -1}}])
+    with pytest.raises(ScheduleError, match="list of stages"):
+        MixSchedule.from_json({"start_step": 0})
+
+
+def test_quantize_keeps_tiny_positive_weights_honest():
+    units = quantize_weights({"a": 1e-9, "b": 1.0})
+    assert units == {"a": 0, "b": WEIGHT_UNITS}
