@@ -1,0 +1,95 @@
+"""Choosing which of a donor model's pieces to append to a base model, and with what scores.
+
+The donor is a model of the same type trained on the new corpus (normalized as the base normalizes).
+Its pieces that the base lacks are candidates, taken in the donor's own order (merge rank for BPE,
+log-probability for unigram). A candidate is kept only if the extended model, cutting the candidate's
+own text, produces exactly that piece: a piece the model can never produce would waste an id.
+
+Scores:
+- BPE: a score is a merge priority. New pieces score below every base piece, in donor order, so on any
+  text the extended model first performs every merge the base would and only then the new ones. Each
+  merge removes a token, so old text can never take more tokens than under the base.
+- Unigram: a score is a log-probability; new pieces keep the donor's, which is the same scale.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from pipeline.tokenizer.model_proto import (
+    BYTE_PIECE,
+    ModelProto,
+    NewPiece,
+    PieceType,
+    TokenizerError,
+    append_pieces,
+    model_type_name,
+    piece_text,
+    verbatim_processor,
+)
+
+SUPPORTED_MODEL_TYPES = ("bpe", "unigram")
+# Pieces are validated in batches: a batch a bit larger than the remaining budget absorbs rejects
+# without one model rebuild per rejected piece.
+MIN_BATCH = 64
+
+
+def candidate_pieces(base: ModelProto, donor: ModelProto) -> list[NewPiece]:
+    """The donor's ordinary pieces that the base lacks, best first, with the donor's scores."""
+    taken = {p.piece for p in base.pieces}  # NORMAL, USER_DEFINED and UNUSED share one lookup table
+    fresh = [
+        NewPiece(p.piece, p.score)
+        for p in donor.pieces
+        if p.type == PieceType.NORMAL and p.piece not in taken and not BYTE_PIECE.match(p.piece)
+    ]
+    return sorted(fresh, key=lambda p: -p.score)  # stable: equal scores keep the donor's id order
+
+
+def scored_for_base(base: ModelProto, pieces: Sequence[NewPiece]) -> list[NewPiece]:
+    """The scores the pieces get in the extended model (see the module docstring for why)."""
+    if model_type_name(base) == "unigram":
+        return list(pieces)
+    floor = min(p.score for p in base.pieces if p.type in (PieceType.NORMAL, PieceType.USER_DEFINED))
+    return [NewPiece(p.piece, floor - 1.0 - rank) for rank, p in enumerate(pieces)]
+
+
+def producible(base: ModelProto, pieces: Sequence[NewPiece]) -> list[bool]:
+    """For each appended piece: does the extended model cut the piece's own text into just that piece?"""
+    extended = append_pieces(base, scored_for_base(base, pieces))
+    processor = verbatim_processor(extended)
+    texts = [piece_text(extended, p.piece) for p in pieces]
+    first_new = len(base.pieces)
+    return [ids == [first_new + i] for i, ids in enumerate(processor.encode(texts))]
+
+
+def choose_pieces(base: ModelProto, donor: ModelProto, limit: int) -> tuple[list[NewPiece], int]:
+    """Up to `limit` candidates that the extended model produces, scored for the base; returns them and
+    how many candidates were skipped as unproducible.
+
+    Raises TokenizerError when `limit` is not positive or exceeds the candidates the donor offers.
+    """
+    kind = model_type_name(base)
+    if kind not in SUPPORTED_MODEL_TYPES:
+        raise TokenizerError(f"base model type is {kind!r}; extend supports {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if limit <= 0:
+        raise TokenizerError(f"--new-pieces {limit}: must be a positive number of pieces to add")
+    candidates = candidate_pieces(base, donor)
+    if limit > len(candidates):
+        raise TokenizerError(
+            f"--new-pieces {limit}: the new corpus yields only {len(candidates)} pieces the base lacks "
+            f"(donor model of {len(donor.pieces)} pieces); pass --new-pieces {len(candidates)} or less, "
+            "or give more new text"
+        )
+    accepted: list[NewPiece] = []
+    next_candidate, skipped = 0, 0
+    while len(accepted) < limit and next_candidate < len(candidates):
+        batch_size = max(limit - len(accepted), MIN_BATCH)
+        trial = accepted + candidates[next_candidate : next_candidate + batch_size]
+        next_candidate += batch_size
+        # Dropping a piece can strand pieces built on it, so re-check until every survivor is producible.
+        while not all(keep := producible(base, trial)):
+            skipped += keep.count(False)
+            trial = [p for p, ok in zip(trial, keep) if ok]
+        # Cutting from the end is safe: a later piece never helps an earlier one get produced.
+        accepted = trial[:limit]
+    return scored_for_base(base, accepted), skipped
