@@ -1,0 +1,139 @@
+"""The training loop end to end on real token datasets: learning, resume equality, continued runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import train_spm
+from trainer.__main__ import main
+from trainer.config import parse_args
+from trainer.metrics import read_metrics
+from trainer.train import train
+
+SMALL = ["--model", "test", "--seq-len", "32", "--global-batch", "8", "--micro-batch", "4",
+         "--eval-batches", "2", "--no-progress"]
+
+
+@pytest.fixture
+def datasets(token_dataset_factory, english_model, english_lines, german_lines):
+    english = token_dataset_factory("en", english_lines[:600], english_model, english_lines[1900:])
+    german = token_dataset_factory("de", german_lines[:600], english_model, german_lines[1900:])
+    return {"en": english.root, "de": german.root}
+
+
+def args_for(datasets: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    flags = [f"--dataset={name}={path}" for name, path in datasets.items()]
+    return flags + SMALL + ["--out", str(out), *extra]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r["kind"] == "train"}
+
+
+def evals(run_dir: Path) -> list[dict]:
+    return [r for r in read_metrics(run_dir) if r["kind"] == "eval"]
+
+
+def test_loss_falls_on_real_text(tmp_path, datasets):
+    out = tmp_path / "run"
+    assert main(args_for({"en": datasets["en"]}, out, "--steps", "40", "--max-lr", "3e-3", "--eval-every", "20")) == 0
+    records = read_metrics(out)
+    first, last = evals(out)[0], evals(out)[-1]
+    assert first["step"] == 0 and last["step"] == 40 and [e["step"] for e in evals(out)] == [0, 20, 40]
+    assert last["val_loss"]["en"] < first["val_loss"]["en"] - 1.5  # ln(200) = 5.3 at the start
+    assert last["adaptation"]["en"] == pytest.approx(first["val_loss"]["en"] - last["val_loss"]["en"])
+    train_records = [r for r in records if r["kind"] == "train"]
+    assert len(train_records) == 40
+    line = train_records[-1]
+    assert line["source_share"] == {"en": 1.0} and line["tokens_per_s"] > 0 and 0 <= line["data_wait_share"] < 1
+    assert line["lr"] < 1e-4  # the cosine has decayed to near --min-lr (default 3e-5)
+    assert (out / "checkpoints" / "final.pt").is_file() and (out / "checkpoints" / "latest.pt").is_file()
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_after(step: int):
+    def hook(done: int, model, batch) -> None:
+        if done == step:
+            raise Crash(f"simulated crash after step {done}")
+
+    return hook
+
+
+def test_resumed_run_matches_uninterrupted_run(tmp_path, datasets):
+    common = ["--steps", "12", "--checkpoint-every", "5", "--eval-every", "6", "--weights", "en=3,de=1",
+              "--lr-schedule", "wsd", "--max-lr", "2e-3"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    train(parse_args(args_for(datasets, straight, *common)))
+    with pytest.raises(Crash):
+        train(parse_args(args_for(datasets, stopped, *common)), on_step=crash_after(7))
+    # The crash left step 6's records past the step-5 checkpoint; resuming must drop them.
+    assert max(train_losses(stopped)) == 6
+    train(parse_args(args_for(datasets, stopped, *common, "--resume")))
+
+    a, b = train_losses(straight), train_losses(stopped)
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-6), step
+    assert [e["step"] for e in evals(stopped)] == [0, 6, 12]
+    for x, y in zip(evals(straight), evals(stopped)):
+        assert y["val_loss"] == pytest.approx(x["val_loss"], abs=1e-6)
+    shares = [r["source_share"] for r in read_metrics(straight) if r["kind"] == "train"]
+    assert sum(s["de"] for s in shares) / len(shares) == pytest.approx(0.25, abs=0.05)
+
+
+def test_continued_run_grows_vocab_and_keeps_constant_lr(tmp_path, datasets, german_lines):
+    base = tmp_path / "base"
+    train(parse_args(args_for({"en": datasets["en"]}, base, "--steps", "6", "--lr-schedule", "infinite",
+                              "--warmup-steps", "1", "--cooldown-steps", "2", "--decay-steps", "2",
+                              "--save-at", "4", "--max-lr", "2e-3", "--min-lr", "2e-4")))
+    checkpoint = base / "checkpoints" / "step-000004.pt"
+    assert checkpoint.is_file()
+
+    # Data from a bigger tokenizer: a report says what its 24 extra ids are made of under the old one.
+    bigger = train_spm(german_lines, tmp_path / "spm" / "bigger", vocab_size=224)
+    from tests.conftest import write_token_dataset
+
+    german = write_token_dataset(tmp_path / "de-big", german_lines[:600], bigger, german_lines[1900:])
+    report = tmp_path / "extended.report.json"
+    report.write_text(json.dumps({
+        "base": {"vocab_size": 200}, "extended": {"vocab_size": 224},
+        "new_pieces": [{"id": i, "piece": f"p{i}", "base_ids": [i - 200, i - 199]} for i in range(200, 224)],
+    }))
+    continued = tmp_path / "continued"
+    old_embedding = torch.load(checkpoint, weights_only=False)["model"]["embed.weight"]
+
+    # Without the report the mismatch is refused with the flag to add.
+    assert main(args_for({"de": german.root}, continued, "--steps", "4", "--init-from", str(checkpoint))) == 2
+
+    model = train(parse_args(args_for(
+        {"de": german.root}, continued, "--steps", "4", "--init-from", str(checkpoint), "--extension-report",
+        str(report), "--lr-schedule", "infinite", "--lr-start-step", "4", "--warmup-steps", "1",
+        "--cooldown-steps", "2", "--decay-steps", "2", "--max-lr", "2e-3", "--min-lr", "2e-4",
+        "--eval-dataset", f"en={datasets['en']}", "--eval-dataset", f"de={german.root}", "--eval-every", "2",
+    )))
+    assert model.config.vocab_size == 224 and model.lm_head.weight is model.embed.weight
+    lrs = [r["lr"] for r in read_metrics(continued) if r["kind"] == "train"]
+    assert lrs[:2] == pytest.approx([1.1e-3, 1.1e-3])  # the constant phase: no re-warming
+    assert lrs[-1] < 1.1e-3  # then its own anneal
+    first, last = evals(continued)[0], evals(continued)[-1]
+    assert first["step"] == 0 and set(first["val_loss"]) == {"en", "de"}
+    assert last["forgetting"]["en"] == pytest.approx(last["val_loss"]["en"] - first["val_loss"]["en"])
+    assert not torch.equal(model.embed.weight[:200].cpu(), old_embedding)  # it trained on
+
+
+def test_bad_flags_are_refused_with_the_reason(tmp_path, datasets, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--out", str(tmp_path), "--stream", "http://x", f"--dataset=en={datasets['en']}"])
+    assert "not both or neither" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(args_for(datasets, tmp_path, "--weights", "fr=1"))
+    assert "--weights names ['fr']" in capsys.readouterr().err
+    assert main(args_for(datasets, tmp_path / "r", "--resume")) == 2
+    assert "nothing to resume" in capsys.readouterr().err

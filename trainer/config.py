@@ -1,0 +1,197 @@
+"""The trainer's configuration: plain dataclasses, and the one place that turns CLI flags into them."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from trainer.model import MODEL_SIZES
+from trainer.schedules import SCHEDULES, ScheduleConfig
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where batches come from: datasets mixed in-process at constant weights, or a mixer service."""
+
+    datasets: dict[str, str] = field(default_factory=dict)  # name -> dataset folder
+    weights: dict[str, float] = field(default_factory=dict)
+    stream_url: str | None = None
+    seq_len: int = 256
+    global_batch: int = 32  # sequences per step over all ranks
+    micro_batch: int = 8  # sequences per forward pass on one rank; the rest is gradient accumulation
+    seed: int = 0
+    eval_datasets: dict[str, str] = field(default_factory=dict)  # default: the training datasets
+    eval_batches: int = 4  # micro-batches of each validation set per evaluation
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out: Path
+    data: DataConfig
+    schedule: ScheduleConfig
+    optim: OptimConfig = OptimConfig()
+    model: str = "test"
+    untied: bool = False
+    steps: int = 100
+    eval_every: int = 50
+    log_every: int = 1
+    checkpoint_every: int = 100
+    save_at: tuple[int, ...] = ()
+    init_from: Path | None = None
+    reset_optimizer: bool = False
+    extension_report: Path | None = None
+    resume: bool = False
+    seed: int = 0  # model initialisation
+    device: str = "cpu"
+    compile: bool = False
+    progress: bool = True
+
+
+def _pairs(text: str, flag: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value:
+        raise argparse.ArgumentTypeError(f"{flag} {text!r}: expected NAME=VALUE")
+    return name, value
+
+
+def _weights(text: str) -> dict[str, float]:
+    weights = {}
+    for item in text.split(","):
+        name, value = _pairs(item, "--weights")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--weights {item!r}: {value!r} is not a number") from None
+    return weights
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m trainer",
+        description="Continue (or start) pretraining a GPT on a replay-mixed token stream.",
+    )
+    src = p.add_argument_group("data")
+    src.add_argument("--dataset", action="append", default=[], metavar="NAME=PATH",
+                     help="a token dataset to mix in-process (repeat for each)")
+    src.add_argument("--weights", type=_weights, default={}, metavar="NAME=W,...",
+                     help="mixing weights of the --dataset names (default: equal)")
+    src.add_argument("--stream", metavar="URL", help="pull batches from a mixer service instead")
+    src.add_argument("--seq-len", type=int, default=DataConfig.seq_len)
+    src.add_argument("--global-batch", type=int, default=DataConfig.global_batch)
+    src.add_argument("--micro-batch", type=int, default=DataConfig.micro_batch)
+    src.add_argument("--data-seed", type=int, default=DataConfig.seed, help="the mixer's seed (in-process mixing)")
+    src.add_argument("--eval-dataset", action="append", default=[], metavar="NAME=PATH",
+                     help="a validation set (its val split); default: every training dataset")
+    src.add_argument("--eval-batches", type=int, default=DataConfig.eval_batches)
+
+    model = p.add_argument_group("model")
+    model.add_argument("--model", choices=list(MODEL_SIZES), default="test")
+    model.add_argument("--untied", action="store_true", help="separate input and output embeddings")
+    model.add_argument("--init-from", type=Path, metavar="CKPT", help="continue from a checkpoint (steps restart at 0)")
+    model.add_argument("--reset-optimizer", action="store_true", help="with --init-from: fresh AdamW state")
+    model.add_argument("--extension-report", type=Path, metavar="PATH",
+                       help="extended.report.json, to grow the embeddings to an extended tokenizer")
+
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--steps", type=int, default=TrainConfig.steps)
+    opt.add_argument("--lr-schedule", choices=SCHEDULES, default="cosine")
+    opt.add_argument("--max-lr", type=float, default=ScheduleConfig.max_lr)
+    opt.add_argument("--min-lr", type=float, default=ScheduleConfig.min_lr)
+    opt.add_argument("--const-lr", type=float, help="infinite schedule's constant rate (default (max+min)/2)")
+    opt.add_argument("--warmup-steps", type=int, help="default 1%% of --steps")
+    opt.add_argument("--cooldown-steps", type=int, help="infinite: max->const steps after warmup (default 59%%)")
+    opt.add_argument("--decay-steps", type=int, help="infinite anneal (default 15%%) or WSD cooldown (20%%)")
+    opt.add_argument("--cooldown-shape", choices=("cosine", "inv_sqrt"), default="cosine")
+    opt.add_argument("--lr-start-step", type=int, default=0, metavar="K",
+                     help="evaluate the schedule at K + step (continue an infinite schedule without re-warming)")
+    opt.add_argument("--weight-decay", type=float, default=OptimConfig.weight_decay)
+    opt.add_argument("--grad-clip", type=float, default=OptimConfig.grad_clip)
+
+    run = p.add_argument_group("run")
+    run.add_argument("--out", type=Path, required=True, metavar="RUN_DIR")
+    run.add_argument("--resume", action="store_true", help="continue from RUN_DIR's latest checkpoint")
+    run.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
+    run.add_argument("--log-every", type=int, default=TrainConfig.log_every)
+    run.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
+    run.add_argument("--save-at", type=int, action="append", default=[], metavar="STEP",
+                     help="also keep checkpoints/step-NNNNNN.pt after this step (e.g. before the anneal)")
+    run.add_argument("--seed", type=int, default=TrainConfig.seed)
+    run.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        datasets = dict(_pairs(d, "--dataset") for d in args.dataset)
+        eval_datasets = dict(_pairs(d, "--eval-dataset") for d in args.eval_dataset)
+    except argparse.ArgumentTypeError as e:
+        parser.error(str(e))
+    if bool(datasets) == bool(args.stream):
+        parser.error("give either --dataset NAME=PATH (one or more) or --stream URL, not both or neither")
+    unknown = set(args.weights) - set(datasets)
+    if unknown:
+        parser.error(f"--weights names {sorted(unknown)} that no --dataset defines ({sorted(datasets)})")
+    if args.stream and args.weights:
+        parser.error("--weights applies to in-process mixing; with --stream the service's schedule decides")
+    if args.resume and args.init_from:
+        parser.error("--resume continues this run; --init-from starts a new one from a checkpoint; pick one")
+    if args.global_batch % args.micro_batch:
+        parser.error(f"--global-batch {args.global_batch} is not a multiple of --micro-batch {args.micro_batch}")
+    for flag in ("steps", "seq_len", "eval_every", "log_every", "checkpoint_every", "eval_batches"):
+        if getattr(args, flag) <= 0:
+            parser.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    return TrainConfig(
+        out=args.out,
+        data=DataConfig(
+            datasets=datasets,
+            weights=args.weights or {name: 1.0 for name in datasets},
+            stream_url=args.stream,
+            seq_len=args.seq_len,
+            global_batch=args.global_batch,
+            micro_batch=args.micro_batch,
+            seed=args.data_seed,
+            eval_datasets=eval_datasets,
+            eval_batches=args.eval_batches,
+        ),
+        schedule=ScheduleConfig(
+            name=args.lr_schedule,
+            max_lr=args.max_lr,
+            min_lr=args.min_lr,
+            const_lr=args.const_lr,
+            warmup_steps=args.warmup_steps,
+            cooldown_steps=args.cooldown_steps,
+            decay_steps=args.decay_steps,
+            cooldown_shape=args.cooldown_shape,
+            start_step=args.lr_start_step,
+        ),
+        optim=OptimConfig(weight_decay=args.weight_decay, grad_clip=args.grad_clip),
+        model=args.model,
+        untied=args.untied,
+        steps=args.steps,
+        eval_every=args.eval_every,
+        log_every=args.log_every,
+        checkpoint_every=args.checkpoint_every,
+        save_at=tuple(sorted(set(args.save_at))),
+        init_from=args.init_from,
+        reset_optimizer=args.reset_optimizer,
+        extension_report=args.extension_report,
+        resume=args.resume,
+        seed=args.seed,
+        device=args.device,
+        compile=args.compile,
+        progress=not args.no_progress,
+    )

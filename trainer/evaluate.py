@@ -1,0 +1,84 @@
+"""Validation loss on named held-out sets, and forgetting/adaptation against the run's first evaluation.
+
+Each set is scored on fixed, evenly spaced windows of its val split, so every evaluation of every run
+sees the same tokens. Under DDP the windows are split across ranks and the sums all-reduced.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from pipeline.dataset import DatasetError, TokenSplit
+
+
+def validation_windows(split: TokenSplit, seq_len: int, count: int, where: str) -> np.ndarray:
+    """(count, seq_len + 1) token windows spread evenly over the split."""
+    if split.num_tokens < seq_len + 1:
+        raise DatasetError(
+            f"{where}: the val split holds {split.num_tokens} tokens, fewer than one window of "
+            f"{seq_len + 1}; give a dataset with a larger val split or a smaller --seq-len"
+        )
+    starts = np.linspace(0, split.num_tokens - (seq_len + 1), count).astype(np.int64)
+    return np.stack([split.read(int(s), seq_len + 1).astype(np.int64) for s in starts])
+
+
+class Evaluator:
+    def __init__(
+        self,
+        splits: Mapping[str, TokenSplit],
+        seq_len: int,
+        batches: int,
+        micro_batch: int,
+        vocab_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.windows = {}
+        for name, split in splits.items():
+            windows = validation_windows(split, seq_len, batches * micro_batch, where=f"eval set {name!r}")
+            if windows.max() >= vocab_size:
+                raise DatasetError(
+                    f"eval set {name!r}: token id {windows.max()} >= the model's vocabulary {vocab_size}; "
+                    "it was tokenized with another tokenizer"
+                )
+            self.windows[name] = torch.from_numpy(windows[rank::world_size])
+        self.micro_batch = micro_batch
+        self.distributed = world_size > 1
+
+    @torch.no_grad()
+    def __call__(
+        self, model: nn.Module, device: torch.device, autocast: Callable[[], AbstractContextManager]
+    ) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        losses = {}
+        for name, windows in self.windows.items():
+            total = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, window count
+            for chunk in windows.split(self.micro_batch):
+                chunk = chunk.to(device)
+                with autocast():
+                    loss = model(chunk[:, :-1], chunk[:, 1:])
+                total += torch.stack([loss.double() * len(chunk), torch.tensor(len(chunk), device=device)])
+            if self.distributed:
+                dist.all_reduce(total)
+            losses[name] = (total[0] / total[1]).item()
+        model.train(was_training)
+        return losses
+
+
+def eval_record(step: int, losses: Mapping[str, float], first: Mapping[str, float]) -> dict:
+    """The metrics line of one evaluation. Forgetting is the rise of a set's loss since the run's first
+    evaluation (meaningful for the old data), adaptation its fall (meaningful for the new data)."""
+    return {
+        "kind": "eval",
+        "step": step,
+        "val_loss": dict(losses),
+        "forgetting": {name: losses[name] - first[name] for name in losses if name in first},
+        "adaptation": {name: first[name] - losses[name] for name in losses if name in first},
+    }

@@ -1,0 +1,51 @@
+"""metrics.jsonl: one JSON object per logged step ("kind": "train") and per evaluation ("kind": "eval").
+
+Appended by rank 0 as the run goes; a resumed run first drops the records its checkpoint does not cover,
+so the file always reads as one uninterrupted run. `read_metrics` is what `trainer.report` uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+METRICS_NAME = "metrics.jsonl"
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Records of a metrics.jsonl (or of RUN_DIR/metrics.jsonl); a torn last line from a crash is skipped."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics; is this a RUN_DIR written by `python -m trainer`?")
+    records, lines = [], path.read_text().splitlines()
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number != len(lines):
+                raise ValueError(f"{path}:{number}: not a JSON line; the metrics file is damaged") from None
+    return records
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path, resume_step: int | None):
+        self.path = Path(run_dir) / METRICS_NAME
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+            self._rewrite(kept)
+
+    def _rewrite(self, records: list[dict[str, Any]]) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")

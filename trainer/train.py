@@ -1,0 +1,288 @@
+"""The training loop: one rank's view of a (possibly DDP) run, from a fresh model, a checkpoint to
+continue from (--init-from), or this run's own latest checkpoint (--resume).
+
+Per step: fetch this rank's rows, split them into micro-batches (gradient accumulation, with DDP's
+all-reduce only on the last), clip, step AdamW at the schedule's rate. Rank 0 writes metrics.jsonl
+and checkpoints. Under torchrun, RANK/WORLD_SIZE/LOCAL_RANK select the rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm import tqdm
+
+from trainer.checkpoint import (
+    CHECKPOINT_DIR,
+    FINAL,
+    LATEST,
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    model_config_of,
+    named_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from trainer.config import TrainConfig
+from trainer.data import BatchSource, TrainBatch, open_eval_splits, open_source
+from trainer.evaluate import Evaluator, eval_record
+from trainer.metrics import MetricsLog
+from trainer.model import GPT, config_for
+from trainer.schedules import build_schedule
+from trainer.vocab import ExtensionReport, grow_vocab, pad_optimizer_state
+
+StepHook = Callable[[int, nn.Module, TrainBatch], None]
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> Distributed:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+    return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+@dataclass
+class TrainingState:
+    model: GPT
+    optimizer: torch.optim.Optimizer
+    start_step: int
+    first_eval: dict[str, float] | None
+
+
+def _make_optimizer(model: GPT, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        model.optimizer_groups(config.optim.weight_decay),
+        lr=0.0,  # set from the schedule before every step
+        betas=(config.optim.beta1, config.optim.beta2),
+        fused=device.type == "cuda",
+    )
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict, config: TrainConfig) -> None:
+    optimizer.load_state_dict(state)
+    pad_optimizer_state(optimizer)
+    # The checkpoint's hyperparameters came along with its state; this run's flags decide them.
+    for group, weight_decay in zip(optimizer.param_groups, (config.optim.weight_decay, 0.0)):
+        group["weight_decay"] = weight_decay
+        group["betas"] = (config.optim.beta1, config.optim.beta2)
+
+
+def build_state(config: TrainConfig, source: BatchSource, device: torch.device) -> TrainingState:
+    """A fresh model, a continued one (--init-from: own step count, maybe grown vocabulary), or a resumed one."""
+    resume_path = latest_checkpoint(config.out) if config.resume else None
+    if config.resume and resume_path is None:
+        raise CheckpointError(f"{config.out / CHECKPOINT_DIR / LATEST}: nothing to resume; drop --resume to start")
+    payload = load_checkpoint(resume_path or config.init_from) if (resume_path or config.init_from) else None
+
+    if payload is None:
+        torch.manual_seed(config.seed)
+        model = GPT(config_for(config.model, source.vocab_size, source.seq_len, tie_embeddings=not config.untied))
+    else:
+        model_config = model_config_of(payload)
+        # Rotary tables are derived, not learned, so a longer context just needs longer tables.
+        model = GPT(replace(model_config, max_seq_len=max(model_config.max_seq_len, source.seq_len)))
+        model.load_state_dict(payload["model"])
+        if config.extension_report is not None and model.config.vocab_size != source.vocab_size:
+            grow_vocab(model, ExtensionReport.load(config.extension_report))
+    if model.config.vocab_size != source.vocab_size:
+        where = resume_path or config.init_from
+        hint = (
+            "pass --extension-report extended.report.json from `pipeline.tokenizer extend`"
+            if model.config.vocab_size < source.vocab_size
+            else "train on data made with the checkpoint's tokenizer (or an extension of it)"
+        )
+        raise CheckpointError(
+            f"{where}: the model's vocabulary is {model.config.vocab_size} but the data's is {source.vocab_size}; {hint}"
+        )
+    model.to(device)
+    optimizer = _make_optimizer(model, config, device)
+    if payload is not None and not (config.init_from and config.reset_optimizer):
+        _load_optimizer(optimizer, payload["optimizer"], config)
+    if resume_path is not None:
+        restore_rng(payload["rng"])
+        return TrainingState(model, optimizer, payload["step"], payload.get("first_eval"))
+    return TrainingState(model, optimizer, 0, None)
+
+
+class StepStats:
+    """Time and data wait accumulated between two log lines."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.started = time.perf_counter()
+        self.data_wait = 0.0
+        self.tokens = 0
+
+    def record(self, wait: float, tokens: int) -> None:
+        self.data_wait += wait
+        self.tokens += tokens
+
+    def summary(self) -> tuple[float, float]:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        return self.tokens / elapsed, self.data_wait / elapsed
+
+
+def train(config: TrainConfig, on_step: StepHook | None = None) -> GPT:
+    """Run the training described by `config`; return the trained (unwrapped) model.
+
+    `on_step(step, model, batch)` is called on every rank after each update (tests check DDP with it).
+    """
+    dist_info = init_distributed(config.device)
+    device = torch.device(f"cuda:{dist_info.local_rank}" if config.device == "cuda" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    source = open_source(config.data, dist_info.rank, dist_info.world_size)
+    try:
+        return _run(config, source, dist_info, device, on_step)
+    finally:
+        source.close()
+
+
+def _run(config: TrainConfig, source: BatchSource, dist_info: Distributed, device: torch.device,
+         on_step: StepHook | None) -> GPT:
+    rows = source.global_batch // dist_info.world_size
+    if source.global_batch % dist_info.world_size or rows % config.data.micro_batch:
+        raise ValueError(
+            f"global batch {source.global_batch} over {dist_info.world_size} ranks gives {rows} rows per rank, "
+            f"which must be a whole multiple of --micro-batch {config.data.micro_batch}"
+        )
+    accumulation = rows // config.data.micro_batch
+    state = build_state(config, source, device)
+    model = state.model
+    schedule = build_schedule(config.schedule, config.steps)
+    evaluator = Evaluator(open_eval_splits(config.data, source), source.seq_len, config.data.eval_batches,
+                          config.data.micro_batch, model.config.vocab_size, dist_info.rank, dist_info.world_size)
+
+    def autocast() -> contextlib.AbstractContextManager:
+        if device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    forward: nn.Module = torch.compile(model) if config.compile else model
+    if dist_info.world_size > 1:
+        forward = nn.parallel.DistributedDataParallel(
+            forward, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    log = MetricsLog(config.out, resume_step=state.start_step if config.resume else None) if dist_info.is_main else None
+    run_config = _jsonable(asdict(config))
+    first_eval = state.first_eval
+
+    def evaluate(step: int) -> None:
+        nonlocal first_eval
+        losses = evaluator(model, device, autocast)
+        first_eval = first_eval or losses
+        if log is not None:
+            log.write(eval_record(step, losses, first_eval))
+
+    def checkpoint(step: int, *names: str) -> None:
+        if dist_info.is_main:
+            for name in names:
+                save_checkpoint(config.out / CHECKPOINT_DIR / name, model, state.optimizer, step, first_eval, run_config)
+        if dist_info.world_size > 1:
+            dist.barrier()
+
+    if state.start_step == 0 and first_eval is None:
+        evaluate(0)  # the baseline forgetting and adaptation are measured against
+    if state.start_step in config.save_at:
+        checkpoint(state.start_step, named_checkpoint(state.start_step))
+
+    tokens_per_step = source.global_batch * source.seq_len
+    stats = StepStats()
+    bar = tqdm(total=config.steps, initial=state.start_step, desc="train", unit="step",
+               disable=not (dist_info.is_main and config.progress))
+    batches = source.batches(state.start_step)
+    last_loss = float("nan")
+    for step in range(state.start_step, config.steps):
+        wait_started = time.perf_counter()
+        batch = next(batches)
+        tokens = batch.tokens.to(device, non_blocking=True)
+        stats.record(time.perf_counter() - wait_started, tokens_per_step)
+
+        lr = schedule(config.schedule.start_step + step)
+        for group in state.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for i, micro in enumerate(tokens.split(config.data.micro_batch)):
+            last = i == accumulation - 1
+            sync = contextlib.nullcontext() if last or dist_info.world_size == 1 else forward.no_sync()
+            with sync:
+                with autocast():
+                    loss = forward(micro[:, :-1], micro[:, 1:]) / accumulation
+                loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+        state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        bar.update(1)
+        if on_step is not None:
+            on_step(done, model, batch)
+
+        if done % config.log_every == 0 or done == config.steps:
+            counts = torch.from_numpy(np.bincount(batch.sources, minlength=len(source.names)).astype(np.float64))
+            reduced = torch.cat([loss_sum.double().cpu().view(1), counts])
+            if dist_info.world_size > 1:
+                reduced = reduced.to(device)
+                dist.all_reduce(reduced)
+                reduced = reduced.cpu()
+            last_loss = reduced[0].item() / dist_info.world_size
+            tokens_per_s, wait_share = stats.summary()
+            stats.reset()
+            if log is not None:
+                shares = (reduced[1:] / reduced[1:].sum()).tolist()
+                log.write({
+                    "kind": "train", "step": done, "loss": last_loss, "lr": lr, "grad_norm": grad_norm.item(),
+                    "tokens_per_s": tokens_per_s, "data_wait_share": wait_share,
+                    "source_share": dict(zip(source.names, shares)),
+                })
+            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
+                            wait=f"{wait_share:.1%}")
+        if done % config.eval_every == 0 or done == config.steps:
+            evaluate(done)
+        names = [LATEST] if done % config.checkpoint_every == 0 or done == config.steps else []
+        names += [named_checkpoint(done)] if done in config.save_at else []
+        names += [FINAL] if done == config.steps else []
+        if names:
+            checkpoint(done, *names)
+    bar.close()
+    if dist_info.is_main:
+        print(f"trained steps {state.start_step}..{config.steps} of {model.num_params() / 1e6:.1f}M-parameter "
+              f"model: final loss {last_loss:.4f}, metrics in {config.out / 'metrics.jsonl'}", flush=True)
+    return model
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
