@@ -1,0 +1,163 @@
+"""Trainer-side client: `StreamClient` iterates a rank's batches from the mixer service over HTTP.
+
+A background thread keeps up to `prefetch` batches ready, over one keep-alive connection. A failed
+request is retried with exponential backoff, which is safe because a step is idempotent: the server
+returns the same bytes for a step every time, also after a restart. `StreamDataset` wraps the client
+as a `torch.utils.data.IterableDataset` for DataLoader users.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import httpx
+import torch
+
+from service.wire import MEDIA_TYPE, decode_batch
+
+
+class StreamError(RuntimeError):
+    """The service refused a request (4xx) or stayed unreachable past the retry budget."""
+
+
+@dataclass(frozen=True)
+class StreamBatch:
+    step: int
+    tokens: torch.Tensor  # (rows, seq_len + 1) int64
+    sources: torch.Tensor  # (rows,) uint8, index into dataset_names
+    dataset_names: tuple[str, ...]
+
+
+class StreamClient:
+    def __init__(
+        self,
+        url: str,
+        rank: int = 0,
+        world_size: int = 1,
+        start_step: int = 0,
+        prefetch: int = 4,
+        stop_step: Optional[int] = None,
+        step_stride: int = 1,
+        timeout: float = 30.0,
+        retry_for: float = 120.0,
+        backoff: float = 0.05,
+    ):
+        """Batches for steps start_step, start_step + step_stride, ... (until stop_step, exclusive).
+
+        `retry_for` is how long (seconds) one step may keep failing on connection errors or 5xx
+        before the iterator raises StreamError.
+        """
+        if prefetch < 1 or step_stride < 1:
+            raise ValueError(f"prefetch {prefetch} and step_stride {step_stride} must be >= 1")
+        self.url = url.rstrip("/")
+        self.rank, self.world_size = rank, world_size
+        self.next_step, self.stop_step, self.step_stride = start_step, stop_step, step_stride
+        self.retry_for, self.backoff = retry_for, backoff
+        self._http = httpx.Client(timeout=timeout, limits=httpx.Limits(max_keepalive_connections=2))
+        self._closed = threading.Event()
+        self.info: dict = self._request("GET", "/v1/status").json()
+        self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
+        self._thread = threading.Thread(target=self._fetch_loop, name="stream-prefetch", daemon=True)
+        self._thread.start()
+
+    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        deadline, delay = time.monotonic() + self.retry_for, self.backoff
+        while True:
+            try:
+                response = self._http.request(method, self.url + path, **kwargs)
+                if response.status_code < 500:
+                    break
+                problem = f"HTTP {response.status_code}: {response.text[:200]}"
+            except httpx.TransportError as e:
+                problem = f"{type(e).__name__}: {e}"
+            if self._closed.is_set() or time.monotonic() + delay > deadline:
+                raise StreamError(f"{method} {self.url}{path} failed for {self.retry_for:.0f} s; last error: {problem}")
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        if response.status_code >= 400:
+            raise StreamError(f"{method} {self.url}{path}: HTTP {response.status_code}: {response.text[:500]}")
+        return response
+
+    def fetch(self, step: int) -> StreamBatch:
+        """One step's batch for this rank, synchronously (with retries)."""
+        response = self._request(
+            "GET", f"/v1/batches/{step}", params={"rank": self.rank, "world_size": self.world_size},
+            headers={"Accept": MEDIA_TYPE},
+        )
+        batch = decode_batch(response.content)
+        return StreamBatch(batch.step, torch.from_numpy(batch.tokens), torch.from_numpy(batch.sources), batch.dataset_names)
+
+    def _fetch_loop(self) -> None:
+        step = self.next_step
+        while not self._closed.is_set() and (self.stop_step is None or step < self.stop_step):
+            try:
+                item: object = self.fetch(step)
+            except Exception as e:  # handed to the consumer, which raises it in its own thread
+                item = e
+            if not self._offer(item) or isinstance(item, Exception):
+                return
+            step += self.step_stride
+        self._offer(None)
+
+    def _offer(self, item: object) -> bool:
+        """Queue an item, waiting for room; False once the client is closed."""
+        while not self._closed.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[StreamBatch]:
+        return self
+
+    def __next__(self) -> StreamBatch:
+        if self._closed.is_set():
+            raise StopIteration
+        item = self._queue.get()
+        if item is None:
+            raise StopIteration
+        if isinstance(item, Exception):
+            raise item
+        self.next_step = item.step + self.step_stride
+        return item
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(timeout=5)
+        self._http.close()
+
+    def __enter__(self) -> "StreamClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class StreamDataset(torch.utils.data.IterableDataset):
+    """For `DataLoader(StreamDataset(url, ...), batch_size=None)`: yields (tokens, sources) per step.
+
+    With DataLoader workers, worker w of n takes steps start_step + w, start_step + w + n, ...; the
+    DataLoader's in-order collection then yields steps in order.
+    """
+
+    def __init__(self, url: str, rank: int = 0, world_size: int = 1, start_step: int = 0,
+                 stop_step: Optional[int] = None, prefetch: int = 4):
+        self.url, self.rank, self.world_size = url, rank, world_size
+        self.start_step, self.stop_step, self.prefetch = start_step, stop_step, prefetch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        worker = torch.utils.data.get_worker_info()
+        offset, stride = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        client = StreamClient(self.url, self.rank, self.world_size, self.start_step + offset, self.prefetch,
+                              stop_step=self.stop_step, step_stride=stride)
+        try:
+            for batch in client:
+                yield batch.tokens, batch.sources
+        finally:
+            client.close()

@@ -1,0 +1,40 @@
+"""Prometheus metrics of one service instance, in its own registry (no process-global collectors)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class ServiceMetrics:
+    def __init__(self, dataset_names: tuple[str, ...]):
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "replaymix_requests_total", "HTTP requests by route and status", ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "replaymix_request_seconds", "HTTP request latency by route", ["route"], registry=self.registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
+        self.tokens = Counter(
+            "replaymix_tokens_served_total", "Tokens served per dataset (each request counts)", ["dataset"],
+            registry=self.registry,
+        )
+        self.weight = Gauge(
+            "replaymix_mix_weight", "Weight of each dataset at the served frontier", ["dataset"], registry=self.registry
+        )
+        self.frontier = Gauge("replaymix_served_frontier", "One more than the largest step served", registry=self.registry)
+        for name in dataset_names:  # export zeros from the start so dashboards see every dataset
+            self.tokens.labels(name)
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, method, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
+
+    def set_mix(self, weights: dict[str, float], frontier: int) -> None:
+        for name, weight in weights.items():
+            self.weight.labels(name).set(weight)
+        self.frontier.set(frontier)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

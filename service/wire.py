@@ -1,0 +1,87 @@
+"""The binary layout of a batch on the wire (`application/x-replaymix-batch`), and its JSON form.
+
+All integers little-endian. One body holds one rank's rows of one step:
+
+    offset  size             field
+    0       4                magic b"RMXB"
+    4       2                version (1), uint16
+    6       1                token width in bytes: 2 (vocab <= 65536) or 4, uint8
+    7       1                number of datasets N, uint8
+    8       8                step, uint64
+    16      4                rank, uint32
+    20      4                world_size, uint32
+    24      4                rows R, uint32
+    28      4                row length L = seq_len + 1, uint32
+    32      4                names length M in bytes, uint32
+    36      M                the N dataset names, UTF-8, joined by "\\n"
+    36+M    R                source of each row: index into the names, uint8
+    36+M+R  R * L * width    tokens, row-major, uint16 or uint32
+
+The header is 36 bytes; the rest is the payload at 2 bytes per token for vocabularies up to 65536.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from service.mixer import Batch
+
+MEDIA_TYPE = "application/x-replaymix-batch"
+MAGIC = b"RMXB"
+VERSION = 1
+_HEADER = struct.Struct("<4sHBBQIIIII")
+
+
+class WireError(ValueError):
+    """A body that is not a batch in this layout; the message says which field is wrong."""
+
+
+def token_width(vocab_size: int) -> int:
+    return 2 if vocab_size <= 1 << 16 else 4
+
+
+def encode_batch(batch: Batch, vocab_size: int) -> bytes:
+    width = token_width(vocab_size)
+    names = "\n".join(batch.dataset_names).encode()
+    rows, row_len = batch.tokens.shape
+    header = _HEADER.pack(
+        MAGIC, VERSION, width, len(batch.dataset_names), batch.step, batch.rank, batch.world_size, rows, row_len, len(names)
+    )
+    tokens = batch.tokens.astype("<u2" if width == 2 else "<u4", copy=False)
+    return b"".join((header, names, batch.sources.astype(np.uint8).tobytes(), tokens.tobytes()))
+
+
+def decode_batch(body: bytes | bytearray | memoryview) -> Batch:
+    """The Batch in a body; tokens come back as int64 (what embedding lookups take)."""
+    if len(body) < _HEADER.size:
+        raise WireError(f"body of {len(body)} bytes is shorter than the {_HEADER.size}-byte header")
+    magic, version, width, count, step, rank, world_size, rows, row_len, names_len = _HEADER.unpack_from(body)
+    if magic != MAGIC or version != VERSION:
+        raise WireError(f"magic/version {magic!r}/{version}; expected {MAGIC!r}/{VERSION}: not a replaymix batch")
+    if width not in (2, 4):
+        raise WireError(f"token width {width}; expected 2 or 4")
+    start = _HEADER.size
+    expected = start + names_len + rows + rows * row_len * width
+    if len(body) != expected:
+        raise WireError(f"body is {len(body)} bytes; the header implies {expected} (truncated transfer?)")
+    names = tuple(bytes(body[start : start + names_len]).decode().split("\n")) if count else ()
+    if len(names) != count:
+        raise WireError(f"header says {count} datasets but the names field holds {len(names)}")
+    start += names_len
+    sources = np.frombuffer(body, dtype=np.uint8, count=rows, offset=start)
+    start += rows
+    tokens = np.frombuffer(body, dtype="<u2" if width == 2 else "<u4", count=rows * row_len, offset=start)
+    return Batch(step, rank, world_size, tokens.reshape(rows, row_len).astype(np.int64), sources.copy(), names)
+
+
+def batch_to_json(batch: Batch) -> dict:
+    return {
+        "step": batch.step,
+        "rank": batch.rank,
+        "world_size": batch.world_size,
+        "dataset_names": list(batch.dataset_names),
+        "sources": batch.sources.tolist(),
+        "tokens": batch.tokens.tolist(),
+    }
