@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from pipeline.readers import InputError
 from pipeline.tokenizer.extend import ExtendConfig, extend_tokenizer
 from pipeline.tokenizer.model_proto import TokenizerError
 from pipeline.tokenizer.sample import HOLDOUT_FRACTION
@@ -78,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             train_tokenizer(config)
         else:
             extend_tokenizer(config)
-    except TokenizerError as e:
+    except (TokenizerError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -88,7 +88,7 @@ def sample_text(
     if not 0 < holdout_fraction < 1:
         raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
     documents = documents.select_columns(["text"])
-    sizes = documents.map_batches(_sizes, batch_format="numpy")
+    sizes = documents.map_batches(_sizes, batch_format="numpy").materialize()  # one read for both figures
     corpus_documents = sizes.count()
     corpus_bytes = int(sizes.sum("bytes") or 0) if corpus_documents else 0
     heldout_keep = min(1.0, max_heldout_bytes / max(1.0, holdout_fraction * corpus_bytes))

@@ -1,0 +1,240 @@
+"""Tokenizer train and extend, with real SentencePiece models trained here and real local Ray.
+
+The bases cover what a user may bring: BPE, unigram, and a Llama-style BPE with byte fallback,
+user-defined and control pieces. Every check compares against sentencepiece itself.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import ray
+import sentencepiece as spm
+
+from conftest import make_lines, train_spm
+from pipeline.tokenizer import (
+    ExtendConfig,
+    TokenizerError,
+    TrainConfig,
+    check_ids_stable,
+    extend_model,
+    extend_tokenizer,
+    load_extension_report,
+    load_model_proto,
+    train_tokenizer,
+)
+from pipeline.tokenizer.__main__ import main
+from pipeline.tokenizer.extend import MAX_OLD_TEXT_LOSS, check_old_text
+from pipeline.tokenizer.model_proto import append_pieces, piece_text, verbatim_processor
+from pipeline.tokenizer.pieces import producible
+from pipeline.tokenizer.sample import is_heldout, text_lines, write_lines
+
+BASES = {
+    "bpe": dict(model_type="bpe", vocab_size=200),
+    "unigram": dict(model_type="unigram", vocab_size=70),
+    "llama-style": dict(
+        model_type="bpe",
+        vocab_size=450,
+        byte_fallback=True,
+        user_defined_symbols=["<tool>", "der"],
+        control_symbols=["<ctl>"],
+        split_digits=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+    ),
+}
+NEW_PIECES = {"bpe": 150, "unigram": 40, "llama-style": 150}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module", params=sorted(BASES))
+def extension(request, tmp_path_factory, english_lines, german_lines):
+    """(kind, base path, Extension) for each base kind, extended with German pieces."""
+    kind = request.param
+    folder = tmp_path_factory.mktemp(f"extend-{kind}")
+    base_path = train_spm(english_lines, folder / "base", **dict(BASES[kind]))
+    write_lines(folder / "de.txt", german_lines[:1800])
+    result = extend_model(load_model_proto(base_path), folder / "de.txt", NEW_PIECES[kind], folder)
+    return kind, base_path, result
+
+
+def test_old_ids_keep_their_pieces(extension):
+    kind, base_path, result = extension
+    base = spm.SentencePieceProcessor(model_file=str(base_path))
+    extended = spm.SentencePieceProcessor(model_proto=result.model.SerializeToString())
+    assert extended.vocab_size() == base.vocab_size() + len(result.added) > base.vocab_size()
+    for i in range(base.vocab_size()):
+        assert extended.id_to_piece(i) == base.id_to_piece(i)
+        assert extended.get_score(i) == base.get_score(i)
+        assert extended.is_control(i) == base.is_control(i) and extended.is_byte(i) == base.is_byte(i)
+    if kind == "llama-style":
+        assert extended.is_byte(extended.piece_to_id("<0x41>"))
+        assert extended.encode("<tool>")[-1] == base.piece_to_id("<tool>")  # user-defined still wins
+        assert extended.is_control(base.piece_to_id("<ctl>"))
+
+
+def test_every_added_piece_is_produced_and_used(extension, german_lines):
+    _, _, result = extension
+    assert all(producible(result.base, result.added))
+    first_new = len(result.base.pieces)
+    extended = spm.SentencePieceProcessor(model_proto=result.model.SerializeToString())
+    used = {i for ids in extended.encode(german_lines[1800:]) for i in ids if i >= first_new}
+    assert len(used) > 10
+
+
+def test_extended_model_decodes_what_it_encodes(extension, english_lines, german_lines):
+    kind, _, result = extension
+    extended = spm.SentencePieceProcessor(model_proto=result.model.SerializeToString())
+    texts = german_lines[1800:1900] + english_lines[1800:1900] + ["Größe: 42 Äpfel, 3.5 ℃ – naïve"]
+    decoded = extended.decode(extended.encode(texts))
+    if kind == "llama-style":  # identity normalization and byte fallback: every byte survives
+        assert decoded == texts
+    else:
+        assert decoded[:200] == texts[:200]
+
+
+def test_new_text_gets_better_and_old_text_no_worse(extension, english_lines, german_lines):
+    _, base_path, result = extension
+    base = spm.SentencePieceProcessor(model_file=str(base_path))
+    extended = spm.SentencePieceProcessor(model_proto=result.model.SerializeToString())
+
+    def tokens(sp, lines):
+        return sum(map(len, sp.encode(lines)))
+
+    new, old = german_lines[1800:], english_lines[1800:]
+    assert tokens(extended, new) < 0.8 * tokens(base, new)
+    assert tokens(extended, old) <= (1 + MAX_OLD_TEXT_LOSS) * tokens(base, old)
+
+
+def test_id_check_catches_a_moved_piece(extension):
+    _, _, result = extension
+    tampered = append_pieces(result.base, [])
+    tampered.pieces[5].piece, tampered.pieces[6].piece = tampered.pieces[6].piece, tampered.pieces[5].piece
+    with pytest.raises(TokenizerError, match="id 5"):
+        check_ids_stable(result.base, tampered)
+    check_ids_stable(result.base, result.model)
+
+
+def test_bpe_pieces_score_below_every_base_piece(extension):
+    kind, _, result = extension
+    if kind == "unigram":
+        pytest.skip("unigram keeps the donor's log-probabilities")
+    lowest = min(p.score for p in result.base.pieces)
+    scores = [p.score for p in result.added]
+    assert max(scores) < lowest and scores == sorted(scores, reverse=True)
+
+
+def _jsonl(path: Path, lines: list[str]) -> str:
+    path.write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory, english_lines, german_lines):
+    folder = tmp_path_factory.mktemp("corpora")
+    return folder, _jsonl(folder / "en.jsonl", english_lines), _jsonl(folder / "de.jsonl", german_lines)
+
+
+@pytest.fixture(scope="module")
+def trained_base(local_ray, corpora):
+    folder, en, _ = corpora
+    summary = train_tokenizer(TrainConfig(inputs=(en,), out=folder / "en.model", vocab_size=200))
+    return folder / "en.model", summary
+
+
+def test_train_command_samples_with_ray_and_reports_the_sample(trained_base, english_lines):
+    model, summary = trained_base
+    assert spm.SentencePieceProcessor(model_file=str(model)).vocab_size() == 200
+    heldout = sum(is_heldout(line) for line in english_lines)
+    assert 0 < heldout < 0.1 * len(english_lines)
+    assert summary["corpus_documents"] == len(english_lines)
+    assert summary["sample_documents"] == len(english_lines) - heldout
+
+
+def test_report_matches_a_recount(trained_base, corpora, english_lines, german_lines):
+    base_path, _ = trained_base
+    folder, en, de = corpora
+    out = folder / "en+de.model"
+    extend_tokenizer(ExtendConfig(base=base_path, inputs=(de,), old_inputs=(en,), new_pieces=120, out=out))
+    report = load_extension_report(folder / "en+de.report.json")
+    raw = report.raw
+    base = spm.SentencePieceProcessor(model_file=str(base_path))
+    extended = spm.SentencePieceProcessor(model_file=str(out))
+    assert raw["base"]["vocab_size"] == base.vocab_size() == report.base_vocab_size
+    assert raw["extended"]["vocab_size"] == extended.vocab_size() == base.vocab_size() + raw["pieces_added"]
+    assert raw["base"]["model_type"] == "bpe" and raw["pieces_added"] == 120
+    for name, docs in (("new_text", german_lines), ("old_text", english_lines)):
+        lines = [line for doc in docs if is_heldout(doc) for line in text_lines(doc)]
+        entry = raw["bytes_per_token"][name]
+        size = sum(len(line.encode()) for line in lines)
+        before, after = sum(map(len, base.encode(lines))), sum(map(len, extended.encode(lines)))
+        assert (entry["bytes"], entry["tokens_before"], entry["tokens_after"]) == (size, before, after)
+        assert entry["before"] == pytest.approx(size / before, abs=1e-4)
+        assert entry["after"] == pytest.approx(size / after, abs=1e-4)
+        if name == "new_text":
+            used = {i for ids in extended.encode(lines) for i in ids if i >= base.vocab_size()}
+            assert raw["added_pieces_used_on_new_text"] == len(used) > 0
+    assert raw["bytes_per_token"]["new_text"]["after"] > 1.2 * raw["bytes_per_token"]["new_text"]["before"]
+    segmenter = verbatim_processor(load_model_proto(base_path))
+    for piece_id, piece, base_ids in report.new_pieces:
+        assert extended.id_to_piece(piece_id) == piece
+        assert segmenter.encode(piece_text(load_model_proto(base_path), piece)) == list(base_ids)
+        if base.unk_id() not in base_ids:  # characters the base lacks come back as <unk>
+            assert "".join(base.id_to_piece(i) for i in base_ids) == piece
+
+
+def test_not_a_sentencepiece_file_is_refused(tmp_path):
+    for name, data in (("text.model", b"hello, I am not a model\n"), ("empty.model", b""), ("junk.model", b"\x00\xff" * 50)):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(TokenizerError, match="not a SentencePiece model"):
+            load_model_proto(tmp_path / name)
+    with pytest.raises(TokenizerError, match="cannot read"):
+        load_model_proto(tmp_path / "missing.model")
+
+
+def test_bad_piece_counts_are_refused(tmp_path, english_lines, german_lines):
+    base = load_model_proto(train_spm(english_lines, tmp_path / "base", vocab_size=200))
+    write_lines(tmp_path / "de.txt", german_lines[:300])
+    for count in (0, -3):
+        with pytest.raises(TokenizerError, match="must be a positive number"):
+            extend_model(base, tmp_path / "de.txt", count, tmp_path)
+    with pytest.raises(TokenizerError, match=r"yields only \d+ pieces the base lacks"):
+        extend_model(base, tmp_path / "de.txt", 100_000, tmp_path)
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys, english_lines):
+    (tmp_path / "base.model").write_text("not a model")
+    new = _jsonl(tmp_path / "de.jsonl", english_lines[:10])
+    code = main(["extend", "--base", str(tmp_path / "base.model"), "--input", new, "--old-input", new,
+                 "--new-pieces", "10", "--out", str(tmp_path / "out.model")])
+    assert code == 2
+    assert "base.model: not a SentencePiece model" in capsys.readouterr().err
+    assert not (tmp_path / "out.model").exists()
+
+
+def test_old_text_guard_refuses_a_regression(tmp_path):
+    report = {"bytes_per_token": {"old_text": {"before": 4.0, "after": 3.9, "change": -0.025}}}
+    with pytest.raises(TokenizerError, match="not written"):
+        check_old_text(report, tmp_path / "x.model")
+    report["bytes_per_token"]["old_text"]["change"] = -0.005
+    check_old_text(report, tmp_path / "x.model")
+
+
+def test_report_loader_names_the_bad_field(tmp_path):
+    path = tmp_path / "r.report.json"
+    path.write_text(json.dumps({"base": {"vocab_size": 10}, "extended": {"vocab_size": 12}, "new_pieces": [
+        {"id": 10, "piece": "ab", "base_ids": [1, 2]}, {"id": 11, "piece": "cd", "base_ids": [99]}]}))
+    with pytest.raises(TokenizerError, match="id 11"):
+        load_extension_report(path)
+    path.write_text("{}")
+    with pytest.raises(TokenizerError, match="'base'"):
+        load_extension_report(path)
