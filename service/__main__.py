@@ -44,8 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"python -m service: cannot start: {e}", file=sys.stderr)
         return 2
     status = service.status()
+    served = ", ".join(f"{name}={entry['path']}" for name, entry in status["datasets"].items())
     print(
-        f"serving {', '.join(d['name'] + '=' + d['path'] for d in status['datasets'])} on "
+        f"serving {served} on "
         f"http://{config.host}:{config.port} (served frontier {status['served_frontier']}, "
         f"{len(status['schedule'])} stage(s), mix {'changeable' if admin_token else 'read-only'})",
         file=sys.stderr,

@@ -105,9 +105,8 @@ class MixService:
         total = sum(drawn.values())
         stage = mixer.schedule.stage_at(frontier)
         return {
-            "datasets": [
-                {
-                    "name": name,
+            "datasets": {  # keyed by name, in the mixer's order (sources index this order)
+                name: {
                     "path": str(ds.root.resolve()),
                     "train_tokens": ds.train.num_tokens,
                     "windows": int(windows),
@@ -117,7 +116,7 @@ class MixService:
                     "share_served": drawn[name] / total if total else 0.0,
                 }
                 for (name, ds), windows in zip(mixer.datasets.items(), mixer.windows)
-            ],
+            },
             "vocab_size": mixer.vocab_size,
             "eos_id": mixer.eos_id,
             "seq_len": mixer.config.seq_len,

@@ -38,7 +38,7 @@ def test_client_yields_the_mixers_batches_in_order(service, datasets):
     mixer = in_process_mixer(datasets)
     with StreamClient(service.url, rank=1, world_size=2, start_step=3, prefetch=2, stop_step=12) as client:
         assert client.info["seq_len"] == 16 and client.info["vocab_size"] == mixer.vocab_size
-        assert [d["path"] for d in client.info["datasets"]] == [str(p.resolve()) for p in datasets.values()]
+        assert [d["path"] for d in client.info["datasets"].values()] == [str(p.resolve()) for p in datasets.values()]
         batches = list(client)
     assert [b.step for b in batches] == list(range(3, 12))
     for b in batches:
