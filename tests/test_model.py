@@ -10,6 +10,10 @@ from trainer.model import GPT, config_for
 from trainer.vocab import ExtensionReport, ExtensionReportError, grow_vocab, pad_optimizer_state
 
 
+# One intra-op thread: the models are tiny, and on a shared 2-core machine a second spinning
+# OpenMP thread costs far more than it gives.
+torch.set_num_threads(1)
+
 def small_model(vocab: int = 64, tied: bool = True, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
     return GPT(config_for("test", vocab, max_seq_len=32, tie_embeddings=tied))

@@ -14,6 +14,10 @@ from trainer.config import parse_args
 from trainer.metrics import read_metrics
 from trainer.train import train
 
+# One intra-op thread: the models are tiny, and on a shared 2-core machine a second spinning
+# OpenMP thread costs far more than it gives.
+torch.set_num_threads(1)
+
 SMALL = ["--model", "test", "--seq-len", "32", "--global-batch", "8", "--micro-batch", "4",
          "--eval-batches", "2", "--no-progress"]
 
