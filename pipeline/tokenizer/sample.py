@@ -63,17 +63,18 @@ class TextSample:
 
 
 def _roles(batch: dict, holdout_fraction: float, heldout_keep: float, train_keep: float) -> dict:
-    """Per document: 1 = training sample, 2 = held out, 0 = left out."""
-    u = np.array([text_hash(t) for t in batch["text"]], dtype=np.float64)
+    """Per document its role (1 = training sample, 2 = held out, 0 = left out) and size; the text
+    travels to the driver only for documents that have a role."""
+    texts = batch["text"]
+    u = np.array([text_hash(t) for t in texts], dtype=np.float64)
     heldout = u < holdout_fraction * heldout_keep
     train = (u >= holdout_fraction) & ((u - holdout_fraction) / (1 - holdout_fraction) < train_keep)
     role = np.where(heldout, 2, np.where(train, 1, 0)).astype(np.int8)
-    keep = role > 0
-    return {"text": np.asarray(batch["text"], dtype=object)[keep], "role": role[keep]}
-
-
-def _sizes(batch: dict) -> dict:
-    return {"bytes": np.array([len(t.encode("utf-8")) for t in batch["text"]], dtype=np.int64)}
+    return {
+        "text": np.array([t if r else "" for t, r in zip(texts, role)], dtype=object),
+        "role": role,
+        "bytes": np.array([len(t.encode("utf-8")) for t in texts], dtype=np.int64),
+    }
 
 
 def sample_text(
@@ -81,42 +82,45 @@ def sample_text(
     folder: Path,
     max_train_bytes: int,
     max_heldout_bytes: int,
+    estimated_bytes: int,
     holdout_fraction: float = HOLDOUT_FRACTION,
 ) -> TextSample:
     """Write `folder/train.txt` and `folder/heldout.txt` (one line per text line) from a dataset of
-    rows with a `text` column; two passes: one to size the corpus, one to select."""
+    rows with a `text` column, in one pass.
+
+    `estimated_bytes` (say, the input files' size) sets how thinly to sample; the figures returned are
+    counted exactly.
+    """
     if not 0 < holdout_fraction < 1:
         raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
-    documents = documents.select_columns(["text"])
-    sizes = documents.map_batches(_sizes, batch_format="numpy").materialize()  # one read for both figures
-    corpus_documents = sizes.count()
-    corpus_bytes = int(sizes.sum("bytes") or 0) if corpus_documents else 0
-    heldout_keep = min(1.0, max_heldout_bytes / max(1.0, holdout_fraction * corpus_bytes))
-    train_keep = min(1.0, max_train_bytes / max(1.0, (1 - holdout_fraction) * corpus_bytes))
-    selected = documents.map_batches(
+    heldout_keep = min(1.0, max_heldout_bytes / max(1.0, holdout_fraction * estimated_bytes))
+    train_keep = min(1.0, max_train_bytes / max(1.0, (1 - holdout_fraction) * estimated_bytes))
+    selected = documents.select_columns(["text"]).map_batches(
         _roles,
         batch_format="numpy",
         fn_kwargs=dict(holdout_fraction=holdout_fraction, heldout_keep=heldout_keep, train_keep=train_keep),
     )
     folder.mkdir(parents=True, exist_ok=True)
-    counts = {1: [0, 0, 0], 2: [0, 0, 0]}  # role -> documents, lines, bytes
+    counts = {0: [0, 0, 0], 1: [0, 0, 0], 2: [0, 0, 0]}  # role -> documents, lines, bytes
+    corpus_bytes = 0
     train_file, heldout_file = folder / "train.txt", folder / "heldout.txt"
     with open(train_file, "w", encoding="utf-8") as train, open(heldout_file, "w", encoding="utf-8") as held:
         outputs = {1: train, 2: held}
         progress = tqdm(desc="sampling", unit="doc", mininterval=2)
-        for batch in selected.iter_batches(batch_format="numpy", batch_size=256):
-            for text, role in zip(batch["text"], batch["role"]):
-                lines = list(text_lines(text))
-                outputs[role].writelines(line + "\n" for line in lines)
-                stats = counts[int(role)]
+        for batch in selected.iter_batches(batch_format="numpy", batch_size=1024):
+            corpus_bytes += int(batch["bytes"].sum())
+            for text, role in zip(batch["text"], batch["role"].tolist()):
+                stats = counts[role]
                 stats[0] += 1
-                stats[1] += len(lines)
-                stats[2] += sum(len(line.encode("utf-8")) for line in lines)
-            progress.update(len(batch["text"]))
+                if role:
+                    lines = list(text_lines(text))
+                    outputs[role].writelines(line + "\n" for line in lines)
+                    stats[1] += len(lines)
+                    stats[2] += sum(len(line.encode("utf-8")) for line in lines)
+            progress.update(len(batch["role"]))
         progress.close()
-    return TextSample(
-        train_file, heldout_file, corpus_documents, corpus_bytes, *counts[1], *counts[2]
-    )
+    corpus_documents = sum(stats[0] for stats in counts.values())
+    return TextSample(train_file, heldout_file, corpus_documents, corpus_bytes, *counts[1], *counts[2])
 
 
 def read_lines(path: Path) -> list[str]:

@@ -17,6 +17,8 @@ from typing import Sequence
 
 import sentencepiece as spm
 
+from pipeline.ray_runtime import init_ray
+from pipeline.readers import expand_inputs, read_documents
 from pipeline.tokenizer.model_proto import TokenizerError, load_model_proto
 from pipeline.tokenizer.sample import HOLDOUT_FRACTION, TextSample, sample_text
 
@@ -107,12 +109,11 @@ def load_sample(
     num_cpus: int | None,
 ) -> TextSample:
     """Read the inputs with the pipeline's readers on Ray and write the sample under `folder`."""
-    from pipeline.ray_runtime import init_ray
-    from pipeline.readers import read_documents
-
     init_ray(ray_address, num_cpus)
     documents = read_documents(list(inputs), text_field=text_field)
-    return sample_text(documents, folder, max_train_bytes, max_heldout_bytes, holdout_fraction)
+    # File sizes (known without reading) set the sampling rate; compressed inputs just sample more.
+    estimated_bytes = sum(path.stat().st_size for path in expand_inputs(list(inputs)))
+    return sample_text(documents, folder, max_train_bytes, max_heldout_bytes, estimated_bytes, holdout_fraction)
 
 
 def train_tokenizer(config: TrainConfig) -> dict:
