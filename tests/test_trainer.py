@@ -141,3 +141,19 @@ def test_bad_flags_are_refused_with_the_reason(tmp_path, datasets, capsys):
     assert "--weights names ['fr']" in capsys.readouterr().err
     assert main(args_for(datasets, tmp_path / "r", "--resume")) == 2
     assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_stream_source_trains_exactly_like_the_in_process_mixer(tmp_path, datasets):
+    from tests.test_service import ServiceProcess, free_port, service_args
+
+    service = ServiceProcess(service_args(datasets, tmp_path / "state", None, "en=0.75,de=0.25",
+                                          seq_len=32, global_batch=8), free_port()).start()
+    try:
+        common = ["--steps", "4", "--eval-every", "2", "--max-lr", "2e-3"]
+        train(parse_args(SMALL + ["--stream", service.url, "--out", str(tmp_path / "stream"), *common]))
+    finally:
+        service.stop()
+    train(parse_args(args_for(datasets, tmp_path / "local", "--weights", "en=0.75,de=0.25", "--data-seed", "5",
+                              *common)))
+    assert train_losses(tmp_path / "stream") == train_losses(tmp_path / "local")
+    assert evals(tmp_path / "stream") == evals(tmp_path / "local")  # default eval sets: the service's datasets

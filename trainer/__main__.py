@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     try:
         train(config)
-    except (DatasetError, CheckpointError, ExtensionReportError, ValueError) as e:
+    except (DatasetError, CheckpointError, ExtensionReportError, ConnectionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -12,6 +12,7 @@ import threading
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
+import httpx
 import numpy as np
 import torch
 
@@ -106,14 +107,16 @@ class StreamSource:
     def __init__(self, config: DataConfig, rank: int, world_size: int):
         from service.client import StreamClient
 
-        self.url, self.rank, self.world_size = config.stream_url, rank, world_size
+        self.url, self.rank, self.world_size = config.stream_url.rstrip("/"), rank, world_size
         self._client_class = StreamClient
         self._client = None
-        probe = StreamClient(self.url, rank=rank, world_size=world_size, start_step=0)
+        # Plain GET: a StreamClient would start prefetching steps before we know where to start.
         try:
-            self.info = probe.info
-        finally:
-            probe.close()
+            response = httpx.get(f"{self.url}/v1/status", timeout=30.0)
+            response.raise_for_status()
+        except httpx.HTTPError as e:
+            raise ConnectionError(f"--stream {self.url}: GET /v1/status failed ({e}); is the service up?") from e
+        self.info = response.json()
         self.names = list(self.info["datasets"])
         self.vocab_size = int(self.info["vocab_size"])
         self.seq_len, self.global_batch = int(self.info["seq_len"]), int(self.info["global_batch"])
@@ -124,7 +127,7 @@ class StreamSource:
         for item in self._client:
             if item.step != expected:
                 raise RuntimeError(f"{self.url}: the service sent step {item.step} where step {expected} was due")
-            yield TrainBatch(item.step, item.tokens.long(), np.asarray(item.sources))
+            yield TrainBatch(item.step, item.tokens.long(), item.sources.numpy())
             expected += 1
 
     def validation_splits(self) -> dict[str, TokenSplit]:
