@@ -157,3 +157,17 @@ def test_stream_source_trains_exactly_like_the_in_process_mixer(tmp_path, datase
                               *common)))
     assert train_losses(tmp_path / "stream") == train_losses(tmp_path / "local")
     assert evals(tmp_path / "stream") == evals(tmp_path / "local")  # default eval sets: the service's datasets
+
+
+def test_report_compares_runs(tmp_path, datasets):
+    from trainer.report import main as report_main
+
+    for name, weights in (("replay25", "en=1,de=3"), ("replay0", "en=0,de=1")):
+        train(parse_args(args_for(datasets, tmp_path / name, "--steps", "3", "--eval-every", "3",
+                                  "--weights", weights)))
+    assert report_main([str(tmp_path / "replay25"), str(tmp_path / "replay0"), "--out", str(tmp_path / "rep")]) == 0
+    table = (tmp_path / "rep" / "report.md").read_text()
+    assert "| replay25 | 3 |" in table and "| replay0 | 3 |" in table and "de val (Δ)" in table
+    for png in ("train_loss.png", "lr.png", "val_en.png", "val_de.png"):
+        assert (tmp_path / "rep" / png).read_bytes()[:4] == b"\x89PNG"
+    assert report_main([str(tmp_path / "missing"), "--out", str(tmp_path / "rep")]) == 2
