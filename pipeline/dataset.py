@@ -66,33 +66,82 @@ class ShardInfo:
     index_sha256: str
 
 
+class _ShardFile:
+    """One shard being written: tokens appended to `.bin`, offsets kept for `.idx`, sha256 on the fly."""
+
+    def __init__(self, folder: Path, name: str, dtype: np.dtype):
+        self.bin_path, self.idx_path = folder / f"{name}.bin", folder / f"{name}.idx"
+        self.dtype = np.dtype(dtype)
+        self.offsets = [0]
+        self.digest = hashlib.sha256()
+        self.out = open(self.bin_path, "wb")
+
+    @property
+    def tokens(self) -> int:
+        return self.offsets[-1]
+
+    def append(self, doc: np.ndarray) -> None:
+        data = np.ascontiguousarray(doc, dtype=self.dtype).tobytes()
+        self.digest.update(data)
+        self.out.write(data)
+        self.offsets.append(self.offsets[-1] + len(doc))
+
+    def finish(self) -> ShardInfo:
+        self.out.flush()
+        os.fsync(self.out.fileno())
+        self.out.close()
+        index_bytes = np.asarray(self.offsets, dtype=INDEX_DTYPE).tobytes()
+        with open(self.idx_path, "wb") as out:
+            out.write(index_bytes)
+            out.flush()
+            os.fsync(out.fileno())
+        return ShardInfo(
+            file=self.bin_path.name,
+            index=self.idx_path.name,
+            tokens=self.offsets[-1],
+            documents=len(self.offsets) - 1,
+            sha256=self.digest.hexdigest(),
+            index_sha256=hashlib.sha256(index_bytes).hexdigest(),
+        )
+
+
 def write_shard(folder: Path, name: str, documents: Iterable[np.ndarray], dtype: np.dtype) -> ShardInfo:
     """Write documents (token arrays, already ending in EOS) as one shard; return its manifest entry."""
-    folder = Path(folder)
-    bin_path, idx_path = folder / f"{name}.bin", folder / f"{name}.idx"
-    offsets = [0]
-    digest = hashlib.sha256()
-    with open(bin_path, "wb") as out:
-        for doc in documents:
-            data = np.ascontiguousarray(doc, dtype=dtype).tobytes()
-            digest.update(data)
-            out.write(data)
-            offsets.append(offsets[-1] + len(doc))
-        out.flush()
-        os.fsync(out.fileno())
-    index_bytes = np.asarray(offsets, dtype=INDEX_DTYPE).tobytes()
-    with open(idx_path, "wb") as out:
-        out.write(index_bytes)
-        out.flush()
-        os.fsync(out.fileno())
-    return ShardInfo(
-        file=bin_path.name,
-        index=idx_path.name,
-        tokens=offsets[-1],
-        documents=len(offsets) - 1,
-        sha256=digest.hexdigest(),
-        index_sha256=hashlib.sha256(index_bytes).hexdigest(),
-    )
+    shard = _ShardFile(Path(folder), name, dtype)
+    for doc in documents:
+        shard.append(doc)
+    return shard.finish()
+
+
+class ShardWriter:
+    """Append documents in order to `<prefix>-00000`, `<prefix>-00001`, ... shards.
+
+    A shard is closed at the first document boundary at or past `max_tokens`, so shard boundaries
+    depend only on the document order and sizes (a document longer than `max_tokens` gets a shard to
+    itself). No files are created until the first document arrives.
+    """
+
+    def __init__(self, folder: Path, prefix: str, dtype: np.dtype, max_tokens: int):
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        self.folder, self.prefix, self.dtype, self.max_tokens = Path(folder), prefix, dtype, max_tokens
+        self.shards: list[ShardInfo] = []
+        self._current: _ShardFile | None = None
+
+    def add(self, doc: np.ndarray) -> None:
+        if self._current is None:
+            self._current = _ShardFile(self.folder, f"{self.prefix}-{len(self.shards):05d}", self.dtype)
+        self._current.append(doc)
+        if self._current.tokens >= self.max_tokens:
+            self.shards.append(self._current.finish())
+            self._current = None
+
+    def close(self) -> list[ShardInfo]:
+        """Finish the open shard; return every shard's manifest entry in order."""
+        if self._current is not None:
+            self.shards.append(self._current.finish())
+            self._current = None
+        return self.shards
 
 
 def build_manifest(
@@ -126,10 +175,7 @@ def commit_dataset(staging: Path, out: Path, manifest: dict, overwrite: bool = F
     that looks valid. An existing valid dataset is replaced only when `overwrite` is set.
     """
     staging, out = Path(staging), Path(out)
-    if out.exists() and (out / MANIFEST_NAME).exists() and not overwrite:
-        raise DatasetError(
-            f"{out}: a dataset already exists here; pass --overwrite to replace it or choose another --out"
-        )
+    check_output_folder(out, overwrite)
     manifest_tmp = staging / (MANIFEST_NAME + ".tmp")
     with open(manifest_tmp, "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
@@ -146,6 +192,29 @@ def commit_dataset(staging: Path, out: Path, manifest: dict, overwrite: bool = F
         out.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging, out)
     _fsync_dir(out.parent)
+
+
+def check_output_folder(out: Path, overwrite: bool = False) -> None:
+    """Refuse to replace a valid dataset without `overwrite`, and never replace anything else.
+
+    A non-empty folder without a manifest is not ours (a killed job never leaves one at `out`, only in
+    its staging folder), so it is left alone whatever `overwrite` says.
+    """
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DatasetError(f"{out}: exists and is not a folder; choose another --out")
+    if (out / MANIFEST_NAME).exists():
+        if not overwrite:
+            raise DatasetError(
+                f"{out}: a dataset already exists here; pass --overwrite to replace it or choose another --out"
+            )
+    elif any(out.iterdir()):
+        raise DatasetError(
+            f"{out}: a non-empty folder that is not a dataset (no {MANIFEST_NAME}); it is not replaced even "
+            "with --overwrite; choose another --out or empty it yourself"
+        )
 
 
 def _fsync_dir(path: Path) -> None:

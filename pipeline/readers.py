@@ -1,0 +1,352 @@
+"""Input readers: raw corpora (JSONL, compressed JSONL, Parquet, Arrow, plain text) as a Ray Dataset.
+
+`read_documents` turns files, globs and folders into a `ray.data.Dataset` with one row per document:
+
+    text           str    the document, valid UTF-8 (invalid bytes replaced by U+FFFD)
+    source         str    the file it came from
+    position       int64  where in that file: byte offset of the line (.jsonl), line index
+                          (.jsonl.gz/.jsonl.zst), row index (.parquet/.arrow), 0 (.txt)
+    replaced_utf8  bool   whether invalid UTF-8 had to be replaced in this document
+
+Reading is planned on the driver into units of about `chunk_bytes` (byte ranges of a JSONL file cut at
+line ends, Parquet row groups, Arrow row ranges, whole compressed or text files). The units depend only
+on the files, so with Ray Data's `preserve_order` the rows arrive in the same order on any cluster.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import gzip
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray.data
+from ray.data import Datasource, ReadTask
+from ray.data.block import BlockMetadata
+
+# Longest suffix first, so that "x.jsonl.gz" is JSONL-gzip and not an unknown ".gz".
+FORMATS = {
+    ".jsonl.gz": "jsonl.gz",
+    ".jsonl.zst": "jsonl.zst",
+    ".jsonl": "jsonl",
+    ".parquet": "parquet",
+    ".arrow": "arrow",  # what `datasets.Dataset.save_to_disk` writes
+    ".txt": "txt",
+}
+DEFAULT_CHUNK_BYTES = 4 << 20
+SCHEMA = pa.schema(
+    [("text", pa.string()), ("source", pa.string()), ("position", pa.int64()), ("replaced_utf8", pa.bool_())]
+)
+
+
+class InputError(ValueError):
+    """An input file is missing, unreadable or malformed; the message names the file (and line or row)."""
+
+
+def input_format(path: Path) -> str | None:
+    """The reader format for a file name, or None when it is not a document file we read."""
+    name = path.name.lower()
+    return next((fmt for suffix, fmt in FORMATS.items() if name.endswith(suffix)), None)
+
+
+def expand_inputs(patterns: Sequence[str]) -> list[Path]:
+    """Files named by paths, globs (`**` allowed) and folders (searched recursively), in a stable order.
+
+    Folders and globs contribute only files with a known suffix (so a `save_to_disk` folder's JSON
+    metadata is passed over); a file named directly must have one. Raises InputError for a pattern that
+    matches nothing and for a file that cannot be read.
+    """
+    if not patterns:
+        raise InputError("no --input given; pass files, globs or folders of .jsonl/.parquet/.arrow/.txt")
+    files: list[Path] = []
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            matches = [Path(p) for p in sorted(glob.glob(pattern, recursive=True))]
+            found = [p for p in matches if p.is_file() and input_format(p)]
+        elif Path(pattern).is_dir():
+            found = sorted(p for p in Path(pattern).rglob("*") if p.is_file() and input_format(p))
+        elif Path(pattern).exists():
+            if input_format(Path(pattern)) is None:
+                raise InputError(f"{pattern}: unsupported input format; expected one of {', '.join(FORMATS)}")
+            found = [Path(pattern)]
+        else:
+            raise InputError(f"{pattern}: no such file or folder")
+        if not found:
+            raise InputError(
+                f"{pattern}: matched no input files (looked for {', '.join(FORMATS)}); check the path or glob"
+            )
+        files.extend(found)
+    unique = list(dict.fromkeys(p.resolve() for p in files))
+    for path in unique:
+        if not os.access(path, os.R_OK):
+            raise InputError(f"{path}: not readable (permission denied); fix its permissions or drop it")
+    return unique
+
+
+@dataclass(frozen=True)
+class ReadUnit:
+    """A piece of one file that one read task handles: [start, stop) in the format's own units."""
+
+    path: str
+    format: str
+    start: int  # byte offset (jsonl), row group (parquet), row (arrow); 0 otherwise
+    stop: int
+    size_bytes: int
+
+
+def plan_reads(files: Sequence[Path], chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[ReadUnit]:
+    """Cut the files into units of about `chunk_bytes`, in file order. Opens each file's header only."""
+    units: list[ReadUnit] = []
+    for path in files:
+        fmt = input_format(path)
+        try:
+            if fmt == "jsonl":
+                units.extend(_plan_jsonl(path, chunk_bytes))
+            elif fmt == "parquet":
+                units.extend(_plan_parquet(path, chunk_bytes))
+            elif fmt == "arrow":
+                units.extend(_plan_arrow(path, chunk_bytes))
+            else:
+                size = path.stat().st_size
+                units.append(ReadUnit(str(path), fmt, 0, size, size))
+        except (OSError, pa.ArrowException) as e:
+            raise InputError(f"{path}: cannot read it as {fmt} ({e})") from e
+    return units
+
+
+def _plan_jsonl(path: Path, chunk_bytes: int) -> Iterator[ReadUnit]:
+    size = path.stat().st_size
+    start = 0
+    with open(path, "rb") as f:
+        while start < size:
+            f.seek(min(start + chunk_bytes, size))
+            f.readline()  # finish the line the cut landed in
+            stop = min(max(f.tell(), start + 1), size)
+            yield ReadUnit(str(path), "jsonl", start, stop, stop - start)
+            start = stop
+
+
+def _plan_parquet(path: Path, chunk_bytes: int) -> Iterator[ReadUnit]:
+    meta = pq.ParquetFile(path).metadata
+    first, size = 0, 0
+    for group in range(meta.num_row_groups):
+        size += meta.row_group(group).total_byte_size
+        if size >= chunk_bytes or group == meta.num_row_groups - 1:
+            yield ReadUnit(str(path), "parquet", first, group + 1, size)
+            first, size = group + 1, 0
+
+
+def _open_arrow(path: Path) -> pa.Table:
+    """A memory-mapped Arrow table (zero-copy); `save_to_disk` writes the IPC stream format."""
+    source = pa.memory_map(str(path))
+    try:
+        return pa.ipc.open_file(source).read_all()
+    except pa.ArrowInvalid:
+        source.seek(0)
+        return pa.ipc.open_stream(source).read_all()
+
+
+def _plan_arrow(path: Path, chunk_bytes: int) -> Iterator[ReadUnit]:
+    table = _open_arrow(path)
+    rows_per_unit = max(1, int(table.num_rows * chunk_bytes / max(table.nbytes, 1)))
+    for start in range(0, table.num_rows, rows_per_unit):
+        stop = min(start + rows_per_unit, table.num_rows)
+        yield ReadUnit(str(path), "arrow", start, stop, table.nbytes * (stop - start) // table.num_rows)
+
+
+def _decode(raw: bytes) -> tuple[str, bool]:
+    """UTF-8 text, replacing invalid bytes with U+FFFD; the flag says whether any were replaced."""
+    try:
+        return raw.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", errors="replace"), True
+
+
+def _valid_text(text: str) -> tuple[str, bool]:
+    """JSON may escape lone surrogates (\\ud800) that no UTF-8 encoder accepts: replace them too."""
+    try:
+        text.encode("utf-8")
+        return text, False
+    except UnicodeEncodeError:
+        return text.encode("utf-8", errors="replace").decode("utf-8"), True
+
+
+def _line_number(path: str, offset: int) -> int:
+    """1-based line number of a byte offset; only computed to report an error."""
+    with open(path, "rb") as f:
+        return f.read(offset).count(b"\n") + 1
+
+
+def _text_from_json(line: str, field: str, where: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line") from e
+    if not isinstance(record, dict) or field not in record:
+        keys = ", ".join(map(repr, record)) if isinstance(record, dict) else type(record).__name__
+        raise InputError(f"{where}: no {field!r} field (found {keys}); choose the field with --text-field")
+    text = record[field]
+    if not isinstance(text, str):
+        raise InputError(f"{where}: field {field!r} is {type(text).__name__}, expected a string")
+    return text
+
+
+def _read_jsonl_range(unit: ReadUnit, field: str) -> Iterator[tuple[str, int, bool]]:
+    with open(unit.path, "rb") as f:
+        f.seek(unit.start)
+        data = f.read(unit.stop - unit.start)
+    offset = unit.start
+    for raw in data.split(b"\n"):
+        position, offset = offset, offset + len(raw) + 1
+        if not raw.strip():
+            continue
+        line, replaced = _decode(raw)
+        try:
+            text = _text_from_json(line, field, unit.path)
+        except InputError as e:
+            where = f"{unit.path}:{_line_number(unit.path, position)}"
+            raise InputError(str(e).replace(unit.path, where, 1)) from None
+        yield text, position, replaced
+
+
+def _read_jsonl_stream(unit: ReadUnit, field: str) -> Iterator[tuple[str, int, bool]]:
+    if unit.format == "jsonl.gz":
+        stream = gzip.open(unit.path, "rb")
+    else:
+        import zstandard
+
+        stream = zstandard.ZstdDecompressor().stream_reader(open(unit.path, "rb"), closefd=True)
+    with io.BufferedReader(stream) as lines:
+        for index, raw in enumerate(lines):
+            if not raw.strip():
+                continue
+            line, replaced = _decode(raw.rstrip(b"\r\n"))
+            yield _text_from_json(line, field, f"{unit.path}:{index + 1}"), index, replaced
+
+
+def _read_columnar(unit: ReadUnit, field: str) -> Iterator[tuple[str, int, bool]]:
+    if unit.format == "parquet":
+        parquet = pq.ParquetFile(unit.path)
+        first_row = sum(parquet.metadata.row_group(g).num_rows for g in range(unit.start))
+        names = parquet.schema_arrow.names
+        column = None if field not in names else parquet.read_row_groups(range(unit.start, unit.stop), [field])
+    else:
+        table = _open_arrow(Path(unit.path))
+        first_row, names = unit.start, table.column_names
+        column = None if field not in names else table.select([field]).slice(unit.start, unit.stop - unit.start)
+    if column is None:
+        raise InputError(
+            f"{unit.path}: no {field!r} column (columns: {', '.join(names)}); choose one with --text-field"
+        )
+    values = column.column(0)
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        raise InputError(f"{unit.path}: column {field!r} has type {values.type}, expected strings")
+    # Arrow does not validate UTF-8 on read: take bytes and decode them ourselves.
+    binary = values.cast(pa.large_binary() if pa.types.is_large_string(values.type) else pa.binary())
+    for row, raw in enumerate(binary.to_pylist()):
+        if raw is None:
+            raise InputError(f"{unit.path}: row {first_row + row} has a null {field!r}; drop or fill it")
+        text, replaced = _decode(raw)
+        yield text, first_row + row, replaced
+
+
+def _read_text_file(unit: ReadUnit, field: str) -> Iterator[tuple[str, int, bool]]:
+    text, replaced = _decode(Path(unit.path).read_bytes())
+    yield text, 0, replaced
+
+
+READERS = {
+    "jsonl": _read_jsonl_range,
+    "jsonl.gz": _read_jsonl_stream,
+    "jsonl.zst": _read_jsonl_stream,
+    "parquet": _read_columnar,
+    "arrow": _read_columnar,
+    "txt": _read_text_file,
+}
+
+
+def read_unit(unit: ReadUnit, text_field: str) -> pa.Table:
+    """One unit's documents as a table with SCHEMA; InputError names the file on any failure."""
+    texts, positions, replaced = [], [], []
+    try:
+        for text, position, bad_bytes in READERS[unit.format](unit, text_field):
+            text, bad_surrogates = _valid_text(text)
+            texts.append(text)
+            positions.append(position)
+            replaced.append(bad_bytes or bad_surrogates)
+    except InputError:
+        raise
+    except (OSError, EOFError, pa.ArrowException, ValueError) as e:
+        # Damaged archives (bad gzip/zstd data, truncated files) and I/O errors surface here.
+        raise InputError(f"{unit.path}: cannot read it as {unit.format} ({type(e).__name__}: {e})") from e
+    return pa.table(
+        {"text": texts, "source": [unit.path] * len(texts), "position": positions, "replaced_utf8": replaced},
+        schema=SCHEMA,
+    )
+
+
+def _read_units(units: Sequence[ReadUnit], text_field: str) -> Iterator[pa.Table]:
+    for unit in units:
+        yield read_unit(unit, text_field)
+
+
+class DocumentDatasource(Datasource):
+    """A Ray Data source with one read task per group of units (about `chunk_bytes` each)."""
+
+    def __init__(self, units: Sequence[ReadUnit], text_field: str, chunk_bytes: int):
+        self._text_field = text_field
+        self._groups: list[list[ReadUnit]] = []
+        size = chunk_bytes
+        for unit in units:  # pack small units (e.g. many .txt files) together, keeping their order
+            if size + unit.size_bytes > chunk_bytes:
+                self._groups.append([])
+                size = 0
+            self._groups[-1].append(unit)
+            size += unit.size_bytes
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self._groups)
+
+    def estimate_inmemory_data_size(self) -> int:
+        return sum(u.size_bytes for group in self._groups for u in group)
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None):
+        return [
+            ReadTask(
+                functools.partial(_read_units, group, self._text_field),
+                BlockMetadata(
+                    num_rows=None,
+                    size_bytes=sum(u.size_bytes for u in group),
+                    input_files=tuple(dict.fromkeys(u.path for u in group)),
+                    exec_stats=None,
+                ),
+                schema=SCHEMA,
+            )
+            for group in self._groups
+        ]
+
+
+def read_documents(
+    inputs: Sequence[str],
+    text_field: str = "text",
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    num_cpus: float | None = None,
+) -> ray.data.Dataset:
+    """The documents of every input as a Ray Dataset (columns: see the module docstring).
+
+    Files are checked and planned here, on the driver, so a missing or unreadable file fails before any
+    work starts; malformed content (bad JSON, missing field) fails in the read task naming file and line.
+    `num_cpus` is what each read task asks Ray for (default 1); a job that runs heavier stages beside the
+    reads gives them less so that both fit.
+    """
+    units = plan_reads(expand_inputs(inputs), chunk_bytes)
+    source = DocumentDatasource(units, text_field, chunk_bytes)
+    return ray.data.read_datasource(source, override_num_blocks=max(1, source.num_tasks), num_cpus=num_cpus)
