@@ -127,6 +127,41 @@ def build_state(config: TrainConfig, source: BatchSource, device: torch.device) 
     return TrainingState(model, optimizer, 0, None)
 
 
+def autocast_for(device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """bf16 autocast on CUDA (weights and optimizer stay fp32); full precision on the CPU."""
+    if device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def train_step(
+    forward: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    tokens: torch.Tensor,
+    micro_batch: int,
+    grad_clip: float,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One update on this rank's rows: gradient accumulation over micro-batches (DDP all-reduces only on
+    the last one), clipping, AdamW at the lr already set. Returns (mean loss, grad norm) as tensors, so
+    nothing waits for the device here."""
+    micro_batches = tokens.split(micro_batch)
+    loss_sum = torch.zeros((), device=tokens.device)
+    is_ddp = isinstance(forward, nn.parallel.DistributedDataParallel)
+    for i, micro in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with forward.no_sync() if is_ddp and not last else contextlib.nullcontext():
+            with autocast():
+                loss = forward(micro[:, :-1], micro[:, 1:]) / len(micro_batches)
+            loss.backward()
+        loss_sum += loss.detach()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
+
+
 class StepStats:
     """Time and data wait accumulated between two log lines."""
 
@@ -174,18 +209,13 @@ def _run(config: TrainConfig, source: BatchSource, dist_info: Distributed, devic
             f"global batch {source.global_batch} over {dist_info.world_size} ranks gives {rows} rows per rank, "
             f"which must be a whole multiple of --micro-batch {config.data.micro_batch}"
         )
-    accumulation = rows // config.data.micro_batch
     state = build_state(config, source, device)
     model = state.model
     schedule = build_schedule(config.schedule, config.steps)
     evaluator = Evaluator(open_eval_splits(config.data, source), source.seq_len, config.data.eval_batches,
                           config.data.micro_batch, model.config.vocab_size, dist_info.rank, dist_info.world_size)
 
-    def autocast() -> contextlib.AbstractContextManager:
-        if device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
+    autocast = autocast_for(device)
     forward: nn.Module = torch.compile(model) if config.compile else model
     if dist_info.world_size > 1:
         forward = nn.parallel.DistributedDataParallel(
@@ -230,18 +260,8 @@ def _run(config: TrainConfig, source: BatchSource, dist_info: Distributed, devic
         lr = schedule(config.schedule.start_step + step)
         for group in state.optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for i, micro in enumerate(tokens.split(config.data.micro_batch)):
-            last = i == accumulation - 1
-            sync = contextlib.nullcontext() if last or dist_info.world_size == 1 else forward.no_sync()
-            with sync:
-                with autocast():
-                    loss = forward(micro[:, :-1], micro[:, 1:]) / accumulation
-                loss.backward()
-            loss_sum += loss.detach()
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-        state.optimizer.step()
-        state.optimizer.zero_grad(set_to_none=True)
+        loss_sum, grad_norm = train_step(forward, state.optimizer, tokens, config.data.micro_batch,
+                                         config.optim.grad_clip, autocast)
         done = step + 1
         bar.update(1)
         if on_step is not None:
