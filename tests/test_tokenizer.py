@@ -13,7 +13,7 @@ import pytest
 import ray
 import sentencepiece as spm
 
-from conftest import make_lines, train_spm
+from conftest import train_spm
 from pipeline.tokenizer import (
     ExtendConfig,
     TokenizerError,

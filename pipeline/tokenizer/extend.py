@@ -29,7 +29,7 @@ from pipeline.tokenizer.model_proto import (
     processor_from_proto,
     verbatim_processor,
 )
-from pipeline.tokenizer.pieces import choose_pieces
+from pipeline.tokenizer.pieces import check_piece_count, choose_pieces
 from pipeline.tokenizer.report import comparison, encode_lines, measure, report_path, write_report
 from pipeline.tokenizer.sample import HOLDOUT_FRACTION, read_lines
 from pipeline.tokenizer.train import load_sample, train_sentencepiece, write_atomically
@@ -107,8 +107,7 @@ def normalize_file(base: ModelProto, source: Path, target: Path) -> int:
 
 def extend_model(base: ModelProto, new_text: Path, new_pieces: int, scratch: Path) -> Extension:
     """Train a donor on `new_text` (lines) and append up to `new_pieces` of its pieces to `base`."""
-    if new_pieces <= 0:
-        raise TokenizerError(f"--new-pieces {new_pieces}: must be a positive number of pieces to add")
+    check_piece_count(new_pieces)  # before the donor's training, which is the slow part
     kind = model_type_name(base)
     normalized = scratch / "donor-input.txt"
     normalize_file(base, new_text, normalized)
@@ -183,8 +182,7 @@ def extend_tokenizer(config: ExtendConfig) -> dict:
     """Run the extend command: returns the report it wrote beside `config.out`."""
     started = time.perf_counter()
     base = load_model_proto(config.base)
-    if config.new_pieces <= 0:
-        raise TokenizerError(f"--new-pieces {config.new_pieces}: must be a positive number of pieces to add")
+    check_piece_count(config.new_pieces)
     report_file = report_path(config.out)
     for path in (config.out, report_file):
         if path.exists() and not config.overwrite:

@@ -34,6 +34,11 @@ SUPPORTED_MODEL_TYPES = ("bpe", "unigram")
 MIN_BATCH = 64
 
 
+def check_piece_count(limit: int) -> None:
+    if limit <= 0:
+        raise TokenizerError(f"--new-pieces {limit}: must be a positive number of pieces to add")
+
+
 def candidate_pieces(base: ModelProto, donor: ModelProto) -> list[NewPiece]:
     """The donor's ordinary pieces that the base lacks, best first, with the donor's scores."""
     taken = {p.piece for p in base.pieces}  # NORMAL, USER_DEFINED and UNUSED share one lookup table
@@ -71,8 +76,7 @@ def choose_pieces(base: ModelProto, donor: ModelProto, limit: int) -> tuple[list
     kind = model_type_name(base)
     if kind not in SUPPORTED_MODEL_TYPES:
         raise TokenizerError(f"base model type is {kind!r}; extend supports {', '.join(SUPPORTED_MODEL_TYPES)}")
-    if limit <= 0:
-        raise TokenizerError(f"--new-pieces {limit}: must be a positive number of pieces to add")
+    check_piece_count(limit)
     candidates = candidate_pieces(base, donor)
     if limit > len(candidates):
         raise TokenizerError(
