@@ -1,0 +1,148 @@
+"""Training throughput and model FLOPs utilisation (MFU), with the data path against a no-data baseline.
+
+    python benchmarks/train_throughput.py --device cuda --compile            # 125M, seq 1024, bf16
+    python benchmarks/train_throughput.py --stream http://host:8000 ...      # read from the service
+    python benchmarks/train_throughput.py --model test --seq-len 128 --micro-batch 4 --steps 5   # CPU smoke
+
+Both measurements use the trainer's own `train_step`. The baseline trains on token tensors already on
+the device; the data path pulls each step's rows from the in-process mixer (--dataset, or a small
+dataset made here when none is given) or from the mixer service (--stream). Printed: tokens/s of each,
+their ratio, the share of step time spent waiting for data, and MFU against --peak-tflops (known
+GPUs are looked up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainer.config import DataConfig  # noqa: E402
+from trainer.data import open_source  # noqa: E402
+from trainer.model import GPT, MODEL_SIZES, config_for  # noqa: E402
+from trainer.train import autocast_for, train_step  # noqa: E402
+
+# Dense bf16 tensor-core peaks (TFLOP/s), by a substring of torch.cuda.get_device_name().
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
+
+
+def make_dataset(folder: Path, vocab_size: int, tokens: int, seed: int = 0) -> Path:
+    """A token dataset of random documents, written through pipeline.dataset with a real SentencePiece model."""
+    import sentencepiece as spm
+
+    from pipeline.dataset import TOKENIZER_NAME, build_manifest, commit_dataset, describe_tokenizer, token_dtype, write_shard
+
+    rng = np.random.default_rng(seed)
+    words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(2, 9))) for _ in range(3000)]
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(rng.choice(words, size=20)) for _ in range(4000)))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder / "bench"), vocab_size=vocab_size,
+                                   model_type="bpe", num_threads=1, minloglevel=2)
+    info = describe_tokenizer(folder / "bench.model")
+    staging = folder / "data.staging"
+    staging.mkdir()
+    (staging / TOKENIZER_NAME).write_bytes((folder / "bench.model").read_bytes())
+    dtype = token_dtype(info.vocab_size)
+    docs = [rng.integers(3, info.vocab_size, size=1000).astype(dtype) for _ in range(tokens // 1000)]
+    for doc in docs:
+        doc[-1] = info.eos_id
+    shards = {split: [write_shard(staging, f"{split}-00000", docs, dtype)] for split in ("train", "val")}
+    commit_dataset(staging, folder / "data", build_manifest(info, shards))
+    return folder / "data"
+
+
+def measure(model, optimizer, micro_batch, autocast, next_tokens, steps: int, warmup: int, label: str, device):
+    """(tokens/s, share of time waiting for data) over `steps` timed steps after `warmup` untimed ones."""
+    for _ in range(warmup):  # compilation, allocator, cuDNN autotuning
+        train_step(model, optimizer, next_tokens(), micro_batch, 1.0, autocast)
+    _sync(device)
+    waited, tokens = 0.0, 0
+    started = time.perf_counter()
+    for _ in tqdm(range(steps), desc=label, unit="step"):
+        before = time.perf_counter()
+        batch = next_tokens()
+        waited += time.perf_counter() - before
+        tokens += batch.shape[0] * (batch.shape[1] - 1)
+        train_step(model, optimizer, batch, micro_batch, 1.0, autocast)
+    _sync(device)
+    elapsed = time.perf_counter() - started
+    return tokens / elapsed, waited / elapsed
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=list(MODEL_SIZES), default="125m")
+    p.add_argument("--vocab", type=int, default=32000, help="model vocabulary (>= the data's)")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--micro-batch", type=int, default=16)
+    p.add_argument("--accumulation", type=int, default=1)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--dataset", metavar="PATH", help="token dataset for the data path (default: made here)")
+    p.add_argument("--stream", metavar="URL", help="read the data path from a mixer service instead")
+    p.add_argument("--peak-tflops", type=float, help="device peak for MFU (looked up for known GPUs)")
+    args = p.parse_args()
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    rows = args.micro_batch * args.accumulation
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.stream:
+            data = DataConfig(stream_url=args.stream)
+        else:
+            path = args.dataset or make_dataset(Path(scratch), 512, tokens=rows * (args.seq_len + 1) * 8)
+            data = DataConfig(datasets={"bench": str(path)}, weights={"bench": 1.0}, seq_len=args.seq_len,
+                              global_batch=rows, micro_batch=args.micro_batch)
+        source = open_source(data, rank=0, world_size=1)
+        if source.vocab_size > args.vocab:
+            p.error(f"the data's vocabulary {source.vocab_size} exceeds --vocab {args.vocab}")
+        seq_len, rows = source.seq_len, source.global_batch
+
+        torch.manual_seed(0)
+        model = GPT(config_for(args.model, args.vocab, seq_len)).to(device)
+        forward = torch.compile(model) if args.compile else model
+        optimizer = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+        autocast = autocast_for(device)
+
+        resident = torch.randint(0, source.vocab_size, (rows, seq_len + 1), device=device)
+        base_tps, _ = measure(forward, optimizer, data.micro_batch, autocast, lambda: resident,
+                              args.steps, args.warmup, "baseline (on-device tokens)", device)
+        batches = source.batches(0)
+        data_tps, wait = measure(forward, optimizer, data.micro_batch, autocast,
+                                 lambda: next(batches).tokens.to(device, non_blocking=True),
+                                 args.steps, args.warmup, "data path", device)
+        source.close()
+
+    flops = model.flops_per_token(seq_len)
+    peak = args.peak_tflops
+    if peak is None and device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    mfu = f"MFU {data_tps * flops / (peak * 1e12):.1%} of {peak:.0f} TFLOP/s" if peak else "MFU n/a (give --peak-tflops)"
+    print(
+        f"{args.model} ({model.num_params() / 1e6:.1f}M params) seq {seq_len} x {rows} rows on {device}"
+        f"{' compiled' if args.compile else ''}: data path {data_tps:,.0f} tokens/s, baseline {base_tps:,.0f} "
+        f"tokens/s, ratio {data_tps / base_tps:.3f}, data wait {wait:.2%} of step time, "
+        f"{flops / 1e6:.0f} MFLOP/token, {mfu}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
