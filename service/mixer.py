@@ -24,7 +24,7 @@ from typing import Mapping
 import numpy as np
 
 from pipeline.dataset import TokenDataset
-from service.permutation import permutation_key, permute
+from service.permutation import FeistelPermutation, permutation_key
 from service.schedule import MixSchedule, ScheduleError
 from service.vocab import check_vocabularies
 
@@ -88,6 +88,13 @@ class _Period:
         return whole[..., None] * self.units + self.before[rest]
 
 
+@dataclass(frozen=True)
+class _Plan:
+    schedule: MixSchedule
+    periods: tuple[_Period, ...]  # per stage
+    stage_counts: np.ndarray  # (stages, datasets): samples each dataset gave before each stage
+
+
 class Mixer:
     """Batches mixed from several token datasets by a schedule; see the module docstring for the rule."""
 
@@ -135,7 +142,12 @@ class Mixer:
         for i in range(1, len(periods)):
             length = (schedule.stages[i].start_step - schedule.stages[i - 1].start_step) * self.config.global_batch
             starts[i] = starts[i - 1] + periods[i - 1].counts(length)
-        self.schedule, self._stage_periods, self._stage_counts = schedule, periods, starts
+        # One assignment, so a thread computing a batch never sees a half-updated schedule.
+        self._plan = _Plan(schedule, tuple(periods), starts)
+
+    @property
+    def schedule(self) -> MixSchedule:
+        return self._plan.schedule
 
     # --- random access --------------------------------------------------------------------------
 
@@ -152,9 +164,10 @@ class Mixer:
     def _counts_before(self, step: int) -> np.ndarray:
         if step < 0:
             raise ValueError(f"step: {step}; steps start at 0")
-        s = self.schedule.stage_index(step)
-        offset = (step - self.schedule.stages[s].start_step) * self.config.global_batch
-        return self._stage_counts[s] + self._stage_periods[s].counts(offset)
+        plan = self._plan
+        s = plan.schedule.stage_index(step)
+        offset = (step - plan.schedule.stages[s].start_step) * self.config.global_batch
+        return plan.stage_counts[s] + plan.periods[s].counts(offset)
 
     def rows_of(self, rank: int, world_size: int) -> range:
         """The rows of the global batch that `rank` gets: a contiguous, disjoint slice."""
@@ -176,30 +189,28 @@ class Mixer:
         rows = self.rows_of(rank, world_size)
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step: {step!r}; it must be an integer >= 0")
-        s = self.schedule.stage_index(step)
-        period = self._stage_periods[s]
-        offset = (step - self.schedule.stages[s].start_step) * self.config.global_batch
+        plan = self._plan
+        s = plan.schedule.stage_index(step)
+        period = plan.periods[s]
+        offset = (step - plan.schedule.stages[s].start_step) * self.config.global_batch
         j = offset + np.arange(rows.start, rows.stop, dtype=np.int64)
         whole, rest = np.divmod(j, period.length)
         source = period.owner[rest]
-        ordinal = self._stage_counts[s][source] + whole * period.units[source] + period.before[rest, source]
+        ordinal = plan.stage_counts[s][source] + whole * period.units[source] + period.before[rest, source]
         return source, ordinal
 
-    def window_of(self, source: int, ordinal: np.ndarray) -> np.ndarray:
-        """The window numbers of dataset `source`'s samples number `ordinal` (epoch-permuted)."""
+    def window_of(self, source: int, ordinal: int) -> int:
+        """The window number of dataset `source`'s sample number `ordinal` (epoch-permuted)."""
         windows = int(self.windows[source])
-        epoch, position = np.divmod(np.asarray(ordinal, dtype=np.int64), windows)
-        name = self.names[source]
-        keys = np.array([permutation_key(self.config.seed, name, int(e)) for e in epoch], dtype=np.uint64)
-        return permute(position, windows, keys)
+        epoch, position = divmod(int(ordinal), windows)
+        key = permutation_key(self.config.seed, self.names[source], epoch)
+        return FeistelPermutation(windows, key)(position)
 
     def batch(self, step: int, rank: int = 0, world_size: int = 1) -> Batch:
         source, ordinal = self.locate(step, rank, world_size)
         seq_len = self.config.seq_len
         tokens = np.empty((len(source), seq_len + 1), dtype=np.int64)
-        for index in np.unique(source):
-            rows = np.flatnonzero(source == index)
-            split = self.datasets[self.names[index]].train
-            for row, window in zip(rows, self.window_of(int(index), ordinal[rows])):
-                tokens[row] = split.read(int(window) * seq_len, seq_len + 1)
+        splits = [self.datasets[name].train for name in self.names]
+        for row, (index, k) in enumerate(zip(source.tolist(), ordinal.tolist())):
+            tokens[row] = splits[index].read(self.window_of(index, k) * seq_len, seq_len + 1)
         return Batch(step, rank, world_size, tokens, source.astype(np.uint8), self.names)

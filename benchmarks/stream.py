@@ -1,0 +1,306 @@
+"""Throughput of the mixer against MosaicML Streaming and litdata, on English and German man pages.
+
+    .venv/bin/python benchmarks/stream.py [--work /tmp/replaymix-bench] [--baseline-python /tmp/benchvenv/bin/python]
+
+Measures, all on the same tokens (seq_len 2048, global batch 8, mix old=0.25/new=0.75), single core:
+  1. tokens/s of the in-process Mixer and of one StreamClient over HTTP on loopback;
+  2. tokens/s of MosaicML Streaming (StreamingDataset, two Streams at the same proportions) and of
+     litdata (CombinedStreamingDataset with weights), run with --baseline-python, a separate virtual
+     environment that has them installed (their pins are not ours); the tokens are converted into
+     their formats as windows of seq_len + 1 tokens, like ours;
+  3. the service's resident memory serving the same steps from a 10x larger dataset, and the time of
+     the batch at step 10**7 against step 10 (with a 100-stage schedule).
+Each figure is printed as a ratio to a baseline measured in the same run.
+
+The datasets are built in-process (as tests/conftest.py does): man pages rendered with man(1), a
+SentencePiece BPE model trained on them, documents written with pipeline.dataset. Built once per --work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.dataset import (  # noqa: E402
+    TOKENIZER_NAME,
+    TokenDataset,
+    build_manifest,
+    commit_dataset,
+    describe_tokenizer,
+    token_dtype,
+    write_shard,
+)
+
+SEQ_LEN, GLOBAL_BATCH, WEIGHTS = 2048, 8, {"old": 0.25, "new": 0.75}
+ROW = SEQ_LEN + 1
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    work: Path
+    pages: int
+    steps: int
+    baseline_python: Path | None
+    baseline: str | None  # internal: run one baseline in this (other) interpreter
+
+
+def parse_args() -> BenchConfig:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/replaymix-bench"))
+    parser.add_argument("--pages", type=int, default=300, help="man pages per language")
+    parser.add_argument("--steps", type=int, default=300, help="steps timed per reader")
+    parser.add_argument("--baseline-python", type=Path, default=Path("/tmp/benchvenv/bin/python"))
+    parser.add_argument("--baseline", choices=("mosaic", "litdata"), help=argparse.SUPPRESS)
+    a = parser.parse_args()
+    return BenchConfig(a.work, a.pages, a.steps, a.baseline_python, a.baseline)
+
+
+# --- datasets -------------------------------------------------------------------------------------
+
+
+def render_pages(folder: Path, count: int) -> list[str]:
+    from tqdm import tqdm
+
+    files = sorted(p for p in folder.iterdir() if p.name.endswith(".gz"))[:count]
+    texts = []
+    for path in tqdm(files, desc=f"render {folder}", unit="page"):
+        man = subprocess.run(["man", "--nh", "--nj", "-l", "-Tutf8", str(path)], capture_output=True,
+                             env={**os.environ, "MANWIDTH": "1000"})
+        text = subprocess.run(["col", "-bx"], input=man.stdout, capture_output=True).stdout.decode("utf-8", "replace")
+        if text.strip():
+            texts.append(text)
+    return texts
+
+
+def write_dataset(out: Path, documents: list[str], model: Path, repeat: int = 1) -> None:
+    import sentencepiece as spm
+
+    info = describe_tokenizer(model)
+    processor = spm.SentencePieceProcessor(model_file=str(model))
+    dtype = token_dtype(info.vocab_size)
+    encoded = [np.asarray(sum(processor.encode(doc.split("\n")), []) + [info.eos_id], dtype=dtype) for doc in documents]
+    staging = out.with_name(out.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    shutil.copyfile(model, staging / TOKENIZER_NAME)
+    shards = [write_shard(staging, f"train-{i:05d}", encoded, dtype) for i in range(repeat)]
+    val = [write_shard(staging, "val-00000", encoded[:2], dtype)]
+    commit_dataset(staging, out, build_manifest(info, {"train": shards, "val": val}, inputs=["man pages"]), overwrite=True)
+
+
+def build_datasets(config: BenchConfig) -> dict[str, Path]:
+    import sentencepiece as spm
+
+    paths = {name: config.work / name for name in ("old", "new", "old10x")}
+    if all((p / "manifest.json").exists() for p in paths.values()):
+        return paths
+    config.work.mkdir(parents=True, exist_ok=True)
+    english = render_pages(Path("/usr/share/man/man1"), config.pages)
+    german = render_pages(Path("/usr/share/man/de/man1"), config.pages)
+    corpus = config.work / "corpus.txt"
+    corpus.write_text("\n".join(english + german))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(config.work / "spm"), vocab_size=8000,
+                                   model_type="bpe", num_threads=2, minloglevel=2, input_sentence_size=200_000,
+                                   shuffle_input_sentence=True)
+    model = config.work / "spm.model"
+    write_dataset(paths["old"], english, model)
+    write_dataset(paths["new"], german, model)
+    write_dataset(paths["old10x"], english, model, repeat=10)
+    return paths
+
+
+# --- readers ----------------------------------------------------------------------------------------
+
+
+def rate(make_batches, steps: int, warmup: int = 5) -> float:
+    """Tokens per second over `steps` batches of GLOBAL_BATCH rows, after a short warm-up."""
+    batches = make_batches()
+    for _ in range(warmup):
+        next(batches)
+    started = time.perf_counter()
+    for _ in range(steps):
+        tokens = next(batches)
+        assert tokens.shape == (GLOBAL_BATCH, ROW)
+    return steps * GLOBAL_BATCH * ROW / (time.perf_counter() - started)
+
+
+def in_process_batches(paths: dict[str, Path]):
+    from service.mixer import Mixer, MixerConfig
+    from service.schedule import MixSchedule
+
+    import torch
+
+    mixer = Mixer({n: TokenDataset(paths[n]) for n in WEIGHTS}, MixerConfig(SEQ_LEN, GLOBAL_BATCH), MixSchedule.constant(WEIGHTS))
+    step = 0
+    while True:
+        yield torch.from_numpy(mixer.batch(step).tokens)
+        step += 1
+
+
+def windows_of(path: Path) -> np.ndarray:
+    split = TokenDataset(path).train
+    count = (split.num_tokens - 1) // SEQ_LEN
+    return np.stack([split.read(w * SEQ_LEN, ROW) for w in range(count)])
+
+
+def mosaic_batches(paths: dict[str, Path], work: Path):
+    import torch
+    from streaming import MDSWriter, Stream, StreamingDataset
+
+    streams = []
+    for name, weight in WEIGHTS.items():
+        out = work / "mosaic" / name
+        if not (out / "index.json").exists():
+            windows = windows_of(paths[name])
+            with MDSWriter(out=str(out), columns={"tokens": f"ndarray:{windows.dtype.name}:{ROW}"}) as writer:
+                for row in windows:
+                    writer.write({"tokens": row})
+        streams.append(Stream(local=str(out), proportion=weight))
+    dataset = StreamingDataset(streams=streams, batch_size=GLOBAL_BATCH, shuffle=True, shuffle_seed=0,
+                               epoch_size=10**6)
+    while True:
+        rows = []
+        for sample in dataset:
+            rows.append(sample["tokens"])
+            if len(rows) == GLOBAL_BATCH:
+                yield torch.from_numpy(np.stack(rows).astype(np.int64))
+                rows = []
+
+
+def litdata_batches(paths: dict[str, Path], work: Path):
+    import torch
+    from litdata import CombinedStreamingDataset, StreamingDataset, TokensLoader, optimize
+
+    datasets = []
+    for name in WEIGHTS:
+        out = work / "litdata" / name
+        if not (out / "index.json").exists():
+            split = TokenDataset(paths[name]).train
+            tokens = torch.from_numpy(split.read(0, split.num_tokens).astype(np.int32))
+            optimize(fn=_identity, inputs=[tokens], output_dir=str(out), chunk_size=ROW * 64,
+                     item_loader=TokensLoader(), num_workers=1)
+        datasets.append(StreamingDataset(str(out), item_loader=TokensLoader(block_size=ROW), shuffle=True, seed=0))
+    combined = CombinedStreamingDataset(datasets, weights=tuple(WEIGHTS.values()), seed=0, iterate_over_all=False)
+    while True:
+        rows = []
+        for sample in combined:
+            rows.append(sample)
+            if len(rows) == GLOBAL_BATCH:
+                yield torch.stack(rows).long()
+                rows = []
+
+
+def _identity(tokens):
+    return tokens
+
+
+def http_rate(paths: dict[str, Path], work: Path, steps: int) -> tuple[float, dict[str, int]]:
+    """The StreamClient's rate, and the service's resident memory after serving those steps,
+    for the 1x and the 10x dataset."""
+    from service.client import StreamClient
+
+    results, memory = 0.0, {}
+    for label, old in (("1x", paths["old"]), ("10x", paths["old10x"])):
+        state = work / f"state-{label}"
+        shutil.rmtree(state, ignore_errors=True)
+        port = 8700 + len(label)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service", f"--dataset=old={old}", f"--dataset=new={paths['new']}",
+             "--weights=old=0.25,new=0.75", f"--seq-len={SEQ_LEN}", f"--global-batch={GLOBAL_BATCH}",
+             f"--state-dir={state}", f"--port={port}", "--log-level=warning"], cwd=REPO)
+        try:
+            client = StreamClient(f"http://127.0.0.1:{port}", prefetch=4, retry_for=60)
+            measured = rate(lambda: (b.tokens for b in client), steps)
+            client.close()
+            results = results or measured
+            rss = next(line for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines() if line.startswith("VmRSS"))
+            memory[label] = int(rss.split()[1]) * 1024
+        finally:
+            proc.terminate()
+            proc.wait()
+    return results, memory
+
+
+def random_access_ratio(paths: dict[str, Path], repeats: int = 50) -> float:
+    from service.mixer import Mixer, MixerConfig
+    from service.schedule import MixSchedule, Stage
+
+    schedule = MixSchedule.constant(WEIGHTS)
+    for i in range(1, 100):
+        schedule = schedule.appended(Stage(i * 100_000, {"old": i % 10 + 1, "new": 10}))
+    mixer = Mixer({n: TokenDataset(paths[n]) for n in WEIGHTS}, MixerConfig(SEQ_LEN, GLOBAL_BATCH), schedule)
+
+    def median_seconds(step: int) -> float:
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            mixer.batch(step)
+            times.append(time.perf_counter() - started)
+        return float(np.median(times))
+
+    median_seconds(10), median_seconds(10**7)  # warm the page cache for both
+    return median_seconds(10**7) / median_seconds(10)
+
+
+def run_baseline(config: BenchConfig) -> None:
+    paths = {name: config.work / name for name in WEIGHTS}
+    make = {"mosaic": mosaic_batches, "litdata": litdata_batches}[config.baseline]
+    print(json.dumps({"tokens_per_s": rate(lambda: make(paths, config.work), config.steps)}))
+
+
+def baseline_rate(config: BenchConfig, name: str) -> float | None:
+    if config.baseline_python is None or not config.baseline_python.exists():
+        print(f"{name}: skipped, no --baseline-python at {config.baseline_python}")
+        return None
+    result = subprocess.run(
+        [str(config.baseline_python), __file__, "--baseline", name, "--work", str(config.work), "--steps", str(config.steps)],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    if result.returncode != 0:
+        print(f"{name}: failed ({result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode})")
+        return None
+    return json.loads(result.stdout.strip().splitlines()[-1])["tokens_per_s"]
+
+
+def main() -> None:
+    config = parse_args()
+    if config.baseline:
+        return run_baseline(config)
+    paths = build_datasets(config)
+    sizes = {name: TokenDataset(p).train.num_tokens for name, p in paths.items()}
+    print(f"datasets: {sizes} tokens; seq_len {SEQ_LEN}, global batch {GLOBAL_BATCH}, mix {WEIGHTS}")
+    mixer_rate = rate(lambda: in_process_batches(paths), config.steps)
+    client_rate, memory = http_rate(paths, config.work, config.steps)
+    mosaic, litdata = baseline_rate(config, "mosaic"), baseline_rate(config, "litdata")
+    ratio = random_access_ratio(paths)
+    best = max(r for r in (mosaic, litdata, 0.0) if r is not None)
+    print(f"in-process mixer   {mixer_rate / 1e6:8.2f} M tokens/s")
+    print(f"StreamClient/HTTP  {client_rate / 1e6:8.2f} M tokens/s  ({client_rate / mixer_rate:.2f}x in-process; target >= 0.5)")
+    for name, value in (("MosaicML Streaming", mosaic), ("litdata", litdata)):
+        if value is not None:
+            print(f"{name:18} {value / 1e6:8.2f} M tokens/s  (in-process mixer is {mixer_rate / value:.2f}x)")
+    print(f"service RSS        {memory['1x'] / 2**20:.1f} MiB (1x) vs {memory['10x'] / 2**20:.1f} MiB (10x old dataset): "
+          f"{memory['10x'] / memory['1x']:.3f}x (target <= 1.10)")
+    print(f"batch at step 1e7 vs step 10 (100 stages): {ratio:.2f}x")
+    print(
+        f"summary: mixer {mixer_rate / 1e6:.2f} M tok/s, http {client_rate / mixer_rate:.2f}x, "
+        f"vs best baseline {mixer_rate / best if best else float('nan'):.2f}x, rss 10x/1x {memory['10x'] / memory['1x']:.3f}, "
+        f"step 1e7/10 {ratio:.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()
