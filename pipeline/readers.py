@@ -175,7 +175,7 @@ def _valid_text(text: str) -> tuple[str, bool]:
         text.encode("utf-8")
         return text, False
     except UnicodeEncodeError:
-        return text.encode("utf-8", errors="replace").decode("utf-8"), True
+        return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text), True
 
 
 def _line_number(path: str, offset: int) -> int:

@@ -1,0 +1,153 @@
+"""Input readers: every format, file expansion, and each kind of bad input, on real files."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+import zstandard
+
+from pipeline.ray_runtime import init_ray
+from pipeline.readers import InputError, expand_inputs, plan_reads, read_documents, read_unit
+
+DOCS = [f"document {i}: " + "ünïcode words " * (i % 7 + 1) for i in range(40)]
+
+
+def jsonl_bytes(texts, field="text") -> bytes:
+    return "".join(json.dumps({field: t, "id": i}) + "\n" for i, t in enumerate(texts)).encode()
+
+
+def write_all_formats(folder: Path, texts=DOCS) -> dict[str, Path]:
+    """The same documents in every supported format; returns format -> path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "jsonl": folder / "a.jsonl",
+        "jsonl.gz": folder / "b.jsonl.gz",
+        "jsonl.zst": folder / "c.jsonl.zst",
+        "parquet": folder / "hf" / "data" / "train-00000-of-00001.parquet",
+        "arrow": folder / "saved" / "data-00000-of-00001.arrow",
+    }
+    paths["jsonl"].write_bytes(jsonl_bytes(texts))
+    paths["jsonl.gz"].write_bytes(gzip.compress(jsonl_bytes(texts)))
+    paths["jsonl.zst"].write_bytes(zstandard.ZstdCompressor().compress(jsonl_bytes(texts)))
+    table = pa.table({"id": list(range(len(texts))), "text": texts})
+    paths["parquet"].parent.mkdir(parents=True)
+    pq.write_table(table, paths["parquet"], row_group_size=7)  # several row groups
+    paths["arrow"].parent.mkdir(parents=True)
+    # datasets.save_to_disk writes the Arrow IPC *stream* format beside JSON metadata
+    with pa.ipc.new_stream(paths["arrow"], table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=9):
+            writer.write_batch(batch)
+    (paths["arrow"].parent / "dataset_info.json").write_text("{}")
+    (paths["arrow"].parent / "state.json").write_text("{}")
+    return paths
+
+
+def read_all(paths, field="text", chunk_bytes=256) -> list[dict]:
+    rows = []
+    for unit in plan_reads([Path(p) for p in paths], chunk_bytes):
+        rows.extend(read_unit(unit, field).to_pylist())
+    return rows
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "jsonl.gz", "jsonl.zst", "parquet", "arrow"])
+def test_each_format_reads_every_document_in_order(tmp_path, fmt):
+    path = write_all_formats(tmp_path)[fmt]
+    units = plan_reads([path], chunk_bytes=256)
+    if fmt in ("jsonl", "parquet", "arrow"):
+        assert len(units) > 1, "splittable formats are cut into several units"
+    rows = read_all([path])
+    assert [r["text"] for r in rows] == DOCS
+    assert all(r["source"] == str(path) and not r["replaced_utf8"] for r in rows)
+    assert len({r["position"] for r in rows}) == len(DOCS)
+
+
+def test_txt_is_one_document_per_file(tmp_path):
+    for i, text in enumerate(DOCS[:3]):
+        (tmp_path / f"{i}.txt").write_text(text)
+    rows = read_all(expand_inputs([str(tmp_path)]))
+    assert [r["text"] for r in rows] == DOCS[:3]
+
+
+def test_expand_inputs_files_globs_folders_and_errors(tmp_path):
+    paths = write_all_formats(tmp_path)
+    from_folder = expand_inputs([str(tmp_path)])
+    assert set(from_folder) == {p.resolve() for p in paths.values()}  # JSON metadata passed over
+    assert expand_inputs([str(tmp_path / "*.jsonl*")]) == [paths[f].resolve() for f in ("jsonl", "jsonl.gz", "jsonl.zst")]
+    assert expand_inputs([str(paths["jsonl"]), str(tmp_path / "*.jsonl")]) == [paths["jsonl"].resolve()]
+    with pytest.raises(InputError, match="nothing.jsonl: no such file"):
+        expand_inputs([str(tmp_path / "nothing.jsonl")])
+    with pytest.raises(InputError, match=r"\*\.csv: matched no input files"):
+        expand_inputs([str(tmp_path / "*.csv")])
+    (tmp_path / "notes.md").write_text("x")
+    with pytest.raises(InputError, match="notes.md: unsupported input format"):
+        expand_inputs([str(tmp_path / "notes.md")])
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_unreadable_file_is_named(tmp_path):
+    path = tmp_path / "secret.jsonl"
+    path.write_bytes(jsonl_bytes(["x"]))
+    path.chmod(0)
+    with pytest.raises(InputError, match="secret.jsonl: not readable"):
+        expand_inputs([str(path)])
+
+
+def test_damaged_files_are_named(tmp_path):
+    bad_gz = tmp_path / "broken.jsonl.gz"
+    bad_gz.write_bytes(gzip.compress(jsonl_bytes(DOCS))[:-30])  # truncated archive
+    with pytest.raises(InputError, match="broken.jsonl.gz: cannot read it as jsonl.gz"):
+        read_all([bad_gz])
+    bad_parquet = tmp_path / "broken.parquet"
+    bad_parquet.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(InputError, match="broken.parquet: cannot read it as parquet"):
+        read_all([bad_parquet])
+
+
+def test_invalid_utf8_is_replaced_and_flagged(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b'{"text": "good"}\n{"text": "bad \xff\xfe bytes"}\n{"text": "lone \\ud800 surrogate"}\n')
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    rows = read_all([path, tmp_path / "latin1.txt"])
+    assert [r["replaced_utf8"] for r in rows] == [False, True, True, True]
+    assert rows[1]["text"] == "bad \ufffd\ufffd bytes" and rows[3]["text"] == "caf\ufffd"
+    assert rows[2]["text"] == "lone \ufffd surrogate"
+    for row in rows:
+        row["text"].encode("utf-8")  # every text is valid UTF-8 now
+
+
+def test_missing_field_and_bad_json_name_file_and_line(tmp_path):
+    path = tmp_path / "fields.jsonl"
+    lines = [json.dumps({"text": f"doc {i}"}) for i in range(30)]
+    lines[22] = json.dumps({"content": "wrong field"})
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=r"fields.jsonl:23: no 'text' field \(found 'content'\)"):
+        read_all([path], chunk_bytes=64)  # the error is in a later unit: the line number still counts from 1
+    path.write_text('{"text": "ok"}\n{"text": "unterminated\n')
+    with pytest.raises(InputError, match=r"fields.jsonl:2: not valid JSON"):
+        read_all([path])
+    table = pa.table({"body": ["a", None]})
+    pq.write_table(table, tmp_path / "nulls.parquet")
+    with pytest.raises(InputError, match=r"nulls.parquet: no 'text' column \(columns: body\)"):
+        read_all([tmp_path / "nulls.parquet"])
+    with pytest.raises(InputError, match=r"nulls.parquet: row 1 has a null 'body'"):
+        read_all([tmp_path / "nulls.parquet"], field="body")
+
+
+def test_read_documents_on_ray_keeps_input_order(tmp_path):
+    paths = write_all_formats(tmp_path)
+    init_ray(num_cpus=2)
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True
+        rows = read_documents([str(tmp_path)], chunk_bytes=256).take_all()
+    finally:
+        ray.shutdown()
+    assert [r["text"] for r in rows] == DOCS * len(paths)
+    assert [r["source"] for r in rows[:: len(DOCS)]] == [str(p) for p in expand_inputs([str(tmp_path)])]
