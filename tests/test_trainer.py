@@ -100,16 +100,21 @@ def test_continued_run_grows_vocab_and_keeps_constant_lr(tmp_path, datasets, ger
     checkpoint = base / "checkpoints" / "step-000004.pt"
     assert checkpoint.is_file()
 
-    # Data from a bigger tokenizer: a report says what its 24 extra ids are made of under the old one.
-    bigger = train_spm(german_lines, tmp_path / "spm" / "bigger", vocab_size=224)
+    # The real extension: German pieces appended to the English tokenizer, and its report.
+    from pipeline.tokenizer.extend import extend_model, new_piece_entries
+    from pipeline.tokenizer.model_proto import load_model_proto
     from tests.conftest import write_token_dataset
 
-    german = write_token_dataset(tmp_path / "de-big", german_lines[:600], bigger, german_lines[1900:])
+    english_model = Path(datasets["en"]) / "tokenizer.model"
+    (tmp_path / "de.txt").write_text("\n".join(german_lines[:1800]) + "\n")
+    extension = extend_model(load_model_proto(english_model), tmp_path / "de.txt", 24, tmp_path)
+    extended = tmp_path / "extended.model"
+    extended.write_bytes(extension.model.SerializeToString())
+    new_vocab = len(extension.model.pieces)
     report = tmp_path / "extended.report.json"
-    report.write_text(json.dumps({
-        "base": {"vocab_size": 200}, "extended": {"vocab_size": 224},
-        "new_pieces": [{"id": i, "piece": f"p{i}", "base_ids": [i - 200, i - 199]} for i in range(200, 224)],
-    }))
+    report.write_text(json.dumps({"base": {"vocab_size": 200}, "extended": {"vocab_size": new_vocab},
+                                  "new_pieces": new_piece_entries(extension)}))
+    german = write_token_dataset(tmp_path / "de-ext", german_lines[:600], extended, german_lines[1900:])
     continued = tmp_path / "continued"
     old_embedding = torch.load(checkpoint, weights_only=False)["model"]["embed.weight"]
 
@@ -117,12 +122,12 @@ def test_continued_run_grows_vocab_and_keeps_constant_lr(tmp_path, datasets, ger
     assert main(args_for({"de": german.root}, continued, "--steps", "4", "--init-from", str(checkpoint))) == 2
 
     model = train(parse_args(args_for(
-        {"de": german.root}, continued, "--steps", "4", "--init-from", str(checkpoint), "--extension-report",
-        str(report), "--lr-schedule", "infinite", "--lr-start-step", "4", "--warmup-steps", "1",
+        {"en": datasets["en"], "de": german.root}, continued, "--weights", "en=1,de=3", "--steps", "4",
+        "--init-from", str(checkpoint), "--extension-report", str(report), "--lr-schedule", "infinite", "--lr-start-step", "4", "--warmup-steps", "1",
         "--cooldown-steps", "2", "--decay-steps", "2", "--max-lr", "2e-3", "--min-lr", "2e-4",
         "--eval-dataset", f"en={datasets['en']}", "--eval-dataset", f"de={german.root}", "--eval-every", "2",
     )))
-    assert model.config.vocab_size == 224 and model.lm_head.weight is model.embed.weight
+    assert 200 < model.config.vocab_size == new_vocab and model.lm_head.weight is model.embed.weight
     lrs = [r["lr"] for r in read_metrics(continued) if r["kind"] == "train"]
     assert lrs[:2] == pytest.approx([1.1e-3, 1.1e-3])  # the constant phase: no re-warming
     assert lrs[-1] < 1.1e-3  # then its own anneal
