@@ -293,6 +293,8 @@ def _run(config: TrainConfig, source: BatchSource, dist_info: Distributed, devic
         names += [FINAL] if done == config.steps else []
         if names:
             checkpoint(done, *names)
+        if done % config.eval_every == 0 or names:
+            stats.reset()  # evaluation and checkpoint time is not training throughput
     bar.close()
     if dist_info.is_main:
         print(f"trained steps {state.start_step}..{config.steps} of {model.num_params() / 1e6:.1f}M-parameter "
