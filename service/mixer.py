@@ -13,18 +13,21 @@ each stage's start are kept (O(stages), computed when the schedule is set), so n
 
 Dataset i's k-th sample is window permute(k mod W_i) of epoch k // W_i, with a Feistel bijection keyed
 by (seed, dataset name, epoch): every window once per epoch, a fresh order each epoch, no arrays.
+
+`batches(steps)` computes several steps together: the lookups above run as numpy array operations
+over all rows of all steps at once, and only the row copies out of the memory maps are a loop.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
-from pipeline.dataset import TokenDataset
-from service.permutation import FeistelPermutation, permutation_key
+from pipeline.dataset import TokenDataset, TokenSplit
+from service.permutation import ROUNDS, permutation_key, permute_many, round_keys
 from service.schedule import MixSchedule, ScheduleError
 from service.vocab import check_vocabularies
 
@@ -51,7 +54,7 @@ class Batch:
     step: int
     rank: int
     world_size: int
-    tokens: np.ndarray  # (rows, seq_len + 1) int64: inputs are [:, :-1], targets [:, 1:]
+    tokens: np.ndarray  # (rows, seq_len + 1), int64 unless asked otherwise: inputs [:, :-1], targets [:, 1:]
     sources: np.ndarray  # (rows,) uint8, index into dataset_names
     dataset_names: tuple[str, ...]
 
@@ -91,6 +94,7 @@ class _Period:
 @dataclass(frozen=True)
 class _Plan:
     schedule: MixSchedule
+    starts: np.ndarray  # (stages,) int64: each stage's start step
     periods: tuple[_Period, ...]  # per stage
     stage_counts: np.ndarray  # (stages, datasets): samples each dataset gave before each stage
 
@@ -119,6 +123,9 @@ class Mixer:
                     f"{self.datasets[name].train.num_tokens} tokens, fewer than seq_len + 1 = "
                     f"{config.seq_len + 1}; use a shorter --seq-len or a larger dataset"
                 )
+        # Global sample numbers (step * global_batch + row) stay far below 2**63 up to here.
+        self.max_step = (1 << 62) // config.global_batch - 1
+        self._readers = [_WindowReader(ds.train, config.seq_len) for ds in self.datasets.values()]
         self._periods: dict[tuple[int, ...], _Period] = {}
         self.set_schedule(schedule)
 
@@ -143,7 +150,8 @@ class Mixer:
             length = (schedule.stages[i].start_step - schedule.stages[i - 1].start_step) * self.config.global_batch
             starts[i] = starts[i - 1] + periods[i - 1].counts(length)
         # One assignment, so a thread computing a batch never sees a half-updated schedule.
-        self._plan = _Plan(schedule, tuple(periods), starts)
+        first_steps = np.array([stage.start_step for stage in schedule.stages], dtype=np.int64)
+        self._plan = _Plan(schedule, first_steps, tuple(periods), starts)
 
     @property
     def schedule(self) -> MixSchedule:
@@ -186,31 +194,87 @@ class Mixer:
 
     def locate(self, step: int, rank: int = 0, world_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """For each of the rank's rows: (dataset index, that dataset's sample ordinal)."""
+        source, ordinal = self.locate_steps([step], rank, world_size)
+        return source[0], ordinal[0]
+
+    def locate_steps(self, steps: Sequence[int], rank: int = 0, world_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """`locate` for several steps at once: two (len(steps), rows) arrays, uint8 and int64."""
         rows = self.rows_of(rank, world_size)
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step: {step!r}; it must be an integer >= 0")
+        for step in steps:
+            if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 0 <= step <= self.max_step:
+                raise ValueError(f"step: {step!r}; it must be an integer in [0, {self.max_step}]")
         plan = self._plan
-        s = plan.schedule.stage_index(step)
-        period = plan.periods[s]
-        offset = (step - plan.schedule.stages[s].start_step) * self.config.global_batch
-        j = offset + np.arange(rows.start, rows.stop, dtype=np.int64)
-        whole, rest = np.divmod(j, period.length)
-        source = period.owner[rest]
-        ordinal = plan.stage_counts[s][source] + whole * period.units[source] + period.before[rest, source]
+        steps = np.asarray(steps, dtype=np.int64)
+        stage_of = np.searchsorted(plan.starts, steps, side="right") - 1
+        row_numbers = np.arange(rows.start, rows.stop, dtype=np.int64)
+        source = np.empty((len(steps), len(rows)), dtype=np.uint8)
+        ordinal = np.empty((len(steps), len(rows)), dtype=np.int64)
+        for s in sorted(set(stage_of.tolist())):  # a range of steps nearly always lies in one stage
+            chosen = stage_of == s
+            period = plan.periods[s]
+            j = (steps[chosen] - plan.starts[s])[:, None] * self.config.global_batch + row_numbers
+            whole, rest = np.divmod(j, period.length)
+            owner = period.owner[rest]
+            source[chosen] = owner
+            ordinal[chosen] = plan.stage_counts[s][owner] + whole * period.units[owner] + period.before[rest, owner]
         return source, ordinal
 
-    def window_of(self, source: int, ordinal: int) -> int:
-        """The window number of dataset `source`'s sample number `ordinal` (epoch-permuted)."""
-        windows = int(self.windows[source])
-        epoch, position = divmod(int(ordinal), windows)
-        key = permutation_key(self.config.seed, self.names[source], epoch)
-        return FeistelPermutation(windows, key)(position)
+    def window_numbers(self, source: np.ndarray, ordinal: np.ndarray) -> np.ndarray:
+        """The window number of each (dataset, sample ordinal) pair, epoch-permuted; flat int64."""
+        source, ordinal = np.ravel(source), np.ravel(ordinal)
+        windows = self.windows[source]
+        epoch, position = np.divmod(ordinal, windows)
+        pairs = list(zip(source.tolist(), epoch.tolist()))
+        # A batch holds a handful of (dataset, epoch) permutations; derive each one's keys once.
+        keys_of = {
+            (index, e): round_keys(permutation_key(self.config.seed, self.names[index], e)) for index, e in set(pairs)
+        }
+        keys = np.array([keys_of[pair] for pair in pairs], dtype=np.uint64).reshape(len(pairs), ROUNDS)
+        return permute_many(position, windows, keys)
+
+    def batches(self, steps: Sequence[int], rank: int = 0, world_size: int = 1, dtype: np.dtype = np.int64) -> list[Batch]:
+        """The rank's batch of each step, computed together: one permutation pass, one output array.
+
+        `dtype` is the tokens' type: int64 (what embedding lookups take) or the service's wire width.
+        """
+        source, ordinal = self.locate_steps(steps, rank, world_size)
+        flat_source = source.reshape(-1)
+        windows = self.window_numbers(flat_source, ordinal.reshape(-1))
+        tokens = np.empty((source.size, self.config.seq_len + 1), dtype=dtype)
+        for index, reader in enumerate(self._readers):
+            rows = np.flatnonzero(flat_source == index)
+            if rows.size:
+                reader.read_into(tokens, rows, windows[rows])
+        tokens = tokens.reshape(source.shape + (self.config.seq_len + 1,))
+        return [
+            Batch(int(step), rank, world_size, tokens[i], source[i], self.names) for i, step in enumerate(steps)
+        ]
 
     def batch(self, step: int, rank: int = 0, world_size: int = 1) -> Batch:
-        source, ordinal = self.locate(step, rank, world_size)
-        seq_len = self.config.seq_len
-        tokens = np.empty((len(source), seq_len + 1), dtype=np.int64)
-        splits = [self.datasets[name].train for name in self.names]
-        for row, (index, k) in enumerate(zip(source.tolist(), ordinal.tolist())):
-            tokens[row] = splits[index].read(self.window_of(index, k) * seq_len, seq_len + 1)
-        return Batch(step, rank, world_size, tokens, source.astype(np.uint8), self.names)
+        return self.batches([step], rank, world_size)[0]
+
+
+class _WindowReader:
+    """Copies one dataset's windows out of its memory-mapped shards.
+
+    Plain ndarray views of the maps skip np.memmap's per-slice bookkeeping, which cost more than the
+    copy itself for a 2049-token row; a window crossing a shard boundary goes through TokenSplit.read.
+    """
+
+    def __init__(self, split: TokenSplit, seq_len: int):
+        self.split, self.seq_len = split, seq_len
+        self.shards = [split.shard_tokens(i).view(np.ndarray) for i in range(len(split.shards))]
+        self.starts = np.cumsum([0] + [len(tokens) for tokens in self.shards], dtype=np.int64)
+
+    def read_into(self, out: np.ndarray, rows: np.ndarray, windows: np.ndarray) -> None:
+        """out[rows[i]] = the tokens of window windows[i]."""
+        length = self.seq_len + 1
+        starts = windows * self.seq_len
+        shard_of = np.searchsorted(self.starts, starts, side="right") - 1
+        offsets = starts - self.starts[shard_of]
+        for row, shard, offset, start in zip(rows.tolist(), shard_of.tolist(), offsets.tolist(), starts.tolist()):
+            tokens = self.shards[shard]
+            if offset + length <= len(tokens):
+                out[row] = tokens[offset : offset + length]
+            else:
+                out[row] = self.split.read(start, length)
