@@ -253,9 +253,14 @@ def _write_batch(batch: pa.Table, writers: dict[str, ShardWriter], dtype: np.dty
 
 def find_user_error(error: BaseException) -> InputError | DatasetError | None:
     """The InputError/DatasetError behind an exception, also when Ray wrapped it in a task error."""
+    ours = (InputError, DatasetError)
     seen = set()
     while error is not None and id(error) not in seen:
-        if isinstance(error, (InputError, DatasetError)):
+        # A RayTaskError is also an instance of the error it wraps, but its message carries the
+        # remote traceback; `.cause` is the original exception with the plain message.
+        if isinstance(getattr(error, "cause", None), ours):
+            return error.cause
+        if isinstance(error, ours) and not isinstance(error, ray.exceptions.RayError):
             return error
         seen.add(id(error))
         error = error.__cause__ or error.__context__

@@ -1,0 +1,210 @@
+"""The tokenize job end to end on a real local Ray: formats, determinism, bad input, kill-and-rerun,
+and a `ray job submit` run against a `ray start --head` cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import sentencepiece as spm
+
+from pipeline.dataset import DatasetError, TokenDataset
+from pipeline.ray_runtime import init_ray
+from pipeline.readers import InputError
+from pipeline.tokenize import TokenizeConfig, main, tokenize
+from test_readers import write_all_formats
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def write_jsonl(path: Path, texts) -> Path:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+def decode_all(ds: TokenDataset, split: str) -> list[str]:
+    processor = spm.SentencePieceProcessor(model_file=str(ds.tokenizer_path))
+    docs = list(ds.splits[split].documents())
+    for doc in docs:
+        assert doc[-1] == ds.tokenizer.eos_id
+        assert (doc[0] == ds.tokenizer.bos_id) == ds.tokenizer.add_bos
+    return [processor.decode(doc[int(ds.tokenizer.add_bos) : -1].tolist()) for doc in docs]
+
+
+def run(tmp_path: Path, name: str, inputs, model: Path, **options) -> tuple[TokenDataset, object]:
+    config = TokenizeConfig(inputs=[str(i) for i in inputs], tokenizer=model, out=tmp_path / name, **options)
+    _, stats = tokenize(config)
+    return TokenDataset(tmp_path / name, verify="full"), stats
+
+
+def test_every_format_round_trips(tmp_path, english_lines, english_model):
+    texts = english_lines[:40]
+    write_all_formats(tmp_path / "in", texts)
+    for i, text in enumerate(texts[:3]):
+        (tmp_path / "in" / f"page{i}.txt").write_text(text)
+    ds, stats = run(tmp_path, "ds", [tmp_path / "in"], english_model, val_fraction=0.1, seed=3)
+    assert ds.dtype == np.dtype("<u2") and (ds.root / "tokenizer.model").read_bytes() == english_model.read_bytes()
+    expected = texts * 4 + texts[:3] + texts  # sorted paths: a, b, c, hf/..., page*.txt, saved/...
+    train, val = decode_all(ds, "train"), decode_all(ds, "val")
+    assert sorted(train + val) == sorted(expected)
+    assert train == [t for t in expected if t in set(train)]  # input order is kept
+    assert 0 < len(val) < len(expected) // 4 and stats.documents == len(expected) and stats.skipped_empty == 0
+    manifest = ds.manifest
+    assert manifest["seed"] == 3 and manifest["val_fraction"] == 0.1 and len(manifest["inputs"]) == 8
+    assert manifest["stats"]["tokens"] == ds.train.num_tokens + ds.val.num_tokens
+
+
+def test_same_bytes_whatever_the_workers_and_blocks(tmp_path, english_lines, english_model):
+    source = write_jsonl(tmp_path / "en.jsonl", english_lines[:600])
+    one, _ = run(tmp_path, "one", [source], english_model, workers=1, chunk_bytes=1 << 20, batch_size=256,
+                 shard_tokens=3000, val_fraction=0.05)
+    many, _ = run(tmp_path, "many", [source], english_model, workers=2, chunk_bytes=700, batch_size=3,
+                  shard_tokens=3000, val_fraction=0.05)
+    assert len(one.train.shards) > 3
+    assert one.manifest["splits"] == many.manifest["splits"]
+    for shard in one.train.shards + one.val.shards:
+        assert (one.root / shard.file).read_bytes() == (many.root / shard.file).read_bytes()
+
+
+def test_validation_split_is_stable_when_inputs_are_appended(tmp_path, english_lines, english_model):
+    first = write_jsonl(tmp_path / "a.jsonl", english_lines[:300])
+    second = write_jsonl(tmp_path / "b.jsonl", english_lines[300:600])
+    small, _ = run(tmp_path, "small", [first], english_model, val_fraction=0.2)
+    large, _ = run(tmp_path, "large", [first, second], english_model, val_fraction=0.2)
+    small_val, large_val = decode_all(small, "val"), decode_all(large, "val")
+    assert small_val and large_val[: len(small_val)] == small_val
+    assert decode_all(large, "train")[: small.train.num_documents] == decode_all(small, "train")
+
+
+def test_bad_input_is_counted_or_named(tmp_path, english_lines, english_model, capsys):
+    huge = " ".join(english_lines) * 5  # one document of about 0.5 MB
+    source = tmp_path / "messy.jsonl"
+    source.write_bytes(
+        b'{"text": ""}\n{"text": "   \\n  "}\n{"text": "the \xff command"}\n'
+        + json.dumps({"text": huge}).encode() + b"\n" + json.dumps({"text": english_lines[0]}).encode() + b"\n"
+    )
+    ds, stats = run(tmp_path, "messy", [source], english_model, val_fraction=0.0)
+    assert (stats.skipped_empty, stats.replaced_utf8, stats.documents) == (2, 1, 3)
+    decoded = decode_all(ds, "train")
+    assert decoded[1] == huge and decoded[2] == english_lines[0]
+    assert decoded[0].startswith("the") and decoded[0].endswith("command")
+    assert ds.manifest["stats"]["skipped_empty"] == 2
+
+    lines = [json.dumps({"text": t}) for t in english_lines[:50]]
+    lines[41] = json.dumps({"body": "no text here"})
+    (tmp_path / "fields.jsonl").write_text("\n".join(lines) + "\n")
+    argv = ["--input", str(tmp_path / "fields.jsonl"), "--tokenizer", str(english_model), "--out", str(tmp_path / "f")]
+    assert main(argv + ["--chunk-mb", "0.001"]) == 2
+    error = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("error: "))
+    assert error.endswith("fields.jsonl:42: no 'text' field (found 'body'); choose the field with --text-field")
+    assert not (tmp_path / "f").exists()
+    assert not list(tmp_path.glob(".f.staging-*"))
+
+
+def test_overwrite_is_explicit_and_never_touches_other_folders(tmp_path, english_lines, english_model):
+    source = write_jsonl(tmp_path / "en.jsonl", english_lines[:20])
+    run(tmp_path, "ds", [source], english_model)
+    with pytest.raises(DatasetError, match="already exists here; pass --overwrite"):
+        run(tmp_path, "ds", [source], english_model)
+    ds, _ = run(tmp_path, "ds", [write_jsonl(source, english_lines[20:30])], english_model, overwrite=True,
+                val_fraction=0.0)
+    assert decode_all(ds, "train") == english_lines[20:30]
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("precious")
+    with pytest.raises(DatasetError, match="not a dataset"):
+        run(tmp_path, "mine", [source], english_model, overwrite=True)
+    assert (keep / "notes.txt").read_text() == "precious"
+    with pytest.raises(InputError, match="no such file"):
+        run(tmp_path, "x", [source], tmp_path / "missing.model")
+
+
+def test_killed_job_leaves_nothing_valid_and_rerun_succeeds(tmp_path, english_lines, english_model):
+    source = write_jsonl(tmp_path / "big.jsonl", english_lines * 15)
+    out = tmp_path / "ds"
+    argv = ["--input", str(source), "--tokenizer", str(english_model), "--out", str(out), "--num-cpus", "1",
+            "--chunk-mb", "0.05"]
+    job = subprocess.Popen([sys.executable, "-m", "pipeline.tokenize", *argv], cwd=REPO, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staging = tmp_path / f".ds.staging-{job.pid}"
+    try:
+        for _ in range(1200):  # the staging folder appears once Ray is up and encoding begins
+            if staging.exists() or job.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert staging.exists() and job.poll() is None, "the job should be mid-way when it is killed"
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)  # the job and the local Ray it started: only our process group
+        job.wait()
+    assert not out.exists()
+    with pytest.raises(DatasetError, match="no manifest"):
+        TokenDataset(out)
+    ds, stats = run(tmp_path, "ds", [source], english_model)
+    assert stats.documents == len(english_lines) * 15 and not staging.exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_job_submit_on_a_local_head(tmp_path, english_lines, english_model):
+    source = write_jsonl(tmp_path / "en.jsonl", english_lines[:200])
+    ray_bin = Path(sys.executable).parent / "ray"
+    port, dashboard = _free_port(), _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    # `ray start --block` in its own process group, so that stopping it stops this cluster only
+    # (`ray stop` would stop every Ray on the machine).
+    head = subprocess.Popen(
+        [str(ray_bin), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dashboard}",
+         "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp_dir}"],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        excludes = [".venv", ".git", "data", "runs", "**/__pycache__", ".pytest_cache", "*.egg-info"]
+        submit = [
+            str(ray_bin), "job", "submit", f"--address=http://127.0.0.1:{dashboard}", f"--working-dir={REPO}",
+            f"--runtime-env-json={json.dumps({'excludes': excludes})}", "--",
+            sys.executable, "-m", "pipeline.tokenize", "--input", str(source), "--tokenizer", str(english_model),
+            "--out", str(tmp_path / "ds"),
+        ]
+        for _ in range(60):  # the job server answers once the head is up
+            result = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
+            if "Connection refused" not in result.stdout + result.stderr and "ConnectionError" not in (
+                result.stdout + result.stderr
+            ):
+                break
+            time.sleep(2)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert "tokenized 200 documents" in result.stdout
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+    local, _ = run(tmp_path, "local", [source], english_model)
+    submitted = TokenDataset(tmp_path / "ds", verify="full")
+    assert submitted.manifest["splits"] == local.manifest["splits"]
