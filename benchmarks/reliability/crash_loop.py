@@ -14,6 +14,7 @@ different (0), acknowledged changes lost (0).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import shutil
 import threading
@@ -26,9 +27,12 @@ import numpy as np
 from tqdm import tqdm
 
 from benchmarks.reliability.harness import (
+    REPO,
     ServiceProcess,
     ServiceSettings,
     build_datasets,
+    code_root,
+    head_commit,
     percentiles,
     print_figures,
     put_mix,
@@ -49,6 +53,7 @@ class CrashLoopConfig:
     step_seconds: float = 0.01  # a consumer's "training step" between batches
     change_every: float = 0.3  # seconds between acknowledged ratio changes
     steps_after: int = 30  # steps consumed after the last restart
+    code: Path = REPO  # the service code to run (harness.code_root)
 
 
 @dataclass
@@ -150,7 +155,7 @@ def run_crash_loop(config: CrashLoopConfig) -> CrashLoopResult:
         shutil.rmtree(work / stale, ignore_errors=True)
     token_file = work / "admin-token"
     token = write_admin_token(token_file)
-    settings = ServiceSettings(datasets, work / "state", admin_token_file=token_file)
+    settings = ServiceSettings(datasets, work / "state", admin_token_file=token_file, code_root=config.code)
     service = ServiceProcess(settings, work / "service.log").start()
     rng = random.Random(config.seed)
     result = CrashLoopResult()
@@ -194,9 +199,7 @@ def run_crash_loop(config: CrashLoopConfig) -> CrashLoopResult:
 def compare_with_reference(settings: ServiceSettings, token: str, schedule: list[dict], consumers: list[Consumer],
                            work: Path, result: CrashLoopResult) -> None:
     """An uninterrupted service given the same schedule must serve every received batch byte for byte."""
-    reference_settings = ServiceSettings(settings.datasets, work / "reference-state", settings.weights,
-                                         settings.seq_len, settings.global_batch, settings.seed,
-                                         settings.admin_token_file)
+    reference_settings = dataclasses.replace(settings, state_dir=work / "reference-state")
     with ServiceProcess(reference_settings, work / "reference.log") as reference, \
             httpx.Client(base_url=reference.url, timeout=30, headers={"Accept": MEDIA_TYPE}) as http:
         replay_schedule(http, token, schedule)
@@ -219,10 +222,13 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=CrashLoopConfig.kills)
     parser.add_argument("--work", type=Path, default=Path("/tmp/replaymix-crash"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--from-head", action="store_true", help="run the service as committed at HEAD")
     args = parser.parse_args()
-    result = run_crash_loop(CrashLoopConfig(work=args.work, kills=args.kills, seed=args.seed))
+    args.work.mkdir(parents=True, exist_ok=True)
+    code = code_root(args.work, args.from_head)
+    result = run_crash_loop(CrashLoopConfig(work=args.work, kills=args.kills, seed=args.seed, code=code))
     p50, p99 = percentiles(result.restart_seconds)
-    print_figures("crash loop", {
+    print_figures(f"crash loop (service at {head_commit() if args.from_head else 'the working tree'})", {
         "kill -9s survived": result.crashes,
         "batches compared": result.batches_compared,
         "batches different": result.batches_different,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -50,6 +51,31 @@ def build_datasets(folder: Path, old_docs: int = 200, new_docs: int = 200) -> di
     return paths
 
 
+def committed_code(folder: Path) -> Path:
+    """The service and pipeline packages as committed at HEAD, extracted into `folder`.
+
+    Others edit the working tree while these scripts run; measuring the committed code keeps a figure
+    tied to a commit instead of to whatever half-made edit was on disk at the time.
+    """
+    folder = Path(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "HEAD", "service", "pipeline"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder
+
+
+def code_root(work: Path, from_head: bool) -> Path:
+    """REPO itself, or (with --from-head) a copy of the committed service under `work`."""
+    return committed_code(Path(work) / "code") if from_head else REPO
+
+
+def head_commit() -> str:
+    return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+
+
 def write_admin_token(path: Path) -> str:
     token = secrets.token_hex(16)
     path.write_text(token + "\n")
@@ -68,6 +94,7 @@ class ServiceSettings:
     seed: int = 5
     admin_token_file: Path | None = None
     verify: str = "size"
+    code_root: Path = REPO  # where `python -m service` imports the service from (see committed_code)
 
     def args(self) -> list[str]:
         args = [f"--dataset={name}={path}" for name, path in self.datasets.items()]
@@ -94,7 +121,8 @@ class ServiceProcess:
 
     def start(self, ready_within: float = 60.0) -> "ServiceProcess":
         with open(self.log_path, "ab") as log:  # appended: one log across restarts
-            self.proc = subprocess.Popen(self.command(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(self.command(), cwd=self.settings.code_root, stdout=log,
+                                         stderr=subprocess.STDOUT)
         self.starts += 1
         self.wait_ready(ready_within)
         return self
@@ -144,7 +172,7 @@ def try_start(settings: ServiceSettings, within: float = 60.0) -> tuple[int | No
     proc = subprocess.Popen(
         [sys.executable, "-m", "service", *settings.args(), "--host", LOOPBACK, "--port", str(port),
          "--log-level", "warning"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=settings.code_root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     deadline = time.monotonic() + within
     while time.monotonic() < deadline and proc.poll() is None:
