@@ -9,6 +9,8 @@ written with `pipeline.dataset`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -214,3 +216,28 @@ def print_figures(title: str, figures: dict[str, object]) -> None:
     width = max(map(len, figures))
     for name, value in figures.items():
         print(f"  {name:<{width}}  {value}")
+
+
+# --- the pipeline ---------------------------------------------------------------------------------
+
+
+def write_corpus(path: Path, old_docs: int = 600, new_docs: int = 600) -> Path:
+    """A JSONL corpus ({"text": ...} per line) of English and German pseudo-sentences."""
+    lines = make_lines(_ENGLISH, old_docs, seed=3) + make_lines(_GERMAN, new_docs, seed=4)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
+    return path
+
+
+def tokenize_command(corpus: Path, tokenizer: Path, out: Path, *extra: str) -> list[str]:
+    """`python -m pipeline.tokenize` on one local CPU, with small shards so a run writes several."""
+    return [sys.executable, "-m", "pipeline.tokenize", "--input", str(corpus), "--tokenizer", str(tokenizer),
+            "--out", str(out), "--num-cpus", "1", "--shard-tokens", "2000", "--val-fraction", "0.05", *extra]
+
+
+def folder_digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder`, by relative path: equal digests mean byte-identical trees."""
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(Path(folder).rglob("*")) if path.is_file()
+    }
