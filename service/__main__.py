@@ -32,7 +32,8 @@ def read_admin_token(config: ServiceConfig) -> str | None:
 def build_service(config: ServiceConfig) -> MixService:
     datasets = {name: TokenDataset(path, verify=config.verify) for name, path in config.datasets.items()}
     mixer_config = MixerConfig(seq_len=config.seq_len, global_batch=config.global_batch, seed=config.seed)
-    return MixService(datasets, mixer_config, MixSchedule.constant(config.weights), config.state_dir)
+    return MixService(datasets, mixer_config, MixSchedule.constant(config.weights), config.state_dir,
+                      reserve_steps=config.reserve_steps)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -47,7 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     served = ", ".join(f"{name}={entry['path']}" for name, entry in status["datasets"].items())
     print(
         f"serving {served} on "
-        f"http://{config.host}:{config.port} (served frontier {status['served_frontier']}, "
+        f"http://{config.host}:{config.port} (served frontier {status['served_frontier']}, reserved "
+        f"{status['reserved']}, mix changes from step {status['next_change_step']}, "
         f"{len(status['schedule'])} stage(s), mix {'changeable' if admin_token else 'read-only'})",
         file=sys.stderr,
     )

@@ -1,9 +1,10 @@
 """Trainer-side client: `StreamClient` iterates a rank's batches from the mixer service over HTTP.
 
-A background thread keeps up to `prefetch` batches ready, over one keep-alive connection. A failed
-request is retried with exponential backoff, which is safe because a step is idempotent: the server
-returns the same bytes for a step every time, also after a restart. `StreamDataset` wraps the client
-as a `torch.utils.data.IterableDataset` for DataLoader users.
+A background thread fetches `range_steps` steps per request (`GET /v1/batches?start=...&count=...`,
+one body, see wire.py) over one keep-alive connection and keeps up to `prefetch` batches ready. A
+failed request is retried with exponential backoff, which is safe because a step is idempotent: the
+server returns the same bytes for a step every time, also after a restart. `StreamDataset` wraps the
+client as a `torch.utils.data.IterableDataset` for DataLoader users.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Iterator, Optional
 import httpx
 import torch
 
-from service.wire import MEDIA_TYPE, decode_batch
+from service.mixer import Batch
+from service.wire import MEDIA_TYPE, WireError, decode_batch, decode_batches
 
 
 class StreamError(RuntimeError):
@@ -39,24 +41,27 @@ class StreamClient:
         rank: int = 0,
         world_size: int = 1,
         start_step: int = 0,
-        prefetch: int = 4,
+        prefetch: int = 16,
         stop_step: Optional[int] = None,
         step_stride: int = 1,
         timeout: float = 30.0,
         retry_for: float = 120.0,
         backoff: float = 0.05,
+        range_steps: int = 16,
     ):
         """Batches for steps start_step, start_step + step_stride, ... (until stop_step, exclusive).
 
-        `retry_for` is how long (seconds) one step may keep failing on connection errors or 5xx
+        Steps are requested `range_steps` at a time and up to `prefetch` of them wait decoded, so the
+        service counts up to about prefetch + range_steps steps beyond the consumer as served.
+        `retry_for` is how long (seconds) one request may keep failing on connection errors or 5xx
         before the iterator raises StreamError.
         """
-        if prefetch < 1 or step_stride < 1:
-            raise ValueError(f"prefetch {prefetch} and step_stride {step_stride} must be >= 1")
+        if prefetch < 1 or step_stride < 1 or range_steps < 1:
+            raise ValueError(f"prefetch {prefetch}, step_stride {step_stride} and range_steps {range_steps} must be >= 1")
         self.url = url.rstrip("/")
         self.rank, self.world_size = rank, world_size
         self.next_step, self.stop_step, self.step_stride = start_step, stop_step, step_stride
-        self.retry_for, self.backoff = retry_for, backoff
+        self.retry_for, self.backoff, self.range_steps = retry_for, backoff, range_steps
         self._http = httpx.Client(timeout=timeout, limits=httpx.Limits(max_keepalive_connections=2))
         self._closed = threading.Event()
         self.info: dict = self._request("GET", "/v1/status").json()
@@ -88,19 +93,42 @@ class StreamClient:
             "GET", f"/v1/batches/{step}", params={"rank": self.rank, "world_size": self.world_size},
             headers={"Accept": MEDIA_TYPE},
         )
-        batch = decode_batch(response.content)
+        return self._checked(decode_batch(response.content), step)
+
+    def fetch_range(self, start: int, count: int) -> list[StreamBatch]:
+        """Steps start, start + step_stride, ... (count of them) in one request (with retries)."""
+        params = {"start": start, "count": count, "stride": self.step_stride, "rank": self.rank, "world_size": self.world_size}
+        response = self._request("GET", "/v1/batches", params=params, headers={"Accept": MEDIA_TYPE})
+        try:
+            batches = decode_batches(response.content)
+        except WireError as e:
+            raise StreamError(f"GET {self.url}/v1/batches {params}: {e}") from e
+        if len(batches) != count:
+            raise StreamError(f"GET {self.url}/v1/batches {params}: {len(batches)} steps in the body, expected {count}")
+        return [self._checked(batch, start + i * self.step_stride) for i, batch in enumerate(batches)]
+
+    def _checked(self, batch: Batch, step: int) -> StreamBatch:
+        if (batch.step, batch.rank, batch.world_size) != (step, self.rank, self.world_size):
+            raise StreamError(
+                f"{self.url}: asked for step {step} of rank {self.rank}/{self.world_size}, got step {batch.step} "
+                f"of rank {batch.rank}/{batch.world_size}"
+            )
         return StreamBatch(batch.step, torch.from_numpy(batch.tokens), torch.from_numpy(batch.sources), batch.dataset_names)
 
     def _fetch_loop(self) -> None:
         step = self.next_step
         while not self._closed.is_set() and (self.stop_step is None or step < self.stop_step):
+            count = self.range_steps
+            if self.stop_step is not None:
+                count = min(count, -(-(self.stop_step - step) // self.step_stride))
             try:
-                item: object = self.fetch(step)
+                items: list = self.fetch_range(step, count)
             except Exception as e:  # handed to the consumer, which raises it in its own thread
-                item = e
-            if not self._offer(item) or isinstance(item, Exception):
-                return
-            step += self.step_stride
+                items = [e]
+            for item in items:
+                if not self._offer(item) or isinstance(item, Exception):
+                    return
+            step += count * self.step_stride
         self._offer(None)
 
     def _offer(self, item: object) -> bool:
@@ -147,7 +175,7 @@ class StreamDataset(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, url: str, rank: int = 0, world_size: int = 1, start_step: int = 0,
-                 stop_step: Optional[int] = None, prefetch: int = 4):
+                 stop_step: Optional[int] = None, prefetch: int = 16):
         self.url, self.rank, self.world_size = url, rank, world_size
         self.start_step, self.stop_step, self.prefetch = start_step, stop_step, prefetch
 

@@ -18,6 +18,7 @@ class ServiceConfig:
     global_batch: int
     seed: int
     state_dir: Path
+    reserve_steps: int = 256
     host: str = "127.0.0.1"
     port: int = 8000
     admin_token_file: Path | None = None
@@ -49,6 +50,9 @@ def parse_args(argv: Sequence[str] | None = None) -> ServiceConfig:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--state-dir", type=Path, required=True,
                         help="where the schedule and served frontier are kept (reuse it to resume)")
+    parser.add_argument("--reserve-steps", type=int, default=256, metavar="K",
+                        help="persist the served frontier K steps ahead at a time (default 256): serving needs an "
+                             "fsync once per K steps; after a kill -9 a mix change lands up to K steps later")
     parser.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (loopback only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--admin-token-file", type=Path,
@@ -57,6 +61,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ServiceConfig:
                         help="dataset check at start: file sizes (default) or full sha256")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
+    if args.reserve_steps < 1:
+        parser.error(f"--reserve-steps {args.reserve_steps}: must be >= 1 (1 persists every new step)")
 
     datasets: dict[str, Path] = {}
     for entry in args.dataset:
@@ -85,6 +91,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServiceConfig:
         global_batch=args.global_batch,
         seed=args.seed,
         state_dir=args.state_dir,
+        reserve_steps=args.reserve_steps,
         host=args.host,
         port=args.port,
         admin_token_file=args.admin_token_file,

@@ -1,8 +1,13 @@
 """The mixer service without HTTP: a Mixer, its durable state, and the rules for changing the mix.
 
 Every method is safe to call from many threads. Serving step s first makes s part of the served past
-on disk, then computes the batch (a pure function of inputs that can no longer change for s), so a
-crash at any point never lets a later mix change rewrite a step a client has seen.
+(on disk, s is below the durable reservation; see state.py), then computes the batch (a pure function
+of inputs that can no longer change for s), so a crash at any point never lets a later mix change
+rewrite a step a client has seen.
+
+A mix change may start at any step that provably was never served (`unserved_from`): the next step
+after the largest one this process served, or, for what earlier runs served, the reservation they
+left (after a kill -9 up to `reserve_steps` beyond what they served; exact after a clean shutdown).
 """
 
 from __future__ import annotations
@@ -10,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import threading
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
+
+import numpy as np
 
 from pipeline.dataset import MANIFEST_NAME, TokenDataset
 from service.metrics import ServiceMetrics
@@ -36,10 +43,11 @@ def inputs_identity(datasets: Mapping[str, TokenDataset], config: MixerConfig) -
 
 
 class MixService:
-    def __init__(self, datasets: Mapping[str, TokenDataset], config: MixerConfig, initial: MixSchedule, state_dir: Path):
+    def __init__(self, datasets: Mapping[str, TokenDataset], config: MixerConfig, initial: MixSchedule, state_dir: Path,
+                 reserve_steps: int = 256):
         # Validate the initial mix against the datasets before anything is written to the state dir.
         self.mixer = Mixer(datasets, config, initial)
-        self.state = StateDir.open(state_dir, inputs_identity(datasets, config), initial)
+        self.state = StateDir.open(state_dir, inputs_identity(datasets, config), initial, reserve_steps)
         self.mixer.set_schedule(self.state.schedule)
         self.metrics = ServiceMetrics(self.mixer.names)
         self._lock = threading.Lock()
@@ -47,20 +55,28 @@ class MixService:
 
     @property
     def frontier(self) -> int:
-        return self.state.frontier
+        """The served frontier: one more than the largest step served (see StateDir.served)."""
+        return self.state.served
 
     def batch(self, step: int, rank: int = 0, world_size: int = 1) -> Batch:
-        self.mixer.rows_of(rank, world_size)  # refuse a bad rank before it can move the frontier
-        with self._lock:
-            if self.state.mark_served(step):
-                self.metrics.frontier.set(self.state.frontier)
-        batch = self.mixer.batch(step, rank, world_size)
-        row_tokens = batch.tokens.shape[1]
-        for index, name in enumerate(batch.dataset_names):
-            rows = int((batch.sources == index).sum())
-            if rows:
-                self.metrics.tokens.labels(name).inc(rows * row_tokens)
-        return batch
+        return self.batches([step], rank, world_size)[0]
+
+    def batches(self, steps: Sequence[int], rank: int = 0, world_size: int = 1, dtype: np.dtype = np.int64) -> list[Batch]:
+        """The rank's batches of `steps` (see Mixer.batches); ValueError for a bad step, rank or world size."""
+        self.mixer.check_request(steps, rank, world_size)  # refuse bad input before it can move the frontier
+        if steps:
+            with self._lock:
+                if self.state.mark_served(max(steps)):
+                    self.metrics.reserved.set(self.state.reserved)
+                self.metrics.frontier.set(self.state.served)
+        batches = self.mixer.batches(steps, rank, world_size, dtype)
+        if batches:
+            rows = np.bincount(np.concatenate([b.sources for b in batches]), minlength=len(self.mixer.names))
+            row_tokens = self.mixer.config.seq_len + 1
+            for name, count in zip(self.mixer.names, rows.tolist()):
+                if count:
+                    self.metrics.tokens.labels(name).inc(count * row_tokens)
+        return batches
 
     def change_mix(self, weights: Mapping[str, float], start_step: int | None = None) -> Stage:
         """Append a stage (at the first unserved step when start_step is None) and persist it.
@@ -69,13 +85,14 @@ class MixService:
         a scheduled stage (409).
         """
         with self._lock:
-            frontier, last = self.state.frontier, self.state.schedule.stages[-1]
+            first, last = self.state.unserved_from, self.state.schedule.stages[-1]
             if start_step is None:
-                start_step = frontier
-            elif start_step < frontier:
+                start_step = first
+            elif start_step < first:
                 raise MixConflict(
-                    f"start_step {start_step} was already served (steps before {frontier} are); "
-                    f"give start_step >= {frontier} or omit it"
+                    f"start_step {start_step} may already have been served (steps before {first} may have "
+                    f"been: served_frontier {self.state.served}, plus what the reservation left by an earlier "
+                    f"run covers); give start_step >= {first} or omit it"
                 )
             if start_step < last.start_step:
                 raise MixConflict(
@@ -95,11 +112,17 @@ class MixService:
             return stage
 
     def _update_mix_metrics(self) -> None:
-        stage = self.mixer.schedule.stage_at(self.state.frontier)
-        self.metrics.set_mix({name: stage.weights.get(name, 0.0) for name in self.mixer.names}, self.state.frontier)
+        stage = self.mixer.schedule.stage_at(self.state.served)
+        self.metrics.set_mix({name: stage.weights.get(name, 0.0) for name in self.mixer.names}, self.state.served)
+        self.metrics.reserved.set(self.state.reserved)
+
+    def close(self) -> None:
+        """Record exactly what was served (a clean shutdown), so a restart accepts changes from there."""
+        with self._lock:
+            self.state.close()
 
     def status(self) -> dict:
-        mixer, frontier = self.mixer, self.state.frontier
+        mixer, frontier = self.mixer, self.state.served
         drawn = mixer.samples_before(frontier)
         epochs = mixer.epochs(frontier)
         total = sum(drawn.values())
@@ -122,7 +145,13 @@ class MixService:
             "seq_len": mixer.config.seq_len,
             "global_batch": mixer.config.global_batch,
             "seed": mixer.config.seed,
+            # One more than the largest step served (lower bound for what earlier runs served).
             "served_frontier": frontier,
+            # Durable upper bound: no step at or above it has ever been served.
+            "reserved": self.state.reserved,
+            "reserve_steps": self.state.reserve_steps,
+            # The earliest start_step PUT /v1/mix accepts now, and where a change without one lands.
+            "next_change_step": self.state.unserved_from,
             "current_weights": {name: stage.weights.get(name, 0.0) for name in mixer.names},
             "schedule": mixer.schedule.to_json(),
         }

@@ -1,6 +1,9 @@
-"""Prometheus metrics of one service instance, in its own registry (no process-global collectors)."""
+"""Prometheus metrics of one service instance, in its own registry (no process-global collectors),
+and the ASGI middleware that counts and times every HTTP request."""
 
 from __future__ import annotations
+
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -24,6 +27,9 @@ class ServiceMetrics:
             "replaymix_mix_weight", "Weight of each dataset at the served frontier", ["dataset"], registry=self.registry
         )
         self.frontier = Gauge("replaymix_served_frontier", "One more than the largest step served", registry=self.registry)
+        self.reserved = Gauge(
+            "replaymix_reserved_frontier", "Durable bound: no step at or above it was served", registry=self.registry
+        )
         for name in dataset_names:  # export zeros from the start so dashboards see every dataset
             self.tokens.labels(name)
 
@@ -38,3 +44,35 @@ class ServiceMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class RequestMetrics:
+    """Plain ASGI middleware: one count and one latency sample per HTTP request, by route template.
+
+    Plain ASGI rather than `@app.middleware("http")`: that one (Starlette's BaseHTTPMiddleware) runs
+    the endpoint in a separate task and streams the response through a memory channel, which cost
+    milliseconds per request; this only wraps `send` to see the status.
+    """
+
+    def __init__(self, app, metrics: ServiceMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), 500  # 500 unless a response starts: the app raised
+
+        async def send_and_note_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note_status)
+        finally:
+            route = scope.get("route")  # set by the router on the shared scope once a route matched
+            self.metrics.observe_request(
+                getattr(route, "path", "unmatched"), scope["method"], status, time.perf_counter() - started
+            )

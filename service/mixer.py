@@ -197,12 +197,17 @@ class Mixer:
         source, ordinal = self.locate_steps([step], rank, world_size)
         return source[0], ordinal[0]
 
-    def locate_steps(self, steps: Sequence[int], rank: int = 0, world_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """`locate` for several steps at once: two (len(steps), rows) arrays, uint8 and int64."""
+    def check_request(self, steps: Sequence[int], rank: int, world_size: int) -> range:
+        """The rank's rows, after checking every step; ValueError naming the bad step, rank or world size."""
         rows = self.rows_of(rank, world_size)
         for step in steps:
             if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 0 <= step <= self.max_step:
                 raise ValueError(f"step: {step!r}; it must be an integer in [0, {self.max_step}]")
+        return rows
+
+    def locate_steps(self, steps: Sequence[int], rank: int = 0, world_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """`locate` for several steps at once: two (len(steps), rows) arrays, uint8 and int64."""
+        rows = self.check_request(steps, rank, world_size)
         plan = self._plan
         steps = np.asarray(steps, dtype=np.int64)
         stage_of = np.searchsorted(plan.starts, steps, side="right") - 1

@@ -18,11 +18,17 @@ All integers little-endian. One body holds one rank's rows of one step:
     36+M+R  R * L * width    tokens, row-major, uint16 or uint32
 
 The header is 36 bytes; the rest is the payload at 2 bytes per token for vocabularies up to 65536.
+
+A range response (`GET /v1/batches?start=S&count=N...`) is the N bodies of its steps, each exactly as
+above, back to back in step order, with nothing between or around them. Each body's size follows from
+its own header (36 + M + R + R * L * width), so a reader walks the range body by body; the total is
+checked against the Content-Length. One request then carries N steps for one request's overhead.
 """
 
 from __future__ import annotations
 
 import struct
+from typing import Sequence
 
 import numpy as np
 
@@ -42,38 +48,68 @@ def token_width(vocab_size: int) -> int:
     return 2 if vocab_size <= 1 << 16 else 4
 
 
-def encode_batch(batch: Batch, vocab_size: int) -> bytes:
-    width = token_width(vocab_size)
+def _pieces(batch: Batch, width: int) -> list:
     names = "\n".join(batch.dataset_names).encode()
     rows, row_len = batch.tokens.shape
     header = _HEADER.pack(
         MAGIC, VERSION, width, len(batch.dataset_names), batch.step, batch.rank, batch.world_size, rows, row_len, len(names)
     )
-    tokens = batch.tokens.astype("<u2" if width == 2 else "<u4", copy=False)
-    return b"".join((header, names, batch.sources.astype(np.uint8).tobytes(), tokens.tobytes()))
+    tokens = np.ascontiguousarray(batch.tokens.astype("<u2" if width == 2 else "<u4", copy=False))
+    sources = np.ascontiguousarray(batch.sources.astype(np.uint8, copy=False))
+    return [header, names, memoryview(sources).cast("B"), memoryview(tokens).cast("B")]
 
 
-def decode_batch(body: bytes | bytearray | memoryview) -> Batch:
-    """The Batch in a body; tokens come back as int64 (what embedding lookups take)."""
-    if len(body) < _HEADER.size:
-        raise WireError(f"body of {len(body)} bytes is shorter than the {_HEADER.size}-byte header")
-    magic, version, width, count, step, rank, world_size, rows, row_len, names_len = _HEADER.unpack_from(body)
+def encode_batches(batches: Sequence[Batch], vocab_size: int) -> bytes:
+    """The bodies of `batches` back to back (a range response), built with one copy of the tokens."""
+    width = token_width(vocab_size)
+    return b"".join(piece for batch in batches for piece in _pieces(batch, width))
+
+
+def encode_batch(batch: Batch, vocab_size: int) -> bytes:
+    return encode_batches([batch], vocab_size)
+
+
+def _decode_at(body: bytes | bytearray | memoryview, start: int) -> tuple[Batch, int]:
+    """The batch whose body starts at byte `start`, and where the next one starts."""
+    if len(body) - start < _HEADER.size:
+        raise WireError(f"{len(body) - start} bytes at offset {start} are shorter than the {_HEADER.size}-byte header")
+    magic, version, width, count, step, rank, world_size, rows, row_len, names_len = _HEADER.unpack_from(body, start)
     if magic != MAGIC or version != VERSION:
-        raise WireError(f"magic/version {magic!r}/{version}; expected {MAGIC!r}/{VERSION}: not a replaymix batch")
+        raise WireError(
+            f"magic/version {magic!r}/{version} at offset {start}; expected {MAGIC!r}/{VERSION}: not a replaymix batch"
+        )
     if width not in (2, 4):
-        raise WireError(f"token width {width}; expected 2 or 4")
-    start = _HEADER.size
-    expected = start + names_len + rows + rows * row_len * width
-    if len(body) != expected:
-        raise WireError(f"body is {len(body)} bytes; the header implies {expected} (truncated transfer?)")
+        raise WireError(f"token width {width} at offset {start}; expected 2 or 4")
+    start += _HEADER.size
+    end = start + names_len + rows + rows * row_len * width
+    if len(body) < end:
+        raise WireError(f"body is {len(body)} bytes; the header of step {step} implies {end} (truncated transfer?)")
     names = tuple(bytes(body[start : start + names_len]).decode().split("\n")) if count else ()
     if len(names) != count:
-        raise WireError(f"header says {count} datasets but the names field holds {len(names)}")
+        raise WireError(f"header of step {step} says {count} datasets but the names field holds {len(names)}")
     start += names_len
     sources = np.frombuffer(body, dtype=np.uint8, count=rows, offset=start)
     start += rows
     tokens = np.frombuffer(body, dtype="<u2" if width == 2 else "<u4", count=rows * row_len, offset=start)
-    return Batch(step, rank, world_size, tokens.reshape(rows, row_len).astype(np.int64), sources.copy(), names)
+    batch = Batch(step, rank, world_size, tokens.reshape(rows, row_len).astype(np.int64), sources.copy(), names)
+    return batch, end
+
+
+def decode_batches(body: bytes | bytearray | memoryview) -> list[Batch]:
+    """The Batches of a range body (or of a single-step body); tokens come back as int64."""
+    batches, start = [], 0
+    while start < len(body):
+        batch, start = _decode_at(body, start)
+        batches.append(batch)
+    return batches
+
+
+def decode_batch(body: bytes | bytearray | memoryview) -> Batch:
+    """The Batch in a single-step body; tokens come back as int64 (what embedding lookups take)."""
+    batch, end = _decode_at(body, 0)
+    if end != len(body):
+        raise WireError(f"body is {len(body)} bytes; the header implies {end}")
+    return batch
 
 
 def batch_to_json(batch: Batch) -> dict:

@@ -36,10 +36,12 @@ def in_process_mixer(datasets) -> Mixer:
 
 def test_client_yields_the_mixers_batches_in_order(service, datasets):
     mixer = in_process_mixer(datasets)
-    with StreamClient(service.url, rank=1, world_size=2, start_step=3, prefetch=2, stop_step=12) as client:
+    # 9 steps, 4 per request: ranges of 4, 4 and 1
+    with StreamClient(service.url, rank=1, world_size=2, start_step=3, prefetch=2, stop_step=12, range_steps=4) as client:
         assert client.info["seq_len"] == 16 and client.info["vocab_size"] == mixer.vocab_size
         assert [d["path"] for d in client.info["datasets"].values()] == [str(p.resolve()) for p in datasets.values()]
         batches = list(client)
+        assert client.fetch_range(20, 2)[1].tokens.equal(client.fetch(21).tokens)
     assert [b.step for b in batches] == list(range(3, 12))
     for b in batches:
         assert b.tokens.dtype == torch.int64 and b.sources.dtype == torch.uint8 and b.tokens.shape == (4, 17)

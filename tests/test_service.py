@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -14,7 +15,11 @@ import httpx
 import numpy as np
 import pytest
 
-from service.wire import MEDIA_TYPE, decode_batch
+from service.core import MixService
+from service.mixer import MixerConfig
+from service.schedule import MixSchedule
+from service.state import FRONTIER_FILE, StateError
+from service.wire import MEDIA_TYPE, decode_batch, decode_batches
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "s3cret-admin-token-for-tests"
@@ -69,10 +74,10 @@ class ServiceProcess:
 
 
 def service_args(datasets: dict[str, Path], state_dir: Path, token_file: Path | None, weights: str,
-                 seq_len: int = 16, global_batch: int = 8) -> list[str]:
+                 seq_len: int = 16, global_batch: int = 8, reserve_steps: int = 256) -> list[str]:
     args = [f"--dataset={name}={path}" for name, path in datasets.items()]
     args += [f"--weights={weights}", f"--seq-len={seq_len}", f"--global-batch={global_batch}", "--seed=5",
-             f"--state-dir={state_dir}"]
+             f"--state-dir={state_dir}", f"--reserve-steps={reserve_steps}"]
     if token_file is not None:
         args.append(f"--admin-token-file={token_file}")
     return args
@@ -122,8 +127,11 @@ def test_same_bytes_after_kill_9_and_restart_with_acknowledged_changes(service):
     mix = httpx.get(f"{url}/v1/mix").json()
     assert [s["start_step"] for s in mix["schedule"]] == [0, 6, 20] and mix["served_frontier"] == 22
     assert set(decode_batch(served[20]).sources.tolist()) == {0}
-    # a served step can never be rewritten, also not after the restart
+    # a served step can never be rewritten, also not after the restart: nor can any step the killed
+    # process had reserved (steps 0..255), since nobody can tell which of them it served
+    assert mix["reserved"] == mix["next_change_step"] == 256
     assert put_mix(url, {"weights": {"old": 0.5, "new": 0.5}, "start_step": 21}).status_code == 409
+    assert put_mix(url, {"weights": {"old": 0.5, "new": 0.5}, "start_step": 255}).status_code == 409
 
 
 def test_binary_and_json_bodies_agree_and_ranks_cover_the_batch(service):
@@ -142,7 +150,7 @@ def test_binary_and_json_bodies_agree_and_ranks_cover_the_batch(service):
     metrics = httpx.get(f"{url}/metrics").text
     assert 'replaymix_mix_weight{dataset="old"} 0.25' in metrics
     assert 'replaymix_tokens_served_total{dataset="new"}' in metrics
-    assert 'route="/v1/batches/{step}"' in metrics
+    assert 'route="/v1/batches/{step}"' in metrics and "replaymix_reserved_frontier 260.0" in metrics
 
 
 BAD_CHANGES = [
@@ -196,3 +204,88 @@ def test_start_is_refused_with_clear_messages(tmp_path, two_datasets, german_lin
     other = service_args(two_datasets, state, None, "old=1", seq_len=32)
     result = subprocess.run([sys.executable, "-m", "service", *other], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2 and "seq_len" in result.stderr and "identity.json" in result.stderr
+
+
+def frontier_file(state: Path) -> dict:
+    return json.loads((state / FRONTIER_FILE).read_text())
+
+
+def test_reservations_write_once_per_leap_and_never_let_a_change_rewrite_a_served_step(tmp_path, two_datasets):
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(TOKEN)
+    state = tmp_path / "state"
+    service = ServiceProcess(service_args(two_datasets, state, token_file, "old=0.5,new=0.5", reserve_steps=16), free_port())
+    url = service.start().url
+    try:
+        served = {0: get_batch(url, 0)}
+        assert frontier_file(state) == {"reserved": 16, "served": 1}
+        served.update({step: get_batch(url, step) for step in range(1, 10)})
+        assert frontier_file(state) == {"reserved": 16, "served": 1}  # no disk write below the reservation
+        status = httpx.get(f"{url}/v1/status").json()
+        assert (status["served_frontier"], status["reserved"], status["next_change_step"]) == (10, 16, 10)
+        # while the process runs it knows exactly what it served: a change may start right after it
+        assert put_mix(url, {"weights": {"old": 1}, "start_step": 9}).status_code == 409
+        assert put_mix(url, {"weights": {"old": 1}, "start_step": 12}).json()["stage"]["start_step"] == 12
+        served.update({step: get_batch(url, step) for step in (10, 11, 12, 13)})
+        assert set(decode_batch(served[13]).sources.tolist()) == {0}
+        service.kill9()
+        service.start()
+        for step, body in served.items():
+            assert get_batch(url, step) == body, f"step {step} changed across kill -9"
+        # after kill -9 every reserved step counts as served: refused below 16, a default change lands at 16
+        assert put_mix(url, {"weights": {"new": 1}, "start_step": 14}).status_code == 409
+        assert put_mix(url, {"weights": {"new": 1}}).json()["stage"]["start_step"] == 16
+        served[16] = get_batch(url, 16)
+        assert frontier_file(state) == {"reserved": 32, "served": 17}
+        assert set(decode_batch(served[16]).sources.tolist()) == {1}
+    finally:
+        service.stop()  # SIGTERM: a clean shutdown shrinks the reservation to what was served
+    assert frontier_file(state) == {"reserved": 17, "served": 17}
+    service.start()
+    try:
+        assert httpx.get(f"{url}/v1/mix").json()["next_change_step"] == 17
+        assert put_mix(url, {"weights": {"old": 1}}).json()["stage"]["start_step"] == 17
+        assert all(get_batch(url, step) == body for step, body in served.items())
+    finally:
+        service.stop()
+
+
+def test_a_range_request_is_its_steps_back_to_back(service):
+    url = service.url
+    singles = [get_batch(url, step, 1, 2) for step in range(5, 12, 3)]
+    params = {"start": 5, "count": 3, "stride": 3, "rank": 1, "world_size": 2}
+    response = httpx.get(f"{url}/v1/batches", params=params)
+    assert response.status_code == 200 and response.headers["content-type"] == MEDIA_TYPE
+    assert response.content == b"".join(singles)
+    assert [b.step for b in decode_batches(response.content)] == [5, 8, 11]
+    as_json = httpx.get(f"{url}/v1/batches", params=params, headers={"Accept": "application/json"}).json()
+    assert [b["tokens"] for b in as_json["batches"]] == [decode_batch(b).tokens.tolist() for b in singles]
+    before = httpx.get(f"{url}/v1/status").json()
+    assert before["served_frontier"] == 12
+    refused = {
+        "count too large": {"start": 0, "count": 10**6},
+        "no count": {"start": 0},
+        "bad world size": {"start": 0, "count": 2, "world_size": 3},
+        "past the last step": {"start": 2**62, "count": 1},
+    }
+    for why, bad in refused.items():
+        response = httpx.get(f"{url}/v1/batches", params=bad)
+        assert response.status_code == 422 and response.json()["detail"], why
+    assert httpx.get(f"{url}/v1/status").json()["served_frontier"] == 12  # refusals moved nothing
+    assert 'route="/v1/batches"' in httpx.get(f"{url}/metrics").text
+
+
+def test_state_dir_reads_the_old_frontier_file_and_refuses_a_damaged_one(tmp_path, two_datasets):
+    from pipeline.dataset import TokenDataset
+
+    datasets = {name: TokenDataset(path) for name, path in two_datasets.items()}
+    config, schedule = MixerConfig(seq_len=16, global_batch=8, seed=5), MixSchedule.constant({"old": 1})
+    MixService(datasets, config, schedule, tmp_path / "state").close()
+    (tmp_path / "state" / FRONTIER_FILE).write_text('{"frontier": 7}')  # written before reservations existed
+    service = MixService(datasets, config, schedule, tmp_path / "state")
+    assert (service.state.reserved, service.frontier, service.state.unserved_from) == (7, 7, 7)
+    (tmp_path / "state" / FRONTIER_FILE).write_text('{"reserved": 3, "served": 9}')
+    with pytest.raises(StateError, match=r"frontier.json: expected .*0 <= F <= R"):
+        MixService(datasets, config, schedule, tmp_path / "state")
+    with pytest.raises(StateError, match="reserve_steps"):
+        MixService(datasets, config, schedule, tmp_path / "other", reserve_steps=0)
