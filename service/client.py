@@ -1,9 +1,10 @@
 """Trainer-side client: `StreamClient` iterates a rank's batches from the mixer service over HTTP.
 
 A background thread fetches `range_steps` steps per request (`GET /v1/batches?start=...&count=...`,
-one body, see wire.py) over one keep-alive connection and keeps up to `prefetch` batches ready. A
-failed request is retried with exponential backoff, which is safe because a step is idempotent: the
-server returns the same bytes for a step every time, also after a restart. `StreamDataset` wraps the
+one body, see wire.py), with IN_FLIGHT requests under way on keep-alive connections so the service
+computes the next range while this process decodes the last, and keeps up to `prefetch` batches
+ready. A failed request is retried with exponential backoff, which is safe because a step is
+idempotent: the server returns the same bytes for a step every time, also after a restart. `StreamDataset` wraps the
 client as a `torch.utils.data.IterableDataset` for DataLoader users.
 """
 
@@ -12,6 +13,8 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -20,6 +23,11 @@ import torch
 
 from service.mixer import Batch
 from service.wire import MEDIA_TYPE, WireError, decode_batch, decode_batches
+
+
+IN_FLIGHT = 2  # requests under way at once: one being computed by the service, one being decoded here
+RANGE_BYTES = 4 << 20  # default range size: as many steps as fit in this many body bytes ...
+MAX_RANGE_STEPS = 64  # ... but at most this many
 
 
 class StreamError(RuntimeError):
@@ -47,24 +55,29 @@ class StreamClient:
         timeout: float = 30.0,
         retry_for: float = 120.0,
         backoff: float = 0.05,
-        range_steps: int = 16,
+        range_steps: Optional[int] = None,
     ):
         """Batches for steps start_step, start_step + step_stride, ... (until stop_step, exclusive).
 
-        Steps are requested `range_steps` at a time and up to `prefetch` of them wait decoded, so the
-        service counts up to about prefetch + range_steps steps beyond the consumer as served.
+        Steps are requested `range_steps` at a time (default: what fits in RANGE_BYTES, at most
+        MAX_RANGE_STEPS) and up to `prefetch` of them wait decoded, so the service counts up to about
+        prefetch + IN_FLIGHT * range_steps steps beyond the consumer as served.
         `retry_for` is how long (seconds) one request may keep failing on connection errors or 5xx
         before the iterator raises StreamError.
         """
-        if prefetch < 1 or step_stride < 1 or range_steps < 1:
+        if prefetch < 1 or step_stride < 1 or (range_steps is not None and range_steps < 1):
             raise ValueError(f"prefetch {prefetch}, step_stride {step_stride} and range_steps {range_steps} must be >= 1")
         self.url = url.rstrip("/")
         self.rank, self.world_size = rank, world_size
         self.next_step, self.stop_step, self.step_stride = start_step, stop_step, step_stride
-        self.retry_for, self.backoff, self.range_steps = retry_for, backoff, range_steps
-        self._http = httpx.Client(timeout=timeout, limits=httpx.Limits(max_keepalive_connections=2))
+        self.retry_for, self.backoff = retry_for, backoff
+        self._http = httpx.Client(timeout=timeout, limits=httpx.Limits(max_keepalive_connections=IN_FLIGHT))
         self._closed = threading.Event()
         self.info: dict = self._request("GET", "/v1/status").json()
+        if range_steps is None:
+            rows = max(1, self.info["global_batch"] // world_size)
+            range_steps = max(1, min(MAX_RANGE_STEPS, RANGE_BYTES // (rows * (self.info["seq_len"] + 1) * 2)))
+        self.range_steps = range_steps
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self._thread = threading.Thread(target=self._fetch_loop, name="stream-prefetch", daemon=True)
         self._thread.start()
@@ -115,21 +128,39 @@ class StreamClient:
             )
         return StreamBatch(batch.step, torch.from_numpy(batch.tokens), torch.from_numpy(batch.sources), batch.dataset_names)
 
-    def _fetch_loop(self) -> None:
+    def _ranges(self) -> Iterator[tuple[int, int]]:
+        """(start, count) of each request, in order, up to stop_step."""
         step = self.next_step
-        while not self._closed.is_set() and (self.stop_step is None or step < self.stop_step):
+        while self.stop_step is None or step < self.stop_step:
             count = self.range_steps
             if self.stop_step is not None:
                 count = min(count, -(-(self.stop_step - step) // self.step_stride))
-            try:
-                items: list = self.fetch_range(step, count)
-            except Exception as e:  # handed to the consumer, which raises it in its own thread
-                items = [e]
-            for item in items:
-                if not self._offer(item) or isinstance(item, Exception):
-                    return
+            yield step, count
             step += count * self.step_stride
-        self._offer(None)
+
+    def _fetch_loop(self) -> None:
+        ranges, pending = self._ranges(), deque()
+        pool = ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="stream-fetch")
+        try:
+            while not self._closed.is_set():
+                for start, count in ranges:  # top up to IN_FLIGHT requests; results come back in order
+                    pending.append(pool.submit(self.fetch_range, start, count))
+                    if len(pending) == IN_FLIGHT:
+                        break
+                if not pending:
+                    self._offer(None)
+                    return
+                future: Future = pending.popleft()
+                try:
+                    items: list = future.result()
+                except Exception as e:  # handed to the consumer, which raises it in its own thread
+                    items = [e]
+                for item in items:
+                    if not self._offer(item) or isinstance(item, Exception):
+                        return
+        finally:
+            # A request still retrying gives up once the client is closed; never wait for it here.
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def _offer(self, item: object) -> bool:
         """Queue an item, waiting for room; False once the client is closed."""
