@@ -112,19 +112,30 @@ class DamagedResult:
         )
 
 
+def damaged_copy(work: Path, healthy: Path, damage: Damage) -> Path:
+    damaged = Path(work) / "damaged" / damage.name.replace(" ", "-")
+    shutil.rmtree(damaged, ignore_errors=True)
+    shutil.copytree(healthy, damaged)
+    damage.apply(damaged)
+    return damaged
+
+
+def start_on_damaged(work: Path, datasets: dict[str, Path], damaged: Path, damage: Damage, mode: str,
+                     code: Path = REPO) -> tuple[bool, str]:
+    """Start the service on the intact "old" and the damaged "new"; (refused naming the file, message)."""
+    settings = ServiceSettings({"old": datasets["old"], "new": damaged}, Path(work) / f"state-{mode}",
+                               verify=mode, code_root=code)
+    shutil.rmtree(settings.state_dir, ignore_errors=True)
+    status, output = try_start(settings)
+    return status == 2 and damage.file in output, "started and served" if status is None else output.strip()[-300:]
+
+
 def check_service_refusals(work: Path, datasets: dict[str, Path], code: Path, result: DamagedResult) -> None:
     for damage in tqdm(DAMAGES, desc="damages", unit="damage"):
-        damaged = work / "damaged" / damage.name.replace(" ", "-")
-        shutil.rmtree(damaged, ignore_errors=True)
-        shutil.copytree(datasets["new"], damaged)
-        damage.apply(damaged)
+        damaged = damaged_copy(work, datasets["new"], damage)
         for mode in VERIFY_MODES:
-            settings = ServiceSettings({"old": datasets["old"], "new": damaged}, work / f"state-{mode}",
-                                       verify=mode, code_root=code)
-            shutil.rmtree(settings.state_dir, ignore_errors=True)
-            status, output = try_start(settings)
-            result.refused[damage.name, mode] = status == 2 and damage.file in output
-            result.messages[damage.name, mode] = "started and served" if status is None else output.strip()[-300:]
+            refused, message = start_on_damaged(work, datasets, damaged, damage, mode, code)
+            result.refused[damage.name, mode], result.messages[damage.name, mode] = refused, message
 
 
 def check_pipeline_overwrite(work: Path, datasets: dict[str, Path], code: Path, run_overwrite: bool,

@@ -4,7 +4,7 @@
 
 1. `schemathesis run <service>/openapi.json --checks not_a_server_error` (examples, coverage and
    fuzzing phases, with the admin token so PUT /v1/mix is reached) on a fresh state dir: no 5xx.
-2. Hand-made cases on another fresh state dir: huge, negative and non-integer steps, world_size 0,
+2. Hand-made cases on another fresh state dir: huge, negative and non-integer steps and ranges, world_size 0,
    rank not below world_size, NaN and infinite weights, unknown datasets, bodies of several MB, a
    wrong or missing token. Each must get its 4xx (never a 5xx), change nothing, and leave the service
    up; then the largest step the API accepts is requested, after which /v1/status must still answer
@@ -74,6 +74,14 @@ def hand_cases() -> list[HandCase]:
         HandCase("rank -1", "GET", f"{batches}/0", {"rank": -1, "world_size": 2}),
         HandCase("rank 2**70", "GET", f"{batches}/0", {"rank": 2**70, "world_size": 2}),
         HandCase("rank x", "GET", f"{batches}/0", {"rank": "x"}),
+        HandCase("range count 0", "GET", batches, {"start": 0, "count": 0}),
+        HandCase("range count 10**9", "GET", batches, {"start": 0, "count": 10**9}),
+        HandCase("range without count", "GET", batches, {"start": 0}),
+        HandCase("range start -1", "GET", batches, {"start": -1, "count": 1}),
+        HandCase("range stride 0", "GET", batches, {"start": 0, "count": 2, "stride": 0}),
+        HandCase("range stride past the largest step", "GET", batches, {"start": 0, "count": 2, "stride": LARGEST_STEP}),
+        HandCase("range from the largest step", "GET", batches, {"start": LARGEST_STEP, "count": 2}),
+        HandCase("range rank == world_size", "GET", batches, {"start": 0, "count": 1, "rank": 4, "world_size": 4}),
         HandCase("weight NaN", "PUT", mix, body=b'{"weights": {"old": NaN, "new": 1}}'),
         HandCase("weight Infinity", "PUT", mix, body=b'{"weights": {"old": Infinity, "new": 1}}'),
         HandCase("weight -Infinity", "PUT", mix, body=b'{"weights": {"old": -Infinity, "new": 1}}'),

@@ -109,15 +109,18 @@ def run_and_kill(command: list[str], cwd: Path, after: float) -> int:
     return len(left)
 
 
-def run_pipeline_kill(work: Path, kills: int, seed: int = 0, code: Path = REPO, documents: int = 3000) -> PipelineKillResult:
+def run_pipeline_kill(work: Path, kills: int, seed: int = 0, code: Path = REPO, documents: int = 3000,
+                      ray_address: str | None = None) -> PipelineKillResult:
+    """With `ray_address` the jobs join that cluster (only the driver is killed); else each embeds its own."""
     work = Path(work)
     tokenizer = build_datasets(work / "datasets")["old"] / "tokenizer.model"
     corpus = write_corpus(work / "corpus.jsonl", documents, documents)
+    extra = ("--address", ray_address) if ray_address else ()
     reference, out = work / "reference", work / "out"
     result = PipelineKillResult()
     shutil.rmtree(reference, ignore_errors=True)
     started = time.perf_counter()
-    subprocess.run(tokenize_command(corpus, tokenizer, reference), cwd=code, check=True, capture_output=True)
+    subprocess.run(tokenize_command(corpus, tokenizer, reference, *extra), cwd=code, check=True, capture_output=True)
     result.reference_seconds = time.perf_counter() - started
     expected = folder_digest(reference)
     result.reference_files = len(expected)
@@ -126,13 +129,13 @@ def run_pipeline_kill(work: Path, kills: int, seed: int = 0, code: Path = REPO, 
         shutil.rmtree(out, ignore_errors=True)
         point = rng.uniform(0.05, 1.0) * result.reference_seconds
         result.kill_points.append(point)
-        result.leftover_processes += run_and_kill(tokenize_command(corpus, tokenizer, out), code, point)
+        result.leftover_processes += run_and_kill(tokenize_command(corpus, tokenizer, out, *extra), code, point)
         result.kills += 1
         committed = (out / MANIFEST_NAME).exists()
         result.killed_after_commit += committed
         result.killed_before_commit += not committed
         result.partial_outputs += out.exists() and not committed
-        rerun = subprocess.run(tokenize_command(corpus, tokenizer, out), cwd=code, capture_output=True, text=True)
+        rerun = subprocess.run(tokenize_command(corpus, tokenizer, out, *extra), cwd=code, capture_output=True, text=True)
         refused_existing = rerun.returncode == 2 and "already exists" in rerun.stderr
         if rerun.returncode != 0 and not (committed and refused_existing):
             result.reruns_different.append(f"kill at {point:.1f} s: rerun exited {rerun.returncode}: {rerun.stderr[-500:]}")
