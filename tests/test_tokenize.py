@@ -171,6 +171,10 @@ def test_ray_job_submit_on_a_local_head(tmp_path, english_lines, english_model):
     source = write_jsonl(tmp_path / "en.jsonl", english_lines[:200])
     ray_bin = Path(sys.executable).parent / "ray"
     port, dashboard = _free_port(), _free_port()
+    # Every port the head opens, chosen free: other Ray clusters on this machine hold the defaults.
+    ports = {flag: _free_port() for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                             "metrics-export-port", "ray-client-server-port",
+                                             "runtime-env-agent-port", "node-manager-port", "object-manager-port")}
     temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
@@ -178,7 +182,8 @@ def test_ray_job_submit_on_a_local_head(tmp_path, english_lines, english_model):
     # (`ray stop` would stop every Ray on the machine).
     head = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dashboard}",
-         "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp_dir}"],
+         "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp_dir}",
+         *(f"--{flag}={value}" for flag, value in ports.items())],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
@@ -189,12 +194,12 @@ def test_ray_job_submit_on_a_local_head(tmp_path, english_lines, english_model):
             sys.executable, "-m", "pipeline.tokenize", "--input", str(source), "--tokenizer", str(english_model),
             "--out", str(tmp_path / "ds"),
         ]
-        for _ in range(60):  # the job server answers once the head is up
+        not_up_yet = ("Connection refused", "ConnectionError", "No available agent")
+        for _ in range(45):  # the job server and its agent answer a while after the head starts
             result = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
-            if "Connection refused" not in result.stdout + result.stderr and "ConnectionError" not in (
-                result.stdout + result.stderr
-            ):
+            if result.returncode == 0 or not any(s in result.stdout + result.stderr for s in not_up_yet):
                 break
+            assert head.poll() is None, f"the Ray head exited while starting; see {temp_dir}/session_latest/logs"
             time.sleep(2)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert "tokenized 200 documents" in result.stdout
