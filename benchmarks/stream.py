@@ -1,9 +1,10 @@
 """Throughput of the mixer against MosaicML Streaming and litdata, on English and German man pages.
 
-    .venv/bin/python benchmarks/stream.py [--work /tmp/replaymix-bench] [--baseline-python /tmp/benchvenv/bin/python]
+    .venv/bin/python benchmarks/stream.py [--work data/stream-bench] [--baseline-python /tmp/benchvenv/bin/python]
 
 Measures, all on the same tokens (seq_len 2048, global batch 8, mix old=0.25/new=0.75), single core:
-  1. tokens/s of the in-process Mixer and of one StreamClient over HTTP on loopback;
+  1. tokens/s of the in-process Mixer, one step per call (`batch`) and 64 steps per call (`batches`,
+     what the service does for a range request), and of one StreamClient over HTTP on loopback;
   2. tokens/s of MosaicML Streaming (StreamingDataset, two Streams at the same proportions) and of
      litdata (CombinedStreamingDataset with weights), run with --baseline-python, a separate virtual
      environment that has them installed (their pins are not ours); the tokens are converted into
@@ -12,27 +13,34 @@ Measures, all on the same tokens (seq_len 2048, global batch 8, mix old=0.25/new
      the batch at step 10**7 against step 10 (with a 100-stage schedule).
 Each figure is printed as a ratio to a baseline measured in the same run.
 
-The datasets are built in-process (as tests/conftest.py does): man pages rendered with man(1), a
-SentencePiece BPE model trained on them, documents written with pipeline.dataset. Built once per --work.
+The datasets are built with the real pipeline when it is in the tree (`pipeline.corpora.manpages`
+renders English and German man pages to JSONL, `pipeline.tokenizer train` fits a BPE model on both,
+`pipeline.tokenize` writes the token datasets); otherwise in-process, as tests/conftest.py does (man
+pages rendered with man(1), a SentencePiece model, documents written with pipeline.dataset). Either
+way they are built once per --work (default data/stream-bench, which git ignores) and reused.
 """
 
 from __future__ import annotations
 
-import argparse
-import gzip
-import json
-import os
-import shutil
-import subprocess
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+# Run as a script, this file's folder comes first on sys.path, and it holds benchmarks/tokenize.py,
+# which would shadow the standard library's tokenize (linecache imports it): import from the root.
+if sys.path and Path(sys.path[0]).resolve() == REPO / "benchmarks":
+    sys.path[0] = str(REPO)
+
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 from pipeline.dataset import (  # noqa: E402
     TOKENIZER_NAME,
@@ -46,6 +54,8 @@ from pipeline.dataset import (  # noqa: E402
 
 SEQ_LEN, GLOBAL_BATCH, WEIGHTS = 2048, 8, {"old": 0.25, "new": 0.75}
 ROW = SEQ_LEN + 1
+CHUNK_STEPS = 64  # steps per Mixer.batches call in the chunked in-process figure
+PIPELINE_MODULES = ("pipeline.corpora.manpages", "pipeline.tokenizer", "pipeline.tokenize")
 
 
 @dataclass(frozen=True)
@@ -59,7 +69,8 @@ class BenchConfig:
 
 def parse_args() -> BenchConfig:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", type=Path, default=Path("/tmp/replaymix-bench"))
+    parser.add_argument("--work", type=Path, default=REPO / "data" / "stream-bench",
+                        help="datasets, their MosaicML/litdata copies and state dirs (reused across runs)")
     parser.add_argument("--pages", type=int, default=300, help="man pages per language")
     parser.add_argument("--steps", type=int, default=300, help="steps timed per reader")
     parser.add_argument("--baseline-python", type=Path, default=Path("/tmp/benchvenv/bin/python"))
@@ -101,13 +112,9 @@ def write_dataset(out: Path, documents: list[str], model: Path, repeat: int = 1)
     commit_dataset(staging, out, build_manifest(info, {"train": shards, "val": val}, inputs=["man pages"]), overwrite=True)
 
 
-def build_datasets(config: BenchConfig) -> dict[str, Path]:
+def build_in_process(config: BenchConfig, paths: dict[str, Path]) -> None:
     import sentencepiece as spm
 
-    paths = {name: config.work / name for name in ("old", "new", "old10x")}
-    if all((p / "manifest.json").exists() for p in paths.values()):
-        return paths
-    config.work.mkdir(parents=True, exist_ok=True)
     english = render_pages(Path("/usr/share/man/man1"), config.pages)
     german = render_pages(Path("/usr/share/man/de/man1"), config.pages)
     corpus = config.work / "corpus.txt"
@@ -119,7 +126,44 @@ def build_datasets(config: BenchConfig) -> dict[str, Path]:
     write_dataset(paths["old"], english, model)
     write_dataset(paths["new"], german, model)
     write_dataset(paths["old10x"], english, model, repeat=10)
-    return paths
+
+
+def run_module(*args: object) -> None:
+    command = [sys.executable, "-m", *map(str, args)]
+    print("$ " + " ".join(command[1:]), flush=True)
+    if subprocess.run(command, cwd=REPO).returncode != 0:
+        raise SystemExit(f"benchmarks/stream.py: `{' '.join(command[1:])}` failed; see its output above")
+
+
+def build_with_pipeline(config: BenchConfig, paths: dict[str, Path]) -> None:
+    corpora = config.work / "corpora"
+    corpora.mkdir(parents=True, exist_ok=True)
+    english, german = corpora / "manpages-en.jsonl", corpora / "manpages-de.jsonl"
+    for lang, out in (("en", english), ("de", german)):
+        if not out.exists():
+            run_module("pipeline.corpora.manpages", "--lang", lang, "--out", out, "--limit", config.pages, "--num-cpus", 2)
+    english_10x = corpora / "manpages-en-10x.jsonl"  # every English page ten times: 10x the tokens
+    english_10x.write_text(english.read_text() * 10)
+    model = config.work / "spm.model"
+    run_module("pipeline.tokenizer", "train", "--input", english, german, "--out", model, "--vocab-size", 8000,
+               "--num-cpus", 2, "--overwrite")
+    for name, corpus in (("old", english), ("new", german), ("old10x", english_10x)):
+        run_module("pipeline.tokenize", "--input", corpus, "--tokenizer", model, "--out", paths[name], "--num-cpus", 2,
+                   "--overwrite")
+
+
+def build_datasets(config: BenchConfig) -> tuple[dict[str, Path], str]:
+    """The three datasets, and how they were made."""
+    paths = {name: config.work / name for name in ("old", "new", "old10x")}
+    use_pipeline = all(importlib.util.find_spec(module) is not None for module in PIPELINE_MODULES)
+    how = "the pipeline" if use_pipeline else "in-process"
+    if all((p / "manifest.json").exists() for p in paths.values()):
+        return paths, f"cached in {config.work}"
+    config.work.mkdir(parents=True, exist_ok=True)
+    for stale in ("mosaic", "litdata"):  # copies of datasets that are about to be replaced
+        shutil.rmtree(config.work / stale, ignore_errors=True)
+    (build_with_pipeline if use_pipeline else build_in_process)(config, paths)
+    return paths, f"built by {how} in {config.work}"
 
 
 # --- readers ----------------------------------------------------------------------------------------
@@ -137,7 +181,8 @@ def rate(make_batches, steps: int, warmup: int = 5) -> float:
     return steps * GLOBAL_BATCH * ROW / (time.perf_counter() - started)
 
 
-def in_process_batches(paths: dict[str, Path]):
+def in_process_batches(paths: dict[str, Path], chunk: int = 1):
+    """The mixer's batches in step order, computed `chunk` steps per call."""
     from service.mixer import Mixer, MixerConfig
     from service.schedule import MixSchedule
 
@@ -146,8 +191,9 @@ def in_process_batches(paths: dict[str, Path]):
     mixer = Mixer({n: TokenDataset(paths[n]) for n in WEIGHTS}, MixerConfig(SEQ_LEN, GLOBAL_BATCH), MixSchedule.constant(WEIGHTS))
     step = 0
     while True:
-        yield torch.from_numpy(mixer.batch(step).tokens)
-        step += 1
+        for batch in mixer.batches(list(range(step, step + chunk))):
+            yield torch.from_numpy(batch.tokens)
+        step += chunk
 
 
 def windows_of(path: Path) -> np.ndarray:
@@ -222,7 +268,7 @@ def http_rate(paths: dict[str, Path], work: Path, steps: int) -> tuple[float, di
              "--weights=old=0.25,new=0.75", f"--seq-len={SEQ_LEN}", f"--global-batch={GLOBAL_BATCH}",
              f"--state-dir={state}", f"--port={port}", "--log-level=warning"], cwd=REPO)
         try:
-            client = StreamClient(f"http://127.0.0.1:{port}", prefetch=4, retry_for=60)
+            client = StreamClient(f"http://127.0.0.1:{port}", retry_for=60)
             measured = rate(lambda: (b.tokens for b in client), steps)
             client.close()
             results = results or measured
@@ -280,29 +326,35 @@ def main() -> None:
     config = parse_args()
     if config.baseline:
         return run_baseline(config)
-    paths = build_datasets(config)
+    paths, made = build_datasets(config)
     sizes = {name: TokenDataset(p).train.num_tokens for name, p in paths.items()}
-    print(f"datasets: {sizes} tokens; seq_len {SEQ_LEN}, global batch {GLOBAL_BATCH}, mix {WEIGHTS}")
-    mixer_rate = rate(lambda: in_process_batches(paths), config.steps)
+    print(f"datasets ({made}): {sizes} tokens; seq_len {SEQ_LEN}, global batch {GLOBAL_BATCH}, mix {WEIGHTS}")
+    per_step = rate(lambda: in_process_batches(paths), config.steps)
+    chunked = rate(lambda: in_process_batches(paths, CHUNK_STEPS), config.steps)
     client_rate, memory = http_rate(paths, config.work, config.steps)
     mosaic, litdata = baseline_rate(config, "mosaic"), baseline_rate(config, "litdata")
     ratio = random_access_ratio(paths)
     best = max(r for r in (mosaic, litdata, 0.0) if r is not None)
-    print(f"in-process mixer   {mixer_rate / 1e6:8.2f} M tokens/s")
-    print(f"StreamClient/HTTP  {client_rate / 1e6:8.2f} M tokens/s  ({client_rate / mixer_rate:.2f}x in-process; target >= 0.5)")
+    print(f"in-process mixer, batch()          {per_step / 1e6:8.2f} M tokens/s")
+    print(f"in-process mixer, batches({CHUNK_STEPS} steps) {chunked / 1e6:8.2f} M tokens/s")
+    print(f"StreamClient/HTTP                  {client_rate / 1e6:8.2f} M tokens/s  ({client_rate / per_step:.2f}x batch(), "
+          f"{client_rate / chunked:.2f}x batches(); target >= 0.5)")
     for name, value in (("MosaicML Streaming", mosaic), ("litdata", litdata)):
         if value is not None:
-            print(f"{name:18} {value / 1e6:8.2f} M tokens/s  (in-process mixer is {mixer_rate / value:.2f}x)")
+            print(f"{name:34} {value / 1e6:8.2f} M tokens/s  (in-process mixer is {per_step / value:.2f}x per step, "
+                  f"{chunked / value:.2f}x chunked; HTTP is {client_rate / value:.2f}x)")
     # VmRSS also counts the memory-mapped dataset pages a run happens to touch (page cache, shared,
     # reclaimable); RssAnon is the service's own memory, which must not grow with the dataset.
     print(f"service RSS        {memory['1x'] / 2**20:.1f} MiB (1x) vs {memory['10x'] / 2**20:.1f} MiB (10x old dataset): "
           f"{memory['10x'] / memory['1x']:.3f}x; anonymous {memory['1x anon'] / 2**20:.1f} vs "
           f"{memory['10x anon'] / 2**20:.1f} MiB: {memory['10x anon'] / memory['1x anon']:.3f}x (target <= 1.10)")
     print(f"batch at step 1e7 vs step 10 (100 stages): {ratio:.2f}x")
+    vs_best = (f"{per_step / best:.2f}x/{chunked / best:.2f}x/{client_rate / best:.2f}x" if best else "n/a")
     print(
-        f"summary: mixer {mixer_rate / 1e6:.2f} M tok/s, http {client_rate / mixer_rate:.2f}x, "
-        f"vs best baseline {mixer_rate / best if best else float('nan'):.2f}x, rss 10x/1x {memory['10x'] / memory['1x']:.3f} (anon {memory['10x anon'] / memory['1x anon']:.3f}), "
-        f"step 1e7/10 {ratio:.2f}x"
+        f"summary: mixer {per_step / 1e6:.2f} M tok/s per step, {chunked / 1e6:.2f} chunked; http {client_rate / 1e6:.2f} "
+        f"M tok/s = {client_rate / per_step:.2f}x per step, {client_rate / chunked:.2f}x chunked; "
+        f"vs best baseline (step/chunk/http) {vs_best}, rss 10x/1x {memory['10x'] / memory['1x']:.3f} "
+        f"(anon {memory['10x anon'] / memory['1x anon']:.3f}), step 1e7/10 {ratio:.2f}x"
     )
 
 

@@ -1,7 +1,8 @@
 """Trainer-side client: `StreamClient` iterates a rank's batches from the mixer service over HTTP.
 
 A background thread fetches `range_steps` steps per request (`GET /v1/batches?start=...&count=...`,
-one body, see wire.py), with IN_FLIGHT requests under way on keep-alive connections so the service
+one body, see wire.py), with IN_FLIGHT requests under way on keep-alive connections (transport.py)
+so the service
 computes the next range while this process decodes the last, and keeps up to `prefetch` batches
 ready. A failed request is retried with exponential backoff, which is safe because a step is
 idempotent: the server returns the same bytes for a step every time, also after a restart. `StreamDataset` wraps the
@@ -10,6 +11,7 @@ client as a `torch.utils.data.IterableDataset` for DataLoader users.
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import time
@@ -18,10 +20,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
-import httpx
 import torch
 
 from service.mixer import Batch
+from service.transport import KeepAliveGetter, TransportError
 from service.wire import MEDIA_TYPE, WireError, decode_batch, decode_batches
 
 
@@ -67,13 +69,13 @@ class StreamClient:
         """
         if prefetch < 1 or step_stride < 1 or (range_steps is not None and range_steps < 1):
             raise ValueError(f"prefetch {prefetch}, step_stride {step_stride} and range_steps {range_steps} must be >= 1")
-        self.url = url.rstrip("/")
+        self._http = KeepAliveGetter(url, timeout)
+        self.url = self._http.url
         self.rank, self.world_size = rank, world_size
         self.next_step, self.stop_step, self.step_stride = start_step, stop_step, step_stride
         self.retry_for, self.backoff = retry_for, backoff
-        self._http = httpx.Client(timeout=timeout, limits=httpx.Limits(max_keepalive_connections=IN_FLIGHT))
         self._closed = threading.Event()
-        self.info: dict = self._request("GET", "/v1/status").json()
+        self.info: dict = json.loads(self._get("/v1/status"))
         if range_steps is None:
             rows = max(1, self.info["global_batch"] // world_size)
             range_steps = max(1, min(MAX_RANGE_STEPS, RANGE_BYTES // (rows * (self.info["seq_len"] + 1) * 2)))
@@ -82,38 +84,39 @@ class StreamClient:
         self._thread = threading.Thread(target=self._fetch_loop, name="stream-prefetch", daemon=True)
         self._thread.start()
 
-    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+    def _get(self, path: str, params: dict | None = None, accept: str = "application/json") -> bytes | bytearray:
+        """The body of GET path, retried on connection errors and 5xx; StreamError on 4xx or timeout."""
         deadline, delay = time.monotonic() + self.retry_for, self.backoff
         while True:
             try:
-                response = self._http.request(method, self.url + path, **kwargs)
-                if response.status_code < 500:
+                status, body = self._http.get(path, params, accept)
+                if status < 500:
                     break
-                problem = f"HTTP {response.status_code}: {response.text[:200]}"
-            except httpx.TransportError as e:
-                problem = f"{type(e).__name__}: {e}"
+                problem = f"HTTP {status}: {bytes(body[:200]).decode(errors='replace')}"
+            except TransportError as e:
+                problem = str(e)
             if self._closed.is_set() or time.monotonic() + delay > deadline:
-                raise StreamError(f"{method} {self.url}{path} failed for {self.retry_for:.0f} s; last error: {problem}")
+                raise StreamError(f"GET {self.url}{path} failed for {self.retry_for:.0f} s; last error: {problem}")
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
-        if response.status_code >= 400:
-            raise StreamError(f"{method} {self.url}{path}: HTTP {response.status_code}: {response.text[:500]}")
-        return response
+        if status >= 400:
+            raise StreamError(f"GET {self.url}{path} {params or ''}: HTTP {status}: {bytes(body[:500]).decode(errors='replace')}")
+        return body
 
     def fetch(self, step: int) -> StreamBatch:
         """One step's batch for this rank, synchronously (with retries)."""
-        response = self._request(
-            "GET", f"/v1/batches/{step}", params={"rank": self.rank, "world_size": self.world_size},
-            headers={"Accept": MEDIA_TYPE},
-        )
-        return self._checked(decode_batch(response.content), step)
+        body = self._get(f"/v1/batches/{step}", {"rank": self.rank, "world_size": self.world_size}, MEDIA_TYPE)
+        try:
+            return self._checked(decode_batch(body), step)
+        except WireError as e:
+            raise StreamError(f"GET {self.url}/v1/batches/{step}: {e}") from e
 
     def fetch_range(self, start: int, count: int) -> list[StreamBatch]:
         """Steps start, start + step_stride, ... (count of them) in one request (with retries)."""
         params = {"start": start, "count": count, "stride": self.step_stride, "rank": self.rank, "world_size": self.world_size}
-        response = self._request("GET", "/v1/batches", params=params, headers={"Accept": MEDIA_TYPE})
+        body = self._get("/v1/batches", params, MEDIA_TYPE)
         try:
-            batches = decode_batches(response.content)
+            batches = decode_batches(body)
         except WireError as e:
             raise StreamError(f"GET {self.url}/v1/batches {params}: {e}") from e
         if len(batches) != count:
