@@ -103,7 +103,9 @@ def create_app(service: MixService, admin_token: str | None) -> FastAPI:
             rows = len(service.mixer.rows_of(rank, world_size))
         except ValueError as e:
             raise HTTPException(422, str(e)) from None
-        row_bytes = (service.mixer.config.seq_len + 1) * token_width(vocab_size) + 1
+        # JSON spends up to ~8 characters a token; budget it so, and binary at its token width.
+        token_bytes = 8 if "application/json" in request.headers.get("accept", "") else token_width(vocab_size)
+        row_bytes = (service.mixer.config.seq_len + 1) * token_bytes + 1
         if count * rows * row_bytes > MAX_RANGE_BYTES:
             fits = max(1, MAX_RANGE_BYTES // (rows * row_bytes))
             raise HTTPException(422, f"count {count}: {count} steps of {rows} rows exceed the {MAX_RANGE_BYTES >> 20} MiB "
