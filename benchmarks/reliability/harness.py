@@ -107,6 +107,11 @@ class ServiceSettings:
         return args
 
 
+def service_command(settings: ServiceSettings, port: int) -> list[str]:
+    return [sys.executable, "-m", "service", *settings.args(), "--host", LOOPBACK, "--port", str(port),
+            "--log-level", "warning"]
+
+
 class ServiceProcess:
     """`python -m service` in a subprocess on a loopback port; restartable on the same state dir."""
 
@@ -115,17 +120,11 @@ class ServiceProcess:
         self.port = port or free_port()
         self.url = f"http://{LOOPBACK}:{self.port}"
         self.proc: subprocess.Popen | None = None
-        self.starts = 0
-
-    def command(self) -> list[str]:
-        return [sys.executable, "-m", "service", *self.settings.args(), "--host", LOOPBACK,
-                "--port", str(self.port), "--log-level", "warning"]
 
     def start(self, ready_within: float = 60.0) -> "ServiceProcess":
         with open(self.log_path, "ab") as log:  # appended: one log across restarts
-            self.proc = subprocess.Popen(self.command(), cwd=self.settings.code_root, stdout=log,
-                                         stderr=subprocess.STDOUT)
-        self.starts += 1
+            self.proc = subprocess.Popen(service_command(self.settings, self.port), cwd=self.settings.code_root,
+                                         stdout=log, stderr=subprocess.STDOUT)
         self.wait_ready(ready_within)
         return self
 
@@ -172,9 +171,8 @@ def try_start(settings: ServiceSettings, within: float = 60.0) -> tuple[int | No
     """Start the service once and report (exit code, output): None when it started serving instead."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service", *settings.args(), "--host", LOOPBACK, "--port", str(port),
-         "--log-level", "warning"],
-        cwd=settings.code_root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        service_command(settings, port), cwd=settings.code_root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
     )
     deadline = time.monotonic() + within
     while time.monotonic() < deadline and proc.poll() is None:
