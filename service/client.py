@@ -2,11 +2,10 @@
 
 A background thread fetches `range_steps` steps per request (`GET /v1/batches?start=...&count=...`,
 one body, see wire.py), with IN_FLIGHT requests under way on keep-alive connections (transport.py)
-so the service
-computes the next range while this process decodes the last, and keeps up to `prefetch` batches
-ready. A failed request is retried with exponential backoff, which is safe because a step is
-idempotent: the server returns the same bytes for a step every time, also after a restart. `StreamDataset` wraps the
-client as a `torch.utils.data.IterableDataset` for DataLoader users.
+so that the service computes the next range while this process decodes the last, and keeps up to
+`prefetch` batches ready. A failed request is retried with exponential backoff, which is safe
+because a step is idempotent: the server returns the same bytes for a step every time, also after a
+restart. `StreamDataset` wraps the client as a `torch.utils.data.IterableDataset` for DataLoader users.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import queue
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -81,6 +80,10 @@ class StreamClient:
             range_steps = max(1, min(MAX_RANGE_STEPS, RANGE_BYTES // (rows * (self.info["seq_len"] + 1) * 2)))
         self.range_steps = range_steps
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
+        self._jobs: queue.Queue = queue.Queue()
+        # Daemon threads (a ThreadPoolExecutor's are joined at exit, which a retrying request delays).
+        for i in range(IN_FLIGHT):
+            threading.Thread(target=self._fetch_worker, name=f"stream-fetch-{i}", daemon=True).start()
         self._thread = threading.Thread(target=self._fetch_loop, name="stream-prefetch", daemon=True)
         self._thread.start()
 
@@ -141,29 +144,37 @@ class StreamClient:
             yield step, count
             step += count * self.step_stride
 
+    def _fetch_worker(self) -> None:
+        """Runs queued fetch_range calls, each on this thread's own keep-alive connection."""
+        while (job := self._jobs.get()) is not None:
+            future, start, count = job
+            try:
+                future.set_result(self.fetch_range(start, count))
+            except Exception as e:  # the fetch loop hands it to the consumer
+                future.set_exception(e)
+
+    def _submit(self, start: int, count: int) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, start, count))
+        return future
+
     def _fetch_loop(self) -> None:
         ranges, pending = self._ranges(), deque()
-        pool = ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="stream-fetch")
-        try:
-            while not self._closed.is_set():
-                for start, count in ranges:  # top up to IN_FLIGHT requests; results come back in order
-                    pending.append(pool.submit(self.fetch_range, start, count))
-                    if len(pending) == IN_FLIGHT:
-                        break
-                if not pending:
-                    self._offer(None)
+        while not self._closed.is_set():
+            for start, count in ranges:  # top up to IN_FLIGHT requests; results come back in order
+                pending.append(self._submit(start, count))
+                if len(pending) == IN_FLIGHT:
+                    break
+            if not pending:
+                self._offer(None)
+                return
+            try:
+                items: list = pending.popleft().result()
+            except Exception as e:  # handed to the consumer, which raises it in its own thread
+                items = [e]
+            for item in items:
+                if not self._offer(item) or isinstance(item, Exception):
                     return
-                future: Future = pending.popleft()
-                try:
-                    items: list = future.result()
-                except Exception as e:  # handed to the consumer, which raises it in its own thread
-                    items = [e]
-                for item in items:
-                    if not self._offer(item) or isinstance(item, Exception):
-                        return
-        finally:
-            # A request still retrying gives up once the client is closed; never wait for it here.
-            pool.shutdown(wait=False, cancel_futures=True)
 
     def _offer(self, item: object) -> bool:
         """Queue an item, waiting for room; False once the client is closed."""
@@ -190,7 +201,9 @@ class StreamClient:
         return item
 
     def close(self) -> None:
-        self._closed.set()
+        self._closed.set()  # a request still retrying gives up at its next attempt
+        for _ in range(IN_FLIGHT):
+            self._jobs.put(None)
         self._thread.join(timeout=5)
         self._http.close()
 

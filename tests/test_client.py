@@ -51,17 +51,18 @@ def test_client_yields_the_mixers_batches_in_order(service, datasets):
 
 
 def test_client_retries_through_a_server_restart(service):
-    client = StreamClient(service.url, prefetch=1, retry_for=60)
+    # one step per request and little read-ahead, so that steps 8.. are requested while the service is down
+    client = StreamClient(service.url, prefetch=1, retry_for=60, range_steps=1)
     first = [next(client) for _ in range(3)]
     service.kill9()
     # restart after a while, on the same port and state dir, while the client is retrying
     restarter = threading.Timer(1.0, service.start)
     restarter.start()
-    later = [next(client) for _ in range(5)]
+    later = [next(client) for _ in range(10)]
     restarter.join()
     client.close()
-    assert [b.step for b in first + later] == list(range(8))
-    with StreamClient(service.url, start_step=0, stop_step=8) as again:
+    assert [b.step for b in first + later] == list(range(13))
+    with StreamClient(service.url, start_step=0, stop_step=13) as again:
         assert all(torch.equal(a.tokens, b.tokens) for a, b in zip(again, first + later))
 
 
