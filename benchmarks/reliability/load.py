@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
 from benchmarks.reliability.harness import (
@@ -71,6 +72,7 @@ class LoadResult:
     overlapping_rows: int = 0
     tracebacks: int = 0
     seconds: float = 0.0
+    server_mean_seconds: float = float("nan")  # the service's own histogram: time inside the app
 
     @property
     def ok(self) -> bool:
@@ -167,6 +169,17 @@ def check_against_mixer(settings: ServiceSettings, schedule: list[dict], config:
         result.steps_checked += 1
 
 
+def server_mean_seconds(metrics: str, route: str = "/v1/batches/{step}") -> float:
+    """Mean request time the service itself measured for `route` (Prometheus histogram sum / count)."""
+    totals = {}
+    for family in text_string_to_metric_families(metrics):
+        for sample in family.samples:
+            if sample.name in ("replaymix_request_seconds_sum", "replaymix_request_seconds_count") \
+                    and sample.labels.get("route") == route:
+                totals[sample.name.rsplit("_", 1)[1]] = sample.value
+    return totals.get("sum", float("nan")) / max(totals.get("count", 0.0), 1.0)
+
+
 def run_load(config: LoadConfig) -> LoadResult:
     work = Path(config.work)
     datasets = build_datasets(work / "datasets", old_docs=2000, new_docs=2000)
@@ -182,6 +195,7 @@ def run_load(config: LoadConfig) -> LoadResult:
     with ServiceProcess(settings, log) as service:
         asyncio.run(drive(service.url, token, config, result))
         schedule = httpx.get(f"{service.url}/v1/mix", timeout=60).json()["schedule"]
+        result.server_mean_seconds = server_mean_seconds(httpx.get(f"{service.url}/metrics", timeout=60).text)
     result.tracebacks = service.tracebacks()
     check_against_mixer(settings, schedule, config, result)
     return result
@@ -203,7 +217,8 @@ def main() -> int:
         "clients x seconds": f"{config.clients} x {result.seconds:.0f}",
         "requests": f"{result.requests} ({result.requests / max(result.seconds, 1e-9):.0f}/s)",
         "errors": len(result.errors),
-        "latency p50 / p99 (ms)": f"{p50 * 1e3:.1f} / {p99 * 1e3:.1f}",
+        "latency p50 / p99 (ms), at the clients": f"{p50 * 1e3:.1f} / {p99 * 1e3:.1f}",
+        "mean time inside the service (ms)": f"{result.server_mean_seconds * 1e3:.1f}",
         "(step, rank) answered twice, bytes differ": f"{result.mismatches} of {len(result.digests)} pairs",
         "ratio changes acknowledged": result.changes_acknowledged,
         "steps checked (all ranks) against the mixer": result.steps_checked,
