@@ -18,6 +18,7 @@ class DataConfig:
     datasets: dict[str, str] = field(default_factory=dict)  # name -> dataset folder
     weights: dict[str, float] = field(default_factory=dict)
     stream_url: str | None = None
+    stream_read_ahead: int | None = None  # steps per request and decoded queue; None: the client's default
     seq_len: int = 256
     global_batch: int = 32  # sequences per step over all ranks
     micro_batch: int = 8  # sequences per forward pass on one rank; the rest is gradient accumulation
@@ -86,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--weights", type=_weights, default={}, metavar="NAME=W,...",
                      help="mixing weights of the --dataset names (default: equal)")
     src.add_argument("--stream", metavar="URL", help="pull batches from a mixer service instead")
+    src.add_argument("--stream-read-ahead", type=int, metavar="STEPS",
+                     help="with --stream: fetch STEPS steps per request and keep STEPS ready, so about 3 x STEPS "
+                          "are served ahead of training (default: ~4 MiB per request); small values make a ratio "
+                          "change without start_step land sooner")
     src.add_argument("--seq-len", type=int, default=DataConfig.seq_len)
     src.add_argument("--global-batch", type=int, default=DataConfig.global_batch)
     src.add_argument("--micro-batch", type=int, default=DataConfig.micro_batch)
@@ -145,6 +150,8 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     unknown = set(args.weights) - set(datasets)
     if unknown:
         parser.error(f"--weights names {sorted(unknown)} that no --dataset defines ({sorted(datasets)})")
+    if args.stream_read_ahead is not None and (not args.stream or args.stream_read_ahead < 1):
+        parser.error("--stream-read-ahead needs --stream and a positive number of steps")
     if args.stream and args.weights:
         parser.error("--weights applies to in-process mixing; with --stream the service's schedule decides")
     if args.resume and args.init_from:
@@ -160,6 +167,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
             datasets=datasets,
             weights=args.weights or {name: 1.0 for name in datasets},
             stream_url=args.stream,
+            stream_read_ahead=args.stream_read_ahead,
             seq_len=args.seq_len,
             global_batch=args.global_batch,
             micro_batch=args.micro_batch,

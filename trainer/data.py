@@ -108,6 +108,8 @@ class StreamSource:
         from service.client import StreamClient
 
         self.url, self.rank, self.world_size = config.stream_url.rstrip("/"), rank, world_size
+        read_ahead = config.stream_read_ahead
+        self._client_options = {} if read_ahead is None else {"prefetch": read_ahead, "range_steps": read_ahead}
         self._client_class = StreamClient
         self._client = None
         # Plain GET: a StreamClient would start prefetching steps before we know where to start.
@@ -122,7 +124,8 @@ class StreamSource:
         self.seq_len, self.global_batch = int(self.info["seq_len"]), int(self.info["global_batch"])
 
     def batches(self, start_step: int) -> Iterator[TrainBatch]:
-        self._client = self._client_class(self.url, rank=self.rank, world_size=self.world_size, start_step=start_step)
+        self._client = self._client_class(self.url, rank=self.rank, world_size=self.world_size, start_step=start_step,
+                                          **self._client_options)
         expected = start_step
         for item in self._client:
             if item.step != expected:

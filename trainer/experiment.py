@@ -327,6 +327,9 @@ def continue_on_german(cfg: ExperimentConfig, spec: Phase2Run, phase1: Path, tok
         args = [*trainer_args(cfg, out, cfg.phase2_steps, ["en", "de"]), f"--stream={url}",
                 f"--init-from={phase1 / CHECKPOINT_DIR / named_checkpoint(cfg.phase1_anneal_start)}",
                 f"--extension-report={cfg.work_dir / 'tokenizers' / 'en+de.report.json'}", *schedule]
+        if spec.switch_to is not None:
+            # The client reads a few steps ahead only, so a change without start_step lands near at_step.
+            args.append("--stream-read-ahead=2")
         print("$ " + " ".join(map(str, args)), flush=True)
         trainer = subprocess.Popen([str(a) for a in args], cwd=REPO)
         if spec.switch_to is not None:
