@@ -3,18 +3,21 @@
     python -m pipeline.tokenize --input data/en.jsonl --tokenizer tok.model --out datasets/en
 
 The same command runs under `ray job submit --working-dir . -- python -m pipeline.tokenize ...`.
-Ray Data reads the inputs (`pipeline.readers`) and encodes them on a pool of actors, each loading the
-SentencePiece model once. Ray Data's `preserve_order` hands the encoded documents to the driver in input
-order, and the driver writes them as shards (`pipeline.dataset.ShardWriter`), cut by token count: the
-same inputs, tokenizer and seed give byte-identical shards on any number of workers or blocks. Only the
-driver touches `--out`, so a cluster needs no shared output storage. The dataset is built in a staging
-folder and renamed into place with its manifest (`pipeline.dataset.commit_dataset`).
+Ray Data runs one stage: each task reads a few MB of input (`pipeline.readers`) and encodes them with
+SentencePiece in one batched call (the model is loaded once per worker process), returning each block's
+tokens as one flat Arrow array with per-document offsets. Ray Data's `preserve_order` hands the blocks
+to the driver in input order, and the driver writes them as shards (`pipeline.dataset.ShardWriter`), cut
+by token count: the same inputs, tokenizer and seed give byte-identical shards on any number of workers
+or blocks. Only the driver touches `--out`, so a cluster needs no shared output storage. The dataset is
+built in a staging folder and renamed into place with its manifest (`pipeline.dataset.commit_dataset`).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
+import itertools
 import os
 import shutil
 import sys
@@ -25,8 +28,10 @@ from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 from tqdm import tqdm
 
 from pipeline.dataset import (
@@ -40,11 +45,16 @@ from pipeline.dataset import (
     token_dtype,
 )
 from pipeline.ray_runtime import init_ray
-from pipeline.readers import DEFAULT_CHUNK_BYTES, InputError, expand_inputs, read_documents
+from pipeline.readers import InputError, expand_inputs, read_documents
 
-# Reading and parsing costs a few percent of encoding, so read tasks ask for a sliver of a CPU and the
-# encoder actors can take the rest without starving them.
-READ_CPUS = 0.25
+# A few blocks per worker balance the load (documents differ in size) while each block stays big enough
+# that per-task costs vanish; blocks are at least 1 MiB and at most 64 MiB.
+BLOCKS_PER_WORKER = 4
+MIN_BLOCK_BYTES, MAX_BLOCK_BYTES = 1 << 20, 64 << 20
+# SentencePiece encodes one long string several times slower than the same text in lines, and per-call
+# overhead dominates for tiny strings: documents are cut at newlines into parts of about this many
+# characters (only when that provably gives the same ids, see `newlines_split_words`).
+PART_CHARS = 2000
 
 
 @dataclass
@@ -56,9 +66,9 @@ class TokenizeConfig:
     val_fraction: float = 0.005
     seed: int = 0
     shard_tokens: int = 1 << 26  # 128 MiB shards at uint16
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    batch_size: int = 64  # documents per encoder call
-    workers: int | None = None  # encoder actors; default: the cluster's CPUs
+    chunk_bytes: int | None = None  # input per read+encode task; default: a few blocks per worker
+    batch_size: int | None = None  # documents per encode call; default: a whole block
+    workers: int | None = None  # concurrent read+encode tasks; default: the cluster's CPUs
     address: str | None = None
     num_cpus: int | None = None  # CPUs of an embedded local Ray
     overwrite: bool = False
@@ -103,41 +113,118 @@ def is_validation(text: bytes, seed: int, val_fraction: float) -> bool:
     return int.from_bytes(digest, "little") < val_fraction * 2.0**64
 
 
-class Encoder:
-    """A Ray Data actor: loads the SentencePiece model once, then encodes batches of documents."""
+@dataclass(frozen=True)
+class EncodeSettings:
+    """What an encode task needs; frozen (hashable) so that a worker process loads the model once."""
 
-    def __init__(self, model_proto: bytes, bos_id: int, add_bos: bool, eos_id: int, dtype: str, seed: int,
-                 val_fraction: float):
-        self.processor = spm.SentencePieceProcessor(model_proto=model_proto)
-        self.prefix = [bos_id] if add_bos else []
-        self.eos_id, self.dtype = eos_id, np.dtype(dtype)
-        self.seed, self.val_fraction = seed, val_fraction
+    model_proto: bytes
+    bos_id: int
+    add_bos: bool
+    eos_id: int
+    dtype: str
+    seed: int
+    val_fraction: float
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+
+def newlines_split_words(model_proto: bytes) -> bool:
+    """Whether encoding a document in parts cut at newlines gives exactly the ids of encoding it whole.
+
+    It does when a newline normalizes to a space that is collapsed, every part gets the dummy prefix "▁"
+    that the newline would have become, and no piece holds "▁" or a newline after its first character:
+    then every segmentation breaks before each "▁", so the parts are segmented as they would be inside
+    the whole. Default `nmt_nfkc` models trained with `split_by_whitespace` qualify; others are encoded
+    whole. A probe string checks the conclusion on the model itself.
+    """
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString(model_proto)
+    normalizer, trainer = model.normalizer_spec, model.trainer_spec
+    if not (normalizer.add_dummy_prefix and normalizer.remove_extra_whitespaces and trainer.split_by_whitespace
+            and not trainer.treat_whitespace_as_suffix):
+        return False
+    if any("\u2581" in p.piece[1:] or "\n" in p.piece for p in model.pieces):
+        return False
+    processor = spm.SentencePieceProcessor(model_proto=model_proto)
+    if processor.normalize("a\nb") != processor.normalize("a b"):
+        return False
+    probe = "Der Befehl\n  liest  \n\nseine\r\nEingabe.\n"
+    return processor.encode(probe) == sum(processor.encode(probe.split("\n")), [])
+
+
+def cut_at_newlines(text: str, part_chars: int) -> list[str]:
+    """`text` in consecutive parts of at least `part_chars` characters (the last may be shorter), each
+    cut at a newline, which is dropped."""
+    parts, start = [], 0
+    while len(text) - start > part_chars:
+        cut = text.find("\n", start + part_chars)
+        if cut < 0:
+            break
+        parts.append(text[start:cut])
+        start = cut + 1
+    parts.append(text[start:])
+    return parts
+
+
+class DocumentEncoder:
+    """Encodes a block of documents into one flat token array with per-document offsets."""
+
+    def __init__(self, settings: EncodeSettings):
+        self.settings = settings
+        self.processor = spm.SentencePieceProcessor(model_proto=settings.model_proto)
+        self.part_chars = PART_CHARS if newlines_split_words(settings.model_proto) else 0
+        self.dtype = np.dtype(settings.dtype)
+
+    def encode(self, batch: pa.Table) -> pa.Table:
+        """Columns: tokens (large_list: [BOS] + pieces + [EOS], empty when the document has no pieces),
+        is_val, text_bytes, replaced_utf8; one row per input document, in order."""
+        s = self.settings
         texts = batch.column("text").to_pylist()
-        encoded = self.processor.encode(texts, num_threads=1)  # Ray owns parallelism: one thread per actor
-        tokens, counts, is_val, text_bytes = [], [], [], []
-        for text, ids in zip(texts, encoded):
-            data = text.encode("utf-8")
-            # No pieces means nothing to learn from (empty or, after normalization, blank): skipped, counted.
-            doc = np.array(self.prefix + ids + [self.eos_id], dtype=self.dtype) if ids else None
-            tokens.append(b"" if doc is None else doc.tobytes())
-            counts.append(0 if doc is None else len(doc))
-            is_val.append(is_validation(data, self.seed, self.val_fraction))
-            text_bytes.append(len(data))
+        parts = [cut_at_newlines(t, self.part_chars) if self.part_chars else [t] for t in texts]
+        encoded = self.processor.encode(list(itertools.chain.from_iterable(parts)), num_threads=1)  # Ray runs one task per CPU
+        part_lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
+        pieces = np.fromiter(itertools.chain.from_iterable(encoded), self.dtype, int(part_lengths.sum()))
+        part_starts = np.cumsum([0] + [len(p) for p in parts[:-1]])
+        doc_lengths = np.add.reduceat(part_lengths, part_starts) if texts else part_lengths
+        # No pieces means nothing to learn from (empty or, after normalization, blank): left empty here,
+        # skipped and counted by the writer. Every other document gets its [BOS] and EOS inserted.
+        kept = doc_lengths > 0
+        ends = np.cumsum(doc_lengths)[kept]
+        starts = ends - doc_lengths[kept]
+        if s.add_bos:
+            where = np.stack([starts, ends], axis=1).ravel()
+            markers = np.tile(np.array([s.bos_id, s.eos_id], self.dtype), len(ends))
+        else:
+            where, markers = ends, np.full(len(ends), s.eos_id, self.dtype)
+        tokens = np.insert(pieces, where, markers)
+        offsets = np.zeros(len(texts) + 1, np.int64)
+        np.cumsum(doc_lengths + kept * (1 + s.add_bos), out=offsets[1:])
+        is_val = [is_validation(t.encode("utf-8"), s.seed, s.val_fraction) for t in texts]
         return pa.table(
             {
-                "tokens": pa.array(tokens, pa.large_binary()),
-                "num_tokens": pa.array(counts, pa.int64()),
+                "tokens": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(tokens)),
                 "is_val": pa.array(is_val, pa.bool_()),
-                "text_bytes": pa.array(text_bytes, pa.int64()),
+                "text_bytes": pc.binary_length(batch.column("text")).cast(pa.int64()),
                 "replaced_utf8": batch.column("replaced_utf8"),
             }
         )
 
 
+@functools.lru_cache(maxsize=1)
+def _encoder(settings: EncodeSettings) -> DocumentEncoder:
+    return DocumentEncoder(settings)
+
+
+def encode_documents(batch: pa.Table, settings: EncodeSettings) -> pa.Table:
+    """The Ray Data map function; Ray fuses it with the read, so each task reads and encodes a block."""
+    return _encoder(settings).encode(batch)
+
+
 def _cluster_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _block_bytes(files: list[Path], workers: int) -> int:
+    total = sum(f.stat().st_size for f in files)
+    return int(np.clip(total // (BLOCKS_PER_WORKER * workers), MIN_BLOCK_BYTES, MAX_BLOCK_BYTES))
 
 
 def _staging_folder(out: Path) -> Path:
@@ -183,21 +270,22 @@ def tokenize(config: TokenizeConfig) -> tuple[dict, TokenizeStats]:
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False  # one tqdm bar below instead of one per operator
     workers = config.workers or _cluster_cpus()
-    encoded = read_documents([str(f) for f in files], config.text_field, config.chunk_bytes, READ_CPUS).map_batches(
-        Encoder,
-        fn_constructor_kwargs=dict(
-            model_proto=Path(config.tokenizer).read_bytes(),
-            bos_id=tokenizer.bos_id,
-            add_bos=tokenizer.add_bos,
-            eos_id=tokenizer.eos_id,
-            dtype=dtype.str,
-            seed=config.seed,
-            val_fraction=config.val_fraction,
-        ),
+    settings = EncodeSettings(
+        model_proto=Path(config.tokenizer).read_bytes(),
+        bos_id=tokenizer.bos_id,
+        add_bos=tokenizer.add_bos,
+        eos_id=tokenizer.eos_id,
+        dtype=dtype.str,
+        seed=config.seed,
+        val_fraction=config.val_fraction,
+    )
+    chunk_bytes = config.chunk_bytes or _block_bytes(files, workers)
+    encoded = read_documents([str(f) for f in files], config.text_field, chunk_bytes).map_batches(
+        encode_documents,
+        fn_kwargs={"settings": settings},
         batch_size=config.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=workers),
-        num_cpus=1 - READ_CPUS / workers,
+        concurrency=workers,
     )
 
     staging = _staging_folder(out)
@@ -208,9 +296,10 @@ def tokenize(config: TokenizeConfig) -> tuple[dict, TokenizeStats]:
         }
         stats = TokenizeStats()
         with tqdm(desc="tokenize", unit="doc", dynamic_ncols=True, mininterval=1.0) as bar:
-            for batch in encoded.iter_batches(batch_size=None, batch_format="pyarrow"):
-                _write_batch(batch, writers, dtype, stats)
-                bar.update(batch.num_rows)
+            # Blocks stream in as tasks finish; the next ones are fetched while this one is written.
+            for block in encoded.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=workers):
+                _write_block(block, writers, stats)
+                bar.update(block.num_rows)
                 bar.set_postfix(tokens=stats.tokens, MB=f"{stats.text_bytes / 1e6:.1f}", refresh=False)
         shards = {split: writer.close() for split, writer in writers.items()}
         stats.shards = sum(len(s) for s in shards.values())
@@ -234,21 +323,23 @@ def tokenize(config: TokenizeConfig) -> tuple[dict, TokenizeStats]:
     return manifest, stats
 
 
-def _write_batch(batch: pa.Table, writers: dict[str, ShardWriter], dtype: np.dtype, stats: TokenizeStats) -> None:
-    columns = {name: batch.column(name).to_pylist() for name in ("num_tokens", "is_val", "text_bytes", "replaced_utf8")}
-    tokens = batch.column("tokens")
-    for i, count in enumerate(columns["num_tokens"]):
-        stats.replaced_utf8 += columns["replaced_utf8"][i]
-        if count == 0:
-            stats.skipped_empty += 1
-            continue
-        split = "val" if columns["is_val"][i] else "train"
-        writers[split].add(np.frombuffer(tokens[i].as_py(), dtype=dtype))
-        stats.documents += 1
-        stats.val_documents += split == "val"
-        stats.train_documents += split == "train"
-        stats.tokens += count
-        stats.text_bytes += columns["text_bytes"][i]
+def _write_block(block: pa.Table, writers: dict[str, ShardWriter], stats: TokenizeStats) -> None:
+    for batch in block.to_batches():
+        tokens = batch.column("tokens")
+        # `.offsets` and `.values` both ignore a slice's start, so they index each other directly.
+        offsets, values = tokens.offsets.to_numpy(), tokens.values.to_numpy()
+        lengths = np.diff(offsets)
+        is_val = batch.column("is_val").to_numpy(zero_copy_only=False)
+        for row in np.flatnonzero(lengths):
+            writers["val" if is_val[row] else "train"].add(values[offsets[row] : offsets[row + 1]])
+        kept = lengths > 0
+        stats.documents += int(kept.sum())
+        stats.val_documents += int((kept & is_val).sum())
+        stats.train_documents += int((kept & ~is_val).sum())
+        stats.skipped_empty += int((~kept).sum())
+        stats.tokens += int(lengths.sum())
+        stats.text_bytes += int(batch.column("text_bytes").to_numpy()[kept].sum())
+        stats.replaced_utf8 += int(batch.column("replaced_utf8").to_numpy(zero_copy_only=False).sum())
 
 
 def find_user_error(error: BaseException) -> InputError | DatasetError | None:
@@ -278,11 +369,13 @@ def parse_args(argv: Sequence[str] | None = None) -> TokenizeConfig:
     parser.add_argument("--seed", type=int, default=0, help="seeds the validation split's hash")
     parser.add_argument("--shard-tokens", type=int, default=TokenizeConfig.shard_tokens,
                         help="start a new shard at the first document boundary past this many tokens")
-    parser.add_argument("--chunk-mb", type=float, default=DEFAULT_CHUNK_BYTES / 2**20,
-                        help="input read per Ray task (MiB); smaller means more parallel blocks")
+    parser.add_argument("--chunk-mb", type=float, default=None,
+                        help=f"input read and encoded per Ray task (MiB); default: about {BLOCKS_PER_WORKER} "
+                             "blocks per worker, 1 to 64 MiB each")
     parser.add_argument("--batch-size", type=int, default=TokenizeConfig.batch_size,
-                        help="documents per encoder call")
-    parser.add_argument("--workers", type=int, default=None, help="encoder actors (default: the cluster's CPUs)")
+                        help="documents per encode call (default: a whole block)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="concurrent read+encode tasks (default: the cluster's CPUs)")
     parser.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS or local)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for an embedded local Ray")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
@@ -295,7 +388,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TokenizeConfig:
         val_fraction=args.val_fraction,
         seed=args.seed,
         shard_tokens=args.shard_tokens,
-        chunk_bytes=max(1, int(args.chunk_mb * 2**20)),
+        chunk_bytes=None if args.chunk_mb is None else max(1, int(args.chunk_mb * 2**20)),
         batch_size=args.batch_size,
         workers=args.workers,
         address=args.address,
