@@ -339,14 +339,18 @@ def read_documents(
     text_field: str = "text",
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     num_cpus: float | None = None,
+    concurrency: int | None = None,
 ) -> ray.data.Dataset:
     """The documents of every input as a Ray Dataset (columns: see the module docstring).
 
     Files are checked and planned here, on the driver, so a missing or unreadable file fails before any
     work starts; malformed content (bad JSON, missing field) fails in the read task naming file and line.
     `num_cpus` is what each read task asks Ray for (default 1); a job that runs heavier stages beside the
-    reads gives them less so that both fit.
+    reads gives them less so that both fit. `concurrency` caps the read tasks running at once; a map
+    stage with the same cap fuses with the reads (one task reads and transforms each block).
     """
     units = plan_reads(expand_inputs(inputs), chunk_bytes)
     source = DocumentDatasource(units, text_field, chunk_bytes)
-    return ray.data.read_datasource(source, override_num_blocks=max(1, source.num_tasks), num_cpus=num_cpus)
+    return ray.data.read_datasource(
+        source, override_num_blocks=max(1, source.num_tasks), num_cpus=num_cpus, concurrency=concurrency
+    )

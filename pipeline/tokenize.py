@@ -280,12 +280,13 @@ def tokenize(config: TokenizeConfig) -> tuple[dict, TokenizeStats]:
         val_fraction=config.val_fraction,
     )
     chunk_bytes = config.chunk_bytes or _block_bytes(files, workers)
-    encoded = read_documents([str(f) for f in files], config.text_field, chunk_bytes).map_batches(
+    documents = read_documents([str(f) for f in files], config.text_field, chunk_bytes, concurrency=workers)
+    encoded = documents.map_batches(
         encode_documents,
         fn_kwargs={"settings": settings},
         batch_size=config.batch_size,
         batch_format="pyarrow",
-        concurrency=workers,
+        compute=ray.data.TaskPoolStrategy(size=workers),  # the reads' cap, so the two fuse into one task
     )
 
     staging = _staging_folder(out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -21,7 +22,8 @@ import sentencepiece as spm
 from pipeline.dataset import DatasetError, TokenDataset
 from pipeline.ray_runtime import init_ray
 from pipeline.readers import InputError
-from pipeline.tokenize import TokenizeConfig, main, tokenize
+from conftest import train_spm
+from pipeline.tokenize import TokenizeConfig, main, newlines_split_words, tokenize
 from test_readers import write_all_formats
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,6 +83,31 @@ def test_same_bytes_whatever_the_workers_and_blocks(tmp_path, english_lines, eng
     assert one.manifest["splits"] == many.manifest["splits"]
     for shard in one.train.shards + one.val.shards:
         assert (one.root / shard.file).read_bytes() == (many.root / shard.file).read_bytes()
+
+
+def test_tokens_are_each_whole_document_encoded(tmp_path, english_lines, english_model):
+    """Long documents are encoded in parts cut at newlines, but only for models where that gives exactly
+    the ids of encoding the whole document; other models get the whole document."""
+    rng = random.Random(5)
+    separators = ["\n", "\n\n", " \n  ", "\r\n", "\n\t", "\n \n"]
+    docs = [
+        "".join(line + rng.choice(separators) for line in english_lines[i * 45 : i * 45 + rng.randint(1, 45)])
+        + "caf\u00e9 \u0301x"  # a combining accent right after a space
+        for i in range(40)
+    ]
+    source = write_jsonl(tmp_path / "lines.jsonl", docs)
+    unigram = train_spm(english_lines, tmp_path / "unigram", vocab_size=150, model_type="unigram",
+                        hard_vocab_limit=False)
+    verbatim = train_spm(english_lines, tmp_path / "verbatim", normalization_rule_name="identity",
+                         remove_extra_whitespaces=False)
+    assert newlines_split_words(english_model.read_bytes()) and newlines_split_words(unigram.read_bytes())
+    assert not newlines_split_words(verbatim.read_bytes())
+    for model in (english_model, unigram, verbatim):
+        ds, _ = run(tmp_path, model.stem, [source], model, val_fraction=0.0)
+        processor = spm.SentencePieceProcessor(model_file=str(model))
+        bos = [ds.tokenizer.bos_id] if ds.tokenizer.add_bos else []
+        expected = [bos + processor.encode(doc) + [ds.tokenizer.eos_id] for doc in docs]
+        assert [doc.tolist() for doc in ds.train.documents()] == expected, model.stem
 
 
 def test_validation_split_is_stable_when_inputs_are_appended(tmp_path, english_lines, english_model):
