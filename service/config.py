@@ -22,7 +22,7 @@ class ServiceConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     admin_token_file: Path | None = None
-    verify: str = "size"
+    verify: str = "full"
     log_level: str = "info"
 
 
@@ -57,8 +57,9 @@ def parse_args(argv: Sequence[str] | None = None) -> ServiceConfig:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--admin-token-file", type=Path,
                         help="file holding the bearer token for PUT /v1/mix; without it the mix is read-only")
-    parser.add_argument("--verify", choices=("none", "size", "full"), default="size",
-                        help="dataset check at start: file sizes (default) or full sha256")
+    parser.add_argument("--verify", choices=("none", "size", "full"), default="full",
+                        help="dataset check at start: the sha256 of every file (default: damaged data is refused "
+                             "before anything is served), or file sizes only, for a fast start on huge datasets")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     if args.reserve_steps < 1:

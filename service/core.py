@@ -22,7 +22,7 @@ import numpy as np
 from pipeline.dataset import MANIFEST_NAME, TokenDataset
 from service.metrics import ServiceMetrics
 from service.mixer import Batch, Mixer, MixerConfig
-from service.schedule import MixSchedule, Stage
+from service.schedule import MixSchedule, ScheduleError, Stage
 from service.state import StateDir
 
 
@@ -81,8 +81,8 @@ class MixService:
     def change_mix(self, weights: Mapping[str, float], start_step: int | None = None) -> Stage:
         """Append a stage (at the first unserved step when start_step is None) and persist it.
 
-        Raises ScheduleError for bad weights (422) and MixConflict for a step already served or before
-        a scheduled stage (409).
+        Raises ScheduleError for bad weights or a start_step past the last addressable step (422), and
+        MixConflict for a step already served or before a scheduled stage (409).
         """
         with self._lock:
             first, last = self.state.unserved_from, self.state.schedule.stages[-1]
@@ -93,6 +93,10 @@ class MixService:
                     f"start_step {start_step} may already have been served (steps before {first} may have "
                     f"been: served_frontier {self.state.served}, plus what the reservation left by an earlier "
                     f"run covers); give start_step >= {first} or omit it"
+                )
+            if start_step > self.mixer.max_step:
+                raise ScheduleError(
+                    f"start_step {start_step}: beyond the last step this mixer can address ({self.mixer.max_step})"
                 )
             if start_step < last.start_step:
                 raise MixConflict(

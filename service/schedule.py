@@ -39,7 +39,13 @@ def quantize_weights(weights: Mapping[str, float]) -> dict[str, int]:
         if not math.isfinite(value) or value < 0:
             raise ScheduleError(f"weights.{name}: {value!r}; a weight must be a finite number >= 0")
         values[name] = float(value)
-    total = math.fsum(values.values())
+    try:
+        total = math.fsum(values.values())
+    except OverflowError:
+        total = math.inf
+    if not math.isfinite(total):
+        raise ScheduleError(f"weights: {values} add up past the largest float; only their ratios matter, "
+                            "so scale them down (e.g. 0.05 and 0.95)")
     if total <= 0:
         raise ScheduleError(f"weights: all zero ({values}); at least one dataset needs a positive weight")
     exact = {name: value / total * WEIGHT_UNITS for name, value in values.items()}

@@ -4,8 +4,8 @@ pipeline refuse to overwrite a valid dataset unless told to?
     .venv/bin/python -m benchmarks.reliability.damaged_data [--work /tmp/replaymix-damaged] [--skip-overwrite-run]
 
 Each damage is applied to a copy of a healthy dataset, which is then served beside an intact one with
-`python -m service --verify size` (the default: file sizes against the manifest) and `--verify full`
-(sha256 of every file against the manifest). A damage is refused when the service exits with status 2
+`python -m service --verify size` (file sizes against the manifest) and `--verify full` (the default:
+sha256 of every file against the manifest). A damage is refused when the service exits with status 2
 and its message names the damaged file. Then `python -m pipeline.tokenize` is pointed at a valid
 dataset without `--overwrite` (must refuse, files unchanged), at a folder that is not a dataset (must
 refuse even with `--overwrite`), and with `--overwrite` (must replace it with a valid dataset).
@@ -120,10 +120,10 @@ def damaged_copy(work: Path, healthy: Path, damage: Damage) -> Path:
     return damaged
 
 
-def start_on_damaged(work: Path, datasets: dict[str, Path], damaged: Path, damage: Damage, mode: str,
+def start_on_damaged(work: Path, datasets: dict[str, Path], damaged: Path, damage: Damage, mode: str | None,
                      code: Path = REPO) -> tuple[bool, str]:
     """Start the service on the intact "old" and the damaged "new"; (refused naming the file, message)."""
-    settings = ServiceSettings({"old": datasets["old"], "new": damaged}, Path(work) / f"state-{mode}",
+    settings = ServiceSettings({"old": datasets["old"], "new": damaged}, Path(work) / f"state-{mode or 'default'}",
                                verify=mode, code_root=code)
     shutil.rmtree(settings.state_dir, ignore_errors=True)
     status, output = try_start(settings)

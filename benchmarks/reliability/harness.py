@@ -95,13 +95,15 @@ class ServiceSettings:
     global_batch: int = 8
     seed: int = 5
     admin_token_file: Path | None = None
-    verify: str = "size"
+    verify: str | None = None  # None: the service's default check
     code_root: Path = REPO  # where `python -m service` imports the service from (see committed_code)
 
     def args(self) -> list[str]:
         args = [f"--dataset={name}={path}" for name, path in self.datasets.items()]
         args += [f"--weights={self.weights}", f"--seq-len={self.seq_len}", f"--global-batch={self.global_batch}",
-                 f"--seed={self.seed}", f"--state-dir={self.state_dir}", f"--verify={self.verify}"]
+                 f"--seed={self.seed}", f"--state-dir={self.state_dir}"]
+        if self.verify is not None:
+            args.append(f"--verify={self.verify}")
         if self.admin_token_file is not None:
             args.append(f"--admin-token-file={self.admin_token_file}")
         return args
