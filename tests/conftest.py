@@ -25,13 +25,13 @@ from pipeline.dataset import (
     write_shard,
 )
 
-_ENGLISH = (
+ENGLISH_WORDS = (
     "the manual page describes how the command reads its input file and writes the result to standard "
     "output when no option is given the program prints a short summary of usage and exits with status "
     "zero on success and a non zero value when an error occurs the environment variable controls the "
     "default directory where configuration files are searched"
 ).split()
-_GERMAN = (
+GERMAN_WORDS = (
     "die handbuchseite beschreibt wie der befehl seine eingabedatei liest und das ergebnis auf die "
     "standardausgabe schreibt wenn keine option angegeben wird gibt das programm eine kurze "
     "zusammenfassung der verwendung aus und beendet sich mit dem status null bei erfolg und einem "
@@ -47,12 +47,12 @@ def make_lines(words: Sequence[str], count: int, seed: int, length: tuple[int, i
 
 @pytest.fixture(scope="session")
 def english_lines() -> list[str]:
-    return make_lines(_ENGLISH, 2000, seed=1)
+    return make_lines(ENGLISH_WORDS, 2000, seed=1)
 
 
 @pytest.fixture(scope="session")
 def german_lines() -> list[str]:
-    return make_lines(_GERMAN, 2000, seed=2)
+    return make_lines(GERMAN_WORDS, 2000, seed=2)
 
 
 def train_spm(text_lines: Sequence[str], prefix: Path, vocab_size: int = 200, **options: object) -> Path:

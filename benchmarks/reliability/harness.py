@@ -27,7 +27,7 @@ import httpx
 import numpy as np
 
 from pipeline.dataset import MANIFEST_NAME
-from tests.conftest import _ENGLISH, _GERMAN, make_lines, train_spm, write_token_dataset
+from tests.conftest import ENGLISH_WORDS, GERMAN_WORDS, make_lines, train_spm, write_token_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 LOOPBACK = "127.0.0.1"
@@ -45,8 +45,8 @@ def build_datasets(folder: Path, old_docs: int = 200, new_docs: int = 200) -> di
     paths = {"old": folder / "old", "new": folder / "new"}
     if all((p / MANIFEST_NAME).exists() for p in paths.values()):
         return paths
-    english = make_lines(_ENGLISH, old_docs, seed=1)
-    german = make_lines(_GERMAN, new_docs, seed=2)
+    english = make_lines(ENGLISH_WORDS, old_docs, seed=1)
+    german = make_lines(GERMAN_WORDS, new_docs, seed=2)
     model = train_spm(english + german, folder / "spm" / "mixed", vocab_size=200)
     write_token_dataset(paths["old"], english, model)
     write_token_dataset(paths["new"], german, model)
@@ -223,7 +223,7 @@ def print_figures(title: str, figures: dict[str, object]) -> None:
 
 def write_corpus(path: Path, old_docs: int = 600, new_docs: int = 600) -> Path:
     """A JSONL corpus ({"text": ...} per line) of English and German pseudo-sentences."""
-    lines = make_lines(_ENGLISH, old_docs, seed=3) + make_lines(_GERMAN, new_docs, seed=4)
+    lines = make_lines(ENGLISH_WORDS, old_docs, seed=3) + make_lines(GERMAN_WORDS, new_docs, seed=4)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
     return path
