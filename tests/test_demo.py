@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.experiment import LIVE_CHANGE_NAME, PRESETS
+from trainer.experiment import PRESETS
+from trainer.experiment_report import LIVE_CHANGE_NAME
 from trainer.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,6 +33,9 @@ def test_quick_demo_end_to_end(tmp_path):
     report = (work / "report.md").read_text()
     for spec in cfg.runs:
         assert f"| {spec.name} |" in report
+    assert "## Next to the paper" in report and "Without replay the old loss rises" in report
+    for share in ("5%", "25%", "50%"):
+        assert f"**{share} replay** removes" in report
     assert all((work / "plots" / f"val_{name}.png").stat().st_size > 0 for name in ("en", "de"))
 
     # Each phase-2 run received the replay share it asked for, in every batch.

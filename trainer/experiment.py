@@ -26,11 +26,9 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from trainer.checkpoint import CHECKPOINT_DIR, FINAL, named_checkpoint
-from trainer.metrics import read_metrics
-from trainer.report import write_report as write_run_comparison
+from trainer.experiment_report import LIVE_CHANGE_NAME, write_report
 
 REPO = Path(__file__).resolve().parent.parent
-LIVE_CHANGE_NAME = "live-mix-change.json"  # the PUT /v1/mix response of the live ratio change
 
 
 @dataclass(frozen=True)
@@ -351,76 +349,6 @@ def change_replay_live(url: str, token_file: Path, replay: float, at_step: int, 
     run(["curl", "-sS", "--fail-with-body", "-X", "PUT", f"{url}/v1/mix", "-H", "Content-Type: application/json",
          "-H", f"Authorization: Bearer {token_file.read_text().strip()}", "-d", body, "-o", str(record)])
     print(f"mix changed: {record.read_text()}", flush=True)
-
-
-# The paper's 405M English Pile -> German Common Crawl table (paper-notes.md): final validation losses.
-PAPER_STRONG_SHIFT = {0.0: (3.56, 1.11), 0.01: (2.83, 1.12), 0.05: (2.57, 1.12), 0.10: (2.46, 1.13),
-                      0.25: (2.33, 1.16), 0.50: (2.24, 1.22)}
-PAPER_PILE_BEFORE = 2.17
-
-
-def final_eval(run_dir: Path) -> dict:
-    return [r for r in read_metrics(run_dir) if r["kind"] == "eval"][-1]
-
-
-def write_report(cfg: ExperimentConfig, phase1: Path, runs: dict[Phase2Run, Path]) -> Path:
-    """report.md: final losses, forgetting and adaptation per run, next to the paper's table, plus plots."""
-    plots = cfg.work_dir / "plots"
-    write_run_comparison([phase1, *runs.values()], plots)
-    start = [r for r in read_metrics(next(iter(runs.values()))) if r["kind"] == "eval"][0]["val_loss"]
-    phase1_end = final_eval(phase1)["val_loss"]["en"]
-    rows = ["| run | English replay | lr | English val | German val | average | forgetting (EN rise) "
-            "| adaptation (DE fall) | paper EN / DE at this replay |", "|---|---|---|---|---|---|---|---|---|"]
-    for spec, run_dir in runs.items():
-        loss = final_eval(run_dir)["val_loss"]
-        paper = PAPER_STRONG_SHIFT.get(spec.replay)
-        replay = f"{spec.replay:.0%}" + (f" -> {spec.switch_to:.0%}" if spec.switch_to is not None else "")
-        rows.append(
-            f"| {spec.name} | {replay} | {'re-warm + cosine' if spec.rewarm else 'infinite, no re-warm'} "
-            f"| {loss['en']:.3f} | {loss['de']:.3f} | {(loss['en'] + loss['de']) / 2:.3f} "
-            f"| {loss['en'] - start['en']:+.3f} | {start['de'] - loss['de']:+.3f} "
-            f"| {f'{paper[0]:.2f} / {paper[1]:.2f}' if paper and spec.switch_to is None else '-'} |"
-        )
-    live = next((s for s in runs if s.switch_to is not None), None)
-    body = [
-        "# replaymix demo: continual pretraining English -> German with replay",
-        "",
-        f"Model `{cfg.model}`, sequence length {cfg.seq_len}, global batch {cfg.global_batch}; phase 1: "
-        f"{cfg.phase1_steps} steps on English man pages (infinite schedule, checkpoint at step "
-        f"{cfg.phase1_anneal_start} before the anneal); phase 2: {cfg.phase2_steps} steps on German man pages "
-        f"from that checkpoint, the vocabulary grown by the German extension of the tokenizer.",
-        "",
-        f"At the phase-1 checkpoint: English val {start['en']:.3f}, German val {start['de']:.3f} "
-        f"(after phase 1's own anneal, English val {phase1_end:.3f}). Forgetting and adaptation are measured "
-        "from the checkpoint. The paper's numbers (405M model, 300B tokens; Pile loss 2.17 before the shift) are "
-        "there for the shape of the trade-off, not the values.",
-        "",
-        *rows,
-        "",
-        *(live_switch_lines(runs[live], live) if live else []),
-        "Plots: " + ", ".join(f"[{p.name}](plots/{p.name})" for p in sorted(plots.glob("*.png"))),
-        "",
-    ]
-    report = cfg.work_dir / "report.md"
-    report.write_text("\n".join(body))
-    return report
-
-
-def live_switch_lines(run_dir: Path, spec: Phase2Run) -> list[str]:
-    """The share of English the steps actually received in the run whose ratio was changed by curl."""
-    train = [r for r in read_metrics(run_dir) if r["kind"] == "train"]
-    stage = json.loads((run_dir / LIVE_CHANGE_NAME).read_text())["stage"] if (run_dir / LIVE_CHANGE_NAME).exists() else None
-    lines = [f"Live ratio change in `{spec.name}`: `curl -X PUT /v1/mix` to {spec.switch_to:.0%} English while "
-             "it trained" + (f"; the service put the new stage at step {stage['start_step']}, the first step "
-                             "not yet served." if stage else ", but the run ended before the change was made."),
-             "English share of the batches, per window of steps (from the trainer's per-step metrics):", "",
-             "| steps | mean | min | max |", "|---|---|---|---|"]
-    window = max(1, len(train) // 20)
-    for first in range(0, len(train), window):
-        shares = [r["source_share"]["en"] for r in train[first:first + window]]
-        lines.append(f"| {train[first]['step']}-{train[first + len(shares) - 1]['step']} | {sum(shares) / len(shares):.3f} "
-                     f"| {min(shares):.3f} | {max(shares):.3f} |")
-    return lines + [""]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ExperimentConfig:
