@@ -273,9 +273,6 @@ def tokenize(config: TokenizeConfig) -> tuple[dict, TokenizeStats]:
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False  # one tqdm bar below instead of one per operator
-    # Ray Data reserves part of the cluster per operator for the ones downstream; this job has a single
-    # fused operator, and on a small machine the reservation held it to one task at a time (2 CPUs: one).
-    context.op_resource_reservation_enabled = False
     workers = config.workers or _cluster_cpus()
     settings = EncodeSettings(
         model_proto=Path(config.tokenizer).read_bytes(),
