@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.experiment import PRESETS
+from trainer.experiment import PRESETS, main as experiment_main
 from trainer.experiment_report import LIVE_CHANGE_NAME
 from trainer.metrics import read_metrics
 
@@ -59,3 +59,10 @@ def test_quick_demo_end_to_end(tmp_path):
     again = subprocess.run([sys.executable, "-m", "trainer.experiment", "--quick", f"--work-dir={work}"],
                            cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "phase 1: pretraining" not in again.stdout
+
+
+def test_a_work_dir_built_with_other_settings_is_not_reused(tmp_path):
+    (tmp_path / "experiment.json").write_text('{"phase1_steps": 1}')
+    with pytest.raises(SystemExit, match="other settings.*--fresh"):
+        experiment_main(["--quick", f"--work-dir={tmp_path}"])
+    assert (tmp_path / "experiment.json").read_text() == '{"phase1_steps": 1}'
