@@ -80,9 +80,14 @@ class ExperimentConfig:
         return ["--lr-schedule=infinite", f"--warmup-steps={max(1, steps // 100)}",
                 f"--cooldown-steps={round(0.59 * steps)}"]
 
+    @staticmethod
+    def anneal_steps(steps: int) -> int:
+        """The infinite schedule's anneal: the last 15% of a run's steps (the paper's split)."""
+        return round(0.15 * steps)
+
     @property
     def phase1_anneal_start(self) -> int:
-        return self.phase1_steps - round(0.15 * self.phase1_steps)
+        return self.phase1_steps - self.anneal_steps(self.phase1_steps)
 
 
 PRESETS = {
@@ -302,7 +307,7 @@ def pretrain_english(cfg: ExperimentConfig) -> Path:
         banner(f"phase 1: pretraining a {cfg.model} GPT on English for {cfg.phase1_steps} steps")
         # Evaluated on English only: German ids of the extended tokenizer do not exist in this model yet.
         run([*trainer_args(cfg, out, cfg.phase1_steps, ["en"]), f"--dataset=en={cfg.work_dir / 'datasets' / 'en'}",
-             *cfg.infinite_schedule_args(), f"--decay-steps={cfg.phase1_steps - cfg.phase1_anneal_start}",
+             *cfg.infinite_schedule_args(), f"--decay-steps={cfg.anneal_steps(cfg.phase1_steps)}",
              f"--save-at={cfg.phase1_anneal_start}"])
     return out
 
@@ -321,7 +326,7 @@ def continue_on_german(cfg: ExperimentConfig, spec: Phase2Run, phase1: Path, tok
     schedule = (["--lr-schedule=cosine", f"--warmup-steps={max(1, cfg.phase2_steps // 100)}"] if spec.rewarm else
                 # The infinite schedule picked up where phase 1 checkpointed: constant rate, then its anneal.
                 [*cfg.infinite_schedule_args(), f"--lr-start-step={cfg.phase1_anneal_start}",
-                 f"--decay-steps={round(0.15 * cfg.phase2_steps)}"])
+                 f"--decay-steps={cfg.anneal_steps(cfg.phase2_steps)}"])
     with mixer_service(cfg, state_dir, token_file, spec.replay) as url:
         args = [*trainer_args(cfg, out, cfg.phase2_steps, ["en", "de"]), f"--stream={url}",
                 f"--init-from={phase1 / CHECKPOINT_DIR / named_checkpoint(cfg.phase1_anneal_start)}",

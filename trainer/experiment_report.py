@@ -118,7 +118,7 @@ def findings_lines(cfg: ExperimentConfig, start: dict[str, float], phase1_end: f
                    if other["en"] < rewarmed["en"] else
                    f"and it does not forget more here either: English keeps being trained ({no_rewarm.replay:.0%}) in "
                    "both runs, and the re-warmed cosine spends its whole second half at low rates where the no-re-warm "
-                   f"run anneals over its last {round(0.15 * cfg.phase2_steps)} steps only, which likely "
+                   f"run anneals over its last {cfg.anneal_steps(cfg.phase2_steps)} steps only, which likely "
                    "outweighs the forgetting a re-warm causes.")
         lines.append(f"- **Re-warming** ({no_rewarm.replay:.0%} replay): without it German ends at {other['de']:.3f} "
                      f"against {rewarmed['de']:.3f} re-warmed ({other['de'] - rewarmed['de']:+.3f}) and English at "
