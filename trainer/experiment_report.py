@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from trainer.metrics import read_metrics
 from trainer.report import write_report as write_run_comparison
@@ -27,17 +27,19 @@ PAPER_STRONG_SHIFT = {0.0: (3.56, 1.11), 0.01: (2.83, 1.12), 0.05: (2.57, 1.12),
 PAPER_PILE_BEFORE = 2.17
 
 
-def final_eval(run_dir: Path) -> dict:
-    return [r for r in read_metrics(run_dir) if r["kind"] == "eval"][-1]
+def validation_losses(run_dir: Path) -> list[dict[str, float]]:
+    """Each evaluation's loss per validation set, in step order."""
+    return [r["val_loss"] for r in read_metrics(run_dir) if r["kind"] == "eval"]
 
 
 def write_report(cfg: ExperimentConfig, phase1: Path, runs: dict[Phase2Run, Path]) -> Path:
     """Write cfg.work_dir/report.md and the plots beside it; return the report's path."""
     plots = cfg.work_dir / "plots"
     write_run_comparison([phase1, *runs.values()], plots)
-    start = [r for r in read_metrics(next(iter(runs.values()))) if r["kind"] == "eval"][0]["val_loss"]
-    phase1_end = final_eval(phase1)["val_loss"]["en"]
-    final = {spec: final_eval(run_dir)["val_loss"] for spec, run_dir in runs.items()}
+    losses = {spec: validation_losses(run_dir) for spec, run_dir in runs.items()}
+    start = next(iter(losses.values()))[0]  # every run's first evaluation is of the phase-1 checkpoint
+    phase1_end = validation_losses(phase1)[-1]["en"]
+    final = {spec: run_losses[-1] for spec, run_losses in losses.items()}
     rows = ["| run | English replay | lr | English val | German val | average | forgetting (EN rise) "
             "| adaptation (DE fall) | paper EN / DE at this replay |", "|---|---|---|---|---|---|---|---|---|"]
     for spec, loss in final.items():
@@ -60,7 +62,8 @@ def write_report(cfg: ExperimentConfig, phase1: Path, runs: dict[Phase2Run, Path
         "",
         f"At the phase-1 checkpoint: English val {start['en']:.3f}, German val {start['de']:.3f} "
         f"(after phase 1's own anneal, English val {phase1_end:.3f}). Forgetting and adaptation are measured "
-        "from the checkpoint. The paper's numbers (405M model, 300B tokens; Pile loss 2.17 before the shift) are "
+        f"from the checkpoint. The paper's numbers (405M model, 300B tokens; Pile loss {PAPER_PILE_BEFORE} before the "
+        "shift) are "
         "there for the shape of the trade-off, not the values.",
         "",
         *rows,
