@@ -4,7 +4,6 @@
 
 Rows (MB of UTF-8 text per second; the best of `--rounds` where marked, as the machine is shared):
   raw encode, whole documents    SentencePieceProcessor.encode(texts, num_threads=1), in this process (best)
-  raw encode, cut at newlines    the same documents cut as the job cuts them: same ids, for information (best)
   cores x raw (ideal)            perfect scaling of the first row: the baseline of the target
   datasets.map(num_proc)         Hugging Face `datasets` map with the same encode, 1 and `cores` processes (best)
                                  (skipped with a message when `datasets` is not installed)
@@ -41,14 +40,7 @@ import sentencepiece as spm  # noqa: E402
 from pipeline.corpora.manpages import ManpagesConfig, build_corpus  # noqa: E402
 from pipeline.dataset import TokenDataset  # noqa: E402
 from pipeline.ray_runtime import init_ray  # noqa: E402
-from pipeline.tokenize import (  # noqa: E402
-    PART_CHARS,
-    TokenizeConfig,
-    cut_at_newlines,
-    is_validation,
-    newlines_split_words,
-    tokenize,
-)
+from pipeline.tokenize import TokenizeConfig, is_validation, tokenize  # noqa: E402
 
 
 def prepare(data: Path, cores: int) -> tuple[Path, Path, list[str]]:
@@ -129,8 +121,6 @@ def main() -> int:
     print(f"corpus: {len(texts)} German man pages, {megabytes:.1f} MB; tokenizer: {model.name}; cores: {args.cores}")
 
     processor = spm.SentencePieceProcessor(model_file=str(model))
-    part_chars = PART_CHARS if newlines_split_words(model.read_bytes()) else 0
-    parts = [p for t in texts for p in cut_at_newlines(t, part_chars)] if part_chars else texts
     out = args.data / "bench-de-tokens"
     init_ray(num_cpus=args.cores)  # Ray start-up is not part of the job's time
     cold = megabytes / run_job(corpus, model, out, args.cores)
@@ -145,7 +135,6 @@ def main() -> int:
     map_procs = sorted({1, args.cores})
     for _ in range(args.rounds):
         measure("raw encode, whole documents", timed(lambda: processor.encode(texts, num_threads=1))[0])
-        measure("raw encode, cut at newlines", timed(lambda: processor.encode(parts, num_threads=1))[0])
         for num_proc in map_procs:
             measure(f"datasets.map(num_proc={num_proc})", datasets_map(model, texts, num_proc))
         measure("job, again (warm)", run_job(corpus, model, out, args.cores))
@@ -153,15 +142,13 @@ def main() -> int:
         f"datasets.map(num_proc={args.cores})")
     if best_map is None:
         print("datasets is not installed: no datasets.map rows (pip install datasets)")
-    rows = [(name, best[name]) for name in ("raw encode, whole documents", "raw encode, cut at newlines")]
+    rows = [("raw encode, whole documents", raw)]
     rows.append((f"{args.cores} x raw (ideal)", args.cores * raw))
     rows += [(name, rate) for name, rate in best.items() if name.startswith("datasets.map")]
     rows += [("job, first after ray.init", cold), ("job, again (warm)", warm)]
     if args.repeat > 1:
         big = args.data / f"manpages-de-x{args.repeat}.jsonl"
-        with open(big, "wb") as f:
-            for _ in range(args.repeat):
-                f.write(corpus.read_bytes())
+        big.write_bytes(corpus.read_bytes() * args.repeat)
         big_out = args.data / "bench-de-tokens-big"
         rows.append((f"job, corpus x {args.repeat} ({megabytes * args.repeat:.0f} MB, warm)",
                      megabytes * args.repeat / run_job(big, model, big_out, args.cores)))
