@@ -14,7 +14,15 @@ import ray
 import zstandard
 
 from pipeline.ray_runtime import init_ray
-from pipeline.readers import InputError, expand_inputs, plan_reads, read_documents, read_unit
+from pipeline.readers import (
+    InputError,
+    _read_jsonl_range_at_once,
+    _read_unit_by_document,
+    expand_inputs,
+    plan_reads,
+    read_documents,
+    read_unit,
+)
 
 DOCS = [f"document {i}: " + "ünïcode words " * (i % 7 + 1) for i in range(40)]
 
@@ -120,6 +128,48 @@ def test_invalid_utf8_is_replaced_and_flagged(tmp_path):
     assert rows[2]["text"] == "lone \ufffd surrogate"
     for row in rows:
         row["text"].encode("utf-8")  # every text is valid UTF-8 now
+
+
+TRICKY_JSONL = {
+    "plain, blank and whitespace lines, CRLF":
+        b'{"text": "a"}\n\n  \t\n{"id": 1, "text": "b\\n\\u00e9"}\r\n{"text": ""}',
+    "escaped surrogate pair": b'{"text": "smile \\ud83d\\ude00"}\n',
+    "other fields of any type": b'{"text": "a", "x": NaN, "y": [1, {"z": null}], "n": 1234567890123456789012}\n',
+    "escaped lone surrogate": b'{"text": "lone \\udc00"}\n{"text": "b"}\n',
+    "invalid UTF-8 in another field": b'{"text": "a", "note": "\xff"}\n',
+    "byte order mark": b'\xef\xbb\xbf{"text": "a"}\n',
+    "duplicate key": b'{"text": "first", "text": "last"}\n',
+    "two objects on a line": b'{"text": "a"}{"text": "b"}\n',
+    "number": b'{"text": 5}\n',
+    "null": b'{"text": null}\n',
+    "missing": b'{"body": "a"}\n',
+    "not an object": b'["text"]\n',
+    "raw control character": b'{"text": "tab\there"}\n',
+    "not JSON": b'{"text": "a"}\n{"text": \n',
+}
+
+
+@pytest.mark.parametrize("case", TRICKY_JSONL)
+def test_jsonl_read_at_once_gives_the_line_readers_rows_or_leaves_it_to_it(tmp_path, case):
+    """The fast path (one Arrow JSON call per range) must never differ from the line reader: each case
+    either gives the same table or returns None, and then `read_unit` gives the line reader's result."""
+    path = tmp_path / "tricky.jsonl"
+    path.write_bytes(TRICKY_JSONL[case])
+    [unit] = plan_reads([path])
+    try:
+        expected = _read_unit_by_document(unit, "text")
+    except InputError as e:
+        expected = e
+    at_once = _read_jsonl_range_at_once(unit, "text")
+    if isinstance(expected, InputError):
+        assert at_once is None
+        with pytest.raises(InputError, match="tricky.jsonl:"):
+            read_unit(unit, "text")
+    else:
+        assert at_once is None or at_once.equals(expected)
+        assert read_unit(unit, "text").equals(expected)
+    fast = {"plain, blank and whitespace lines, CRLF", "escaped surrogate pair", "other fields of any type"}
+    assert (at_once is not None) == (case in fast)  # the common cases do take the fast path
 
 
 def test_missing_field_and_bad_json_name_file_and_line(tmp_path):
