@@ -80,11 +80,12 @@ class _ShardFile:
     def tokens(self) -> int:
         return self.offsets[-1]
 
-    def append(self, doc: np.ndarray) -> None:
-        data = np.ascontiguousarray(doc, dtype=self.dtype).tobytes()
+    def append(self, tokens: np.ndarray, lengths: Sequence[int]) -> None:
+        """Append consecutive documents: `tokens` holds them back to back, `lengths` their sizes."""
+        data = np.ascontiguousarray(tokens, dtype=self.dtype).tobytes()
         self.digest.update(data)
         self.out.write(data)
-        self.offsets.append(self.offsets[-1] + len(doc))
+        self.offsets.extend((self.offsets[-1] + np.cumsum(lengths, dtype=np.int64)).tolist())
 
     def finish(self) -> ShardInfo:
         self.out.flush()
@@ -109,7 +110,7 @@ def write_shard(folder: Path, name: str, documents: Iterable[np.ndarray], dtype:
     """Write documents (token arrays, already ending in EOS) as one shard; return its manifest entry."""
     shard = _ShardFile(Path(folder), name, dtype)
     for doc in documents:
-        shard.append(doc)
+        shard.append(doc, [len(doc)])
     return shard.finish()
 
 
@@ -128,13 +129,23 @@ class ShardWriter:
         self.shards: list[ShardInfo] = []
         self._current: _ShardFile | None = None
 
-    def add(self, doc: np.ndarray) -> None:
-        if self._current is None:
-            self._current = _ShardFile(self.folder, f"{self.prefix}-{len(self.shards):05d}", self.dtype)
-        self._current.append(doc)
-        if self._current.tokens >= self.max_tokens:
-            self.shards.append(self._current.finish())
-            self._current = None
+    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append consecutive documents (`tokens` back to back, `lengths` > 0 each), written a shard's
+        worth at a time: one write and one hash update per shard touched, not one per document."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        start = 0
+        while len(lengths):
+            if self._current is None:
+                self._current = _ShardFile(self.folder, f"{self.prefix}-{len(self.shards):05d}", self.dtype)
+            ends = self._current.tokens + np.cumsum(lengths)
+            # Documents up to and including the first that reaches max_tokens go into this shard.
+            count = min(int(np.searchsorted(ends, self.max_tokens)) + 1, len(lengths))
+            taken = int(ends[count - 1] - self._current.tokens)
+            self._current.append(tokens[start : start + taken], lengths[:count])
+            start, lengths = start + taken, lengths[count:]
+            if self._current.tokens >= self.max_tokens:
+                self.shards.append(self._current.finish())
+                self._current = None
 
     def close(self) -> list[ShardInfo]:
         """Finish the open shard; return every shard's manifest entry in order."""

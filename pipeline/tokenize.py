@@ -3,13 +3,14 @@
     python -m pipeline.tokenize --input data/en.jsonl --tokenizer tok.model --out datasets/en
 
 The same command runs under `ray job submit --working-dir . -- python -m pipeline.tokenize ...`.
-Ray Data runs one stage: each task reads a few MB of input (`pipeline.readers`) and encodes them with
-SentencePiece in one batched call (the model is loaded once per worker process), returning each block's
-tokens as one flat Arrow array with per-document offsets. Ray Data's `preserve_order` hands the blocks
-to the driver in input order, and the driver writes them as shards (`pipeline.dataset.ShardWriter`), cut
-by token count: the same inputs, tokenizer and seed give byte-identical shards on any number of workers
-or blocks. Only the driver touches `--out`, so a cluster needs no shared output storage. The dataset is
-built in a staging folder and renamed into place with its manifest (`pipeline.dataset.commit_dataset`).
+Ray Data runs one stage: each task reads its share of the input (`pipeline.readers`; up to 64 MiB) and
+encodes it with SentencePiece in one batched call (the model is loaded once per worker process),
+returning the block's tokens as one flat Arrow array with per-document offsets. Ray Data's
+`preserve_order` hands the blocks to the driver in input order, and the driver writes them as shards
+(`pipeline.dataset.ShardWriter`), cut by token count: the same inputs, tokenizer and seed give
+byte-identical shards on any number of workers or blocks. Only the driver touches `--out`, so a cluster
+needs no shared output storage. The dataset is built in a staging folder and renamed into place with its
+manifest (`pipeline.dataset.commit_dataset`).
 """
 
 from __future__ import annotations
@@ -47,16 +48,16 @@ from pipeline.dataset import (
 from pipeline.ray_runtime import init_ray
 from pipeline.readers import InputError, expand_inputs, read_documents
 
-# Two blocks per worker: the second overlaps the driver's writing of the first, and each block stays big
-# enough to hide Ray's cost per task (about 0.1 s here; German man pages on 2 CPUs, 14 MB: 8 blocks
-# 10.1 MB/s, 4 blocks 13.2, 2 blocks 14.3; 56 MB: 15.1 / 16.0 / 14.9). At least 1 MiB, at most 64 MiB.
-BLOCKS_PER_WORKER = 2
+# One block per worker: each task costs Ray Data tens of milliseconds beside its work, and the driver's
+# writing is cheap enough not to need overlapping (German man pages, 14 MB on 2 CPUs, job / (2 x raw
+# encode): 1 block a worker 0.60-0.66, 2 blocks 0.50-0.59). At least 1 MiB, at most 64 MiB.
+BLOCKS_PER_WORKER = 1
 MIN_BLOCK_BYTES, MAX_BLOCK_BYTES = 1 << 20, 64 << 20
 # SentencePiece BPE encodes one long string much slower than the same text in lines (German man pages,
 # BPE 8k: 3.0 MB/s whole, 3.6-4.0 MB/s cut), and per-call overhead dominates for tiny strings: documents
-# are cut at newlines into parts of about this many characters where that gives the same ids (see
+# are cut at newlines into parts of about this many bytes where that gives the same ids (see
 # `newlines_split_words`).
-PART_CHARS = 2000
+PART_BYTES = 2000
 
 
 @dataclass
@@ -68,7 +69,7 @@ class TokenizeConfig:
     val_fraction: float = 0.005
     seed: int = 0
     shard_tokens: int = 1 << 26  # 128 MiB shards at uint16
-    chunk_bytes: int | None = None  # input per read+encode task; default: a few blocks per worker
+    chunk_bytes: int | None = None  # input per read+encode task; default: one block per worker
     batch_size: int | None = None  # documents per encode call; default: a whole block
     workers: int | None = None  # concurrent read+encode tasks; default: the cluster's CPUs
     address: str | None = None
@@ -153,12 +154,12 @@ def newlines_split_words(model_proto: bytes) -> bool:
     return processor.encode(probe) == sum(processor.encode(probe.split("\n")), [])
 
 
-def cut_at_newlines(text: str, part_chars: int) -> list[str]:
-    """`text` in consecutive parts of at least `part_chars` characters (the last may be shorter), each
-    cut at a newline, which is dropped."""
+def cut_at_newlines(text: bytes, part_bytes: int) -> list[bytes]:
+    """UTF-8 `text` in consecutive parts of at least `part_bytes` bytes (the last may be shorter), each
+    cut at a newline, which is dropped. A newline byte is never inside a multi-byte character."""
     parts, start = [], 0
-    while len(text) - start > part_chars:
-        cut = text.find("\n", start + part_chars)
+    while len(text) - start > part_bytes:
+        cut = text.find(b"\n", start + part_bytes)
         if cut < 0:
             break
         parts.append(text[start:cut])
@@ -173,19 +174,23 @@ class DocumentEncoder:
     def __init__(self, settings: EncodeSettings):
         self.settings = settings
         self.processor = spm.SentencePieceProcessor(model_proto=settings.model_proto)
-        self.part_chars = PART_CHARS if newlines_split_words(settings.model_proto) else 0
+        self.part_bytes = PART_BYTES if newlines_split_words(settings.model_proto) else 0
         self.dtype = np.dtype(settings.dtype)
 
     def encode(self, batch: pa.Table) -> pa.Table:
         """Columns: tokens (large_list: [BOS] + pieces + [EOS], empty when the document has no pieces),
         is_val, text_bytes, replaced_utf8; one row per input document, in order."""
         s = self.settings
-        texts = batch.column("text").to_pylist()
-        parts = [cut_at_newlines(t, self.part_chars) if self.part_chars else [t] for t in texts]
-        # One thread: Ray already runs one task per CPU.
-        encoded = self.processor.encode(list(itertools.chain.from_iterable(parts)), num_threads=1)
+        # UTF-8 bytes straight from Arrow: SentencePiece takes them as they are, and the validation hash
+        # wants bytes too, so no Python string is ever built.
+        texts = batch.column("text").cast(pa.binary()).to_pylist()
+        parts = [cut_at_newlines(t, self.part_bytes) if self.part_bytes else [t] for t in texts]
+        # One thread: Ray already runs one task per CPU. numpy output skips a Python int per token
+        # (about 10% of the encode call, and the flattening after it).
+        flat_parts = list(itertools.chain.from_iterable(parts))
+        encoded = self.processor.encode(flat_parts, num_threads=1, out_type="numpy")
         part_lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
-        pieces = np.fromiter(itertools.chain.from_iterable(encoded), self.dtype, int(part_lengths.sum()))
+        pieces = np.concatenate(encoded).astype(self.dtype) if encoded else np.zeros(0, self.dtype)
         part_starts = np.cumsum([0] + [len(p) for p in parts[:-1]])
         doc_lengths = np.add.reduceat(part_lengths, part_starts) if texts else part_lengths
         # No pieces means nothing to learn from (empty or, after normalization, blank): left empty here,
@@ -201,7 +206,7 @@ class DocumentEncoder:
         tokens = np.insert(pieces, where, markers)
         offsets = np.zeros(len(texts) + 1, np.int64)
         np.cumsum(doc_lengths + kept * (1 + s.add_bos), out=offsets[1:])
-        is_val = [is_validation(t.encode("utf-8"), s.seed, s.val_fraction) for t in texts]
+        is_val = [is_validation(t, s.seed, s.val_fraction) for t in texts]
         return pa.table(
             {
                 "tokens": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(tokens)),
@@ -332,11 +337,14 @@ def _write_block(block: pa.Table, writers: dict[str, ShardWriter], stats: Tokeni
     for batch in block.to_batches():
         tokens = batch.column("tokens")
         # `.offsets` and `.values` both ignore a slice's start, so they index each other directly.
-        offsets, values = tokens.offsets.to_numpy(), tokens.values.to_numpy()
+        offsets = tokens.offsets.to_numpy()
+        values = tokens.values.to_numpy()[offsets[0] : offsets[-1]]
         lengths = np.diff(offsets)
         is_val = batch.column("is_val").to_numpy(zero_copy_only=False)
-        for row in np.flatnonzero(lengths):
-            writers["val" if is_val[row] else "train"].add(values[offsets[row] : offsets[row + 1]])
+        token_is_val = np.repeat(is_val, lengths)
+        for split, held_out in (("train", False), ("val", True)):
+            # Documents keep their order within a split; empty ones (no pieces) are skipped.
+            writers[split].add(values[token_is_val == held_out], lengths[(is_val == held_out) & (lengths > 0)])
         kept = lengths > 0
         stats.documents += int(kept.sum())
         stats.val_documents += int((kept & is_val).sum())
@@ -375,8 +383,8 @@ def parse_args(argv: Sequence[str] | None = None) -> TokenizeConfig:
     parser.add_argument("--shard-tokens", type=int, default=TokenizeConfig.shard_tokens,
                         help="start a new shard at the first document boundary past this many tokens")
     parser.add_argument("--chunk-mb", type=float, default=None,
-                        help=f"input read and encoded per Ray task (MiB); default: about {BLOCKS_PER_WORKER} "
-                             "blocks per worker, 1 to 64 MiB each")
+                        help="input read and encoded per Ray task (MiB); default: the input split evenly "
+                             "across the workers, 1 to 64 MiB each")
     parser.add_argument("--batch-size", type=int, default=TokenizeConfig.batch_size,
                         help="documents per encode call (default: a whole block)")
     parser.add_argument("--workers", type=int, default=None,

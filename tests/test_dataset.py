@@ -1,11 +1,11 @@
-"""The on-disk format: round trip, reads across shard boundaries, and damage detection."""
+"""The on-disk format: round trip, reads across shard boundaries, shard cutting, and damage detection."""
 
 import json
 
 import numpy as np
 import pytest
 
-from pipeline.dataset import DatasetError, TokenDataset
+from pipeline.dataset import DatasetError, ShardWriter, TokenDataset
 
 
 def test_round_trip_and_cross_shard_reads(tmp_path, english_lines, english_model, token_dataset_factory):
@@ -46,3 +46,31 @@ def test_commit_refuses_to_overwrite_a_valid_dataset(tmp_path, english_lines, en
     token_dataset_factory("en", english_lines[:10], english_model)
     with pytest.raises(DatasetError, match="already exists"):
         token_dataset_factory("en", english_lines[:10], english_model)
+
+
+def test_shards_are_cut_at_the_first_document_boundary_past_max_tokens_however_documents_arrive(tmp_path):
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 40, size=300)
+    lengths[[17, 150]] = 250  # documents longer than a shard get one to themselves
+    tokens = rng.integers(0, 1000, size=int(lengths.sum())).astype(np.uint16)
+    results = []
+    for name, group_sizes in (("one-by-one", [1] * len(lengths)), ("ragged", rng.integers(1, 60, size=300))):
+        (tmp_path / name).mkdir()
+        writer, start, doc = ShardWriter(tmp_path / name, "train", np.dtype("<u2"), max_tokens=100), 0, 0
+        for size in group_sizes:
+            group = lengths[doc : doc + size]
+            writer.add(tokens[start : start + group.sum()], group)
+            start, doc = start + int(group.sum()), doc + len(group)
+        shards = writer.close()
+        results.append([(tmp_path / name / s.file).read_bytes() + (tmp_path / name / s.index).read_bytes()
+                        for s in shards])
+    assert results[0] == results[1]
+    ends = np.cumsum(lengths)
+    first_doc = 0
+    for shard in shards[:-1]:
+        last_doc = first_doc + shard.documents - 1
+        within = ends[last_doc] - (ends[first_doc - 1] if first_doc else 0)
+        before_last = within - lengths[last_doc]
+        assert within == shard.tokens and within >= 100 > before_last
+        first_doc = last_doc + 1
+    assert sum(s.tokens for s in shards) == tokens.size and sum(s.documents for s in shards) == len(lengths)
