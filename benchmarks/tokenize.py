@@ -5,6 +5,11 @@
 Rows (MB of UTF-8 text per second; the best of `--rounds` where marked, as the machine is shared):
   raw encode, whole documents    SentencePieceProcessor.encode(texts, num_threads=1), in this process (best)
   cores x raw (ideal)            perfect scaling of the first row: the baseline of the target
+  raw encode, numpy out          the same call with out_type="numpy", as the job calls it (best)
+  cores processes, no Ray        `cores` processes each encoding an even share of the bytes with the first
+                                 row's call, timed from the first start to the last end (process start and
+                                 model load untimed): what this machine gives to plain parallel encoding,
+                                 with no scheduler at all (best)
   datasets.map(num_proc)         Hugging Face `datasets` map with the same encode, 1 and `cores` processes (best)
                                  (skipped with a message when `datasets` is not installed)
   job, first after ray.init      the whole `pipeline.tokenize` job (`tokenize()` wall time: plan, read,
@@ -13,6 +18,10 @@ Rows (MB of UTF-8 text per second; the best of `--rounds` where marked, as the m
                                  (importing ray.data, its stats actor), which every new job pays
   job, again (warm)              the same job once those workers are up (best)
   job, corpus x K (warm)         the same on the corpus concatenated `--repeat` times into one JSONL file
+
+After the table: Ray Data's fixed cost on this machine, the time of an empty job of the job's shape
+(`cores` blocks, one fused map stage, order preserved, blocks pulled by the driver), and the best
+job / (cores x raw) that any job paying it could reach, ideal time / (ideal time + that cost).
 
 The job's tokens are checked against the first row's ids (per document, per split) before any figure is
 printed. The corpus is rendered once into data/manpages-de.jsonl and a unigram tokenizer trained once on
@@ -31,10 +40,12 @@ sys.path[0] = REPO
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import multiprocessing  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import ray  # noqa: E402
 import sentencepiece as spm  # noqa: E402
 
 from pipeline.corpora.manpages import ManpagesConfig, build_corpus  # noqa: E402
@@ -82,6 +93,52 @@ def datasets_map(model: Path, texts: list[str], num_proc: int) -> float | None:
 
     seconds, _ = timed(lambda: table.map(encode, batched=True, num_proc=num_proc if num_proc > 1 else None,
                                          keep_in_memory=True))
+    return seconds
+
+
+def _encode_share_at_barrier(model: str, texts: list[str], barrier, results) -> None:
+    processor = spm.SentencePieceProcessor(model_file=model)
+    barrier.wait()  # every process has its model and its share: start together
+    started = time.perf_counter()  # CLOCK_MONOTONIC: comparable across processes
+    processor.encode(texts, num_threads=1)
+    results.put((started, time.perf_counter()))
+
+
+def even_shares(texts: list[str], parts: int) -> list[list[str]]:
+    """Consecutive documents in `parts` shares of about equal bytes, as the job's blocks are cut."""
+    sizes = [len(t.encode("utf-8")) for t in texts]
+    total, shares, running = sum(sizes), [[] for _ in range(parts)], 0
+    for text, size in zip(texts, sizes):
+        shares[min(parts - 1, running * parts // max(total, 1))].append(text)
+        running += size
+    return shares
+
+
+def processes_no_ray(model: Path, shares: list[list[str]]) -> float:
+    """Seconds from the first process starting to encode to the last one finishing."""
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(len(shares)), context.Queue()
+    processes = [context.Process(target=_encode_share_at_barrier, args=(str(model), share, barrier, results))
+                 for share in shares]
+    for process in processes:
+        process.start()
+    spans = [results.get() for _ in processes]
+    for process in processes:
+        process.join()
+    return max(end for _, end in spans) - min(start for start, _ in spans)
+
+
+def _passthrough(batch):
+    return batch
+
+
+def ray_data_floor(cores: int) -> float:
+    """Seconds of an empty Ray Data job shaped like the tokenize job (see the module docstring)."""
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    empty = ray.data.range(cores, override_num_blocks=cores, concurrency=cores).map_batches(
+        _passthrough, batch_format="pyarrow", compute=ray.data.TaskPoolStrategy(size=cores))
+    seconds, _ = timed(lambda: sum(1 for _ in empty.iter_batches(batch_size=None, batch_format="pyarrow")))
     return seconds
 
 
@@ -133,17 +190,24 @@ def main() -> int:
             best[name] = max(best.get(name, 0.0), megabytes / seconds)
 
     map_procs = sorted({1, args.cores})
+    no_ray = f"{args.cores} processes, no Ray"
+    shares = even_shares(texts, args.cores)
+    floor = float("inf")
     for _ in range(args.rounds):
         measure("raw encode, whole documents", timed(lambda: processor.encode(texts, num_threads=1))[0])
+        measure("raw encode, numpy out", timed(lambda: processor.encode(texts, num_threads=1, out_type="numpy"))[0])
+        measure(no_ray, processes_no_ray(model, shares))
         for num_proc in map_procs:
             measure(f"datasets.map(num_proc={num_proc})", datasets_map(model, texts, num_proc))
         measure("job, again (warm)", run_job(corpus, model, out, args.cores))
+        floor = min(floor, ray_data_floor(args.cores))
     raw, warm, best_map = best["raw encode, whole documents"], best["job, again (warm)"], best.get(
         f"datasets.map(num_proc={args.cores})")
     if best_map is None:
         print("datasets is not installed: no datasets.map rows (pip install datasets)")
     rows = [("raw encode, whole documents", raw)]
     rows.append((f"{args.cores} x raw (ideal)", args.cores * raw))
+    rows += [("raw encode, numpy out", best["raw encode, numpy out"]), (no_ray, best[no_ray])]
     rows += [(name, rate) for name, rate in best.items() if name.startswith("datasets.map")]
     rows += [("job, first after ray.init", cold), ("job, again (warm)", warm)]
     if args.repeat > 1:
@@ -164,7 +228,12 @@ def main() -> int:
     if best_map:
         verdict.append(f"job / datasets.map({args.cores}) = {warm / best_map:.2f} warm, {cold / best_map:.2f} first "
                        "(target >= 2)")
+    verdict.append(f"job / {no_ray} = {warm / best[no_ray]:.2f}")
     print("; ".join(verdict))
+    ideal_seconds = megabytes / ideal
+    print(f"Ray Data's fixed cost: an empty job of the same shape takes {floor:.3f} s (best); the ideal "
+          f"takes {ideal_seconds:.3f} s, so no Ray Data job here can pass "
+          f"{ideal_seconds / (ideal_seconds + floor):.2f} of cores x raw on this corpus")
     return 0
 
 
