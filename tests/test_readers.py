@@ -16,8 +16,9 @@ import zstandard
 from pipeline.ray_runtime import init_ray
 from pipeline.readers import (
     InputError,
-    _read_jsonl_range_at_once,
-    _read_unit_by_document,
+    _jsonl_rows,
+    _jsonl_table_at_once,
+    _rows_table,
     expand_inputs,
     plan_reads,
     read_documents,
@@ -157,10 +158,10 @@ def test_jsonl_read_at_once_gives_the_line_readers_rows_or_leaves_it_to_it(tmp_p
     path.write_bytes(TRICKY_JSONL[case])
     [unit] = plan_reads([path])
     try:
-        expected = _read_unit_by_document(unit, "text")
+        expected = _rows_table(unit, _jsonl_rows(path.read_bytes(), unit, "text"))
     except InputError as e:
         expected = e
-    at_once = _read_jsonl_range_at_once(unit, "text")
+    at_once = _jsonl_table_at_once(path.read_bytes(), unit, "text")
     if isinstance(expected, InputError):
         assert at_once is None
         with pytest.raises(InputError, match="tricky.jsonl:"):
