@@ -133,16 +133,17 @@ class ShardWriter:
         """Append consecutive documents (`tokens` back to back, `lengths` > 0 each), written a shard's
         worth at a time: one write and one hash update per shard touched, not one per document."""
         lengths = np.asarray(lengths, dtype=np.int64)
-        start = 0
-        while len(lengths):
+        ends = np.cumsum(lengths)  # where each document ends in `tokens`
+        first = 0  # the first document not written yet
+        while first < len(lengths):
             if self._current is None:
                 self._current = _ShardFile(self.folder, f"{self.prefix}-{len(self.shards):05d}", self.dtype)
-            ends = self._current.tokens + np.cumsum(lengths)
-            # Documents up to and including the first that reaches max_tokens go into this shard.
-            count = min(int(np.searchsorted(ends, self.max_tokens)) + 1, len(lengths))
-            taken = int(ends[count - 1] - self._current.tokens)
-            self._current.append(tokens[start : start + taken], lengths[:count])
-            start, lengths = start + taken, lengths[count:]
+            written = int(ends[first - 1]) if first else 0
+            # Documents up to and including the first that fills the shard to max_tokens go into it.
+            room = self.max_tokens - self._current.tokens
+            last = min(int(np.searchsorted(ends, written + room)), len(lengths) - 1)
+            self._current.append(tokens[written : ends[last]], lengths[first : last + 1])
+            first = last + 1
             if self._current.tokens >= self.max_tokens:
                 self.shards.append(self._current.finish())
                 self._current = None
