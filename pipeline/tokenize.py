@@ -48,10 +48,7 @@ from pipeline.dataset import (
 from pipeline.ray_runtime import init_ray
 from pipeline.readers import InputError, expand_inputs, read_documents
 
-# One block per worker: each task costs Ray Data tens of milliseconds beside its work, and the driver's
-# writing is cheap enough not to need overlapping (German man pages, 14 MB on 2 CPUs, job / (2 x raw
-# encode): 1 block a worker 0.60-0.66, 2 blocks 0.50-0.59). At least 1 MiB, at most 64 MiB.
-BLOCKS_PER_WORKER = 1
+# Blocks of at least 1 MiB and at most 64 MiB; see `_block_bytes`.
 MIN_BLOCK_BYTES, MAX_BLOCK_BYTES = 1 << 20, 64 << 20
 # SentencePiece BPE encodes one long string much slower than the same text in lines (German man pages,
 # BPE 8k: 3.0 MB/s whole, 3.6-4.0 MB/s cut), and per-call overhead dominates for tiny strings: documents
@@ -232,8 +229,11 @@ def _cluster_cpus() -> int:
 
 
 def _block_bytes(files: list[Path], workers: int) -> int:
+    """One block per worker: each task costs Ray Data tens of milliseconds beside its work, and the
+    driver's writing is cheap enough not to need overlapping (German man pages, 14 MB on 2 CPUs, job /
+    (2 x raw encode): one block a worker 0.60-0.66, two 0.50-0.59)."""
     total = sum(f.stat().st_size for f in files)
-    return int(np.clip(total // (BLOCKS_PER_WORKER * workers), MIN_BLOCK_BYTES, MAX_BLOCK_BYTES))
+    return int(np.clip(total // workers, MIN_BLOCK_BYTES, MAX_BLOCK_BYTES))
 
 
 def _staging_folder(out: Path) -> Path:
@@ -341,11 +341,11 @@ def _write_block(block: pa.Table, writers: dict[str, ShardWriter], stats: Tokeni
         values = tokens.values.to_numpy()[offsets[0] : offsets[-1]]
         lengths = np.diff(offsets)
         is_val = batch.column("is_val").to_numpy(zero_copy_only=False)
+        kept = lengths > 0  # empty documents (no pieces) are skipped
         token_is_val = np.repeat(is_val, lengths)
         for split, held_out in (("train", False), ("val", True)):
-            # Documents keep their order within a split; empty ones (no pieces) are skipped.
-            writers[split].add(values[token_is_val == held_out], lengths[(is_val == held_out) & (lengths > 0)])
-        kept = lengths > 0
+            # Documents keep their order within a split.
+            writers[split].add(values[token_is_val == held_out], lengths[kept & (is_val == held_out)])
         stats.documents += int(kept.sum())
         stats.val_documents += int((kept & is_val).sum())
         stats.train_documents += int((kept & ~is_val).sum())
