@@ -73,10 +73,12 @@ def test_two_gloo_ranks_train_like_one_process(tmp_path, token_dataset_factory, 
         return [r for r in read_metrics(tmp_path / run) if r["kind"] == kind]
 
     ddp, single = records("ddp", "train"), records("single", "train")
-    assert [r["step"] for r in ddp] == [1, 2, 3, 4]
-    for a, b in zip(ddp, single):
+    assert [r["step"] for r in ddp] == [r["step"] for r in single] == [1, 2, 3, 4]
+    for a, b in zip(ddp, single, strict=True):
         # Same global batch, gradients averaged over ranks instead of micro-batches: equal up to rounding.
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
         assert a["source_share"] == b["source_share"]
-    for a, b in zip(records("ddp", "eval"), records("single", "eval")):
+    ddp_evals, single_evals = records("ddp", "eval"), records("single", "eval")
+    assert [r["step"] for r in ddp_evals] == [r["step"] for r in single_evals] == [0, 2, 4]
+    for a, b in zip(ddp_evals, single_evals, strict=True):
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-4)
