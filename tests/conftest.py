@@ -45,6 +45,23 @@ def make_lines(words: Sequence[str], count: int, seed: int, length: tuple[int, i
     return [" ".join(rng.choice(words) for _ in range(rng.randint(*length))) + "." for _ in range(count)]
 
 
+# Russian's letters, most frequent first.
+CYRILLIC_LETTERS = "оеаинтсрвлкмдпуяыьгзбчйхжшюцщэфёъ"
+
+
+def alphabet_words(letters: str, count: int, seed: int, length: tuple[int, int] = (2, 9)) -> list[str]:
+    """Made-up words in a script: the k-th letter is drawn about 1/k as often as the first (Zipf-like),
+    so, as in real text, a few letters are rare."""
+    rng = random.Random(seed)
+    weights = [1 / rank for rank in range(1, len(letters) + 1)]
+    return sorted({"".join(rng.choices(letters, weights, k=rng.randint(*length))) for _ in range(count)})
+
+
+@pytest.fixture(scope="session")
+def cyrillic_lines() -> list[str]:
+    return make_lines(alphabet_words(CYRILLIC_LETTERS, 400, seed=3), 2000, seed=4)
+
+
 @pytest.fixture(scope="session")
 def english_lines() -> list[str]:
     return make_lines(ENGLISH_WORDS, 2000, seed=1)

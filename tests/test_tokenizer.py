@@ -7,13 +7,16 @@ user-defined and control pieces. Every check compares against sentencepiece itse
 from __future__ import annotations
 
 import json
+from collections import Counter
+from itertools import accumulate
 from pathlib import Path
 
 import pytest
 import ray
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
-from conftest import train_spm
+from conftest import CYRILLIC_LETTERS, train_spm
 from pipeline.tokenizer import (
     ExtendConfig,
     TokenizerError,
@@ -26,8 +29,8 @@ from pipeline.tokenizer import (
     train_tokenizer,
 )
 from pipeline.tokenizer.__main__ import main
-from pipeline.tokenizer.extend import MAX_OLD_TEXT_LOSS, check_old_text
-from pipeline.tokenizer.model_proto import append_pieces, piece_text, verbatim_processor
+from pipeline.tokenizer.extend import MAX_OLD_TEXT_LOSS, build_report, check_old_text
+from pipeline.tokenizer.model_proto import append_pieces
 from pipeline.tokenizer.pieces import producible
 from pipeline.tokenizer.sample import is_heldout, text_lines, write_lines
 
@@ -47,6 +50,7 @@ BASES = {
     ),
 }
 NEW_PIECES = {"bpe": 150, "unigram": 40, "llama-style": 150}
+NEVER_SEEN = "ѣ"  # a Cyrillic letter the generated corpus lacks, so no donor can cover it
 
 
 @pytest.fixture(scope="module")
@@ -56,26 +60,57 @@ def local_ray():
     ray.shutdown()
 
 
+def extend_english(tmp_path_factory, kind: str, english_lines, new_lines, new_pieces: int):
+    """(kind, base path, Extension): an English base of `kind` extended with pieces of `new_lines[:1800]`."""
+    folder = tmp_path_factory.mktemp(f"extend-{kind}")
+    base_path = train_spm(english_lines, folder / "base", **dict(BASES[kind]))
+    write_lines(folder / "new.txt", new_lines[:1800])
+    return kind, base_path, extend_model(load_model_proto(base_path), folder / "new.txt", new_pieces, folder)
+
+
 @pytest.fixture(scope="module", params=sorted(BASES))
 def extension(request, tmp_path_factory, english_lines, german_lines):
     """(kind, base path, Extension) for each base kind, extended with German pieces."""
-    kind = request.param
-    folder = tmp_path_factory.mktemp(f"extend-{kind}")
-    base_path = train_spm(english_lines, folder / "base", **dict(BASES[kind]))
-    write_lines(folder / "de.txt", german_lines[:1800])
-    result = extend_model(load_model_proto(base_path), folder / "de.txt", NEW_PIECES[kind], folder)
-    return kind, base_path, result
+    return extend_english(tmp_path_factory, request.param, english_lines, german_lines, NEW_PIECES[request.param])
 
 
-def test_old_ids_keep_their_pieces(extension):
+@pytest.fixture(scope="module", params=["bpe", "unigram"])
+def new_script(request, tmp_path_factory, english_lines, cyrillic_lines):
+    """(kind, base path, Extension): an English base extended with pieces of Cyrillic text it never saw."""
+    return extend_english(tmp_path_factory, request.param, english_lines, cyrillic_lines, 150)
+
+
+def loaded(result) -> spm.SentencePieceProcessor:
+    return spm.SentencePieceProcessor(model_proto=result.model.SerializeToString())
+
+
+def unknown_tokens(sp: spm.SentencePieceProcessor, lines: list[str]) -> int:
+    return sum(ids.count(sp.unk_id()) for ids in sp.encode(lines))
+
+
+def assert_keeps_the_base(base_path: Path, extended: spm.SentencePieceProcessor, old_lines: list[str]) -> None:
+    """Hold the extended model to the base read from its own file by plain sentencepiece: every base
+    id keeps its piece, and old text, token for token, cuts into the base's pieces or (BPE, where every
+    new merge ranks below the base's) into runs of them."""
+    base = spm.SentencePieceProcessor(model_file=str(base_path))
+    kinds = ("id_to_piece", "get_score", "is_unknown", "is_control", "is_unused", "is_byte")
+    for i in range(base.vocab_size()):
+        assert [getattr(extended, k)(i) for k in kinds] == [getattr(base, k)(i) for k in kinds], f"id {i}"
+    spec = model_pb2.ModelProto.FromString(base_path.read_bytes()).trainer_spec
+    for before, after in zip(base.encode(old_lines), extended.encode(old_lines)):
+        assert extended.decode(before) == base.decode(before)  # text tokenized with the base reads the same
+        assert "".join(map(extended.id_to_piece, after)) == "".join(map(base.id_to_piece, before))
+        if spec.model_type == spec.BPE:
+            ends_before = set(accumulate(len(base.id_to_piece(i)) for i in before))
+            assert set(accumulate(len(extended.id_to_piece(i)) for i in after)) <= ends_before, (before, after)
+
+
+def test_old_ids_keep_their_pieces(extension, english_lines):
     kind, base_path, result = extension
     base = spm.SentencePieceProcessor(model_file=str(base_path))
-    extended = spm.SentencePieceProcessor(model_proto=result.model.SerializeToString())
+    extended = loaded(result)
     assert extended.vocab_size() == base.vocab_size() + len(result.added) > base.vocab_size()
-    for i in range(base.vocab_size()):
-        assert extended.id_to_piece(i) == base.id_to_piece(i)
-        assert extended.get_score(i) == base.get_score(i)
-        assert extended.is_control(i) == base.is_control(i) and extended.is_byte(i) == base.is_byte(i)
+    assert_keeps_the_base(base_path, extended, english_lines[1800:])
     if kind == "llama-style":
         assert extended.is_byte(extended.piece_to_id("<0x41>"))
         assert extended.encode("<tool>")[-1] == base.piece_to_id("<tool>")  # user-defined still wins
@@ -86,14 +121,14 @@ def test_every_added_piece_is_produced_and_used(extension, german_lines):
     _, _, result = extension
     assert all(producible(result.base, result.added))
     first_new = len(result.base.pieces)
-    extended = spm.SentencePieceProcessor(model_proto=result.model.SerializeToString())
+    extended = loaded(result)
     used = {i for ids in extended.encode(german_lines[1800:]) for i in ids if i >= first_new}
     assert len(used) > 10
 
 
 def test_extended_model_decodes_what_it_encodes(extension, english_lines, german_lines):
     kind, _, result = extension
-    extended = spm.SentencePieceProcessor(model_proto=result.model.SerializeToString())
+    extended = loaded(result)
     texts = german_lines[1800:1900] + english_lines[1800:1900] + ["Größe: 42 Äpfel, 3.5 ℃ – naïve"]
     decoded = extended.decode(extended.encode(texts))
     if kind == "llama-style":  # identity normalization and byte fallback: every byte survives
@@ -105,7 +140,7 @@ def test_extended_model_decodes_what_it_encodes(extension, english_lines, german
 def test_new_text_gets_better_and_old_text_no_worse(extension, english_lines, german_lines):
     _, base_path, result = extension
     base = spm.SentencePieceProcessor(model_file=str(base_path))
-    extended = spm.SentencePieceProcessor(model_proto=result.model.SerializeToString())
+    extended = loaded(result)
 
     def tokens(sp, lines):
         return sum(map(len, sp.encode(lines)))
@@ -116,12 +151,12 @@ def test_new_text_gets_better_and_old_text_no_worse(extension, english_lines, ge
 
 
 def test_id_check_catches_a_moved_piece(extension):
-    _, _, result = extension
+    _, base_path, result = extension
     tampered = append_pieces(result.base, [])
     tampered.pieces[5].piece, tampered.pieces[6].piece = tampered.pieces[6].piece, tampered.pieces[5].piece
     with pytest.raises(TokenizerError, match="id 5"):
         check_ids_stable(result.base, tampered)
-    check_ids_stable(result.base, result.model)
+    check_ids_stable(model_pb2.ModelProto.FromString(base_path.read_bytes()), result.model)
 
 
 def test_bpe_pieces_score_below_every_base_piece(extension):
@@ -172,24 +207,71 @@ def test_report_matches_a_recount(trained_base, corpora, english_lines, german_l
     assert raw["base"]["vocab_size"] == base.vocab_size() == report.base_vocab_size
     assert raw["extended"]["vocab_size"] == extended.vocab_size() == base.vocab_size() + raw["pieces_added"]
     assert raw["base"]["model_type"] == "bpe" and raw["pieces_added"] == 120
-    for name, docs in (("new_text", german_lines), ("old_text", english_lines)):
-        lines = [line for doc in docs if is_heldout(doc) for line in text_lines(doc)]
+    heldout = {
+        name: [line for doc in docs if is_heldout(doc) for line in text_lines(doc)]
+        for name, docs in (("new_text", german_lines), ("old_text", english_lines))
+    }
+    for name, lines in heldout.items():
         entry = raw["bytes_per_token"][name]
         size = sum(len(line.encode()) for line in lines)
         before, after = sum(map(len, base.encode(lines))), sum(map(len, extended.encode(lines)))
         assert (entry["bytes"], entry["tokens_before"], entry["tokens_after"]) == (size, before, after)
         assert entry["before"] == pytest.approx(size / before, abs=1e-4)
         assert entry["after"] == pytest.approx(size / after, abs=1e-4)
+        assert_unknown_recount(raw, name, lines, base, extended)
         if name == "new_text":
             used = {i for ids in extended.encode(lines) for i in ids if i >= base.vocab_size()}
             assert raw["added_pieces_used_on_new_text"] == len(used) > 0
     assert raw["bytes_per_token"]["new_text"]["after"] > 1.2 * raw["bytes_per_token"]["new_text"]["before"]
-    segmenter = verbatim_processor(load_model_proto(base_path))
+    assert raw["unknown_token_rate"]["new_text"]["after"] == 0 < raw["unknown_token_rate"]["new_text"]["before"]
+    assert_keeps_the_base(base_path, extended, heldout["old_text"])
     for piece_id, piece, base_ids in report.new_pieces:
         assert extended.id_to_piece(piece_id) == piece
-        assert segmenter.encode(piece_text(load_model_proto(base_path), piece)) == list(base_ids)
         if base.unk_id() not in base_ids:  # characters the base lacks come back as <unk>
             assert "".join(base.id_to_piece(i) for i in base_ids) == piece
+        if piece.startswith("\u2581"):  # a word's start: the base cuts the word alone the same way
+            assert base.encode(piece[1:]) == list(base_ids), piece
+
+
+def assert_unknown_recount(report: dict, name: str, lines: list[str], base, extended) -> None:
+    entry, tokens = report["unknown_token_rate"][name], report["bytes_per_token"][name]
+    counts = unknown_tokens(base, lines), unknown_tokens(extended, lines)
+    assert (entry["unknown_before"], entry["unknown_after"]) == counts
+    rates = counts[0] / tokens["tokens_before"], counts[1] / tokens["tokens_after"]
+    assert (entry["before"], entry["after"]) == pytest.approx(rates, abs=1e-6)
+
+
+def test_new_script_letters_all_become_pieces(new_script, english_lines, cyrillic_lines):
+    """A BPE donor lists its characters below every merge: taking its top pieces left letters <unk>."""
+    _, base_path, result = new_script
+    base, extended = spm.SentencePieceProcessor(model_file=str(base_path)), loaded(result)
+    letters = Counter("".join(cyrillic_lines[:1800]))
+    # Even the rarest letter is far above what the donor's 99.95% character coverage may leave out.
+    assert min(letters[c] for c in CYRILLIC_LETTERS) > 0.002 * sum(letters.values())
+    assert all(base.piece_to_id(c) == base.unk_id() for c in CYRILLIC_LETTERS)  # the script is new to the base
+    assert all(extended.piece_to_id(c) != extended.unk_id() for c in CYRILLIC_LETTERS)
+    heldout = cyrillic_lines[1800:]
+    assert unknown_tokens(extended, heldout) == 0
+    assert extended.decode(extended.encode(heldout)) == heldout  # generated lines are already normalized
+    # What the donor never saw is all that stays unknown.
+    cut = extended.encode(f"{heldout[0]} {NEVER_SEEN}{heldout[1]}", out_type="proto")
+    assert [p.surface for p in cut.pieces if p.id == extended.unk_id()] == [NEVER_SEEN]
+    assert_keeps_the_base(base_path, extended, english_lines[1800:])
+
+
+def test_report_gives_the_unknown_share_before_and_after(new_script, tmp_path, english_lines, cyrillic_lines):
+    _, base_path, result = new_script
+    out = tmp_path / "extended.model"
+    out.write_bytes(result.model.SerializeToString())
+    new, old = cyrillic_lines[1800:] + [NEVER_SEEN], english_lines[1800:]
+    report = build_report(result, base_path, out, new, old)
+    base, extended = spm.SentencePieceProcessor(model_file=str(base_path)), loaded(result)
+    for name, lines in (("new_text", new), ("old_text", old)):
+        assert_unknown_recount(report, name, lines, base, extended)
+    unknown = report["unknown_token_rate"]
+    assert unknown["new_text"]["before"] > 0.3  # under the base, every word is <unk> but for its leading space
+    assert unknown["new_text"]["unknown_after"] == 1  # the letter no donor saw
+    assert unknown["old_text"]["unknown_before"] == unknown["old_text"]["unknown_after"] == 0
 
 
 def test_not_a_sentencepiece_file_is_refused(tmp_path):
@@ -201,7 +283,7 @@ def test_not_a_sentencepiece_file_is_refused(tmp_path):
         load_model_proto(tmp_path / "missing.model")
 
 
-def test_bad_piece_counts_are_refused(tmp_path, english_lines, german_lines):
+def test_bad_piece_counts_are_refused(tmp_path, english_lines, german_lines, cyrillic_lines):
     base = load_model_proto(train_spm(english_lines, tmp_path / "base", vocab_size=200))
     write_lines(tmp_path / "de.txt", german_lines[:300])
     for count in (0, -3):
@@ -209,6 +291,9 @@ def test_bad_piece_counts_are_refused(tmp_path, english_lines, german_lines):
             extend_model(base, tmp_path / "de.txt", count, tmp_path)
     with pytest.raises(TokenizerError, match=r"yields only \d+ pieces the base lacks"):
         extend_model(base, tmp_path / "de.txt", 100_000, tmp_path)
+    write_lines(tmp_path / "ru.txt", cyrillic_lines[:300])
+    with pytest.raises(TokenizerError, match=f"has {len(CYRILLIC_LETTERS)} characters the base lacks"):
+        extend_model(base, tmp_path / "ru.txt", len(CYRILLIC_LETTERS) - 1, tmp_path)
 
 
 def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys, english_lines):

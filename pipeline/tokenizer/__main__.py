@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     extend.add_argument("--base", type=Path, required=True, help="the SentencePiece .model to extend")
     extend.add_argument("--old-input", nargs="+", action="extend", required=True, dest="old_inputs",
                         help="text like the base's corpus: its held-out slice checks old text does not get worse")
-    extend.add_argument("--new-pieces", type=int, required=True, help="append at most this many pieces")
+    extend.add_argument("--new-pieces", type=int, required=True,
+                        help="append at most this many pieces; every character of the new text that the base "
+                        "lacks is one of them")
     extend.add_argument("--max-heldout-bytes", type=int, default=20_000_000,
                         help="measure bytes per token on at most this much held-out text (default: 20 MB)")
     return parser

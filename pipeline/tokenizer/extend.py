@@ -2,9 +2,10 @@
 
 1. Normalize the new text exactly as the base does (its own normalizer, whatever it is) and train a
    donor model of the base's type on it, with the base's splitting rules and user-defined symbols.
-2. Choose up to N donor pieces the base lacks and the extended model actually produces (`pieces.py`).
-3. Append them, check that ids 0..V-1 are unchanged, measure bytes per token on held-out new and old
-   text, and only then write the model and its report (`report.py`).
+2. Choose up to N donor pieces the base lacks: every character, then longer pieces the extended model
+   actually produces (`pieces.py`).
+3. Append them, check that ids 0..V-1 are unchanged, measure bytes per token and the `<unk>` share on
+   held-out new and old text, and only then write the model and its report (`report.py`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,14 @@ from pipeline.tokenizer.model_proto import (
     verbatim_processor,
 )
 from pipeline.tokenizer.pieces import check_piece_count, choose_pieces
-from pipeline.tokenizer.report import comparison, encode_lines, measure, report_path, write_report
+from pipeline.tokenizer.report import (
+    comparison,
+    encode_lines,
+    measure,
+    report_path,
+    unknown_comparison,
+    write_report,
+)
 from pipeline.tokenizer.sample import HOLDOUT_FRACTION, read_lines
 from pipeline.tokenizer.train import load_sample, train_sentencepiece, write_atomically
 
@@ -147,6 +155,10 @@ def build_report(
     first_new = len(extension.base.pieces)
     new_ids = encode_lines(extended_sp, new_heldout)
     used = {i for ids in new_ids for i in ids if i >= first_new}
+    measures = {
+        name: (measure(base_sp, lines), measure(extended_sp, lines))
+        for name, lines in (("new_text", new_heldout), ("old_text", old_heldout))
+    }
     return {
         "base": {
             "path": str(base_path),
@@ -160,10 +172,8 @@ def build_report(
         "pieces_added": len(extension.added),
         "candidates_skipped_unproducible": extension.skipped,
         "added_pieces_used_on_new_text": len(used),
-        "bytes_per_token": {
-            "new_text": comparison(measure(base_sp, new_heldout), measure(extended_sp, new_heldout)),
-            "old_text": comparison(measure(base_sp, old_heldout), measure(extended_sp, old_heldout)),
-        },
+        "bytes_per_token": {name: comparison(*pair) for name, pair in measures.items()},
+        "unknown_token_rate": {name: unknown_comparison(*pair) for name, pair in measures.items()},
         "new_pieces": new_piece_entries(extension),
     }
 
@@ -221,12 +231,15 @@ def extend_tokenizer(config: ExtendConfig) -> dict:
     }
     write_report(report_file, report)
     gains = report["bytes_per_token"]
+    unknown = report["unknown_token_rate"]
     print(
         f"extended {config.base} ({report['base']['vocab_size']}) -> {config.out} "
         f"({report['extended']['vocab_size']}): {report['pieces_added']} pieces added, "
         f"{report['added_pieces_used_on_new_text']} used on held-out new text; bytes/token new "
         f"{gains['new_text']['before']} -> {gains['new_text']['after']} ({gains['new_text']['change']:+.1%}), "
-        f"old {gains['old_text']['before']} -> {gains['old_text']['after']} ({gains['old_text']['change']:+.1%}) "
+        f"old {gains['old_text']['before']} -> {gains['old_text']['after']} ({gains['old_text']['change']:+.1%}); "
+        f"<unk> share new {unknown['new_text']['before']:.2%} -> {unknown['new_text']['after']:.2%}, "
+        f"old {unknown['old_text']['before']:.2%} -> {unknown['old_text']['after']:.2%} "
         f"in {time.perf_counter() - started:.1f} s; report {report_file}"
     )
     return report

@@ -2,7 +2,10 @@
 
 `extend` writes it as `<out stem>.report.json` beside the extended model. The trainer reads
 `new_pieces[].base_ids` to start each new embedding row as the mean of the rows of its base pieces;
-`bytes_per_token` shows the effect on held-out new text and held-out old text.
+`bytes_per_token` shows the effect on held-out new text and held-out old text, and
+`unknown_token_rate` the share of their tokens that are `<unk>`, which after extending should be left
+only by characters too rare for the donor's character coverage (a byte-fallback model spells those as
+bytes instead, so its rate stays 0).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class TextMeasure:
     lines: int
     bytes: int  # UTF-8 bytes of the lines, newlines not counted
     tokens: int
+    unknown: int  # tokens that are <unk>: text the model cannot represent, lost on decoding
 
     @property
     def bytes_per_token(self) -> float:
@@ -42,8 +46,10 @@ def encode_lines(processor: spm.SentencePieceProcessor, lines: Sequence[str]) ->
 
 def measure(processor: spm.SentencePieceProcessor, lines: Sequence[str]) -> TextMeasure:
     """Bytes and tokens of `lines` under `processor` (no BOS/EOS: they cost the same in both models)."""
-    tokens = sum(len(ids) for ids in encode_lines(processor, lines))
-    return TextMeasure(len(lines), sum(len(line.encode("utf-8")) for line in lines), tokens)
+    encoded = encode_lines(processor, lines)
+    tokens = sum(len(ids) for ids in encoded)
+    unknown = sum(ids.count(processor.unk_id()) for ids in encoded)
+    return TextMeasure(len(lines), sum(len(line.encode("utf-8")) for line in lines), tokens, unknown)
 
 
 def comparison(before: TextMeasure, after: TextMeasure) -> dict:
@@ -56,6 +62,17 @@ def comparison(before: TextMeasure, after: TextMeasure) -> dict:
         "bytes": before.bytes,
         "tokens_before": before.tokens,
         "tokens_after": after.tokens,
+    }
+
+
+def unknown_comparison(before: TextMeasure, after: TextMeasure) -> dict:
+    """The report's `unknown_token_rate` entry for one held-out text (token counts are in its
+    `bytes_per_token` entry)."""
+    return {
+        "before": round(before.unknown / before.tokens, 6) if before.tokens else 0.0,
+        "after": round(after.unknown / after.tokens, 6) if after.tokens else 0.0,
+        "unknown_before": before.unknown,
+        "unknown_after": after.unknown,
     }
 
 
