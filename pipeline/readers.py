@@ -64,7 +64,8 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
 
     Folders and globs contribute only files with a known suffix (so a `save_to_disk` folder's JSON
     metadata is passed over); a file named directly must have one. Raises InputError for a pattern that
-    matches nothing and for a file that cannot be read.
+    matches nothing and for an input that cannot be read: one left out instead would silently shrink
+    the corpus.
     """
     if not patterns:
         raise InputError("no --input given; pass files, globs or folders of .jsonl/.parquet/.arrow/.txt")
@@ -72,10 +73,10 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
     for pattern in patterns:
         if glob.has_magic(pattern):
             matches = [Path(p) for p in sorted(glob.glob(pattern, recursive=True))]
-            found = [p for p in matches if p.is_file() and input_format(p)]
+            found = [p for p in matches if input_format(p) and not p.is_dir()]
         elif Path(pattern).is_dir():
-            found = sorted(p for p in Path(pattern).rglob("*") if p.is_file() and input_format(p))
-        elif Path(pattern).exists():
+            found = sorted(p for p in Path(pattern).rglob("*") if input_format(p) and not p.is_dir())
+        elif Path(pattern).exists() or Path(pattern).is_symlink():
             if input_format(Path(pattern)) is None:
                 raise InputError(f"{pattern}: unsupported input format; expected one of {', '.join(FORMATS)}")
             found = [Path(pattern)]
@@ -85,12 +86,29 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
             raise InputError(
                 f"{pattern}: matched no input files (looked for {', '.join(FORMATS)}); check the path or glob"
             )
+        for path in found:
+            check_readable(path)
         files.extend(found)
-    unique = list(dict.fromkeys(p.resolve() for p in files))
-    for path in unique:
-        if not os.access(path, os.R_OK):
-            raise InputError(f"{path}: not readable (permission denied); fix its permissions or drop it")
-    return unique
+    return list(dict.fromkeys(p.resolve() for p in files))
+
+
+def check_readable(path: Path) -> None:
+    """Raise InputError unless `path` is a regular file this process can open.
+
+    Opening it asks exactly what a read task will ask, for this user (root included); a FIFO or device
+    is refused first, since opening or reading one can block forever.
+    """
+    if path.is_symlink() and not path.exists():
+        raise InputError(
+            f"{path}: a symbolic link to {os.readlink(path)}, which does not exist; fix or remove the link"
+        )
+    if not path.is_file():
+        raise InputError(f"{path}: not a regular file (a FIFO, socket or device); inputs must be files")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise InputError(f"{path}: not readable ({e.strerror}); fix its permissions or drop it") from e
 
 
 @dataclass(frozen=True)

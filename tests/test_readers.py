@@ -99,13 +99,24 @@ def test_expand_inputs_files_globs_folders_and_errors(tmp_path):
         expand_inputs([str(tmp_path / "notes.md")])
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
-def test_unreadable_file_is_named(tmp_path):
-    path = tmp_path / "secret.jsonl"
-    path.write_bytes(jsonl_bytes(["x"]))
-    path.chmod(0)
-    with pytest.raises(InputError, match="secret.jsonl: not readable"):
-        expand_inputs([str(path)])
+def test_unreadable_inputs_are_named(tmp_path):
+    """Inputs no user can read, root included: each must fail naming the path, never be skipped."""
+    good = tmp_path / "data" / "good.jsonl"
+    good.parent.mkdir()
+    good.write_bytes(jsonl_bytes(["x"]))
+    broken = tmp_path / "data" / "moved.jsonl"
+    broken.symlink_to(tmp_path / "elsewhere" / "moved.jsonl")
+    for pattern in (broken, tmp_path / "data", tmp_path / "data" / "*.jsonl"):
+        with pytest.raises(InputError, match=r"moved.jsonl: a symbolic link to .*elsewhere/moved.jsonl, which does not"):
+            expand_inputs([str(pattern)])
+    broken.unlink()
+    fifo = tmp_path / "data" / "pipe.jsonl"
+    os.mkfifo(fifo)
+    for pattern in (fifo, tmp_path / "data"):
+        with pytest.raises(InputError, match="pipe.jsonl: not a regular file"):
+            expand_inputs([str(pattern)])
+    fifo.unlink()
+    assert expand_inputs([str(tmp_path / "data")]) == [good.resolve()]
 
 
 def test_damaged_files_are_named(tmp_path):
