@@ -270,7 +270,7 @@ class ServiceRun:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service", f"--dataset=old={old}", f"--dataset=new={paths['new']}",
              "--weights=old=0.25,new=0.75", f"--seq-len={SEQ_LEN}", f"--global-batch={GLOBAL_BATCH}",
-             f"--state-dir={state}", f"--port={port}", "--log-level=warning"], cwd=REPO)
+             f"--state-dir={state}", f"--port={port}", "--log-level=warning", "--allow-anonymous-reads"], cwd=REPO)
 
     def batches(self):
         from service.client import StreamClient

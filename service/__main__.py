@@ -8,52 +8,46 @@ from typing import Sequence
 import uvicorn
 
 from pipeline.dataset import DatasetError, TokenDataset
-from service.app import create_app
+from service.app import Access, create_app
 from service.config import ServiceConfig, parse_args
 from service.core import MixService
 from service.mixer import MixerConfig
-from service.schedule import MixSchedule, ScheduleError
+from service.schedule import ScheduleError
 from service.state import StateError
+from service.tokens import read_token
 from service.vocab import VocabularyError
-
-
-def read_admin_token(config: ServiceConfig) -> str | None:
-    if config.admin_token_file is None:
-        return None
-    try:
-        token = config.admin_token_file.read_text().strip()
-    except OSError as e:
-        raise StateError(f"--admin-token-file {config.admin_token_file}: cannot read it ({e.strerror})") from e
-    if len(token) < 16:
-        raise StateError(f"--admin-token-file {config.admin_token_file}: the token must be at least 16 characters")
-    return token
 
 
 def build_service(config: ServiceConfig) -> MixService:
     datasets = {name: TokenDataset(path, verify=config.verify) for name, path in config.datasets.items()}
     mixer_config = MixerConfig(seq_len=config.seq_len, global_batch=config.global_batch, seed=config.seed)
-    return MixService(datasets, mixer_config, MixSchedule.constant(config.weights), config.state_dir,
-                      reserve_steps=config.reserve_steps)
+    return MixService(datasets, mixer_config, config.state_dir, config.weights, reserve_steps=config.reserve_steps,
+                      max_lookahead=config.max_lookahead)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
     try:
-        admin_token = read_admin_token(config)
+        access = Access(
+            admin_token=read_token(config.admin_token_file, "--admin-token-file"),
+            read_token=read_token(config.read_token_file, "--read-token-file"),
+            anonymous_reads=config.allow_anonymous_reads,
+        )
         service = build_service(config)
     except (DatasetError, VocabularyError, StateError, ScheduleError, ValueError) as e:
         print(f"python -m service: cannot start: {e}", file=sys.stderr)
         return 2
     status = service.status()
-    served = ", ".join(f"{name}={entry['path']}" for name, entry in status["datasets"].items())
+    served = ", ".join(f"{name}={config.datasets[name]}" for name in status["datasets"])
+    reads = "anonymous reads allowed" if access.anonymous_reads else "reads need a token"
     print(
         f"serving {served} on "
         f"http://{config.host}:{config.port} (served frontier {status['served_frontier']}, reserved "
         f"{status['reserved']}, mix changes from step {status['next_change_step']}, "
-        f"{len(status['schedule'])} stage(s), mix {'changeable' if admin_token else 'read-only'})",
+        f"{len(status['schedule'])} stage(s), mix {'changeable' if access.admin_token else 'read-only'}, {reads})",
         file=sys.stderr,
     )
-    app = create_app(service, admin_token)
+    app = create_app(service, access)
     uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)
     return 0
 

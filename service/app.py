@@ -1,20 +1,28 @@
-"""The HTTP API of the mixer service (FastAPI). `create_app(service, admin_token)` builds it.
+"""The HTTP API of the mixer service (FastAPI). `create_app(service, access)` builds it.
 
-    GET  /v1/batches/{step}?rank=R&world_size=W    one step: the rank's rows (binary, see wire.py; JSON on Accept)
-    GET  /v1/batches?start=S&count=N&rank=R&world_size=W[&stride=D]
-                                                   steps S, S + D, ... (N of them) in one body (wire.py)
-    GET  /v1/mix                                   the schedule
-    PUT  /v1/mix  {"weights": {...}, "start_step": optional}   append a stage (admin bearer token)
-    GET  /v1/status   datasets, epochs, frontiers, shares served, current weights
-    GET  /healthz     liveness
-    GET  /metrics     Prometheus
+    GET    /v1/batches/{step}?rank=R&world_size=W    one step: the rank's rows (binary, see wire.py; JSON on Accept)
+    GET    /v1/batches?start=S&count=N&rank=R&world_size=W[&stride=D]
+                                                     steps S, S + D, ... (N of them) in one body (wire.py)
+    GET    /v1/mix                                   the schedule and the log of every change
+    PUT    /v1/mix  {"weights": {...}, "start_step": optional, "by": optional, "reason": optional}
+                                                     append a stage (admin token)
+    DELETE /v1/mix/stages/{start_step}               withdraw a stage no step has reached (admin token)
+    GET    /v1/status   datasets, epochs, frontiers, shares served, current weights
+    GET    /healthz     liveness
+    GET    /metrics     Prometheus
+
+Access: reads (batches, mix, status) need the read token or the admin token as a bearer token, unless
+the service runs with --allow-anonymous-reads; changes need the admin token. Anonymous callers never
+see paths on the server's disk.
 
 Frontiers in /v1/status and /v1/mix: `served_frontier` is one more than the largest step requested
 (what a trainer has pulled, prefetch included); `reserved` is the durable bound no served step has
 reached (moved `reserve_steps` ahead at a time, see state.py); `next_change_step` is the earliest
-start_step a mix change accepts, and where a change without start_step lands. It is the served
-frontier while this process runs; after a kill -9 it is the reservation the killed process left, so a
-change may then take effect up to `reserve_steps` steps later than the frontier a trainer reached.
+start_step a mix change accepts, and where a change without start_step lands: past every step served
+and every stage scheduled. After a kill -9 the steps up to the reservation the killed process left
+count as served, so a change may then take effect up to `reserve_steps` steps later than the frontier
+a trainer reached. A read more than `max_lookahead` steps past the first unserved step is refused (409)
+and moves nothing, so no reader can push the frontier, and with it every change, out of reach.
 Steps are idempotent: the same request returns the same bytes, also after a restart, so retries are safe.
 """
 
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import hmac
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Optional
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
@@ -30,7 +39,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 
-from service.core import MixConflict, MixService
+from service.core import MixConflict, MixService, NoSuchStage, TooFarAhead
 from service.metrics import RequestMetrics
 from service.mixer import Batch
 from service.schedule import ScheduleError
@@ -41,12 +50,29 @@ MAX_RANGE_BYTES = 64 << 20  # one response body; bounds the memory a single requ
 LARGEST_STEP = 2**62
 
 
+@dataclass(frozen=True)
+class Access:
+    """Who may do what: bearer tokens for reading and for changing the mix (None: nobody holds one)."""
+
+    admin_token: str | None = None
+    read_token: str | None = None
+    anonymous_reads: bool = False
+
+
 class MixChange(BaseModel):
-    weights: dict[str, float] = Field(description="dataset name -> weight; normalised to sum 1")
+    weights: dict[str, float] = Field(description="dataset name -> weight, every dataset named (0 leaves one out); "
+                                                  "normalised to sum 1")
     start_step: Optional[int] = Field(default=None, ge=0, description="default: next_change_step in /v1/status")
+    by: str = Field(default="operator", max_length=200, description="who asks, for the log")
+    reason: Optional[str] = Field(default=None, max_length=2000, description="why, for the log")
 
 
-def create_app(service: MixService, admin_token: str | None) -> FastAPI:
+def _matches(credentials: HTTPAuthorizationCredentials, token: str | None) -> bool:
+    # Constant-time comparison, so response timing reveals nothing about the token.
+    return token is not None and hmac.compare_digest(credentials.credentials.encode(), token.encode())
+
+
+def create_app(service: MixService, access: Access) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
@@ -62,17 +88,32 @@ def create_app(service: MixService, admin_token: str | None) -> FastAPI:
         if credentials is None:
             raise HTTPException(401, "missing bearer token: send Authorization: Bearer <admin token>",
                                 headers={"WWW-Authenticate": "Bearer"})
-        if admin_token is None:
+        if access.admin_token is None:
             raise HTTPException(403, "mix changes are disabled: start the service with --admin-token-file")
-        # Constant-time comparison, so response timing reveals nothing about the token.
-        if not hmac.compare_digest(credentials.credentials.encode(), admin_token.encode()):
+        if not _matches(credentials, access.admin_token):
             raise HTTPException(403, "wrong admin token")
+
+    def require_reader(credentials: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> bool:
+        """Whether the caller is authenticated (anonymous reads, where allowed, are not)."""
+        if credentials is None:
+            if access.anonymous_reads:
+                return False
+            raise HTTPException(401, "missing bearer token: send Authorization: Bearer <read token> (the service's "
+                                     "--read-token-file)", headers={"WWW-Authenticate": "Bearer"})
+        if not (_matches(credentials, access.read_token) or _matches(credentials, access.admin_token)):
+            raise HTTPException(403, "wrong read token")
+        return True
+
+    def who(request: Request, by: str) -> str:
+        return f"{by} ({request.client.host if request.client else 'unknown address'})"
 
     def respond(request: Request, steps: list[int], rank: int, world_size: int, single: bool) -> Response:
         wants_json = "application/json" in request.headers.get("accept", "")
         try:
             # The binary path gets tokens at the wire's width straight from the maps: no int64 detour.
             batches: list[Batch] = service.batches(steps, rank, world_size, dtype="int64" if wants_json else wire_dtype)
+        except TooFarAhead as e:
+            raise HTTPException(409, str(e)) from None
         except ValueError as e:  # a step past the largest, or a rank or world size that does not fit
             raise HTTPException(422, str(e)) from None
         if wants_json:
@@ -81,7 +122,7 @@ def create_app(service: MixService, admin_token: str | None) -> FastAPI:
 
     batch_responses = {200: {"content": {MEDIA_TYPE: {}, "application/json": {}}}}
 
-    @app.get("/v1/batches/{step}", responses=batch_responses)
+    @app.get("/v1/batches/{step}", responses=batch_responses, dependencies=[Depends(require_reader)])
     def get_batch(
         request: Request,
         step: int = Path(ge=0, le=LARGEST_STEP),
@@ -90,7 +131,7 @@ def create_app(service: MixService, admin_token: str | None) -> FastAPI:
     ) -> Response:
         return respond(request, [step], rank, world_size, single=True)
 
-    @app.get("/v1/batches", responses=batch_responses)
+    @app.get("/v1/batches", responses=batch_responses, dependencies=[Depends(require_reader)])
     def get_batches(
         request: Request,
         start: int = Query(ge=0, le=LARGEST_STEP, description="the first step"),
@@ -112,25 +153,38 @@ def create_app(service: MixService, admin_token: str | None) -> FastAPI:
                                      f"a response may hold; ask for at most {fits} steps per request")
         return respond(request, [start + i * stride for i in range(count)], rank, world_size, single=False)
 
-    @app.get("/v1/mix")
+    @app.get("/v1/mix", dependencies=[Depends(require_reader)])
     def get_mix() -> dict:
-        state = service.state
-        return {"schedule": service.mixer.schedule.to_json(), "served_frontier": service.frontier,
-                "reserved": state.reserved, "next_change_step": state.unserved_from}
+        return service.mix()
 
     @app.put("/v1/mix", dependencies=[Depends(require_admin)])
-    def put_mix(change: MixChange) -> dict:
+    def put_mix(request: Request, change: MixChange) -> dict:
         try:
-            stage = service.change_mix(change.weights, change.start_step)
+            stage = service.change_mix(change.weights, change.start_step, who(request, change.by), change.reason)
         except ScheduleError as e:
             raise HTTPException(422, str(e)) from None
         except MixConflict as e:
             raise HTTPException(409, str(e)) from None
-        return {"stage": stage.to_json(), "schedule": service.mixer.schedule.to_json()}
+        return {"stage": stage.to_json(), **service.mix()}
+
+    @app.delete("/v1/mix/stages/{start_step}", dependencies=[Depends(require_admin)])
+    def cancel_stage(
+        request: Request,
+        start_step: int = Path(ge=0, le=LARGEST_STEP),
+        by: str = Query("operator", max_length=200, description="who asks, for the log"),
+        reason: Optional[str] = Query(None, max_length=2000, description="why, for the log"),
+    ) -> dict:
+        try:
+            stage = service.cancel_stage(start_step, who(request, by), reason)
+        except NoSuchStage as e:
+            raise HTTPException(404, str(e)) from None
+        except MixConflict as e:
+            raise HTTPException(409, str(e)) from None
+        return {"cancelled": stage.to_json(), **service.mix()}
 
     @app.get("/v1/status")
-    def get_status() -> dict:
-        return service.status()
+    def get_status(authenticated: bool = Depends(require_reader)) -> dict:
+        return service.status(include_paths=authenticated)
 
     @app.get("/healthz")
     def healthz() -> dict:

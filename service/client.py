@@ -57,6 +57,7 @@ class StreamClient:
         retry_for: float = 120.0,
         backoff: float = 0.05,
         range_steps: Optional[int] = None,
+        token: Optional[str] = None,
     ):
         """Batches for steps start_step, start_step + step_stride, ... (until stop_step, exclusive).
 
@@ -64,11 +65,12 @@ class StreamClient:
         MAX_RANGE_STEPS) and up to `prefetch` of them wait decoded, so the service counts up to about
         prefetch + IN_FLIGHT * range_steps steps beyond the consumer as served.
         `retry_for` is how long (seconds) one request may keep failing on connection errors or 5xx
-        before the iterator raises StreamError.
+        before the iterator raises StreamError. `token` is the service's read token (sent as a bearer
+        token), None where it allows anonymous reads.
         """
         if prefetch < 1 or step_stride < 1 or (range_steps is not None and range_steps < 1):
             raise ValueError(f"prefetch {prefetch}, step_stride {step_stride} and range_steps {range_steps} must be >= 1")
-        self._http = KeepAliveGetter(url, timeout)
+        self._http = KeepAliveGetter(url, timeout, token)
         self.url = self._http.url
         self.rank, self.world_size = rank, world_size
         self.next_step, self.stop_step, self.step_stride = start_step, stop_step, step_stride
@@ -222,15 +224,15 @@ class StreamDataset(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, url: str, rank: int = 0, world_size: int = 1, start_step: int = 0,
-                 stop_step: Optional[int] = None, prefetch: int = 16):
+                 stop_step: Optional[int] = None, prefetch: int = 16, token: Optional[str] = None):
         self.url, self.rank, self.world_size = url, rank, world_size
-        self.start_step, self.stop_step, self.prefetch = start_step, stop_step, prefetch
+        self.start_step, self.stop_step, self.prefetch, self.token = start_step, stop_step, prefetch, token
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         worker = torch.utils.data.get_worker_info()
         offset, stride = (worker.id, worker.num_workers) if worker is not None else (0, 1)
         client = StreamClient(self.url, self.rank, self.world_size, self.start_step + offset, self.prefetch,
-                              stop_step=self.stop_step, step_stride=stride)
+                              stop_step=self.stop_step, step_stride=stride, token=self.token)
         try:
             for batch in client:
                 yield batch.tokens, batch.sources

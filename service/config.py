@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from service.schedule import ScheduleError, quantize_weights
+from service.schedule import check_weight_names, quantize_weights
 
 
 @dataclass(frozen=True)
 class ServiceConfig:
     datasets: dict[str, Path]
-    weights: dict[str, float]
+    weights: dict[str, float] | None  # None: resume the state dir's own mix
     seq_len: int
     global_batch: int
     seed: int
@@ -22,6 +22,9 @@ class ServiceConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     admin_token_file: Path | None = None
+    read_token_file: Path | None = None
+    allow_anonymous_reads: bool = False
+    max_lookahead: int | None = None  # None: MixService's default
     verify: str = "full"
     log_level: str = "info"
 
@@ -43,8 +46,10 @@ def parse_args(argv: Sequence[str] | None = None) -> ServiceConfig:
     )
     parser.add_argument("--dataset", action="append", required=True, metavar="NAME=PATH",
                         help="a token dataset made by pipeline.tokenize (repeat for each dataset)")
-    parser.add_argument("--weights", required=True, metavar="NAME=W,...",
-                        help="initial mix, e.g. old=0.05,new=0.95 (normalised to sum 1)")
+    parser.add_argument("--weights", metavar="NAME=W,...",
+                        help="initial mix of a new --state-dir, e.g. old=0.05,new=0.95 (normalised to sum 1; name "
+                             "every dataset, 0 leaves one out). On an existing state dir it may be omitted, and if "
+                             "given must equal the mix the state dir started with: its log decides the mix")
     parser.add_argument("--seq-len", type=int, required=True)
     parser.add_argument("--global-batch", type=int, required=True, help="rows per step over all ranks")
     parser.add_argument("--seed", type=int, default=0)
@@ -56,7 +61,15 @@ def parse_args(argv: Sequence[str] | None = None) -> ServiceConfig:
     parser.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (loopback only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--admin-token-file", type=Path,
-                        help="file holding the bearer token for PUT /v1/mix; without it the mix is read-only")
+                        help="file holding the bearer token for PUT /v1/mix and DELETE /v1/mix/stages (it may read "
+                             "too); without it the mix is read-only")
+    parser.add_argument("--read-token-file", type=Path,
+                        help="file holding the bearer token trainer ranks send to read batches, the mix and the status")
+    parser.add_argument("--allow-anonymous-reads", action="store_true",
+                        help="let anyone who reaches the port read batches without a token (a laptop, not a cluster)")
+    parser.add_argument("--max-lookahead", type=int, metavar="STEPS",
+                        help="refuse reads this many steps or more past the first unserved step (default: "
+                             "max(1024, 4 x --reserve-steps)), so no reader can push every future mix change away")
     parser.add_argument("--verify", choices=("none", "size", "full"), default="full",
                         help="dataset check at start: the sha256 of every file (default: damaged data is refused "
                              "before anything is served), or file sizes only, for a fast start on huge datasets")
@@ -74,17 +87,19 @@ def parse_args(argv: Sequence[str] | None = None) -> ServiceConfig:
         if name in datasets:
             parser.error(f"--dataset {name}: given twice")
         datasets[name] = Path(path)
-    try:
-        weights = {name: float(value) for name, value in _pairs(args.weights, "--weights")}
-    except (argparse.ArgumentTypeError, ValueError) as e:
-        parser.error(f"--weights {args.weights!r}: {e}; expected e.g. old=0.05,new=0.95")
-    unknown = sorted(set(weights) - set(datasets))
-    if unknown:
-        parser.error(f"--weights: unknown dataset(s) {unknown}; the --dataset names are {sorted(datasets)}")
-    try:
-        quantize_weights(weights)
-    except ScheduleError as e:
-        parser.error(f"--weights: {e}")
+    if args.max_lookahead is not None and args.max_lookahead < 1:
+        parser.error(f"--max-lookahead {args.max_lookahead}: must be >= 1")
+    if args.read_token_file is None and not args.allow_anonymous_reads and args.admin_token_file is None:
+        parser.error("reads need a credential: give --read-token-file (the token trainer ranks send), or "
+                     "--allow-anonymous-reads on a machine only you can reach")
+    weights = None
+    if args.weights is not None:
+        try:
+            weights = {name: float(value) for name, value in _pairs(args.weights, "--weights")}
+            check_weight_names(weights, datasets, "--weights")
+            quantize_weights(weights)
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            parser.error(f"--weights {args.weights!r}: {e}")
     return ServiceConfig(
         datasets=datasets,
         weights=weights,
@@ -96,6 +111,9 @@ def parse_args(argv: Sequence[str] | None = None) -> ServiceConfig:
         host=args.host,
         port=args.port,
         admin_token_file=args.admin_token_file,
+        read_token_file=args.read_token_file,
+        allow_anonymous_reads=args.allow_anonymous_reads,
+        max_lookahead=args.max_lookahead,
         verify=args.verify,
         log_level=args.log_level,
     )

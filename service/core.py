@@ -8,6 +8,8 @@ rewrite a step a client has seen.
 A mix change may start at any step that provably was never served (`unserved_from`): the next step
 after the largest one this process served, or, for what earlier runs served, the reservation they
 left (after a kill -9 up to `reserve_steps` beyond what they served; exact after a clean shutdown).
+It must also start after the last stage already scheduled: the log is append-only, and withdrawing a
+stage no step has reached is its own, recorded operation (`cancel_stage`).
 """
 
 from __future__ import annotations
@@ -21,13 +23,21 @@ import numpy as np
 
 from pipeline.dataset import MANIFEST_NAME, TokenDataset
 from service.metrics import ServiceMetrics
-from service.mixer import Batch, Mixer, MixerConfig
-from service.schedule import MixSchedule, ScheduleError, Stage
-from service.state import StateDir
+from service.mixer import MIX_RULE, Batch, Mixer, MixerConfig
+from service.schedule import MixSchedule, ScheduleError, Stage, check_weight_names
+from service.state import StateDir, StateError
 
 
 class MixConflict(Exception):
     """A mix change that would rewrite served steps or an already scheduled stage (HTTP 409)."""
+
+
+class NoSuchStage(Exception):
+    """A cancel names a start step at which no stage starts (HTTP 404)."""
+
+
+class TooFarAhead(Exception):
+    """A read past the served frontier by more than the lookahead allows (HTTP 409)."""
 
 
 def inputs_identity(datasets: Mapping[str, TokenDataset], config: MixerConfig) -> dict:
@@ -39,16 +49,44 @@ def inputs_identity(datasets: Mapping[str, TokenDataset], config: MixerConfig) -
         "seq_len": config.seq_len,
         "global_batch": config.global_batch,
         "seed": config.seed,
+        "mix_rule": MIX_RULE,
     }
 
 
 class MixService:
-    def __init__(self, datasets: Mapping[str, TokenDataset], config: MixerConfig, initial: MixSchedule, state_dir: Path,
-                 reserve_steps: int = 256):
-        # Validate the initial mix against the datasets before anything is written to the state dir.
-        self.mixer = Mixer(datasets, config, initial)
-        self.state = StateDir.open(state_dir, inputs_identity(datasets, config), initial, reserve_steps)
-        self.mixer.set_schedule(self.state.schedule)
+    """A Mixer over durable state. `initial` (the first stage's weights) starts a new state dir; on an
+    existing one it may be omitted, and if given must equal the stage the state dir started with.
+
+    `max_lookahead`: a read of a step this far or further past the first unserved step is refused, so
+    no reader (a confused client, a typo) can move the served frontier, and with it every future mix
+    change, out of the training run's reach. Default: four reservations, at least 1024 steps (well
+    beyond a StreamClient's read-ahead).
+    """
+
+    def __init__(self, datasets: Mapping[str, TokenDataset], config: MixerConfig, state_dir: Path,
+                 initial: Mapping[str, float] | None = None, reserve_steps: int = 256,
+                 max_lookahead: int | None = None, created_by: str = "python -m service --weights"):
+        identity = inputs_identity(datasets, config)
+        state = StateDir.open(state_dir, identity, reserve_steps)
+        if state is None and initial is None:
+            raise StateError(f"{state_dir}: no state here yet; give the initial mix (--weights) to start one")
+        first = Stage(0, dict(initial)) if initial is not None else None
+        # Validate the mix against the datasets before anything is written to the state dir.
+        self.mixer = Mixer(datasets, config, state.schedule if state is not None else MixSchedule([first]))
+        if state is None:
+            state = StateDir.create(state_dir, identity, first, created_by, reserve_steps)
+        elif first is not None and first != state.schedule.stages[0]:
+            raise StateError(
+                f"{state_dir}: the initial mix given ({first.weights}) differs from the one this state dir started "
+                f"with ({state.schedule.stages[0].weights}); the state dir's log decides the mix. Give the original "
+                "--weights or omit them, and change the mix with PUT /v1/mix"
+            )
+        self.state, self.identity = state, identity
+        if max_lookahead is None:
+            max_lookahead = max(1024, 4 * reserve_steps)
+        if isinstance(max_lookahead, bool) or not isinstance(max_lookahead, int) or max_lookahead < 1:
+            raise StateError(f"max_lookahead: {max_lookahead!r}; it must be an integer >= 1")
+        self.max_lookahead = max_lookahead
         self.metrics = ServiceMetrics(self.mixer.names)
         self._lock = threading.Lock()
         self._update_mix_metrics()
@@ -58,14 +96,19 @@ class MixService:
         """The served frontier: one more than the largest step served (see StateDir.served)."""
         return self.state.served
 
-    def batch(self, step: int, rank: int = 0, world_size: int = 1) -> Batch:
-        return self.batches([step], rank, world_size)[0]
-
     def batches(self, steps: Sequence[int], rank: int = 0, world_size: int = 1, dtype: np.dtype = np.int64) -> list[Batch]:
-        """The rank's batches of `steps` (see Mixer.batches); ValueError for a bad step, rank or world size."""
-        self.mixer.check_request(steps, rank, world_size)  # refuse bad input before it can move the frontier
+        """The rank's batches of `steps` (see Mixer.batches); ValueError for a bad step, rank or world
+        size, TooFarAhead for a step beyond the lookahead. Neither moves the frontier."""
+        self.mixer.check_request(steps, rank, world_size)
         if steps:
             with self._lock:
+                limit = self.state.unserved_from + self.max_lookahead
+                if max(steps) >= limit:
+                    raise TooFarAhead(
+                        f"step {max(steps)} is more than {self.max_lookahead} steps past the first unserved step "
+                        f"{self.state.unserved_from}; ask for steps below {limit} (the service's --max-lookahead), "
+                        "in order, as training reaches them"
+                    )
                 if self.state.mark_served(max(steps)):
                     self.metrics.reserved.set(self.state.reserved)
                 self.metrics.frontier.set(self.state.served)
@@ -78,46 +121,74 @@ class MixService:
                     self.metrics.tokens.labels(name).inc(count * row_tokens)
         return batches
 
-    def change_mix(self, weights: Mapping[str, float], start_step: int | None = None) -> Stage:
-        """Append a stage (at the first unserved step when start_step is None) and persist it.
+    def change_mix(self, weights: Mapping[str, float], start_step: int | None = None, by: str = "operator",
+                   reason: str | None = None) -> Stage:
+        """Append a stage and record it in the log, durably, before returning it.
 
-        Raises ScheduleError for bad weights or a start_step past the last addressable step (422), and
-        MixConflict for a step already served or before a scheduled stage (409).
+        Without start_step the stage lands at the first step past everything served and everything
+        already scheduled. Raises ScheduleError for bad weights (every dataset named, 0 to leave one
+        out) or a start_step past the last addressable step (422), and MixConflict for a step that may
+        have been served or that is not after the last scheduled stage (409).
         """
+        stage = Stage(0, dict(weights))  # the weights' own errors first, whatever the step
+        check_weight_names(stage.weights, self.mixer.names)
         with self._lock:
             first, last = self.state.unserved_from, self.state.schedule.stages[-1]
             if start_step is None:
-                start_step = first
+                start_step = max(first, last.start_step + 1)
             elif start_step < first:
                 raise MixConflict(
                     f"start_step {start_step} may already have been served (steps before {first} may have "
                     f"been: served_frontier {self.state.served}, plus what the reservation left by an earlier "
                     f"run covers); give start_step >= {first} or omit it"
                 )
+            elif start_step <= last.start_step:
+                raise MixConflict(
+                    f"start_step {start_step}: a stage is already scheduled at step {last.start_step} and the log is "
+                    f"append-only; give start_step > {last.start_step}, omit it, or withdraw that stage first "
+                    f"with DELETE /v1/mix/stages/{last.start_step}"
+                )
             if start_step > self.mixer.max_step:
                 raise ScheduleError(
                     f"start_step {start_step}: beyond the last step this mixer can address ({self.mixer.max_step})"
                 )
-            if start_step < last.start_step:
-                raise MixConflict(
-                    f"a stage is already scheduled at step {last.start_step} and the schedule is append-only; "
-                    f"give start_step >= {last.start_step}"
-                )
-            stage = Stage(start_step, dict(weights))
-            schedule = self.state.schedule.appended(stage)
-            previous = self.mixer.schedule
-            self.mixer.set_schedule(schedule)  # validates dataset names; raises before persisting
-            try:
-                self.state.set_schedule(schedule)
-            except BaseException:
-                self.mixer.set_schedule(previous)  # not durable, so not acknowledged, so not in effect
-                raise
+            stage = Stage(start_step, stage.weights)
+            self.mixer.set_schedule(self.state.log.append("stage", by, stage=stage, reason=reason))
             self._update_mix_metrics()
             return stage
 
+    def cancel_stage(self, start_step: int, by: str = "operator", reason: str | None = None) -> Stage:
+        """Withdraw the stage starting at `start_step`, recorded in the log; only while no step at or past
+        it may have been served. NoSuchStage (404) or MixConflict (409) otherwise."""
+        with self._lock:
+            schedule = self.state.schedule
+            stage = next((s for s in schedule.stages if s.start_step == start_step), None)
+            if stage is None:
+                raise NoSuchStage(
+                    f"no stage starts at step {start_step}; the stages start at {[s.start_step for s in schedule.stages]}"
+                )
+            if start_step == 0 or start_step < self.state.unserved_from:
+                raise MixConflict(
+                    f"the stage at step {start_step} is the first stage or may already have served steps (steps before "
+                    f"{self.state.unserved_from} may have been served); it stays in the log. Append a new stage instead"
+                )
+            self.mixer.set_schedule(self.state.log.append("cancel", by, start_step=start_step, reason=reason))
+            self._update_mix_metrics()
+            return stage
+
+    def mix(self) -> dict:
+        """The schedule, its log and the frontiers (the body of GET and PUT /v1/mix)."""
+        state = self.state
+        return {"schedule": state.schedule.to_json(), "log": [entry.to_json() for entry in state.log.entries],
+                "served_frontier": state.served, "reserved": state.reserved, "next_change_step": self.next_change_step()}
+
+    def next_change_step(self) -> int:
+        """Where a change without start_step lands now: past everything served and scheduled."""
+        return max(self.state.unserved_from, self.state.schedule.stages[-1].start_step + 1)
+
     def _update_mix_metrics(self) -> None:
         stage = self.mixer.schedule.stage_at(self.state.served)
-        self.metrics.set_mix({name: stage.weights.get(name, 0.0) for name in self.mixer.names}, self.state.served)
+        self.metrics.set_mix(stage.weights, self.state.served)
         self.metrics.reserved.set(self.state.reserved)
 
     def close(self) -> None:
@@ -125,37 +196,46 @@ class MixService:
         with self._lock:
             self.state.close()
 
-    def status(self) -> dict:
+    def status(self, include_paths: bool = False) -> dict:
+        """The service's state for /v1/status; dataset paths on the server's disk only when asked
+        (authenticated callers: a trainer opens the validation splits from them)."""
         mixer, frontier = self.mixer, self.state.served
         drawn = mixer.samples_before(frontier)
         epochs = mixer.epochs(frontier)
         total = sum(drawn.values())
         stage = mixer.schedule.stage_at(frontier)
+        manifests = self.identity["datasets"]
+        datasets = {  # keyed by name, in the mixer's order (sources index this order)
+            name: {
+                "manifest_sha256": manifests[name],
+                "train_tokens": ds.train.num_tokens,
+                "windows": int(windows),
+                "vocab_size": ds.vocab_size,
+                "samples_served": drawn[name],
+                "epoch": epochs[name],
+                "share_served": drawn[name] / total if total else 0.0,
+            }
+            for (name, ds), windows in zip(mixer.datasets.items(), mixer.windows)
+        }
+        if include_paths:
+            for name, ds in mixer.datasets.items():
+                datasets[name]["path"] = str(ds.root.resolve())
         return {
-            "datasets": {  # keyed by name, in the mixer's order (sources index this order)
-                name: {
-                    "path": str(ds.root.resolve()),
-                    "train_tokens": ds.train.num_tokens,
-                    "windows": int(windows),
-                    "vocab_size": ds.vocab_size,
-                    "samples_served": drawn[name],
-                    "epoch": epochs[name],
-                    "share_served": drawn[name] / total if total else 0.0,
-                }
-                for (name, ds), windows in zip(mixer.datasets.items(), mixer.windows)
-            },
+            "datasets": datasets,
             "vocab_size": mixer.vocab_size,
             "eos_id": mixer.eos_id,
             "seq_len": mixer.config.seq_len,
             "global_batch": mixer.config.global_batch,
             "seed": mixer.config.seed,
+            "mix_rule": MIX_RULE,
             # One more than the largest step served (lower bound for what earlier runs served).
             "served_frontier": frontier,
             # Durable upper bound: no step at or above it has ever been served.
             "reserved": self.state.reserved,
             "reserve_steps": self.state.reserve_steps,
+            "max_lookahead": self.max_lookahead,
             # The earliest start_step PUT /v1/mix accepts now, and where a change without one lands.
-            "next_change_step": self.state.unserved_from,
-            "current_weights": {name: stage.weights.get(name, 0.0) for name in mixer.names},
+            "next_change_step": self.next_change_step(),
+            "current_weights": dict(stage.weights),
             "schedule": mixer.schedule.to_json(),
         }

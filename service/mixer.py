@@ -4,12 +4,18 @@ Samples are windows of seq_len + 1 tokens from each dataset's train split; windo
 [w * seq_len, w * seq_len + seq_len + 1), so consecutive windows share one token (the last target
 of one row is the first input of the next) and a dataset of T tokens has (T - 1) // seq_len windows.
 
+Datasets are always taken in name order (`canonical_names`): source ids, tie-breaks and quantised
+weights never depend on the order in which datasets were listed on a command line or in a mapping.
+
 Global sample g = step * global_batch + row. Inside a stage, which dataset sample g comes from follows
-Megatron's greedy rule (take the dataset furthest behind its quota, ties to the earlier name), so every
-prefix of the stage holds each dataset's share within one sample of weight x length. With integer
-weights u_i summing to P (the stage's units divided by their gcd) the rule repeats every P samples, so
-one table of P entries per distinct weight vector answers any index in O(1). Per-dataset counts at
-each stage's start are kept (O(stages), computed when the schedule is set), so no lookup replays history.
+Tijdeman's chairman-assignment rule (R. Tijdeman, "The chairman assignment problem", Discrete Math. 32,
+1980): with k datasets of positive weight, every prefix of n samples of the stage holds c_i samples of
+dataset i with |c_i - w_i n| <= 1 - 1/(2(k - 1)), the best bound that holds for all weights (Megatron's
+greedy rule, used before `MIX_RULE` 2, exceeds one sample for k >= 4). With integer weights u_i summing
+to P (the stage's units divided by their gcd) every count is exact at n = P, so the rule repeats every P
+samples and one table of P entries per distinct weight vector answers any index in O(1). Per-dataset
+counts at each stage's start are kept (O(stages), computed when the schedule is set), so no lookup
+replays history.
 
 Dataset i's k-th sample is window permute(k mod W_i) of epoch k // W_i, with a Feistel bijection keyed
 by (seed, dataset name, epoch): every window once per epoch, a fresh order each epoch, no arrays.
@@ -22,16 +28,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from pipeline.dataset import TokenDataset, TokenSplit
 from service.permutation import ROUNDS, permutation_key, permute_many, round_keys
-from service.schedule import MixSchedule, ScheduleError
+from service.schedule import MixSchedule, check_weight_names
 from service.vocab import check_vocabularies
 
 MAX_DATASETS = 255  # a row's source is one uint8
+# The rule that assigns samples to datasets, versioned because changing it changes the bytes of every
+# batch: a state dir written under another rule is refused rather than served differently.
+# 1: Megatron's greedy rule, datasets in the order given; 2: Tijdeman's rule, datasets in name order.
+MIX_RULE = 2
+
+
+def canonical_names(names: Iterable[str]) -> tuple[str, ...]:
+    """The one order of datasets everywhere a mix is computed: by name."""
+    return tuple(sorted(names))
 
 
 @dataclass(frozen=True)
@@ -73,12 +88,8 @@ class _Period:
         divisor = math.gcd(*units)
         reduced = [u // divisor for u in units]
         length = sum(reduced)
-        counts = [0] * len(reduced)
         owner = np.empty(length, dtype=np.uint8)
-        for n in range(length):
-            # Megatron's rule in integers: the largest deficit u_i * (n + 1) - length * c_i wins.
-            best = max(range(len(reduced)), key=lambda i: (reduced[i] * (n + 1) - length * counts[i], -i))
-            counts[best] += 1
+        for n, best in enumerate(_tijdeman(reduced)):
             owner[n] = best
         before = np.zeros((length + 1, len(reduced)), dtype=np.int64)
         before[np.arange(1, length + 1), owner] = 1
@@ -107,8 +118,8 @@ class Mixer:
             raise ValueError("datasets: none given; a mix needs at least one dataset")
         if len(datasets) > MAX_DATASETS:
             raise ValueError(f"datasets: {len(datasets)} given; at most {MAX_DATASETS} fit a uint8 source id")
-        self.datasets = dict(datasets)
-        self.names: tuple[str, ...] = tuple(datasets)
+        self.names: tuple[str, ...] = canonical_names(datasets)
+        self.datasets = {name: datasets[name] for name in self.names}
         self.config = config
         vocabulary = check_vocabularies(self.datasets)
         self.vocab_size: int = vocabulary.vocab_size
@@ -136,12 +147,8 @@ class Mixer:
         holds whenever it extends the current one (the service only ever appends)."""
         periods = []
         for i, stage in enumerate(schedule.stages):
-            unknown = sorted(set(stage.weights) - set(self.names))
-            if unknown:
-                raise ScheduleError(
-                    f"stages[{i}].weights: unknown dataset(s) {unknown}; the datasets are {list(self.names)}"
-                )
-            units = tuple(stage.units.get(name, 0) for name in self.names)
+            check_weight_names(stage.weights, self.names, f"stages[{i}].weights")
+            units = tuple(stage.units[name] for name in self.names)
             if units not in self._periods:
                 self._periods[units] = _Period.build(units)
             periods.append(self._periods[units])
@@ -257,6 +264,34 @@ class Mixer:
 
     def batch(self, step: int, rank: int = 0, world_size: int = 1) -> Batch:
         return self.batches([step], rank, world_size)[0]
+
+
+def _tijdeman(units: Sequence[int]) -> Iterator[int]:
+    """The dataset of each of the first sum(units) samples under Tijdeman's rule, in exact integers.
+
+    With weights w_i = u_i / P, c_i samples of dataset i so far and D = 1 - 1/(2(k - 1)): at sample t
+    (1-based) the candidates are the datasets that may take one more sample without running ahead of
+    their share by more than D (w_i t - c_i >= 1 - D); among them the one whose deadline, the first t'
+    at which it would fall behind by more than D (t' > (c_i + D) / w_i), comes earliest wins, ties to
+    the lower index. Tijdeman proves a candidate always exists and no deadline is ever missed.
+    Everything is scaled by 2(k - 1) P to stay in integers: candidate iff 2(k-1)(u_i t - P c_i) >= P,
+    deadline (2(k-1) c_i + 2k - 3) / u_i compared by cross-multiplication.
+    """
+    active = [i for i, u in enumerate(units) if u > 0]
+    length, counts = sum(units), [0] * len(units)
+    if len(active) == 1:
+        yield from [active[0]] * length
+        return
+    scale = 2 * (len(active) - 1)
+    for t in range(1, length + 1):
+        best = -1
+        for i in active:
+            if scale * (units[i] * t - length * counts[i]) < length:
+                continue
+            if best < 0 or (scale * counts[i] + scale - 1) * units[best] < (scale * counts[best] + scale - 1) * units[i]:
+                best = i
+        counts[best] += 1
+        yield best
 
 
 class _WindowReader:

@@ -2,7 +2,9 @@
 
 A batch is a pure function of the schedule (with the datasets, seed, step, rank and world size), so
 the schedule is the only thing an operator changes at run time, and only by adding a stage at a step
-that has not been served yet. Steps before that stage keep the exact bytes they had.
+that has not been served yet (or withdrawing one no step has reached). Steps before that stage keep
+the exact bytes they had. The service derives its schedule from a durable log of those changes
+(`mix_log.py`). Every stage names every dataset: an omitted dataset is an error, not a weight of 0.
 
 Weights are normalised to sum 1 and quantised to multiples of 1/WEIGHT_UNITS (0.01%). Quantising
 makes the mix exact rational arithmetic (the mixer works in integer units), keeps normalisation
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 WEIGHT_UNITS = 10_000
 
@@ -23,7 +25,10 @@ class ScheduleError(ValueError):
 
 
 def quantize_weights(weights: Mapping[str, float]) -> dict[str, int]:
-    """Integer units summing to WEIGHT_UNITS, by largest remainder (ties go to the earlier name).
+    """Integer units summing to WEIGHT_UNITS, by largest remainder, keyed in name order.
+
+    Ties go to the alphabetically earlier name, so the units never depend on the order in which the
+    weights were written (a command line, a JSON body).
 
     Raises ScheduleError for an empty mapping, a non-number, a negative, NaN or infinite weight, or
     weights that are all zero.
@@ -31,7 +36,7 @@ def quantize_weights(weights: Mapping[str, float]) -> dict[str, int]:
     if not weights:
         raise ScheduleError("weights: empty; give at least one dataset with a positive weight")
     values: dict[str, float] = {}
-    for name, value in weights.items():
+    for name, value in sorted(weights.items(), key=lambda item: str(item[0])):
         if not isinstance(name, str) or not name:
             raise ScheduleError(f"weights: dataset name {name!r} must be a non-empty string")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -57,6 +62,19 @@ def quantize_weights(weights: Mapping[str, float]) -> dict[str, int]:
     if sum(units.values()) != WEIGHT_UNITS or all(u == 0 for u in units.values()):
         raise ScheduleError(f"weights: {values} cannot be quantised to 1/{WEIGHT_UNITS} steps")
     return units
+
+
+def check_weight_names(weights: Mapping[str, float], names: Iterable[str], where: str = "weights") -> None:
+    """Every dataset is named in every weight set: leaving one out is refused, never read as 0.
+
+    A typo or a forgotten dataset would otherwise silently stop its replay; a weight of 0 says it.
+    """
+    names = set(names)
+    unknown, missing = sorted(set(weights) - names), sorted(names - set(weights))
+    if unknown or missing:
+        problems = ([f"unknown dataset(s) {unknown}"] if unknown else []) + (
+            [f"no weight for {missing} (give 0 to leave a dataset out)"] if missing else [])
+        raise ScheduleError(f"{where}: {'; '.join(problems)}; the datasets are {sorted(names)}")
 
 
 @dataclass(frozen=True)
@@ -134,20 +152,22 @@ class MixSchedule:
         return self.stages[self.stage_index(step)]
 
     def appended(self, stage: Stage) -> "MixSchedule":
-        """A new schedule with `stage` added at the end.
-
-        A stage at the same start step as the last one supersedes it (the caller, e.g. the service,
-        guarantees that step was never served); an earlier start step is refused.
-        """
+        """A new schedule with `stage` added at the end; it must start after the last stage."""
         last = self.stages[-1]
-        if stage.start_step < last.start_step:
+        if stage.start_step <= last.start_step:
             raise ScheduleError(
-                f"start_step: {stage.start_step} is before the last stage's start step {last.start_step}; "
-                "the schedule is append-only"
+                f"start_step: {stage.start_step} is not after the last stage's start step {last.start_step}; "
+                "the schedule is append-only (cancel the later stage first to replace it)"
             )
-        if stage.start_step == last.start_step:
-            return MixSchedule(self.stages[:-1] + (stage,))
         return MixSchedule(self.stages + (stage,))
+
+    def cancelled(self, start_step: int) -> "MixSchedule":
+        """A new schedule without the stage starting at `start_step` (never the first stage)."""
+        if start_step not in self._starts:
+            raise ScheduleError(f"start_step: no stage starts at step {start_step}; the stages start at {self._starts}")
+        if start_step == 0:
+            raise ScheduleError("start_step: 0 is the first stage, which cannot be cancelled; append a stage instead")
+        return MixSchedule(tuple(stage for stage in self.stages if stage.start_step != start_step))
 
     def to_json(self) -> list[dict]:
         return [stage.to_json() for stage in self.stages]

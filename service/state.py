@@ -1,12 +1,13 @@
-"""The service's durable state: the mix schedule and the frontier reservation, in `--state-dir`.
+"""The service's durable state: the mix log (and so the schedule) and the frontier reservation, in `--state-dir`.
 
-Three small JSON files, each replaced atomically (write a temporary file, fsync, rename, fsync the
-folder) before the request that changed it returns:
+Three files, each changed durably (fsync) before the request that changed it returns:
 
 - `identity.json`: what a batch depends on besides the schedule (dataset names and manifest hashes,
-  seq_len, global_batch, seed). A restart with different inputs is refused, since it would change the
-  bytes of steps already served.
-- `schedule.json`: the mix schedule (`MixSchedule.to_json()`).
+  seq_len, global_batch, seed, and the mixer's rule version `mix_rule`). A restart with different
+  inputs, or by a replaymix whose mix rule differs, is refused: it would change the bytes of steps
+  already served.
+- `mix_log.jsonl`: every change to the schedule, append-only (`mix_log.py`); the schedule is derived
+  from it, and this state is the only owner of the schedule.
 - `frontier.json`: `{"reserved": R, "served": F}`. R is an upper bound of every step ever served:
   no step >= R has left the service. F is a lower bound of the served frontier (one more than the
   largest step served) at the moment R was written; exact after a clean shutdown.
@@ -23,10 +24,14 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
-from service.schedule import MixSchedule, ScheduleError
+from service.mix_log import LOG_FILE, MixLog
+from service.schedule import MixSchedule, ScheduleError, Stage
 
-IDENTITY_FILE, SCHEDULE_FILE, FRONTIER_FILE = "identity.json", "schedule.json", "frontier.json"
+IDENTITY_FILE, FRONTIER_FILE = "identity.json", "frontier.json"
+# The mix rule of a state dir whose identity predates `mix_rule` (see service.mixer.MIX_RULE).
+FIRST_MIX_RULE = 1
 
 
 class StateError(Exception):
@@ -55,10 +60,8 @@ def _read_json(path: Path) -> object:
 
 
 def _read_frontier(path: Path) -> tuple[int, int]:
-    """(reserved, served) from frontier.json; the pre-reservation form {"frontier": F} reads as (F, F)."""
+    """(reserved, served) from frontier.json."""
     data = _read_json(path)
-    if isinstance(data, dict) and set(data) == {"frontier"}:
-        data = {"reserved": data["frontier"], "served": data["frontier"]}
     valid = (
         isinstance(data, dict)
         and all(isinstance(data.get(k), int) and not isinstance(data.get(k), bool) and data[k] >= 0 for k in ("reserved", "served"))
@@ -84,27 +87,34 @@ class StateDir:
     """
 
     root: Path
-    schedule: MixSchedule
+    log: MixLog
     reserved: int
     served: int
     unserved_from: int
     reserve_steps: int
 
+    @property
+    def schedule(self) -> MixSchedule:
+        return self.log.schedule
+
     @classmethod
-    def open(cls, root: Path, identity: dict, initial: MixSchedule, reserve_steps: int = 256) -> "StateDir":
-        """Resume the state in `root`, or start it with `initial` when the folder has none."""
-        if isinstance(reserve_steps, bool) or not isinstance(reserve_steps, int) or reserve_steps < 1:
-            raise StateError(f"reserve_steps: {reserve_steps!r}; it must be an integer >= 1 (1 = fsync every new step)")
+    def open(cls, root: Path, identity: dict, reserve_steps: int = 256) -> Optional["StateDir"]:
+        """Resume the state in `root`; None when the folder holds none yet (see `create`)."""
+        _check_reserve_steps(reserve_steps)
         root = Path(root)
-        root.mkdir(parents=True, exist_ok=True)
         identity_path = root / IDENTITY_FILE
         if not identity_path.exists():
-            state = cls(root, initial, 0, 0, 0, reserve_steps)
-            write_json_durably(root / SCHEDULE_FILE, initial.to_json())
-            state._write_frontier(0)
-            write_json_durably(identity_path, identity)  # last: a folder without it is not a state yet
-            return state
+            return None
         stored = _read_json(identity_path)
+        if not isinstance(stored, dict):
+            raise StateError(f"{identity_path}: expected an object, got {stored!r}; start with a new --state-dir")
+        stored_rule = stored.get("mix_rule", FIRST_MIX_RULE)
+        if stored_rule != identity["mix_rule"]:
+            raise StateError(
+                f"{identity_path}: this state dir was served with mix rule {stored_rule}; this replaymix computes "
+                f"batches with mix rule {identity['mix_rule']}, which would give steps already served other bytes. "
+                "Finish that run with the replaymix version that started it, or use a new --state-dir"
+            )
         if stored != identity:
             changed = sorted(k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k))
             raise StateError(
@@ -113,11 +123,25 @@ class StateDir:
                 "new --state-dir"
             )
         try:
-            schedule = MixSchedule.from_json(_read_json(root / SCHEDULE_FILE))
+            log = MixLog.open(root / LOG_FILE)
+        except OSError as e:
+            raise StateError(f"{root / LOG_FILE}: unreadable ({e}); restore it from a backup or use a new --state-dir") from e
         except ScheduleError as e:
-            raise StateError(f"{root / SCHEDULE_FILE}: {e}") from e
+            raise StateError(f"{e}; restore it from a backup or use a new --state-dir") from e
         reserved, served = _read_frontier(root / FRONTIER_FILE)
-        return cls(root, schedule, reserved, served, reserved, reserve_steps)
+        return cls(root, log, reserved, served, reserved, reserve_steps)
+
+    @classmethod
+    def create(cls, root: Path, identity: dict, first: Stage, by: str, reserve_steps: int = 256) -> "StateDir":
+        """A new state in `root`, its log starting with `first` (asked for by `by`)."""
+        _check_reserve_steps(reserve_steps)
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        (root / LOG_FILE).unlink(missing_ok=True)  # left by a creation that died before identity.json
+        state = cls(root, MixLog.create(root / LOG_FILE, first, by), 0, 0, 0, reserve_steps)
+        state._write_frontier(0)
+        write_json_durably(root / IDENTITY_FILE, identity)  # last: a folder without it is not a state yet
+        return state
 
     def _write_frontier(self, reserved: int) -> None:
         write_json_durably(self.root / FRONTIER_FILE, {"reserved": reserved, "served": self.served})
@@ -133,11 +157,12 @@ class StateDir:
         self._write_frontier(last_step + self.reserve_steps)
         return True
 
-    def set_schedule(self, schedule: MixSchedule) -> None:
-        write_json_durably(self.root / SCHEDULE_FILE, schedule.to_json())
-        self.schedule = schedule
-
     def close(self) -> None:
         """On a clean shutdown: shrink the reservation to what was provably served, so that a
         restarted service accepts mix changes from the next unserved step on."""
         self._write_frontier(self.unserved_from)
+
+
+def _check_reserve_steps(reserve_steps: int) -> None:
+    if isinstance(reserve_steps, bool) or not isinstance(reserve_steps, int) or reserve_steps < 1:
+        raise StateError(f"reserve_steps: {reserve_steps!r}; it must be an integer >= 1 (1 = fsync every new step)")

@@ -18,7 +18,7 @@ class TransportError(OSError):
 
 
 class KeepAliveGetter:
-    def __init__(self, url: str, timeout: float):
+    def __init__(self, url: str, timeout: float, token: str | None = None):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"url {url!r}: expected http://HOST[:PORT][/PATH] or https://...")
@@ -26,6 +26,7 @@ class KeepAliveGetter:
         self._connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         self._host, self._port, self._base = parts.hostname, parts.port, parts.path.rstrip("/")
         self._timeout = timeout
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._local = threading.local()
         self._all: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
@@ -44,7 +45,7 @@ class KeepAliveGetter:
         target = self._base + path + ("?" + urlencode(params) if params else "")
         connection = self._connection()
         try:
-            connection.request("GET", target, headers={"Accept": accept})
+            connection.request("GET", target, headers={"Accept": accept, **self._headers})
             response = connection.getresponse()
             length = response.getheader("Content-Length")
             body = response.read() if length is None else _read_exactly(response, int(length))

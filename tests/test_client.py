@@ -12,7 +12,7 @@ from pipeline.dataset import TokenDataset
 from service.client import StreamClient, StreamDataset, StreamError
 from service.mixer import Mixer, MixerConfig
 from service.schedule import MixSchedule
-from tests.test_service import ServiceProcess, free_port, service_args
+from tests.test_service import READ_TOKEN, ServiceProcess, free_port, service_args
 
 
 @pytest.fixture
@@ -37,9 +37,10 @@ def in_process_mixer(datasets) -> Mixer:
 def test_client_yields_the_mixers_batches_in_order(service, datasets):
     mixer = in_process_mixer(datasets)
     # 9 steps, 4 per request: ranges of 4, 4 and 1
-    with StreamClient(service.url, rank=1, world_size=2, start_step=3, prefetch=2, stop_step=12, range_steps=4) as client:
+    with StreamClient(service.url, token=READ_TOKEN, rank=1, world_size=2, start_step=3, prefetch=2, stop_step=12, range_steps=4) as client:
         assert client.info["seq_len"] == 16 and client.info["vocab_size"] == mixer.vocab_size
-        assert [d["path"] for d in client.info["datasets"].values()] == [str(p.resolve()) for p in datasets.values()]
+        assert {name: d["path"] for name, d in client.info["datasets"].items()} == {
+            name: str(p.resolve()) for name, p in datasets.items()}
         batches = list(client)
         assert client.fetch_range(20, 2)[1].tokens.equal(client.fetch(21).tokens)
     assert [b.step for b in batches] == list(range(3, 12))
@@ -52,7 +53,7 @@ def test_client_yields_the_mixers_batches_in_order(service, datasets):
 
 def test_client_retries_through_a_server_restart(service):
     # one step per request and little read-ahead, so that steps 8.. are requested while the service is down
-    client = StreamClient(service.url, prefetch=1, retry_for=60, range_steps=1)
+    client = StreamClient(service.url, token=READ_TOKEN, prefetch=1, retry_for=60, range_steps=1)
     first = [next(client) for _ in range(3)]
     service.kill9()
     # restart after a while, on the same port and state dir, while the client is retrying
@@ -62,20 +63,22 @@ def test_client_retries_through_a_server_restart(service):
     restarter.join()
     client.close()
     assert [b.step for b in first + later] == list(range(13))
-    with StreamClient(service.url, start_step=0, stop_step=13) as again:
+    with StreamClient(service.url, token=READ_TOKEN, start_step=0, stop_step=13) as again:
         assert all(torch.equal(a.tokens, b.tokens) for a, b in zip(again, first + later))
 
 
 def test_client_errors_are_actionable(service):
     with pytest.raises(StreamError, match="HTTP 422.*does not divide global_batch"):
-        StreamClient(service.url, world_size=3).fetch(0)
+        StreamClient(service.url, token=READ_TOKEN, world_size=3).fetch(0)
+    with pytest.raises(StreamError, match="HTTP 401.*read token"):
+        StreamClient(service.url)
     with pytest.raises(StreamError, match="failed for"):  # gives up instead of hanging
         StreamClient(f"http://127.0.0.1:{free_port()}", retry_for=0.5)
 
 
 def test_dataloader_with_workers_keeps_step_order(service, datasets):
     mixer = in_process_mixer(datasets)
-    loader = torch.utils.data.DataLoader(StreamDataset(service.url, stop_step=6), batch_size=None, num_workers=2)
+    loader = torch.utils.data.DataLoader(StreamDataset(service.url, stop_step=6, token=READ_TOKEN), batch_size=None, num_workers=2)
     got = [tokens for tokens, _ in loader]
     assert len(got) == 6
     assert all(np.array_equal(t.numpy(), mixer.batch(step).tokens) for step, t in enumerate(got))

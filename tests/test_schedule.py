@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from service.schedule import WEIGHT_UNITS, MixSchedule, ScheduleError, Stage, quantize_weights
+from service.schedule import WEIGHT_UNITS, MixSchedule, ScheduleError, Stage, check_weight_names, quantize_weights
 
 
 def test_weights_are_normalised_and_quantised_idempotently():
@@ -52,10 +52,31 @@ def test_stage_at_and_append_only():
     assert [schedule.stage_at(s).start_step for s in (0, 99, 100, 249, 250, 10**9)] == [0, 0, 100, 100, 250, 250]
     with pytest.raises(ScheduleError, match="append-only"):
         schedule.appended(Stage(200, {"old": 1}))
-    # the same start step as the last stage supersedes it (it was never served)
-    superseded = schedule.appended(Stage(250, {"old": 1}))
-    assert len(superseded) == 3 and superseded.stage_at(300).weights == {"old": 1.0}
+    # a stage at the last stage's own start step does not silently replace it: cancelling is explicit
+    with pytest.raises(ScheduleError, match="append-only"):
+        schedule.appended(Stage(250, {"old": 1, "new": 0}))
+    replaced = schedule.cancelled(250).appended(Stage(250, {"old": 1, "new": 0}))
+    assert len(replaced) == 3 and replaced.stage_at(300).weights == {"new": 0.0, "old": 1.0}
     assert len(schedule) == 3 and schedule.stage_at(300).weights["old"] == 0.25
+    with pytest.raises(ScheduleError, match="no stage starts at step 251"):
+        schedule.cancelled(251)
+    with pytest.raises(ScheduleError, match="first stage"):
+        schedule.cancelled(0)
+
+
+def test_weights_do_not_depend_on_the_order_datasets_are_named_in():
+    # 1/3 each cannot be exact: the extra unit goes to the same dataset whatever order they are written in
+    forward, backward = Stage(0, {"a": 1, "b": 1, "c": 1}), Stage(0, {"c": 1, "b": 1, "a": 1})
+    assert forward.units == backward.units == {"a": 3334, "b": 3333, "c": 3333}
+    assert list(backward.weights) == ["a", "b", "c"]
+
+
+def test_every_dataset_is_named_in_every_weight_set():
+    check_weight_names({"en": 1, "de": 0}, ["de", "en"])
+    with pytest.raises(ScheduleError, match=r"no weight for \['de'\] \(give 0"):
+        check_weight_names({"en": 1}, ["de", "en"])
+    with pytest.raises(ScheduleError, match=r"unknown dataset\(s\) \['fr'\]"):
+        check_weight_names({"en": 1, "de": 1, "fr": 1}, ["de", "en"])
 
 
 def test_json_round_trip_is_exact():

@@ -5,8 +5,8 @@
 Two rank consumers (the real `StreamClient`, which retries through restarts) read steps in order while
 an operator thread changes the ratio over HTTP (PUT /v1/mix without start_step: "from the next step").
 The main thread kills the service with SIGKILL at random moments and restarts it on the same state dir.
-After each restart every acknowledged change must still be in the schedule (or superseded by a later
-change at the same step, which is what a change before the frontier moves means). At the end a fresh
+After each restart every acknowledged change must still be in the schedule, as it was answered (the
+log only appends; a change lands past everything served and scheduled). At the end a fresh
 service, given the final schedule and never interrupted, serves the same steps; every batch a consumer
 received must equal its reference bytes. Figures: crashes survived, batches compared, batches
 different (0), acknowledged changes lost (0).
@@ -111,40 +111,37 @@ class Consumer(threading.Thread):
 
 
 class Operator(threading.Thread):
-    """Changes the ratio every `change_every` seconds; keeps every attempt and each acknowledged stage.
+    """Changes the ratio every `change_every` seconds; keeps each acknowledged stage.
 
-    A change sent while the frontier has not moved supersedes the stage at the same step, so an
-    acknowledged stage is kept when the final schedule holds, at its start step, its own weights or
-    those of a later attempt (a later attempt may have been durable without being acknowledged).
+    A change without start_step lands past everything served and scheduled, and the log only appends,
+    so every acknowledged stage must be in the final schedule, at its start step, with its weights.
     """
 
     def __init__(self, url: str, token: str, change_every: float, seed: int, stop: threading.Event):
         super().__init__(name="operator", daemon=True)
         self.url, self.token, self.change_every, self.stop = url, token, change_every, stop
         self.rng = random.Random(seed)
-        self.attempts: list[float] = []  # the "old" weight of each PUT, in order
-        self.acknowledged: list[tuple[int, dict]] = []  # (attempt index, stage as answered)
+        self.acknowledged: list[dict] = []  # each stage as answered
         self.refused: list[str] = []
 
     def run(self) -> None:
         with httpx.Client(base_url=self.url, timeout=5) as http:
             while not self.stop.wait(self.change_every):
                 old = round(self.rng.uniform(0.01, 0.99), 4)
-                self.attempts.append(old)
                 try:
                     response = put_mix(http, self.token, {"old": old, "new": 1 - old})
                 except httpx.TransportError:
                     continue  # killed mid-request: not acknowledged, so nothing is promised
                 if response.status_code == 200:
-                    self.acknowledged.append((len(self.attempts) - 1, response.json()["stage"]))
+                    self.acknowledged.append(response.json()["stage"])
                 else:
                     self.refused.append(f"HTTP {response.status_code}: {response.text[:200]}")
 
 
-def lost_stages(operator: Operator, acknowledged: list[tuple[int, dict]], schedule: list[dict]) -> int:
-    """Acknowledged stages that the schedule no longer holds (superseding by a later change is allowed)."""
-    at_step = {stage["start_step"]: round(stage["weights"].get("old", 0.0), 4) for stage in schedule}
-    return sum(at_step.get(stage["start_step"]) not in operator.attempts[index:] for index, stage in acknowledged)
+def lost_stages(acknowledged: list[dict], schedule: list[dict]) -> int:
+    """Acknowledged stages that the schedule no longer holds as they were answered."""
+    held = {stage["start_step"]: stage["weights"] for stage in schedule}
+    return sum(held.get(stage["start_step"]) != stage["weights"] for stage in acknowledged)
 
 
 def run_crash_loop(config: CrashLoopConfig) -> CrashLoopResult:
@@ -174,7 +171,7 @@ def run_crash_loop(config: CrashLoopConfig) -> CrashLoopResult:
                 result.restart_seconds.append(time.perf_counter() - started)
                 result.crashes += 1
                 result.changes_lost = max(result.changes_lost,
-                                          lost_stages(operator, acknowledged, http.get("/v1/mix").json()["schedule"]))
+                                          lost_stages(acknowledged, http.get("/v1/mix").json()["schedule"]))
             target = min(c.last_step for c in consumers) + config.steps_after
             while min(c.last_step for c in consumers) < target and all(c.is_alive() for c in consumers):
                 time.sleep(0.05)
@@ -186,7 +183,7 @@ def run_crash_loop(config: CrashLoopConfig) -> CrashLoopResult:
         stop.set()
         service.stop()
     result.changes_acknowledged = len(operator.acknowledged)
-    result.changes_lost = max(result.changes_lost, lost_stages(operator, operator.acknowledged, schedule))
+    result.changes_lost = max(result.changes_lost, lost_stages(operator.acknowledged, schedule))
     result.consumer_errors = [c.error for c in consumers if c.error] + operator.refused
     result.service_tracebacks = service.tracebacks()
     result.stages = len(schedule)

@@ -95,6 +95,7 @@ class ServiceSettings:
     global_batch: int = 8
     seed: int = 5
     admin_token_file: Path | None = None
+    read_token_file: Path | None = None  # None: anonymous reads (every harness service listens on loopback only)
     verify: str | None = None  # None: the service's default check
     code_root: Path = REPO  # where `python -m service` imports the service from (see committed_code)
 
@@ -106,6 +107,7 @@ class ServiceSettings:
             args.append(f"--verify={self.verify}")
         if self.admin_token_file is not None:
             args.append(f"--admin-token-file={self.admin_token_file}")
+        args.append(f"--read-token-file={self.read_token_file}" if self.read_token_file else "--allow-anonymous-reads")
         return args
 
 
@@ -198,9 +200,11 @@ def put_mix(http: httpx.Client, token: str, weights: dict[str, float], start_ste
 
 
 def replay_schedule(http: httpx.Client, token: str, schedule: Sequence[dict]) -> None:
-    """Give a fresh service (nothing served yet) every stage of `schedule`; the one at step 0 supersedes
-    the service's initial weights."""
-    for stage in schedule:
+    """Give a fresh service (nothing served yet), started with the first stage's weights, the later stages."""
+    first = http.get("/v1/mix").json()["schedule"]
+    if first != schedule[:1]:
+        raise RuntimeError(f"the fresh service starts with {first}, the schedule to replay with {schedule[:1]}")
+    for stage in schedule[1:]:
         response = put_mix(http, token, stage["weights"], stage["start_step"])
         response.raise_for_status()
 

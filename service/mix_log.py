@@ -1,0 +1,132 @@
+"""The mix log: every change to the mix schedule, durable and append-only; the schedule is derived from it.
+
+`mix_log.jsonl` in the state dir holds one JSON object per line, in the order the changes were made:
+
+    {"seq": 0, "time": "2026-11-30T14:02:11.5Z", "by": "python -m service --weights", "op": "stage",
+     "stage": {"start_step": 0, "weights": {"de": 0.95, "en": 0.05}}}
+    {"seq": 1, "time": "...", "by": "alice (127.0.0.1)", "op": "stage", "stage": {"start_step": 300, ...}}
+    {"seq": 2, "time": "...", "by": "alice (127.0.0.1)", "op": "cancel", "start_step": 300}
+
+`op` is `stage` (append a stage: it must start after the last one) or `cancel` (withdraw the stage that
+starts at `start_step`; the service allows it only while no step at or past it was served). Entries are
+never rewritten: the effective schedule is `replay(entries)`, so who changed what and when is always
+on record. An entry may carry a `reason` (free text). Each line is appended and fsynced before the
+change is acknowledged; a last line without its newline is a write a crash cut short, never
+acknowledged, and is dropped when the log is opened. Any other unreadable line is damage, refused
+with its line number.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional, Sequence
+
+from service.schedule import MixSchedule, ScheduleError, Stage
+
+LOG_FILE = "mix_log.jsonl"
+OPS = ("stage", "cancel")
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    seq: int
+    time: str  # UTC, ISO 8601
+    by: str  # who asked: "python -m service --weights", or the operator's name and address
+    op: str  # "stage" or "cancel"
+    stage: Optional[Stage] = None  # op == "stage"
+    start_step: Optional[int] = None  # op == "cancel"
+    reason: Optional[str] = None
+
+    def to_json(self) -> dict:
+        data: dict = {"seq": self.seq, "time": self.time, "by": self.by, "op": self.op}
+        if self.stage is not None:
+            data["stage"] = self.stage.to_json()
+        if self.start_step is not None:
+            data["start_step"] = self.start_step
+        if self.reason is not None:
+            data["reason"] = self.reason
+        return data
+
+    @classmethod
+    def from_json(cls, data: object, where: str) -> "LogEntry":
+        if not isinstance(data, dict) or data.get("op") not in OPS:
+            raise ScheduleError(f"{where}: expected an object with op in {OPS}, got {data!r}")
+        stage = Stage.from_json(data["stage"], f"{where}.stage") if data["op"] == "stage" else None
+        start_step = data.get("start_step") if data["op"] == "cancel" else None
+        if data["op"] == "cancel" and (not isinstance(start_step, int) or isinstance(start_step, bool)):
+            raise ScheduleError(f"{where}.start_step: {start_step!r}; a cancel names the start step of a stage")
+        return cls(data.get("seq"), data.get("time"), data.get("by"), data["op"], stage, start_step, data.get("reason"))
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def replay(entries: Sequence[LogEntry]) -> MixSchedule:
+    """The schedule the entries make, applied in order; ScheduleError naming the first that does not fit."""
+    if not entries or entries[0].op != "stage":
+        raise ScheduleError("entry 0: the log must start with the first stage (op 'stage' at step 0)")
+    schedule = MixSchedule([entries[0].stage])
+    for i, entry in enumerate(entries[1:], start=1):
+        try:
+            schedule = schedule.appended(entry.stage) if entry.op == "stage" else schedule.cancelled(entry.start_step)
+        except ScheduleError as e:
+            raise ScheduleError(f"entry {i}: {e}") from None
+    return schedule
+
+
+class MixLog:
+    """The log file of one state dir. Not thread-safe: the service calls it under its lock."""
+
+    def __init__(self, path: Path, entries: list[LogEntry]):
+        self.path, self.entries = path, entries
+        self.schedule = replay(entries)
+
+    @classmethod
+    def create(cls, path: Path, first: Stage, by: str) -> "MixLog":
+        log = cls.__new__(cls)
+        log.path, log.entries = Path(path), []
+        log._write(LogEntry(0, now(), by, "stage", stage=first), MixSchedule([first]))
+        return log
+
+    @classmethod
+    def open(cls, path: Path) -> "MixLog":
+        """Read the log, dropping a torn last line (a crash mid-append); ScheduleError on damage."""
+        raw = Path(path).read_bytes()
+        complete, _, torn = raw.rpartition(b"\n")
+        if torn:
+            with open(path, "r+b") as f:  # never acknowledged: drop it so the next append starts clean
+                f.truncate(len(complete) + (1 if complete else 0))
+                os.fsync(f.fileno())
+        entries = []
+        for number, line in enumerate(complete.split(b"\n") if complete else [], start=1):
+            try:
+                data = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ScheduleError(f"{path}:{number}: not JSON ({e})") from None
+            entries.append(LogEntry.from_json(data, f"{path}:{number}"))
+        try:
+            return cls(Path(path), entries)
+        except ScheduleError as e:
+            raise ScheduleError(f"{path}: {e}") from None
+
+    def append(self, op: str, by: str, *, stage: Stage | None = None, start_step: int | None = None,
+               reason: str | None = None) -> MixSchedule:
+        """Record one change durably and return the schedule it makes; ScheduleError (nothing written)
+        when it does not fit the schedule."""
+        entry = LogEntry(len(self.entries), now(), by, op, stage, start_step, reason)
+        schedule = self.schedule.appended(stage) if op == "stage" else self.schedule.cancelled(start_step)
+        self._write(entry, schedule)
+        return schedule
+
+    def _write(self, entry: LogEntry, schedule: MixSchedule) -> None:
+        with open(self.path, "ab") as f:
+            f.write(json.dumps(entry.to_json(), sort_keys=True).encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.entries.append(entry)
+        self.schedule = schedule
