@@ -144,8 +144,7 @@ def test_continued_run_grows_vocab_and_keeps_constant_lr(tmp_path, datasets, ger
 
     model = train(parse_args(args_for(
         {"en": datasets["en"], "de": german.root}, continued, "--weights", "en=1,de=3", "--steps", "4",
-        "--init-from", str(checkpoint), "--extension-report", str(report), "--lr-schedule", "infinite", "--lr-start-step", "4", "--warmup-steps", "1",
-        "--cooldown-steps", "2", "--decay-steps", "2", "--max-lr", "2e-3", "--min-lr", "2e-4",
+        "--init-from", str(checkpoint), "--extension-report", str(report), "--continue-schedule",
         "--eval-dataset", f"en={datasets['en']}", "--eval-dataset", f"de={german.root}", "--eval-every", "2",
     )))
     assert 200 < model.config.vocab_size == new_vocab and model.lm_head.weight is model.embed.weight
@@ -156,6 +155,47 @@ def test_continued_run_grows_vocab_and_keeps_constant_lr(tmp_path, datasets, ger
     assert first["step"] == 0 and set(first["val_loss"]) == {"en", "de"}
     assert last["forgetting"]["en"] == pytest.approx(last["val_loss"]["en"] - first["val_loss"]["en"])
     assert not torch.equal(model.embed.weight[:200].cpu(), old_embedding)  # it trained on
+
+
+def test_continue_schedule_follows_the_checkpoints_schedule(tmp_path, datasets, capsys):
+    """Issue 11: continuing an infinite schedule with one flag must not re-warm. Phase 1's default phases
+    (20 steps: warmup 1, cooldown to step 13, anneal from 17) are recorded in its checkpoints; a 40-step
+    continuation from step 17 holds the constant rate and ends with the recorded 3-step anneal. Deriving
+    the phases from the new run's length instead put step 17 back in a cooldown, above the constant rate."""
+    rates = ["--max-lr", "2e-3", "--min-lr", "2e-4"]
+    phase1 = tmp_path / "phase1"
+    assert main(args_for({"en": datasets["en"]}, phase1, "--steps", "20", "--lr-schedule", "infinite",
+                         "--save-at", "17", *rates)) == 0
+    checkpoint = phase1 / "checkpoints" / "step-000017.pt"
+    assert checkpoint_of(phase1, checkpoint.name)["schedule"] == {
+        "kind": "infinite", "offset": 0,
+        "params": {"max_lr": 2e-3, "const_lr": 1.1e-3, "min_lr": 2e-4, "warmup_steps": 1, "cooldown_steps": 12,
+                   "anneal_steps": 3, "total_steps": 20, "cooldown_shape": "cosine"},
+    }
+
+    continued = tmp_path / "continued"
+    assert main(args_for({"en": datasets["en"]}, continued, "--steps", "40", "--init-from", str(checkpoint),
+                         "--continue-schedule")) == 0
+    lrs = [r["lr"] for r in read_metrics(continued) if r["kind"] == "train"]
+    anneal = [1.1e-3 * (2e-4 / 1.1e-3) ** (k / 3) for k in (1, 2)]
+    assert lrs == pytest.approx([1.1e-3] * 38 + anneal, rel=1e-12)
+    assert checkpoint_of(continued)["schedule"]["offset"] == 17
+
+    # Schedule flags that would contradict the recorded schedule are refused, naming them.
+    with pytest.raises(SystemExit) as refused:
+        main(args_for({"en": datasets["en"]}, tmp_path / "x", "--init-from", str(checkpoint), "--continue-schedule",
+                      "--max-lr", "1e-3", "--warmup-steps", "5"))
+    assert refused.value.code == 2 and "--max-lr, --warmup-steps would contradict" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(args_for({"en": datasets["en"]}, tmp_path / "x", "--continue-schedule"))
+    assert "give it with --init-from CKPT" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(args_for({"en": datasets["en"]}, tmp_path / "x", "--init-from", str(checkpoint), "--lr-start-step", "17"))
+    assert "--lr-start-step was replaced by --continue-schedule" in capsys.readouterr().err
+    # A checkpoint taken inside the anneal cannot be continued without re-warming; the message says which can.
+    final = phase1 / "checkpoints" / "final.pt"
+    assert main(args_for({"en": datasets["en"]}, tmp_path / "x", "--init-from", str(final), "--continue-schedule")) == 2
+    assert "saved at step 20 of its schedule" in capsys.readouterr().err
 
 
 def test_bad_flags_are_refused_with_the_reason(tmp_path, datasets, capsys):

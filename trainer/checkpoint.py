@@ -1,8 +1,9 @@
 """Checkpoints: model, optimizer, step, RNG and the run's first evaluation, written atomically.
 
 Layout under RUN_DIR/checkpoints/: `latest.pt` (rewritten every --checkpoint-every steps and at the end;
-what --resume reads), `step-NNNNNN.pt` for each --save-at step, `final.pt` at the end. The schedule is a
-pure function of the step and the run's config, so the step is all of its state that needs saving.
+what --resume reads), `step-NNNNNN.pt` for each --save-at step, `final.pt` at the end. Each also records
+the run's config and its learning-rate schedule fully resolved (which --resume and --continue-schedule
+follow, whatever phase lengths their own flags would derive).
 """
 
 from __future__ import annotations
@@ -53,8 +54,12 @@ def save_checkpoint(
     step: int,
     first_eval: dict[str, float] | None,
     run_config: dict[str, Any],
+    schedule: dict[str, Any] | None = None,
 ) -> None:
-    """Write to a temporary file and rename, so a crash mid-write never leaves a half checkpoint."""
+    """Write to a temporary file and rename, so a crash mid-write never leaves a half checkpoint.
+
+    `schedule` is the run's `RunSchedule.record()`; without it the checkpoint can seed a new run with its own
+    schedule but cannot be resumed or continued with --continue-schedule."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -65,6 +70,7 @@ def save_checkpoint(
         "rng": rng_state(),
         "first_eval": first_eval,
         "run_config": run_config,
+        "schedule": schedule,
     }
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(payload, tmp)

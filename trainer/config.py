@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Sequence
 
@@ -58,6 +58,22 @@ class TrainConfig:
     progress: bool = True
 
 
+# The flag that sets each TrainConfig field (dotted through the nested configs) where it is not simply the
+# field's name in kebab case; the Adam betas have no flag.
+_FLAG_NAMES = {
+    "data.datasets": "--dataset", "data.stream_url": "--stream", "data.seed": "--data-seed",
+    "data.eval_datasets": "--eval-dataset", "schedule.name": "--lr-schedule", "schedule.continued": "--continue-schedule",
+    "progress": "--no-progress",
+}
+def flag_of(path: str) -> str:
+    """The CLI flag of a dotted TrainConfig field, e.g. "data.seq_len" -> "--seq-len"."""
+    return _FLAG_NAMES.get(path, "--" + path.rpartition(".")[2].replace("_", "-"))
+
+
+def _dest(path: str) -> str:
+    return flag_of(path)[2:].replace("-", "_")
+
+
 def _pairs(text: str, flag: str) -> tuple[str, str]:
     name, sep, value = text.partition("=")
     if not sep or not name or not value:
@@ -102,29 +118,39 @@ def build_parser() -> argparse.ArgumentParser:
     model = p.add_argument_group("model")
     model.add_argument("--model", choices=list(MODEL_SIZES), default="test")
     model.add_argument("--untied", action="store_true", help="separate input and output embeddings")
-    model.add_argument("--init-from", type=Path, metavar="CKPT", help="continue from a checkpoint (steps restart at 0)")
+    model.add_argument("--init-from", type=Path, metavar="CKPT",
+                       help="continue from a checkpoint (steps restart at 0; the schedule is this run's own unless "
+                            "--continue-schedule)")
     model.add_argument("--reset-optimizer", action="store_true", help="with --init-from: fresh AdamW state")
     model.add_argument("--extension-report", type=Path, metavar="PATH",
                        help="extended.report.json, to grow the embeddings to an extended tokenizer")
 
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--steps", type=int, default=TrainConfig.steps)
-    opt.add_argument("--lr-schedule", choices=SCHEDULES, default="cosine")
-    opt.add_argument("--max-lr", type=float, default=ScheduleConfig.max_lr)
-    opt.add_argument("--min-lr", type=float, default=ScheduleConfig.min_lr)
+    # The schedule flags default to None so that --continue-schedule can tell which were given.
+    opt.add_argument("--lr-schedule", choices=SCHEDULES, help=f"default {ScheduleConfig.name}")
+    opt.add_argument("--max-lr", type=float, help=f"default {ScheduleConfig.max_lr}")
+    opt.add_argument("--min-lr", type=float, help=f"default {ScheduleConfig.min_lr}")
     opt.add_argument("--const-lr", type=float, help="infinite schedule's constant rate (default (max+min)/2)")
     opt.add_argument("--warmup-steps", type=int, help="default 1%% of --steps")
     opt.add_argument("--cooldown-steps", type=int, help="infinite: max->const steps after warmup (default 59%%)")
-    opt.add_argument("--decay-steps", type=int, help="infinite anneal (default 15%%) or WSD cooldown (20%%)")
-    opt.add_argument("--cooldown-shape", choices=("cosine", "inv_sqrt"), default="cosine")
-    opt.add_argument("--lr-start-step", type=int, default=0, metavar="K",
-                     help="evaluate the schedule at K + step (continue an infinite schedule without re-warming)")
+    opt.add_argument("--decay-steps", type=int,
+                     help="infinite anneal (default 15%%) or WSD cooldown (20%%); with --continue-schedule, the "
+                          "length of this run's final decay (default: the checkpoint's)")
+    opt.add_argument("--cooldown-shape", choices=("cosine", "inv_sqrt"), help=f"default {ScheduleConfig.cooldown_shape}")
+    opt.add_argument("--continue-schedule", action="store_true",
+                     help="with --init-from: no re-warming; follow the schedule recorded in the checkpoint from the "
+                          "step it was saved at (an infinite schedule's constant rate, or WSD's stable one), with "
+                          "its final decay moved to the end of this run. Other schedule flags than --decay-steps "
+                          "are refused with it")
+    opt.add_argument("--lr-start-step", type=int, help=argparse.SUPPRESS)  # only to point old command lines to --continue-schedule
     opt.add_argument("--weight-decay", type=float, default=OptimConfig.weight_decay)
     opt.add_argument("--grad-clip", type=float, default=OptimConfig.grad_clip)
 
     run = p.add_argument_group("run")
     run.add_argument("--out", type=Path, required=True, metavar="RUN_DIR")
-    run.add_argument("--resume", action="store_true", help="continue from RUN_DIR's latest checkpoint")
+    run.add_argument("--resume", action="store_true",
+                     help="continue from RUN_DIR's latest checkpoint, on the schedule it recorded")
     run.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
     run.add_argument("--log-every", type=int, default=TrainConfig.log_every)
     run.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
@@ -156,6 +182,19 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         parser.error("--weights applies to in-process mixing; with --stream the service's schedule decides")
     if args.resume and args.init_from:
         parser.error("--resume continues this run; --init-from starts a new one from a checkpoint; pick one")
+    if args.lr_start_step is not None:
+        parser.error("--lr-start-step was replaced by --continue-schedule, which takes the step and the whole "
+                     "schedule from the --init-from checkpoint")
+    schedule_paths = [f"schedule.{f.name}" for f in fields(ScheduleConfig) if f.name != "continued"]
+    schedule = {path.partition(".")[2]: getattr(args, _dest(path))
+                for path in schedule_paths if getattr(args, _dest(path)) is not None}
+    if args.continue_schedule:
+        if not (args.init_from or args.resume):
+            parser.error("--continue-schedule continues the schedule of a checkpoint; give it with --init-from CKPT")
+        conflicting = [flag_of(f"schedule.{name}") for name in schedule if name != "decay_steps"]
+        if conflicting:
+            parser.error(f"--continue-schedule follows the checkpoint's recorded schedule, which {', '.join(conflicting)} "
+                         "would contradict; drop them (only --decay-steps, this run's final decay, may be given)")
     if args.global_batch % args.micro_batch:
         parser.error(f"--global-batch {args.global_batch} is not a multiple of --micro-batch {args.micro_batch}")
     for flag in ("steps", "seq_len", "eval_every", "log_every", "checkpoint_every", "eval_batches"):
@@ -175,17 +214,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
             eval_datasets=eval_datasets,
             eval_batches=args.eval_batches,
         ),
-        schedule=ScheduleConfig(
-            name=args.lr_schedule,
-            max_lr=args.max_lr,
-            min_lr=args.min_lr,
-            const_lr=args.const_lr,
-            warmup_steps=args.warmup_steps,
-            cooldown_steps=args.cooldown_steps,
-            decay_steps=args.decay_steps,
-            cooldown_shape=args.cooldown_shape,
-            start_step=args.lr_start_step,
-        ),
+        schedule=ScheduleConfig(**schedule, continued=args.continue_schedule),
         optim=OptimConfig(weight_decay=args.weight_decay, grad_clip=args.grad_clip),
         model=args.model,
         untied=args.untied,

@@ -73,12 +73,16 @@ class ExperimentConfig:
     )
     extra_trainer_args: tuple[str, ...] = field(default_factory=tuple)
 
+    def rate_args(self) -> list[str]:
+        """The peak and final rates of a fresh schedule (a continued one keeps its checkpoint's)."""
+        return [f"--max-lr={self.max_lr}", f"--min-lr={self.min_lr}"]
+
     def infinite_schedule_args(self) -> list[str]:
         """Phase 1's infinite schedule with the paper's split: warmup 1%, cooldown to 60%, constant to 85%,
-        anneal for the rest. Spelled out so that a no-re-warm continuation can replay its first phases."""
+        anneal for the rest."""
         steps = self.phase1_steps
         return ["--lr-schedule=infinite", f"--warmup-steps={max(1, steps // 100)}",
-                f"--cooldown-steps={round(0.59 * steps)}"]
+                f"--cooldown-steps={round(0.59 * steps)}", *self.rate_args()]
 
     @staticmethod
     def anneal_steps(steps: int) -> int:
@@ -265,8 +269,7 @@ def trainer_args(cfg: ExperimentConfig, out: Path, steps: int, eval_sets: Sequen
     return [sys.executable, "-m", "trainer", f"--model={cfg.model}", f"--steps={steps}", f"--out={out}",
             f"--seq-len={cfg.seq_len}", f"--global-batch={cfg.global_batch}",
             f"--micro-batch={cfg.micro_batch}", f"--eval-every={cfg.eval_every}",
-            f"--eval-batches={cfg.eval_batches}", f"--max-lr={cfg.max_lr}", f"--min-lr={cfg.min_lr}",
-            f"--device={cfg.device}", f"--seed={cfg.seed}", "--log-every=1",
+            f"--eval-batches={cfg.eval_batches}", f"--device={cfg.device}", f"--seed={cfg.seed}", "--log-every=1",
             *(f"--eval-dataset={name}={cfg.work_dir / 'datasets' / name}" for name in eval_sets),
             *cfg.extra_trainer_args]
 
@@ -323,10 +326,10 @@ def continue_on_german(cfg: ExperimentConfig, spec: Phase2Run, phase1: Path, tok
     state_dir = cfg.work_dir / "service" / spec.name
     shutil.rmtree(state_dir, ignore_errors=True)  # a rerun of an unfinished run starts its stream afresh
     state_dir.mkdir(parents=True)
-    schedule = (["--lr-schedule=cosine", f"--warmup-steps={max(1, cfg.phase2_steps // 100)}"] if spec.rewarm else
-                # The infinite schedule picked up where phase 1 checkpointed: constant rate, then its anneal.
-                [*cfg.infinite_schedule_args(), f"--lr-start-step={cfg.phase1_anneal_start}",
-                 f"--decay-steps={cfg.anneal_steps(cfg.phase2_steps)}"])
+    schedule = (["--lr-schedule=cosine", f"--warmup-steps={max(1, cfg.phase2_steps // 100)}", *cfg.rate_args()]
+                if spec.rewarm else
+                # Phase 1's infinite schedule, as its checkpoint recorded it: the constant rate, then this run's anneal.
+                ["--continue-schedule", f"--decay-steps={cfg.anneal_steps(cfg.phase2_steps)}"])
     with mixer_service(cfg, state_dir, token_file, spec.replay) as url:
         args = [*trainer_args(cfg, out, cfg.phase2_steps, ["en", "de"]), f"--stream={url}",
                 f"--init-from={phase1 / CHECKPOINT_DIR / named_checkpoint(cfg.phase1_anneal_start)}",

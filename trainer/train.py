@@ -38,7 +38,7 @@ from trainer.data import BatchSource, TrainBatch, open_eval_splits, open_source
 from trainer.evaluate import Evaluator, eval_record
 from trainer.metrics import MetricsLog
 from trainer.model import GPT, config_for
-from trainer.schedules import build_schedule
+from trainer.schedules import RunSchedule, build_schedule, continue_schedule
 from trainer.vocab import ExtensionReport, grow_vocab, pad_optimizer_state
 
 StepHook = Callable[[int, nn.Module, TrainBatch], None]
@@ -68,6 +68,7 @@ def init_distributed(device: str) -> Distributed:
 class TrainingState:
     model: GPT
     optimizer: torch.optim.Optimizer
+    schedule: RunSchedule
     start_step: int
     first_eval: dict[str, float] | None
 
@@ -121,10 +122,30 @@ def build_state(config: TrainConfig, source: BatchSource, device: torch.device) 
     optimizer = _make_optimizer(model, config, device)
     if payload is not None and not (config.init_from and config.reset_optimizer):
         _load_optimizer(optimizer, payload["optimizer"], config)
+    schedule = _schedule(config, payload, resume_path or config.init_from, resumed=resume_path is not None)
     if resume_path is not None:
         restore_rng(payload["rng"])
-        return TrainingState(model, optimizer, payload["step"], payload.get("first_eval"))
-    return TrainingState(model, optimizer, 0, None)
+        return TrainingState(model, optimizer, schedule, payload["step"], payload.get("first_eval"))
+    return TrainingState(model, optimizer, schedule, 0, None)
+
+
+def _schedule(config: TrainConfig, payload: dict[str, Any] | None, path: Path | None, resumed: bool) -> RunSchedule:
+    """A resumed run follows the schedule its checkpoint recorded, a --continue-schedule run the --init-from
+    checkpoint's, continued; any other run builds its own from the flags."""
+    if not (resumed or config.schedule.continued):
+        return RunSchedule(build_schedule(config.schedule, config.steps))
+    if payload.get("schedule") is None:
+        raise CheckpointError(
+            f"{path}: records no learning-rate schedule (an older trainer wrote it); start a new run from it "
+            "with --init-from and this run's own schedule flags"
+        )
+    recorded = RunSchedule.from_record(payload["schedule"])
+    if resumed:
+        return recorded
+    try:
+        return continue_schedule(recorded, payload["step"], config.steps, config.schedule.decay_steps)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: cannot --continue-schedule: {e}") from e
 
 
 def autocast_for(device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
@@ -211,7 +232,6 @@ def _run(config: TrainConfig, source: BatchSource, dist_info: Distributed, devic
         )
     state = build_state(config, source, device)
     model = state.model
-    schedule = build_schedule(config.schedule, config.steps)
     evaluator = Evaluator(open_eval_splits(config.data, source), source.seq_len, config.data.eval_batches,
                           config.data.micro_batch, model.config.vocab_size, dist_info.rank, dist_info.world_size)
 
@@ -236,7 +256,8 @@ def _run(config: TrainConfig, source: BatchSource, dist_info: Distributed, devic
     def checkpoint(step: int, *names: str) -> None:
         if dist_info.is_main:
             for name in names:
-                save_checkpoint(config.out / CHECKPOINT_DIR / name, model, state.optimizer, step, first_eval, run_config)
+                save_checkpoint(config.out / CHECKPOINT_DIR / name, model, state.optimizer, step, first_eval,
+                                run_config, state.schedule.record())
         if dist_info.world_size > 1:
             dist.barrier()
 
@@ -257,7 +278,7 @@ def _run(config: TrainConfig, source: BatchSource, dist_info: Distributed, devic
         tokens = batch.tokens.to(device, non_blocking=True)
         stats.record(time.perf_counter() - wait_started, tokens_per_step)
 
-        lr = schedule(config.schedule.start_step + step)
+        lr = state.schedule(step)
         for group in state.optimizer.param_groups:
             group["lr"] = lr
         loss_sum, grad_norm = train_step(forward, state.optimizer, tokens, config.data.micro_batch,
