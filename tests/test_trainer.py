@@ -198,6 +198,28 @@ def test_continue_schedule_follows_the_checkpoints_schedule(tmp_path, datasets, 
     assert "saved at step 20 of its schedule" in capsys.readouterr().err
 
 
+def test_resume_refuses_flags_that_change_the_run(tmp_path, datasets, capsys):
+    """Issue 11: --resume with other data or model flags than the run started with is refused, each
+    difference named with both values; flags that only change how long or how visibly it runs may differ."""
+    out = tmp_path / "run"
+    assert main(args_for(datasets, out, "--steps", "4", "--weights", "en=3,de=1", "--checkpoint-every", "2")) == 0
+    assert main(args_for(datasets, out, "--steps", "6", "--weights", "en=1,de=3", "--data-seed", "9",
+                         "--seq-len", "16", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out / 'checkpoints' / 'latest.pt'}: --resume continues the run as it was started")
+    assert [line for line in err.splitlines() if line.startswith("  ")] == [
+        "  --weights: checkpoint {'en': 3.0, 'de': 1.0}, given {'en': 1.0, 'de': 3.0}",
+        "  --seq-len: checkpoint 32, given 16",
+        "  --data-seed: checkpoint 0, given 9",
+    ]
+    assert "--steps" in err.splitlines()[-1] and "Traceback" not in err  # what may change, and no traceback
+    assert max(train_losses(out)) == 4  # nothing was trained or logged
+
+    assert main(args_for(datasets, out, "--steps", "6", "--weights", "en=3,de=1", "--resume", "--eval-every", "3",
+                         "--log-every", "2", "--checkpoint-every", "3", "--save-at", "5")) == 0
+    assert sorted(train_losses(out)) == [1, 2, 3, 4, 6] and (out / "checkpoints" / "step-000005.pt").is_file()
+
+
 def test_bad_flags_are_refused_with_the_reason(tmp_path, datasets, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--out", str(tmp_path), "--stream", "http://x", f"--dataset=en={datasets['en']}"])

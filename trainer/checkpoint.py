@@ -2,8 +2,8 @@
 
 Layout under RUN_DIR/checkpoints/: `latest.pt` (rewritten every --checkpoint-every steps and at the end;
 what --resume reads), `step-NNNNNN.pt` for each --save-at step, `final.pt` at the end. Each also records
-the run's config and its learning-rate schedule fully resolved (which --resume and --continue-schedule
-follow, whatever phase lengths their own flags would derive).
+the run's config (which --resume holds the flags to) and its learning-rate schedule fully resolved (which
+--resume and --continue-schedule follow, whatever phase lengths their own flags would derive).
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from trainer.model import MODEL_SIZES
 from trainer.schedules import SCHEDULES, ScheduleConfig
@@ -65,6 +65,14 @@ _FLAG_NAMES = {
     "data.eval_datasets": "--eval-dataset", "schedule.name": "--lr-schedule", "schedule.continued": "--continue-schedule",
     "progress": "--no-progress",
 }
+# What --resume lets change: how long, how often and how visibly the run goes on, and on what hardware,
+# but not what it computes (the micro-batch only splits the same global batch).
+RESUMABLE_FLAGS = ("--steps", "--eval-every", "--log-every", "--checkpoint-every", "--save-at", "--no-progress",
+                   "--device", "--compile", "--micro-batch", "--stream", "--stream-read-ahead")
+# How a run began; a resumed run takes what they made from its checkpoint instead.
+_START_FLAGS = ("--out", "--resume", "--init-from", "--reset-optimizer", "--extension-report")
+
+
 def flag_of(path: str) -> str:
     """The CLI flag of a dotted TrainConfig field, e.g. "data.seq_len" -> "--seq-len"."""
     return _FLAG_NAMES.get(path, "--" + path.rpartition(".")[2].replace("_", "-"))
@@ -72,6 +80,44 @@ def flag_of(path: str) -> str:
 
 def _dest(path: str) -> str:
     return flag_of(path)[2:].replace("-", "_")
+
+
+def _leaves(config: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if is_dataclass(value):
+            yield from _leaves(value, f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name, value
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+def config_record(config: TrainConfig) -> dict[str, Any]:
+    """The config as plain JSON-able values (paths as strings, tuples as lists): what checkpoints store."""
+    return _jsonable(asdict(config))
+
+
+def resume_differences(recorded: Mapping[str, Any], config: TrainConfig) -> list[tuple[str, Any, Any]]:
+    """(flag, checkpoint's value, given value) for each flag that defines the run and differs from the
+    `config_record` a checkpoint stored; a value the checkpoint lacks reads as None."""
+    differences = []
+    for path, value in _leaves(config):
+        flag = flag_of(path)
+        if flag in RESUMABLE_FLAGS or flag in _START_FLAGS:
+            continue
+        stored: Any = recorded
+        for part in path.split("."):
+            stored = stored.get(part) if isinstance(stored, Mapping) else None
+        if stored != _jsonable(value):
+            differences.append((flag, stored, _jsonable(value)))
+    return differences
 
 
 def _pairs(text: str, flag: str) -> tuple[str, str]:
@@ -150,7 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("run")
     run.add_argument("--out", type=Path, required=True, metavar="RUN_DIR")
     run.add_argument("--resume", action="store_true",
-                     help="continue from RUN_DIR's latest checkpoint, on the schedule it recorded")
+                     help="continue from RUN_DIR's latest checkpoint, on the schedule it recorded. Give the flags the "
+                          "run started with: any difference is refused, except in "
+                          f"{', '.join(RESUMABLE_FLAGS)}, which may change (and --extension-report and "
+                          "--reset-optimizer, which a resumed run ignores)")
     run.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
     run.add_argument("--log-every", type=int, default=TrainConfig.log_every)
     run.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)

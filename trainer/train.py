@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,7 +33,7 @@ from trainer.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from trainer.config import TrainConfig
+from trainer.config import RESUMABLE_FLAGS, TrainConfig, config_record, resume_differences
 from trainer.data import BatchSource, TrainBatch, open_eval_splits, open_source
 from trainer.evaluate import Evaluator, eval_record
 from trainer.metrics import MetricsLog
@@ -97,6 +97,8 @@ def build_state(config: TrainConfig, source: BatchSource, device: torch.device) 
     if config.resume and resume_path is None:
         raise CheckpointError(f"{config.out / CHECKPOINT_DIR / LATEST}: nothing to resume; drop --resume to start")
     payload = load_checkpoint(resume_path or config.init_from) if (resume_path or config.init_from) else None
+    if resume_path is not None:
+        _check_resumable(resume_path, payload, config)
 
     if payload is None:
         torch.manual_seed(config.seed)
@@ -127,6 +129,18 @@ def build_state(config: TrainConfig, source: BatchSource, device: torch.device) 
         restore_rng(payload["rng"])
         return TrainingState(model, optimizer, schedule, payload["step"], payload.get("first_eval"))
     return TrainingState(model, optimizer, schedule, 0, None)
+
+
+def _check_resumable(path: Path, payload: dict[str, Any], config: TrainConfig) -> None:
+    """Refuse to resume with flags that would make it another run than the one checkpointed."""
+    differences = resume_differences(payload.get("run_config", {}), config)
+    if differences:
+        listed = "".join(f"\n  {flag}: checkpoint {stored!r}, given {given!r}" for flag, stored, given in differences)
+        raise CheckpointError(
+            f"{path}: --resume continues the run as it was started, but these flags differ from the ones its "
+            f"checkpoint recorded:{listed}\ngive the checkpoint's values (only {', '.join(RESUMABLE_FLAGS)} may "
+            "change on resume), or start a new run in another --out"
+        )
 
 
 def _schedule(config: TrainConfig, payload: dict[str, Any] | None, path: Path | None, resumed: bool) -> RunSchedule:
@@ -243,7 +257,7 @@ def _run(config: TrainConfig, source: BatchSource, dist_info: Distributed, devic
         )
 
     log = MetricsLog(config.out, resume_step=state.start_step if config.resume else None) if dist_info.is_main else None
-    run_config = _jsonable(asdict(config))
+    run_config = config_record(config)
     first_eval = state.first_eval
 
     def evaluate(step: int) -> None:
@@ -321,11 +335,3 @@ def _run(config: TrainConfig, source: BatchSource, dist_info: Distributed, devic
         print(f"trained steps {state.start_step}..{config.steps} of {model.num_params() / 1e6:.1f}M-parameter "
               f"model: final loss {last_loss:.4f}, metrics in {config.out / 'metrics.jsonl'}", flush=True)
     return model
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return str(value) if isinstance(value, Path) else value
