@@ -107,6 +107,12 @@ def service(tmp_path, two_datasets):
     proc.stop()
 
 
+def refused_start(args: list[str]) -> subprocess.CompletedProcess:
+    """Run `python -m service` expecting it to refuse to start (a start that serves times out here)."""
+    return subprocess.run([sys.executable, "-m", "service", *args, "--port", str(free_port())], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+
+
 def get_batch(url: str, step: int, rank: int = 0, world_size: int = 1) -> bytes:
     response = reader.get(f"{url}/v1/batches/{step}", params={"rank": rank, "world_size": world_size})
     assert response.status_code == 200, response.text
@@ -232,33 +238,32 @@ def test_start_is_refused_with_clear_messages(tmp_path, two_datasets, german_lin
     german = train_spm(german_lines, tmp_path / "spm" / "german", vocab_size=200)
     foreign = token_dataset_factory("foreign", german_lines[:40], german).root
     args = service_args({"old": two_datasets["old"], "foreign": foreign}, tmp_path / "s1", None, "old=1,foreign=0")
-    result = subprocess.run([sys.executable, "-m", "service", *args], cwd=REPO, capture_output=True, text=True)
+    result = refused_start(args)
     assert result.returncode == 2 and "do not share a vocabulary" in result.stderr
     assert not (tmp_path / "s1").exists()
     # a state dir made for other inputs is refused rather than silently changing served steps
     state = tmp_path / "s2"
     ServiceProcess(service_args(two_datasets, state, None, "old=1,new=0"), free_port()).start().stop()
     other = service_args(two_datasets, state, None, "old=1,new=0", seq_len=32)
-    result = subprocess.run([sys.executable, "-m", "service", *other], cwd=REPO, capture_output=True, text=True)
+    result = refused_start(other)
     assert result.returncode == 2 and "seq_len" in result.stderr and "identity.json" in result.stderr
     # other weights on a state dir are refused: its log decides the mix (omitting --weights resumes it)
     other = service_args(two_datasets, state, None, "old=0.5,new=0.5")
-    result = subprocess.run([sys.executable, "-m", "service", *other], cwd=REPO, capture_output=True, text=True)
+    result = refused_start(other)
     assert result.returncode == 2 and "differs from the one this state dir started with" in result.stderr
     ServiceProcess(service_args(two_datasets, state, None, None), free_port()).start().stop()
     # a state dir written under another mix rule (replaymix before Tijdeman's rule) is refused by name
     identity = json.loads((state / "identity.json").read_text())
     del identity["mix_rule"]
     (state / "identity.json").write_text(json.dumps(identity))
-    result = subprocess.run([sys.executable, "-m", "service", *service_args(two_datasets, state, None, None)],
-                            cwd=REPO, capture_output=True, text=True)
+    result = refused_start(service_args(two_datasets, state, None, None))
     assert result.returncode == 2 and "served with mix rule 1" in result.stderr and "mix rule 2" in result.stderr
     # an omitted dataset, and a service nobody could read from, are refused at start
     partial = service_args(two_datasets, tmp_path / "s3", None, "old=1")
-    result = subprocess.run([sys.executable, "-m", "service", *partial], cwd=REPO, capture_output=True, text=True)
+    result = refused_start(partial)
     assert result.returncode == 2 and "no weight for ['new']" in result.stderr
     unreadable = [a for a in service_args(two_datasets, tmp_path / "s4", None, "old=1,new=1") if "read-token" not in a]
-    result = subprocess.run([sys.executable, "-m", "service", *unreadable], cwd=REPO, capture_output=True, text=True)
+    result = refused_start(unreadable)
     assert result.returncode == 2 and "--allow-anonymous-reads" in result.stderr
 
 

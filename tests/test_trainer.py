@@ -238,7 +238,8 @@ def test_stream_source_trains_exactly_like_the_in_process_mixer(tmp_path, datase
                                           seq_len=32, global_batch=8), free_port()).start()
     try:
         common = ["--steps", "4", "--eval-every", "2", "--max-lr", "2e-3"]
-        train(parse_args(SMALL + ["--stream", service.url, "--out", str(tmp_path / "stream"), *common]))
+        train(parse_args(SMALL + ["--stream", service.url, "--stream-token-file", str(tmp_path / "state.read-token"),
+                                  "--out", str(tmp_path / "stream"), *common]))
     finally:
         service.stop()
     train(parse_args(args_for(datasets, tmp_path / "local", "--weights", "en=0.75,de=0.25", "--data-seed", "5",

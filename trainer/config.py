@@ -19,6 +19,7 @@ class DataConfig:
     weights: dict[str, float] = field(default_factory=dict)
     stream_url: str | None = None
     stream_read_ahead: int | None = None  # steps per request and decoded queue; None: the client's default
+    stream_token_file: Path | None = None  # the service's read token (None: it allows anonymous reads)
     seq_len: int = 256
     global_batch: int = 32  # sequences per step over all ranks
     micro_batch: int = 8  # sequences per forward pass on one rank; the rest is gradient accumulation
@@ -68,7 +69,8 @@ _FLAG_NAMES = {
 # What --resume lets change: how long, how often and how visibly the run goes on, and on what hardware,
 # but not what it computes (the micro-batch only splits the same global batch).
 RESUMABLE_FLAGS = ("--steps", "--eval-every", "--log-every", "--checkpoint-every", "--save-at", "--no-progress",
-                   "--device", "--compile", "--micro-batch", "--stream", "--stream-read-ahead")
+                   "--device", "--compile", "--micro-batch", "--stream", "--stream-read-ahead",
+                   "--stream-token-file")
 # How a run began; a resumed run takes what they made from its checkpoint instead.
 _START_FLAGS = ("--out", "--resume", "--init-from", "--reset-optimizer", "--extension-report")
 
@@ -149,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--weights", type=_weights, default={}, metavar="NAME=W,...",
                      help="mixing weights of the --dataset names (default: equal)")
     src.add_argument("--stream", metavar="URL", help="pull batches from a mixer service instead")
+    src.add_argument("--stream-token-file", type=Path, metavar="PATH",
+                     help="with --stream: file holding the service's read token (its --read-token-file); omit it only "
+                          "for a service started with --allow-anonymous-reads")
     src.add_argument("--stream-read-ahead", type=int, metavar="STEPS",
                      help="with --stream: fetch STEPS steps per request and keep STEPS ready, so about 3 x STEPS "
                           "are served ahead of training (default: ~4 MiB per request); small values make a ratio "
@@ -225,6 +230,8 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     unknown = set(args.weights) - set(datasets)
     if unknown:
         parser.error(f"--weights names {sorted(unknown)} that no --dataset defines ({sorted(datasets)})")
+    if args.stream_token_file is not None and not args.stream:
+        parser.error("--stream-token-file needs --stream")
     if args.stream_read_ahead is not None and (not args.stream or args.stream_read_ahead < 1):
         parser.error("--stream-read-ahead needs --stream and a positive number of steps")
     if args.stream and args.weights:
@@ -256,6 +263,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
             weights=args.weights or {name: 1.0 for name in datasets},
             stream_url=args.stream,
             stream_read_ahead=args.stream_read_ahead,
+            stream_token_file=args.stream_token_file,
             seq_len=args.seq_len,
             global_batch=args.global_batch,
             micro_batch=args.micro_batch,

@@ -106,15 +106,20 @@ class StreamSource:
 
     def __init__(self, config: DataConfig, rank: int, world_size: int):
         from service.client import StreamClient
+        from service.tokens import read_token
 
         self.url, self.rank, self.world_size = config.stream_url.rstrip("/"), rank, world_size
         read_ahead = config.stream_read_ahead
-        self._client_options = {} if read_ahead is None else {"prefetch": read_ahead, "range_steps": read_ahead}
+        token = read_token(config.stream_token_file, "--stream-token-file")
+        self._client_options = {"token": token}
+        if read_ahead is not None:
+            self._client_options.update(prefetch=read_ahead, range_steps=read_ahead)
         self._client_class = StreamClient
         self._client = None
         # Plain GET: a StreamClient would start prefetching steps before we know where to start.
         try:
-            response = httpx.get(f"{self.url}/v1/status", timeout=30.0)
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            response = httpx.get(f"{self.url}/v1/status", timeout=30.0, headers=headers)
             response.raise_for_status()
         except httpx.HTTPError as e:
             raise ConnectionError(f"--stream {self.url}: GET /v1/status failed ({e}); is the service up?") from e

@@ -230,6 +230,16 @@ class RayCluster:
             retry_if="Failed to download runtime_env file package", env=self.env)
 
 
+def token_files(work_dir: Path) -> tuple[Path, Path]:
+    """(admin token file, read token file) of the demo's services, made once and kept private."""
+    files = work_dir / "admin-token", work_dir / "read-token"
+    for path in files:
+        if not path.exists():
+            path.write_text(secrets.token_urlsafe(32))
+            path.chmod(0o600)
+    return files
+
+
 @contextmanager
 def mixer_service(cfg: ExperimentConfig, state_dir: Path, token_file: Path, replay: float) -> Iterator[str]:
     """Start `python -m service` on a free loopback port; yield its URL; stop it on exit."""
@@ -239,7 +249,8 @@ def mixer_service(cfg: ExperimentConfig, state_dir: Path, token_file: Path, repl
     args = [sys.executable, "-m", "service", f"--dataset=en={datasets / 'en'}", f"--dataset=de={datasets / 'de'}",
             f"--weights=en={replay},de={1 - replay}", f"--seq-len={cfg.seq_len}",
             f"--global-batch={cfg.global_batch}", f"--seed={cfg.seed}", f"--state-dir={state_dir}",
-            f"--port={port}", f"--admin-token-file={token_file}"]
+            f"--port={port}", f"--admin-token-file={token_file}",
+            f"--read-token-file={token_files(cfg.work_dir)[1]}"]
     log = open(state_dir.with_suffix(".log"), "ab")
     process = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -260,8 +271,10 @@ def mixer_service(cfg: ExperimentConfig, state_dir: Path, token_file: Path, repl
         log.close()
 
 
-def served_frontier(url: str) -> int:
-    with urllib.request.urlopen(f"{url}/v1/status", timeout=5) as response:
+def served_frontier(url: str, read_token_file: Path) -> int:
+    request = urllib.request.Request(f"{url}/v1/status",
+                                     headers={"Authorization": f"Bearer {read_token_file.read_text().strip()}"})
+    with urllib.request.urlopen(request, timeout=5) as response:
         return int(json.load(response)["served_frontier"])
 
 
@@ -332,6 +345,7 @@ def continue_on_german(cfg: ExperimentConfig, spec: Phase2Run, phase1: Path, tok
                 ["--continue-schedule", f"--decay-steps={cfg.anneal_steps(cfg.phase2_steps)}"])
     with mixer_service(cfg, state_dir, token_file, spec.replay) as url:
         args = [*trainer_args(cfg, out, cfg.phase2_steps, ["en", "de"]), f"--stream={url}",
+                f"--stream-token-file={token_files(cfg.work_dir)[1]}",
                 f"--init-from={phase1 / CHECKPOINT_DIR / named_checkpoint(cfg.phase1_anneal_start)}",
                 f"--extension-report={cfg.work_dir / 'tokenizers' / 'en+de.report.json'}", *schedule]
         if spec.switch_to is not None:
@@ -340,17 +354,18 @@ def continue_on_german(cfg: ExperimentConfig, spec: Phase2Run, phase1: Path, tok
         print("$ " + " ".join(map(str, args)), flush=True)
         trainer = subprocess.Popen([str(a) for a in args], cwd=REPO)
         if spec.switch_to is not None:
-            change_replay_live(url, token_file, spec.switch_to, at_step=cfg.phase2_steps // 2, trainer=trainer,
+            change_replay_live(url, token_file, token_files(cfg.work_dir)[1], spec.switch_to,
+                               at_step=cfg.phase2_steps // 2, trainer=trainer,
                                record=out / LIVE_CHANGE_NAME)
         if trainer.wait() != 0:
             raise SystemExit(f"phase-2 run {spec.name} failed (exit {trainer.returncode})")
     return out
 
 
-def change_replay_live(url: str, token_file: Path, replay: float, at_step: int, trainer: subprocess.Popen,
-                       record: Path) -> None:
+def change_replay_live(url: str, token_file: Path, read_token_file: Path, replay: float, at_step: int,
+                       trainer: subprocess.Popen, record: Path) -> None:
     """Wait until the trainer has pulled `at_step`, then change the ratio as an operator would: curl."""
-    while served_frontier(url) < at_step:
+    while served_frontier(url, read_token_file) < at_step:
         if trainer.poll() is not None:
             return
         time.sleep(0.5)
@@ -386,10 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"{cfg.work_dir} holds a demo built with other settings (see {saved}); rerun with --fresh "
                          "to rebuild it there, or pass another --work-dir")
     saved.write_text(settings)
-    token_file = cfg.work_dir / "admin-token"
-    if not token_file.exists():
-        token_file.write_text(secrets.token_urlsafe(32))
-        token_file.chmod(0o600)
+    token_file, _ = token_files(cfg.work_dir)
 
     if not all((cfg.work_dir / "datasets" / lang / "manifest.json").exists() for lang in ("en", "de")):
         banner(f"starting a local Ray head; preprocessing is submitted to it with `ray job submit` ({cfg.work_dir})")
