@@ -42,13 +42,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     reads = "anonymous reads allowed" if access.anonymous_reads else "reads need a token"
     print(
         f"serving {served} on "
-        f"http://{config.host}:{config.port} (served frontier {status['served_frontier']}, reserved "
+        f"{'https' if config.ssl_certfile else 'http'}://{config.host}:{config.port} (served frontier {status['served_frontier']}, reserved "
         f"{status['reserved']}, mix changes from step {status['next_change_step']}, "
         f"{len(status['schedule'])} stage(s), mix {'changeable' if access.admin_token else 'read-only'}, {reads})",
         file=sys.stderr,
     )
     app = create_app(service, access)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level,
+                ssl_keyfile=config.ssl_keyfile, ssl_certfile=config.ssl_certfile)
     return 0
 
 

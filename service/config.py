@@ -25,6 +25,8 @@ class ServiceConfig:
     read_token_file: Path | None = None
     allow_anonymous_reads: bool = False
     max_lookahead: int | None = None  # None: MixService's default
+    ssl_keyfile: Path | None = None
+    ssl_certfile: Path | None = None
     verify: str = "full"
     log_level: str = "info"
 
@@ -70,6 +72,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ServiceConfig:
     parser.add_argument("--max-lookahead", type=int, metavar="STEPS",
                         help="refuse reads this many steps or more past the first unserved step (default: "
                              "max(1024, 4 x --reserve-steps)), so no reader can push every future mix change away")
+    parser.add_argument("--ssl-keyfile", type=Path, help="serve HTTPS with this private key (with --ssl-certfile)")
+    parser.add_argument("--ssl-certfile", type=Path, help="serve HTTPS with this certificate chain (with --ssl-keyfile)")
     parser.add_argument("--verify", choices=("none", "size", "full"), default="full",
                         help="dataset check at start: the sha256 of every file (default: damaged data is refused "
                              "before anything is served), or file sizes only, for a fast start on huge datasets")
@@ -92,6 +96,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ServiceConfig:
     if args.read_token_file is None and not args.allow_anonymous_reads and args.admin_token_file is None:
         parser.error("reads need a credential: give --read-token-file (the token trainer ranks send), or "
                      "--allow-anonymous-reads on a machine only you can reach")
+    if (args.ssl_keyfile is None) != (args.ssl_certfile is None):
+        parser.error("--ssl-keyfile and --ssl-certfile go together: give both to serve HTTPS, or neither")
     weights = None
     if args.weights is not None:
         try:
@@ -114,6 +120,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ServiceConfig:
         read_token_file=args.read_token_file,
         allow_anonymous_reads=args.allow_anonymous_reads,
         max_lookahead=args.max_lookahead,
+        ssl_keyfile=args.ssl_keyfile,
+        ssl_certfile=args.ssl_certfile,
         verify=args.verify,
         log_level=args.log_level,
     )

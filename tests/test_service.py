@@ -415,3 +415,29 @@ def test_state_dir_refuses_a_damaged_frontier_or_log_and_drops_a_torn_last_entry
         MixService(datasets, config, tmp_path / "other", weights, reserve_steps=0)
     with pytest.raises(StateError, match="give the initial mix"):
         MixService(datasets, config, tmp_path / "third")
+
+
+def test_https_with_a_key_and_certificate(tmp_path, two_datasets):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    port = free_port()
+    args = service_args(two_datasets, tmp_path / "state", None, "old=1,new=1")
+    proc = subprocess.Popen([sys.executable, "-m", "service", *args, "--port", str(port), "--log-level", "warning",
+                             f"--ssl-keyfile={key}", f"--ssl-certfile={cert}"], cwd=REPO)
+    try:
+        with httpx.Client(verify=str(cert), headers=reader.headers, timeout=5) as https:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    response = https.get(f"https://127.0.0.1:{port}/v1/batches/0")
+                    break
+                except httpx.TransportError:
+                    assert proc.poll() is None and time.monotonic() < deadline, "the HTTPS service did not come up"
+                    time.sleep(0.2)
+            assert response.status_code == 200 and decode_batch(response.content).tokens.shape == (8, 17)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert refused_start([*args, f"--ssl-keyfile={key}"]).returncode == 2

@@ -225,8 +225,11 @@ def test_bad_flags_are_refused_with_the_reason(tmp_path, datasets, capsys):
         parse_args(["--out", str(tmp_path), "--stream", "http://x", f"--dataset=en={datasets['en']}"])
     assert "not both or neither" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        parse_args(args_for(datasets, tmp_path, "--weights", "fr=1"))
-    assert "--weights names ['fr']" in capsys.readouterr().err
+        parse_args(args_for(datasets, tmp_path, "--weights", "fr=1,en=1,de=1"))
+    assert "--weights: unknown dataset(s) ['fr']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a dataset left out is not a weight of 0
+        parse_args(args_for(datasets, tmp_path, "--weights", "en=1"))
+    assert "--weights: no weight for ['de'] (give 0" in capsys.readouterr().err
     assert main(args_for(datasets, tmp_path / "r", "--resume")) == 2
     assert "nothing to resume" in capsys.readouterr().err
 

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+from service.schedule import ScheduleError, check_weight_names
 from trainer.model import MODEL_SIZES
 from trainer.schedules import SCHEDULES, ScheduleConfig
 
@@ -227,9 +228,11 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         parser.error(str(e))
     if bool(datasets) == bool(args.stream):
         parser.error("give either --dataset NAME=PATH (one or more) or --stream URL, not both or neither")
-    unknown = set(args.weights) - set(datasets)
-    if unknown:
-        parser.error(f"--weights names {sorted(unknown)} that no --dataset defines ({sorted(datasets)})")
+    if args.weights and datasets:
+        try:
+            check_weight_names(args.weights, datasets, "--weights")
+        except ScheduleError as e:
+            parser.error(str(e))
     if args.stream_token_file is not None and not args.stream:
         parser.error("--stream-token-file needs --stream")
     if args.stream_read_ahead is not None and (not args.stream or args.stream_read_ahead < 1):
