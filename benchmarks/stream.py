@@ -189,7 +189,7 @@ def rate(make_batches, steps: int, warmup: int = 5) -> float:
 def in_process_batches(paths: dict[str, Path], chunk: int = 1):
     """The mixer's batches in step order, computed `chunk` steps per call."""
     from service.mixer import Mixer, MixerConfig
-    from service.schedule import MixSchedule
+    from service.mix_schedule import MixSchedule
 
     import torch
 
@@ -294,7 +294,7 @@ class ServiceRun:
 
 def random_access_ratio(paths: dict[str, Path], repeats: int = 50) -> float:
     from service.mixer import Mixer, MixerConfig
-    from service.schedule import MixSchedule, Stage
+    from service.mix_schedule import MixSchedule, Stage
 
     schedule = MixSchedule.constant(WEIGHTS)
     for i in range(1, 100):

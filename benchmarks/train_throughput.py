@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.config import DataConfig  # noqa: E402
+from trainer.train_config import DataConfig  # noqa: E402
 from trainer.data import open_source  # noqa: E402
 from trainer.model import GPT, MODEL_SIZES, config_for  # noqa: E402
 from trainer.train import autocast_for, train_step  # noqa: E402

@@ -9,13 +9,13 @@ import uvicorn
 
 from pipeline.dataset import DatasetError, TokenDataset
 from service.app import Access, create_app
-from service.config import ServiceConfig, parse_args
-from service.core import MixService
+from service.service_config import ServiceConfig, parse_args
+from service.mix_service import MixService
 from service.mixer import MixerConfig
-from service.schedule import ScheduleError
+from service.mix_schedule import ScheduleError
 from service.state import StateError
 from service.tokens import read_token
-from service.vocab import VocabularyError
+from service.vocabulary import VocabularyError
 
 
 def build_service(config: ServiceConfig) -> MixService:

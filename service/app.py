@@ -39,10 +39,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 
-from service.core import MixConflict, MixService, NoSuchStage, TooFarAhead
-from service.metrics import RequestMetrics
+from service.mix_service import MixConflict, MixService, NoSuchStage, TooFarAhead
+from service.prometheus_metrics import RequestMetrics
 from service.mixer import Batch
-from service.schedule import ScheduleError
+from service.mix_schedule import ScheduleError
 from service.wire import MEDIA_TYPE, batch_to_json, encode_batches, token_width
 
 MAX_RANGE_STEPS = 1024

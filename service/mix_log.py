@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional, Sequence
 
-from service.schedule import MixSchedule, ScheduleError, Stage
+from service.mix_schedule import MixSchedule, ScheduleError, Stage
 
 LOG_FILE = "mix_log.jsonl"
 OPS = ("stage", "cancel")

@@ -34,8 +34,8 @@ import numpy as np
 
 from pipeline.dataset import TokenDataset, TokenSplit
 from service.permutation import ROUNDS, permutation_key, permute_many, round_keys
-from service.schedule import MixSchedule, check_weight_names
-from service.vocab import check_vocabularies
+from service.mix_schedule import MixSchedule, check_weight_names
+from service.vocabulary import check_vocabularies
 
 MAX_DATASETS = 255  # a row's source is one uint8
 # The rule that assigns samples to datasets, versioned because changing it changes the bytes of every

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from service.mix_log import LOG_FILE, MixLog
-from service.schedule import MixSchedule, ScheduleError, Stage
+from service.mix_schedule import MixSchedule, ScheduleError, Stage
 
 IDENTITY_FILE, FRONTIER_FILE = "identity.json", "frontier.json"
 # The mix rule of a state dir whose identity predates `mix_rule` (see service.mixer.MIX_RULE).

@@ -11,7 +11,7 @@ import torch
 from pipeline.dataset import TokenDataset
 from service.client import StreamClient, StreamDataset, StreamError
 from service.mixer import Mixer, MixerConfig
-from service.schedule import MixSchedule
+from service.mix_schedule import MixSchedule
 from tests.test_service import READ_TOKEN, ServiceProcess, free_port, service_args
 
 

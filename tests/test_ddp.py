@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trainer.config import parse_args
-from trainer.metrics import read_metrics
+from trainer.train_config import parse_args
+from trainer.metrics_log import read_metrics
 from trainer.train import train
 
 torch.set_num_threads(1)

@@ -14,7 +14,7 @@ import pytest
 
 from trainer.experiment import PRESETS, main as experiment_main
 from trainer.experiment_report import LIVE_CHANGE_NAME
-from trainer.metrics import read_metrics
+from trainer.metrics_log import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,8 +7,8 @@ import pytest
 from sentencepiece import sentencepiece_model_pb2
 
 from service.mixer import Mixer, MixerConfig
-from service.schedule import WEIGHT_UNITS, MixSchedule, ScheduleError, Stage
-from service.vocab import VocabularyError
+from service.mix_schedule import WEIGHT_UNITS, MixSchedule, ScheduleError, Stage
+from service.vocabulary import VocabularyError
 from tests.conftest import train_spm
 
 

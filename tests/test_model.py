@@ -7,7 +7,7 @@ import torch
 
 from trainer.checkpoint import CheckpointError, load_checkpoint, model_config_of, save_checkpoint
 from trainer.model import GPT, config_for
-from trainer.vocab import ExtensionReport, ExtensionReportError, grow_vocab, pad_optimizer_state
+from trainer.embedding_growth import ExtensionReport, ExtensionReportError, grow_vocab, pad_optimizer_state
 
 
 # One intra-op thread: the models are tiny, and on a shared 2-core machine a second spinning

@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.core import MixService
+from service.mix_service import MixService
 from service.mixer import MixerConfig
 from service.mix_log import LOG_FILE
 from service.state import FRONTIER_FILE, StateError

@@ -20,7 +20,7 @@ from conftest import CYRILLIC_LETTERS, train_spm
 from pipeline.tokenizer import (
     ExtendConfig,
     TokenizerError,
-    TrainConfig,
+    TokenizerTrainConfig,
     check_ids_stable,
     extend_model,
     extend_tokenizer,
@@ -182,7 +182,7 @@ def corpora(tmp_path_factory, english_lines, german_lines):
 @pytest.fixture(scope="module")
 def trained_base(local_ray, corpora):
     folder, en, _ = corpora
-    summary = train_tokenizer(TrainConfig(inputs=(en,), out=folder / "en.model", vocab_size=200))
+    summary = train_tokenizer(TokenizerTrainConfig(inputs=(en,), out=folder / "en.model", vocab_size=200))
     return folder / "en.model", summary
 
 

@@ -10,8 +10,8 @@ import torch
 
 from tests.conftest import train_spm
 from trainer.__main__ import main
-from trainer.config import parse_args
-from trainer.metrics import read_metrics
+from trainer.train_config import parse_args
+from trainer.metrics_log import read_metrics
 from trainer.train import train
 
 # One intra-op thread: the models are tiny, and on a shared 2-core machine a second spinning

@@ -4,9 +4,9 @@ import sys
 
 from pipeline.dataset import DatasetError
 from trainer.checkpoint import CheckpointError
-from trainer.config import parse_args
+from trainer.train_config import parse_args
 from trainer.train import train
-from trainer.vocab import ExtensionReportError
+from trainer.embedding_growth import ExtensionReportError
 
 
 def main(argv: list[str] | None = None) -> int:

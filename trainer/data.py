@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from pipeline.dataset import TokenDataset, TokenSplit
-from trainer.config import DataConfig
+from trainer.train_config import DataConfig
 
 
 @dataclass
@@ -49,7 +49,7 @@ class MixerSource:
 
     def __init__(self, config: DataConfig, rank: int, world_size: int, prefetch: int = 2):
         from service.mixer import Mixer, MixerConfig
-        from service.schedule import MixSchedule
+        from service.mix_schedule import MixSchedule
 
         self.datasets = _open_datasets(config.datasets)
         self.mixer = Mixer(

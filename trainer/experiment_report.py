@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trainer.metrics import read_metrics
+from trainer.metrics_log import read_metrics
 from trainer.report import write_report as write_run_comparison
 
 if TYPE_CHECKING:

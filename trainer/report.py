@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 
-from trainer.metrics import read_metrics  # noqa: E402
+from trainer.metrics_log import read_metrics  # noqa: E402
 
 
 def _plot(path: Path, title: str, ylabel: str, series: dict[str, tuple[list[int], list[float]]], log_y: bool = False) -> None:

@@ -33,13 +33,13 @@ from trainer.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from trainer.config import RESUMABLE_FLAGS, TrainConfig, config_record, resume_differences
+from trainer.train_config import RESUMABLE_FLAGS, TrainConfig, config_record, resume_differences
 from trainer.data import BatchSource, TrainBatch, open_eval_splits, open_source
 from trainer.evaluate import Evaluator, eval_record
-from trainer.metrics import MetricsLog
+from trainer.metrics_log import MetricsLog
 from trainer.model import GPT, config_for
-from trainer.schedules import RunSchedule, build_schedule, continue_schedule
-from trainer.vocab import ExtensionReport, grow_vocab, pad_optimizer_state
+from trainer.lr_schedules import RunSchedule, build_schedule, continue_schedule
+from trainer.embedding_growth import ExtensionReport, grow_vocab, pad_optimizer_state
 
 StepHook = Callable[[int, nn.Module, TrainBatch], None]
 

@@ -86,7 +86,7 @@ def write_admin_token(path: Path) -> str:
 
 @dataclass(frozen=True)
 class ServiceSettings:
-    """The flags of one `python -m service` (see service/config.py), minus host, port and log level."""
+    """The flags of one `python -m service` (see service/service_config.py), minus host, port and log level."""
 
     datasets: dict[str, Path]
     state_dir: Path

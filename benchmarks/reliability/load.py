@@ -40,7 +40,7 @@ from benchmarks.reliability.harness import (
 )
 from pipeline.dataset import TokenDataset
 from service.mixer import Mixer, MixerConfig
-from service.schedule import MixSchedule
+from service.mix_schedule import MixSchedule
 from service.wire import MEDIA_TYPE, decode_batch
 
 

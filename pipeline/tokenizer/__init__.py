@@ -7,14 +7,14 @@ an extension's report with `load_extension_report`.
 from pipeline.tokenizer.extend import ExtendConfig, Extension, extend_model, extend_tokenizer
 from pipeline.tokenizer.model_proto import TokenizerError, check_ids_stable, load_model_proto
 from pipeline.tokenizer.report import ExtensionReport, load_extension_report, report_path
-from pipeline.tokenizer.train import TrainConfig, train_tokenizer
+from pipeline.tokenizer.train import TokenizerTrainConfig, train_tokenizer
 
 __all__ = [
     "ExtendConfig",
     "Extension",
     "ExtensionReport",
     "TokenizerError",
-    "TrainConfig",
+    "TokenizerTrainConfig",
     "check_ids_stable",
     "extend_model",
     "extend_tokenizer",

@@ -19,7 +19,7 @@ from pipeline.readers import InputError
 from pipeline.tokenizer.extend import ExtendConfig, extend_tokenizer
 from pipeline.tokenizer.model_proto import TokenizerError
 from pipeline.tokenizer.sample import HOLDOUT_FRACTION
-from pipeline.tokenizer.train import TrainConfig, train_tokenizer
+from pipeline.tokenizer.train import TokenizerTrainConfig, train_tokenizer
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -60,14 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig | ExtendConfig:
+def config_from_args(args: argparse.Namespace) -> TokenizerTrainConfig | ExtendConfig:
     common = dict(
         inputs=tuple(args.inputs), out=args.out, text_field=args.text_field, max_sample_bytes=args.max_sample_bytes,
         holdout_fraction=args.holdout_fraction, overwrite=args.overwrite, ray_address=args.ray_address,
         num_cpus=args.num_cpus,
     )
     if args.command == "train":
-        return TrainConfig(vocab_size=args.vocab_size, model_type=args.model_type, byte_fallback=args.byte_fallback,
+        return TokenizerTrainConfig(vocab_size=args.vocab_size, model_type=args.model_type, byte_fallback=args.byte_fallback,
                            character_coverage=args.character_coverage, **common)
     return ExtendConfig(base=args.base, old_inputs=tuple(args.old_inputs), new_pieces=args.new_pieces,
                         max_heldout_bytes=args.max_heldout_bytes, **common)
@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
     try:
-        if isinstance(config, TrainConfig):
+        if isinstance(config, TokenizerTrainConfig):
             train_tokenizer(config)
         else:
             extend_tokenizer(config)

@@ -28,7 +28,7 @@ MAX_SENTENCES = 3_000_000
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TokenizerTrainConfig:
     inputs: tuple[str, ...]
     out: Path
     vocab_size: int
@@ -116,7 +116,7 @@ def load_sample(
     return sample_text(documents, folder, max_train_bytes, max_heldout_bytes, estimated_bytes, holdout_fraction)
 
 
-def train_tokenizer(config: TrainConfig) -> dict:
+def train_tokenizer(config: TokenizerTrainConfig) -> dict:
     """Run the train command; returns the summary it prints."""
     if config.vocab_size <= 0:
         raise TokenizerError(f"--vocab-size {config.vocab_size}: must be positive")

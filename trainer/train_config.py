@@ -7,9 +7,9 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from service.schedule import ScheduleError, check_weight_names
+from service.mix_schedule import ScheduleError, check_weight_names
 from trainer.model import MODEL_SIZES
-from trainer.schedules import SCHEDULES, ScheduleConfig
+from trainer.lr_schedules import SCHEDULES, ScheduleConfig
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from service.schedule import WEIGHT_UNITS, MixSchedule, ScheduleError, Stage, check_weight_names, quantize_weights
+from service.mix_schedule import WEIGHT_UNITS, MixSchedule, ScheduleError, Stage, check_weight_names, quantize_weights
 
 
 def test_weights_are_normalised_and_quantised_idempotently():

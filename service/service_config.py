@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from service.schedule import check_weight_names, quantize_weights
+from service.mix_schedule import check_weight_names, quantize_weights
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from pipeline.dataset import MANIFEST_NAME, TokenDataset
-from service.metrics import ServiceMetrics
+from service.prometheus_metrics import ServiceMetrics
 from service.mixer import MIX_RULE, Batch, Mixer, MixerConfig
-from service.schedule import MixSchedule, ScheduleError, Stage, check_weight_names
+from service.mix_schedule import MixSchedule, ScheduleError, Stage, check_weight_names
 from service.state import StateDir, StateError
 
 

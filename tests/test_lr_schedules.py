@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from trainer.config import parse_args
-from trainer.schedules import (
+from trainer.train_config import parse_args
+from trainer.lr_schedules import (
     CosineSchedule,
     InfiniteSchedule,
     RunSchedule,
