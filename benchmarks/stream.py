@@ -278,7 +278,7 @@ class ServiceRun:
         client = StreamClient(self.url, retry_for=60)
         try:
             for batch in client:
-                yield batch.tokens
+                yield torch.from_numpy(batch.tokens)
         finally:
             client.close()
 

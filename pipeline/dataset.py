@@ -28,9 +28,13 @@ class DatasetError(Exception):
     """A dataset on disk is missing, damaged or inconsistent; the message names the file."""
 
 
+# The two token widths, on disk and on the wire alike: the one authority for how tokens are stored.
+TOKEN_DTYPES = (np.dtype("<u2"), np.dtype("<u4"))
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 when every id fits, else uint32: half the disk and page cache for vocabularies <= 65536."""
-    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+    return TOKEN_DTYPES[0] if vocab_size <= 1 << 16 else TOKEN_DTYPES[1]
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:

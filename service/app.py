@@ -15,15 +15,10 @@ Access: reads (batches, mix, status) need the read token or the admin token as a
 the service runs with --allow-anonymous-reads; changes need the admin token. Anonymous callers never
 see paths on the server's disk.
 
-Frontiers in /v1/status and /v1/mix: `served_frontier` is one more than the largest step requested
-(what a trainer has pulled, prefetch included); `reserved` is the durable bound no served step has
-reached (moved `reserve_steps` ahead at a time, see state.py); `next_change_step` is the earliest
-start_step a mix change accepts, and where a change without start_step lands: past every step served
-and every stage scheduled. After a kill -9 the steps up to the reservation the killed process left
-count as served, so a change may then take effect up to `reserve_steps` steps later than the frontier
-a trainer reached. A read more than `max_lookahead` steps past the first unserved step is refused (409)
-and moves nothing, so no reader can push the frontier, and with it every change, out of reach.
-Steps are idempotent: the same request returns the same bytes, also after a restart, so retries are safe.
+The app talks to one object, `MixService`; the frontiers it reports (`served_frontier`, `reserved`,
+`next_change_step`) are defined in state.py and mix_service.py. A read more than `max_lookahead` steps
+past the first unserved step is refused (409) and moves nothing. Steps are idempotent: the same request
+returns the same bytes, also after a restart, so retries are safe.
 """
 
 from __future__ import annotations
@@ -39,14 +34,12 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 
-from service.mix_service import MixConflict, MixService, NoSuchStage, TooFarAhead
+from pipeline.dataset import token_dtype
+from service.mix_service import MAX_BODY_BYTES, MixConflict, MixService, NoSuchStage, TooFarAhead
 from service.prometheus_metrics import RequestMetrics
-from service.mixer import Batch
 from service.mix_schedule import ScheduleError
-from service.wire import MEDIA_TYPE, batch_to_json, encode_batches, token_width
+from service.wire import MAX_RANGE_STEPS, MEDIA_TYPE, Batch, batch_to_json, encode_batches
 
-MAX_RANGE_STEPS = 1024
-MAX_RANGE_BYTES = 64 << 20  # one response body; bounds the memory a single request can make us hold
 LARGEST_STEP = 2**62
 
 
@@ -81,8 +74,7 @@ def create_app(service: MixService, access: Access) -> FastAPI:
     app = FastAPI(title="replaymix mixer", version="1", lifespan=lifespan)
     app.add_middleware(RequestMetrics, metrics=service.metrics)
     bearer = HTTPBearer(auto_error=False)
-    vocab_size = service.mixer.vocab_size
-    wire_dtype = "<u2" if token_width(vocab_size) == 2 else "<u4"
+    wire_dtype = token_dtype(service.vocab_size)
 
     def require_admin(credentials: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
         if credentials is None:
@@ -118,7 +110,7 @@ def create_app(service: MixService, access: Access) -> FastAPI:
             raise HTTPException(422, str(e)) from None
         if wants_json:
             return JSONResponse(batch_to_json(batches[0]) if single else {"batches": [batch_to_json(b) for b in batches]})
-        return Response(encode_batches(batches, vocab_size), media_type=MEDIA_TYPE)
+        return Response(encode_batches(batches, service.vocab_size), media_type=MEDIA_TYPE)
 
     batch_responses = {200: {"content": {MEDIA_TYPE: {}, "application/json": {}}}}
 
@@ -140,17 +132,15 @@ def create_app(service: MixService, access: Access) -> FastAPI:
         world_size: int = Query(1, ge=1),
         stride: int = Query(1, ge=1, le=LARGEST_STEP, description="steps between two batches of the range"),
     ) -> Response:
+        # JSON spends up to ~8 characters a token; budget it so, and binary at its token width.
+        wants_json = "application/json" in request.headers.get("accept", "")
         try:
-            rows = len(service.mixer.rows_of(rank, world_size))
+            fits = service.steps_per_body(rank, world_size, 8 if wants_json else wire_dtype.itemsize)
         except ValueError as e:
             raise HTTPException(422, str(e)) from None
-        # JSON spends up to ~8 characters a token; budget it so, and binary at its token width.
-        token_bytes = 8 if "application/json" in request.headers.get("accept", "") else token_width(vocab_size)
-        row_bytes = (service.mixer.config.seq_len + 1) * token_bytes + 1
-        if count * rows * row_bytes > MAX_RANGE_BYTES:
-            fits = max(1, MAX_RANGE_BYTES // (rows * row_bytes))
-            raise HTTPException(422, f"count {count}: {count} steps of {rows} rows exceed the {MAX_RANGE_BYTES >> 20} MiB "
-                                     f"a response may hold; ask for at most {fits} steps per request")
+        if count > fits:
+            raise HTTPException(422, f"count {count}: {count} steps of this rank's rows exceed the "
+                                     f"{MAX_BODY_BYTES >> 20} MiB a response may hold; ask for at most {fits} steps per request")
         return respond(request, [start + i * stride for i in range(count)], rank, world_size, single=False)
 
     @app.get("/v1/mix", dependencies=[Depends(require_reader)])

@@ -1,11 +1,14 @@
 """Trainer-side client: `StreamClient` iterates a rank's batches from the mixer service over HTTP.
 
-A background thread fetches `range_steps` steps per request (`GET /v1/batches?start=...&count=...`,
+It reads the service's status once when made (`info`), and starts fetching at the first batch taken,
+from `start_step` (or where `seek` moved it). A background thread fetches `range_steps` steps per request (`GET /v1/batches?start=...&count=...`,
 one body, see wire.py), with IN_FLIGHT requests under way on keep-alive connections (transport.py)
 so that the service computes the next range while this process decodes the last, and keeps up to
 `prefetch` batches ready. A failed request is retried with exponential backoff, which is safe
 because a step is idempotent: the server returns the same bytes for a step every time, also after a
-restart. `StreamDataset` wraps the client as a `torch.utils.data.IterableDataset` for DataLoader users.
+restart. Batches arrive in step order, checked here (step, rank and world size of every body).
+Batches are `wire.Batch` (numpy); the trainer makes tensors of them where they go to its device.
+`StreamDataset` wraps the client as a `torch.utils.data.IterableDataset` for DataLoader users.
 """
 
 from __future__ import annotations
@@ -16,31 +19,22 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
 
-from service.mixer import Batch
+from pipeline.dataset import token_dtype
 from service.transport import KeepAliveGetter, TransportError
-from service.wire import MEDIA_TYPE, WireError, decode_batch, decode_batches
-
+from service.wire import MAX_RANGE_STEPS, MEDIA_TYPE, Batch, WireError, decode_batch, decode_batches
 
 IN_FLIGHT = 2  # requests under way at once: one being computed by the service, one being decoded here
 RANGE_BYTES = 4 << 20  # default range size: as many steps as fit in this many body bytes ...
-MAX_RANGE_STEPS = 64  # ... but at most this many
+DEFAULT_RANGE_STEPS = min(64, MAX_RANGE_STEPS)  # ... but at most this many (the service allows more)
 
 
 class StreamError(RuntimeError):
     """The service refused a request (4xx) or stayed unreachable past the retry budget."""
-
-
-@dataclass(frozen=True)
-class StreamBatch:
-    step: int
-    tokens: torch.Tensor  # (rows, seq_len + 1) int64
-    sources: torch.Tensor  # (rows,) uint8, index into dataset_names
-    dataset_names: tuple[str, ...]
 
 
 class StreamClient:
@@ -62,14 +56,15 @@ class StreamClient:
         """Batches for steps start_step, start_step + step_stride, ... (until stop_step, exclusive).
 
         Steps are requested `range_steps` at a time (default: what fits in RANGE_BYTES, at most
-        MAX_RANGE_STEPS) and up to `prefetch` of them wait decoded, so the service counts up to about
+        DEFAULT_RANGE_STEPS) and up to `prefetch` of them wait decoded, so the service counts up to about
         prefetch + IN_FLIGHT * range_steps steps beyond the consumer as served.
         `retry_for` is how long (seconds) one request may keep failing on connection errors or 5xx
         before the iterator raises StreamError. `token` is the service's read token (sent as a bearer
         token), None where it allows anonymous reads.
         """
-        if prefetch < 1 or step_stride < 1 or (range_steps is not None and range_steps < 1):
-            raise ValueError(f"prefetch {prefetch}, step_stride {step_stride} and range_steps {range_steps} must be >= 1")
+        if prefetch < 1 or step_stride < 1 or (range_steps is not None and not 1 <= range_steps <= MAX_RANGE_STEPS):
+            raise ValueError(f"prefetch {prefetch} and step_stride {step_stride} must be >= 1, range_steps "
+                             f"{range_steps} in [1, {MAX_RANGE_STEPS}]")
         self._http = KeepAliveGetter(url, timeout, token)
         self.url = self._http.url
         self.rank, self.world_size = rank, world_size
@@ -79,10 +74,20 @@ class StreamClient:
         self.info: dict = json.loads(self._get("/v1/status"))
         if range_steps is None:
             rows = max(1, self.info["global_batch"] // world_size)
-            range_steps = max(1, min(MAX_RANGE_STEPS, RANGE_BYTES // (rows * (self.info["seq_len"] + 1) * 2)))
+            row_bytes = (self.info["seq_len"] + 1) * token_dtype(self.info["vocab_size"]).itemsize
+            range_steps = max(1, min(DEFAULT_RANGE_STEPS, RANGE_BYTES // (rows * row_bytes)))
         self.range_steps = range_steps
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self._jobs: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def seek(self, step: int) -> None:
+        """Start at `step` instead of start_step; only before the first batch is taken."""
+        if self._thread is not None:
+            raise RuntimeError("seek: the client is already fetching; make a new StreamClient to start elsewhere")
+        self.next_step = step
+
+    def _start(self) -> None:
         # Daemon threads (a ThreadPoolExecutor's are joined at exit, which a retrying request delays).
         for i in range(IN_FLIGHT):
             threading.Thread(target=self._fetch_worker, name=f"stream-fetch-{i}", daemon=True).start()
@@ -108,7 +113,7 @@ class StreamClient:
             raise StreamError(f"GET {self.url}{path} {params or ''}: HTTP {status}: {bytes(body[:500]).decode(errors='replace')}")
         return body
 
-    def fetch(self, step: int) -> StreamBatch:
+    def fetch(self, step: int) -> Batch:
         """One step's batch for this rank, synchronously (with retries)."""
         body = self._get(f"/v1/batches/{step}", {"rank": self.rank, "world_size": self.world_size}, MEDIA_TYPE)
         try:
@@ -116,7 +121,7 @@ class StreamClient:
         except WireError as e:
             raise StreamError(f"GET {self.url}/v1/batches/{step}: {e}") from e
 
-    def fetch_range(self, start: int, count: int) -> list[StreamBatch]:
+    def fetch_range(self, start: int, count: int) -> list[Batch]:
         """Steps start, start + step_stride, ... (count of them) in one request (with retries)."""
         params = {"start": start, "count": count, "stride": self.step_stride, "rank": self.rank, "world_size": self.world_size}
         body = self._get("/v1/batches", params, MEDIA_TYPE)
@@ -128,13 +133,13 @@ class StreamClient:
             raise StreamError(f"GET {self.url}/v1/batches {params}: {len(batches)} steps in the body, expected {count}")
         return [self._checked(batch, start + i * self.step_stride) for i, batch in enumerate(batches)]
 
-    def _checked(self, batch: Batch, step: int) -> StreamBatch:
+    def _checked(self, batch: Batch, step: int) -> Batch:
         if (batch.step, batch.rank, batch.world_size) != (step, self.rank, self.world_size):
             raise StreamError(
                 f"{self.url}: asked for step {step} of rank {self.rank}/{self.world_size}, got step {batch.step} "
                 f"of rank {batch.rank}/{batch.world_size}"
             )
-        return StreamBatch(batch.step, torch.from_numpy(batch.tokens), torch.from_numpy(batch.sources), batch.dataset_names)
+        return batch
 
     def _ranges(self) -> Iterator[tuple[int, int]]:
         """(start, count) of each request, in order, up to stop_step."""
@@ -188,12 +193,14 @@ class StreamClient:
                 continue
         return False
 
-    def __iter__(self) -> Iterator[StreamBatch]:
+    def __iter__(self) -> Iterator[Batch]:
         return self
 
-    def __next__(self) -> StreamBatch:
+    def __next__(self) -> Batch:
         if self._closed.is_set():
             raise StopIteration
+        if self._thread is None:
+            self._start()
         item = self._queue.get()
         if item is None:
             raise StopIteration
@@ -204,9 +211,10 @@ class StreamClient:
 
     def close(self) -> None:
         self._closed.set()  # a request still retrying gives up at its next attempt
-        for _ in range(IN_FLIGHT):
-            self._jobs.put(None)
-        self._thread.join(timeout=5)
+        if self._thread is not None:
+            for _ in range(IN_FLIGHT):
+                self._jobs.put(None)
+            self._thread.join(timeout=5)
         self._http.close()
 
     def __enter__(self) -> "StreamClient":
@@ -217,7 +225,8 @@ class StreamClient:
 
 
 class StreamDataset(torch.utils.data.IterableDataset):
-    """For `DataLoader(StreamDataset(url, ...), batch_size=None)`: yields (tokens, sources) per step.
+    """For `DataLoader(StreamDataset(url, ...), batch_size=None)`: yields (tokens, sources) per step,
+    which the DataLoader turns into tensors.
 
     With DataLoader workers, worker w of n takes steps start_step + w, start_step + w + n, ...; the
     DataLoader's in-order collection then yields steps in order.
@@ -228,7 +237,7 @@ class StreamDataset(torch.utils.data.IterableDataset):
         self.url, self.rank, self.world_size = url, rank, world_size
         self.start_step, self.stop_step, self.prefetch, self.token = start_step, stop_step, prefetch, token
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         worker = torch.utils.data.get_worker_info()
         offset, stride = (worker.id, worker.num_workers) if worker is not None else (0, 1)
         client = StreamClient(self.url, self.rank, self.world_size, self.start_step + offset, self.prefetch,

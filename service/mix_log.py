@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional, Sequence
 
+from service.integers import is_integer
 from service.mix_schedule import MixSchedule, ScheduleError, Stage
 
 LOG_FILE = "mix_log.jsonl"
@@ -57,7 +58,7 @@ class LogEntry:
             raise ScheduleError(f"{where}: expected an object with op in {OPS}, got {data!r}")
         stage = Stage.from_json(data["stage"], f"{where}.stage") if data["op"] == "stage" else None
         start_step = data.get("start_step") if data["op"] == "cancel" else None
-        if data["op"] == "cancel" and (not isinstance(start_step, int) or isinstance(start_step, bool)):
+        if data["op"] == "cancel" and not is_integer(start_step):
             raise ScheduleError(f"{where}.start_step: {start_step!r}; a cancel names the start step of a stage")
         return cls(data.get("seq"), data.get("time"), data.get("by"), data["op"], stage, start_step, data.get("reason"))
 

@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
+from service.integers import check_integer
+
 WEIGHT_UNITS = 10_000
 
 
@@ -88,8 +90,7 @@ class Stage:
     weights: dict[str, float]
 
     def __post_init__(self) -> None:
-        if isinstance(self.start_step, bool) or not isinstance(self.start_step, int) or self.start_step < 0:
-            raise ScheduleError(f"start_step: {self.start_step!r}; it must be an integer >= 0")
+        check_integer(self.start_step, "start_step", error=ScheduleError)
         units = quantize_weights(self.weights)
         object.__setattr__(self, "weights", {name: u / WEIGHT_UNITS for name, u in units.items()})
 

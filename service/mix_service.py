@@ -5,10 +5,9 @@ Every method is safe to call from many threads. Serving step s first makes s par
 of inputs that can no longer change for s), so a crash at any point never lets a later mix change
 rewrite a step a client has seen.
 
-A mix change may start at any step that provably was never served (`unserved_from`): the next step
-after the largest one this process served, or, for what earlier runs served, the reservation they
-left (after a kill -9 up to `reserve_steps` beyond what they served; exact after a clean shutdown).
-It must also start after the last stage already scheduled: the log is append-only, and withdrawing a
+A mix change may start at any step that provably was never served (`StateDir.unserved_from`; how the
+reservation makes that cheap and crash-safe is explained once, in state.py). It must also start after
+the last stage already scheduled: the log is append-only, and withdrawing a
 stage no step has reached is its own, recorded operation (`cancel_stage`).
 """
 
@@ -23,9 +22,13 @@ import numpy as np
 
 from pipeline.dataset import MANIFEST_NAME, TokenDataset
 from service.prometheus_metrics import ServiceMetrics
-from service.mixer import MIX_RULE, Batch, Mixer, MixerConfig
+from service.mixer import MIX_RULE, Mixer, MixerConfig
+from service.integers import check_integer
 from service.mix_schedule import MixSchedule, ScheduleError, Stage, check_weight_names
 from service.state import StateDir, StateError
+from service.wire import Batch
+
+MAX_BODY_BYTES = 64 << 20  # one response body; bounds the memory a single request can make the service hold
 
 
 class MixConflict(Exception):
@@ -84,12 +87,21 @@ class MixService:
         self.state, self.identity = state, identity
         if max_lookahead is None:
             max_lookahead = max(1024, 4 * reserve_steps)
-        if isinstance(max_lookahead, bool) or not isinstance(max_lookahead, int) or max_lookahead < 1:
-            raise StateError(f"max_lookahead: {max_lookahead!r}; it must be an integer >= 1")
-        self.max_lookahead = max_lookahead
+        self.max_lookahead = check_integer(max_lookahead, "max_lookahead", 1, error=StateError)
         self.metrics = ServiceMetrics(self.mixer.names)
         self._lock = threading.Lock()
         self._update_mix_metrics()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.mixer.vocab_size
+
+    def steps_per_body(self, rank: int, world_size: int, token_bytes: int) -> int:
+        """How many of the rank's steps fit in one body of MAX_BODY_BYTES at `token_bytes` a token (at
+        least 1); ValueError for a rank or world size that does not fit the global batch."""
+        rows = len(self.mixer.rows_of(rank, world_size))
+        row_bytes = (self.mixer.config.seq_len + 1) * token_bytes + 1
+        return max(1, MAX_BODY_BYTES // (rows * row_bytes))
 
     @property
     def frontier(self) -> int:
@@ -187,7 +199,7 @@ class MixService:
         return max(self.state.unserved_from, self.state.schedule.stages[-1].start_step + 1)
 
     def _update_mix_metrics(self) -> None:
-        stage = self.mixer.schedule.stage_at(self.state.served)
+        stage = self.state.schedule.stage_at(self.state.served)
         self.metrics.set_mix(stage.weights, self.state.served)
         self.metrics.reserved.set(self.state.reserved)
 
@@ -203,7 +215,7 @@ class MixService:
         drawn = mixer.samples_before(frontier)
         epochs = mixer.epochs(frontier)
         total = sum(drawn.values())
-        stage = mixer.schedule.stage_at(frontier)
+        stage = self.state.schedule.stage_at(frontier)
         manifests = self.identity["datasets"]
         datasets = {  # keyed by name, in the mixer's order (sources index this order)
             name: {
@@ -237,5 +249,5 @@ class MixService:
             # The earliest start_step PUT /v1/mix accepts now, and where a change without one lands.
             "next_change_step": self.next_change_step(),
             "current_weights": dict(stage.weights),
-            "schedule": mixer.schedule.to_json(),
+            "schedule": self.state.schedule.to_json(),
         }

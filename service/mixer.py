@@ -33,9 +33,11 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from pipeline.dataset import TokenDataset, TokenSplit
+from service.integers import check_integer
 from service.permutation import ROUNDS, permutation_key, permute_many, round_keys
 from service.mix_schedule import MixSchedule, check_weight_names
 from service.vocabulary import check_vocabularies
+from service.wire import Batch
 
 MAX_DATASETS = 255  # a row's source is one uint8
 # The rule that assigns samples to datasets, versioned because changing it changes the bytes of every
@@ -56,22 +58,9 @@ class MixerConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for field in ("seq_len", "global_batch"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field}: {value!r}; it must be a positive integer")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed: {self.seed!r}; it must be an integer >= 0")
-
-
-@dataclass(frozen=True)
-class Batch:
-    step: int
-    rank: int
-    world_size: int
-    tokens: np.ndarray  # (rows, seq_len + 1), int64 unless asked otherwise: inputs [:, :-1], targets [:, 1:]
-    sources: np.ndarray  # (rows,) uint8, index into dataset_names
-    dataset_names: tuple[str, ...]
+        check_integer(self.seq_len, "seq_len", 1)
+        check_integer(self.global_batch, "global_batch", 1)
+        check_integer(self.seed, "seed")
 
 
 @dataclass(frozen=True)
@@ -187,15 +176,13 @@ class Mixer:
     def rows_of(self, rank: int, world_size: int) -> range:
         """The rows of the global batch that `rank` gets: a contiguous, disjoint slice."""
         B = self.config.global_batch
-        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(f"world_size: {world_size!r}; it must be a positive integer")
+        check_integer(world_size, "world_size", 1)
         if B % world_size:
             raise ValueError(
                 f"world_size: {world_size} does not divide global_batch {B}; choose a world size that "
                 f"divides it or change --global-batch"
             )
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ValueError(f"rank: {rank!r}; it must be in [0, {world_size})")
+        check_integer(rank, "rank", 0, world_size - 1)
         per_rank = B // world_size
         return range(rank * per_rank, (rank + 1) * per_rank)
 
@@ -208,8 +195,7 @@ class Mixer:
         """The rank's rows, after checking every step; ValueError naming the bad step, rank or world size."""
         rows = self.rows_of(rank, world_size)
         for step in steps:
-            if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 0 <= step <= self.max_step:
-                raise ValueError(f"step: {step!r}; it must be an integer in [0, {self.max_step}]")
+            check_integer(step, "step", 0, self.max_step)
         return rows
 
     def locate_steps(self, steps: Sequence[int], rank: int = 0, world_size: int = 1) -> tuple[np.ndarray, np.ndarray]:

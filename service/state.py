@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from service.integers import check_integer, is_integer
 from service.mix_log import LOG_FILE, MixLog
 from service.mix_schedule import MixSchedule, ScheduleError, Stage
 
@@ -64,7 +65,7 @@ def _read_frontier(path: Path) -> tuple[int, int]:
     data = _read_json(path)
     valid = (
         isinstance(data, dict)
-        and all(isinstance(data.get(k), int) and not isinstance(data.get(k), bool) and data[k] >= 0 for k in ("reserved", "served"))
+        and all(is_integer(data.get(k)) for k in ("reserved", "served"))
         and data["served"] <= data["reserved"]
     )
     if not valid:
@@ -164,5 +165,4 @@ class StateDir:
 
 
 def _check_reserve_steps(reserve_steps: int) -> None:
-    if isinstance(reserve_steps, bool) or not isinstance(reserve_steps, int) or reserve_steps < 1:
-        raise StateError(f"reserve_steps: {reserve_steps!r}; it must be an integer >= 1 (1 = fsync every new step)")
+    check_integer(reserve_steps, "reserve_steps", 1, error=StateError, hint=" (1 = fsync every new step)")

@@ -1,11 +1,12 @@
-"""The binary layout of a batch on the wire (`application/x-replaymix-batch`), and its JSON form.
+"""A batch, the one type that carries one rank's rows of one step from the mixer to the trainer, and
+its binary layout on the wire (`application/x-replaymix-batch`) and JSON form.
 
 All integers little-endian. One body holds one rank's rows of one step:
 
     offset  size             field
     0       4                magic b"RMXB"
     4       2                version (1), uint16
-    6       1                token width in bytes: 2 (vocab <= 65536) or 4, uint8
+    6       1                token width in bytes: 2 (vocab <= 65536) or 4, uint8 (pipeline.dataset.token_dtype)
     7       1                number of datasets N, uint8
     8       8                step, uint64
     16      4                rank, uint32
@@ -28,45 +29,52 @@ checked against the Content-Length. One request then carries N steps for one req
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
-from service.mixer import Batch
+from pipeline.dataset import TOKEN_DTYPES, token_dtype
 
 MEDIA_TYPE = "application/x-replaymix-batch"
 MAGIC = b"RMXB"
 VERSION = 1
 _HEADER = struct.Struct("<4sHBBQIIIII")
+MAX_RANGE_STEPS = 1024  # steps one range request may ask for (the service refuses more)
 
 
 class WireError(ValueError):
     """A body that is not a batch in this layout; the message says which field is wrong."""
 
 
-def token_width(vocab_size: int) -> int:
-    return 2 if vocab_size <= 1 << 16 else 4
+@dataclass(frozen=True)
+class Batch:
+    """One rank's rows of one step, as numpy arrays; the trainer makes torch tensors of them on its device."""
+
+    step: int
+    rank: int
+    world_size: int
+    tokens: np.ndarray  # (rows, seq_len + 1), int64 unless asked otherwise: inputs [:, :-1], targets [:, 1:]
+    sources: np.ndarray  # (rows,) uint8, index into dataset_names
+    dataset_names: tuple[str, ...]
 
 
-def _pieces(batch: Batch, width: int) -> list:
+def _pieces(batch: Batch, dtype: np.dtype) -> list:
     names = "\n".join(batch.dataset_names).encode()
     rows, row_len = batch.tokens.shape
     header = _HEADER.pack(
-        MAGIC, VERSION, width, len(batch.dataset_names), batch.step, batch.rank, batch.world_size, rows, row_len, len(names)
+        MAGIC, VERSION, dtype.itemsize, len(batch.dataset_names), batch.step, batch.rank, batch.world_size, rows,
+        row_len, len(names)
     )
-    tokens = np.ascontiguousarray(batch.tokens.astype("<u2" if width == 2 else "<u4", copy=False))
+    tokens = np.ascontiguousarray(batch.tokens.astype(dtype, copy=False))
     sources = np.ascontiguousarray(batch.sources.astype(np.uint8, copy=False))
     return [header, names, memoryview(sources).cast("B"), memoryview(tokens).cast("B")]
 
 
 def encode_batches(batches: Sequence[Batch], vocab_size: int) -> bytes:
     """The bodies of `batches` back to back (a range response), built with one copy of the tokens."""
-    width = token_width(vocab_size)
-    return b"".join(piece for batch in batches for piece in _pieces(batch, width))
-
-
-def encode_batch(batch: Batch, vocab_size: int) -> bytes:
-    return encode_batches([batch], vocab_size)
+    dtype = token_dtype(vocab_size)
+    return b"".join(piece for batch in batches for piece in _pieces(batch, dtype))
 
 
 def _decode_at(body: bytes | bytearray | memoryview, start: int) -> tuple[Batch, int]:
@@ -78,8 +86,9 @@ def _decode_at(body: bytes | bytearray | memoryview, start: int) -> tuple[Batch,
         raise WireError(
             f"magic/version {magic!r}/{version} at offset {start}; expected {MAGIC!r}/{VERSION}: not a replaymix batch"
         )
-    if width not in (2, 4):
-        raise WireError(f"token width {width} at offset {start}; expected 2 or 4")
+    widths = {dtype.itemsize: dtype for dtype in TOKEN_DTYPES}
+    if width not in widths:
+        raise WireError(f"token width {width} at offset {start}; expected one of {sorted(widths)}")
     start += _HEADER.size
     end = start + names_len + rows + rows * row_len * width
     if len(body) < end:
@@ -90,7 +99,7 @@ def _decode_at(body: bytes | bytearray | memoryview, start: int) -> tuple[Batch,
     start += names_len
     sources = np.frombuffer(body, dtype=np.uint8, count=rows, offset=start)
     start += rows
-    tokens = np.frombuffer(body, dtype="<u2" if width == 2 else "<u4", count=rows * row_len, offset=start)
+    tokens = np.frombuffer(body, dtype=widths[width], count=rows * row_len, offset=start)
     batch = Batch(step, rank, world_size, tokens.reshape(rows, row_len).astype(np.int64), sources.copy(), names)
     return batch, end
 

@@ -40,7 +40,7 @@ def _check_ranks_agree(step: int, model: torch.nn.Module, batch) -> None:
     digest = hashlib.sha256()
     for param in model.parameters():
         digest.update(param.detach().cpu().numpy().tobytes())
-    rows = [row.numpy().tobytes() for row in batch.tokens]
+    rows = [row.tobytes() for row in batch.tokens]
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, (digest.hexdigest(), rows))
     hashes = {h for h, _ in gathered}

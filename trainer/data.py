@@ -1,7 +1,7 @@
 """Batch sources: the in-process mixer or the mixer service, behind one interface.
 
-Both hand the loop `TrainBatch`es for consecutive steps from a start step, each holding this rank's rows
-of that step. Which rows a step holds is decided by the mixer from (manifests, seed, schedule, step,
+Both hand the loop `service.wire.Batch`es (numpy) for consecutive steps from a start step, each holding
+this rank's rows of that step; the loop makes tensors of them as it moves them to its device. Which rows a step holds is decided by the mixer from (manifests, seed, schedule, step,
 rank, world size) alone, so a resumed run asks for its next step and gets the bytes it would have had.
 """
 
@@ -9,22 +9,11 @@ from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import dataclass
 from typing import Iterator, Protocol
 
-import httpx
-import numpy as np
-import torch
-
 from pipeline.dataset import TokenDataset, TokenSplit
+from service.wire import Batch
 from trainer.train_config import DataConfig
-
-
-@dataclass
-class TrainBatch:
-    step: int
-    tokens: torch.Tensor  # int64 (rows, seq_len + 1): inputs are [:, :-1], targets [:, 1:]
-    sources: np.ndarray  # (rows,) index into the source's `names`
 
 
 class BatchSource(Protocol):
@@ -33,7 +22,7 @@ class BatchSource(Protocol):
     seq_len: int
     global_batch: int
 
-    def batches(self, start_step: int) -> Iterator[TrainBatch]: ...
+    def batches(self, start_step: int) -> Iterator[Batch]: ...
 
     def validation_splits(self) -> dict[str, TokenSplit]: ...
 
@@ -63,18 +52,14 @@ class MixerSource:
         self.rank, self.world_size, self.prefetch = rank, world_size, prefetch
         self._stop = threading.Event()
 
-    def _make(self, step: int) -> TrainBatch:
-        batch = self.mixer.batch(step, rank=self.rank, world_size=self.world_size)
-        return TrainBatch(step, torch.from_numpy(np.asarray(batch.tokens, dtype=np.int64)), np.asarray(batch.sources))
-
-    def batches(self, start_step: int) -> Iterator[TrainBatch]:
+    def batches(self, start_step: int) -> Iterator[Batch]:
         ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
 
         def produce() -> None:
             step = start_step
             while not self._stop.is_set():
                 try:
-                    item: TrainBatch | BaseException = self._make(step)
+                    item: Batch | BaseException = self.mixer.batch(step, rank=self.rank, world_size=self.world_size)
                 except BaseException as e:  # handed to the loop, which raises it where it is seen
                     item = e
                 while not self._stop.is_set():
@@ -108,35 +93,19 @@ class StreamSource:
         from service.client import StreamClient
         from service.tokens import read_token
 
-        self.url, self.rank, self.world_size = config.stream_url.rstrip("/"), rank, world_size
-        read_ahead = config.stream_read_ahead
-        token = read_token(config.stream_token_file, "--stream-token-file")
-        self._client_options = {"token": token}
-        if read_ahead is not None:
-            self._client_options.update(prefetch=read_ahead, range_steps=read_ahead)
-        self._client_class = StreamClient
-        self._client = None
-        # Plain GET: a StreamClient would start prefetching steps before we know where to start.
-        try:
-            headers = {"Authorization": f"Bearer {token}"} if token else {}
-            response = httpx.get(f"{self.url}/v1/status", timeout=30.0, headers=headers)
-            response.raise_for_status()
-        except httpx.HTTPError as e:
-            raise ConnectionError(f"--stream {self.url}: GET /v1/status failed ({e}); is the service up?") from e
-        self.info = response.json()
+        options = {"token": read_token(config.stream_token_file, "--stream-token-file")}
+        if config.stream_read_ahead is not None:
+            options.update(prefetch=config.stream_read_ahead, range_steps=config.stream_read_ahead)
+        # Made now for the service's status; it fetches no batch before the first is taken.
+        self._client = StreamClient(config.stream_url, rank=rank, world_size=world_size, **options)
+        self.info = self._client.info
         self.names = list(self.info["datasets"])
         self.vocab_size = int(self.info["vocab_size"])
         self.seq_len, self.global_batch = int(self.info["seq_len"]), int(self.info["global_batch"])
 
-    def batches(self, start_step: int) -> Iterator[TrainBatch]:
-        self._client = self._client_class(self.url, rank=self.rank, world_size=self.world_size, start_step=start_step,
-                                          **self._client_options)
-        expected = start_step
-        for item in self._client:
-            if item.step != expected:
-                raise RuntimeError(f"{self.url}: the service sent step {item.step} where step {expected} was due")
-            yield TrainBatch(item.step, item.tokens.long(), item.sources.numpy())
-            expected += 1
+    def batches(self, start_step: int) -> Iterator[Batch]:
+        self._client.seek(start_step)
+        return iter(self._client)
 
     def validation_splits(self) -> dict[str, TokenSplit]:
         """The val splits of the service's datasets, opened from the paths it reports (a shared filesystem)."""
@@ -144,8 +113,7 @@ class StreamSource:
         return {name: dataset.val for name, dataset in _open_datasets(paths).items()}
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
+        self._client.close()
 
 
 def open_source(config: DataConfig, rank: int, world_size: int) -> BatchSource:

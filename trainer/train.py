@@ -34,14 +34,15 @@ from trainer.checkpoint import (
     save_checkpoint,
 )
 from trainer.train_config import RESUMABLE_FLAGS, TrainConfig, config_record, resume_differences
-from trainer.data import BatchSource, TrainBatch, open_eval_splits, open_source
+from service.wire import Batch
+from trainer.data import BatchSource, open_eval_splits, open_source
 from trainer.evaluate import Evaluator, eval_record
 from trainer.metrics_log import MetricsLog
 from trainer.model import GPT, config_for
 from trainer.lr_schedules import RunSchedule, build_schedule, continue_schedule
 from trainer.embedding_growth import ExtensionReport, grow_vocab, pad_optimizer_state
 
-StepHook = Callable[[int, nn.Module, TrainBatch], None]
+StepHook = Callable[[int, nn.Module, Batch], None]
 
 
 @dataclass(frozen=True)
@@ -289,7 +290,7 @@ def _run(config: TrainConfig, source: BatchSource, dist_info: Distributed, devic
     for step in range(state.start_step, config.steps):
         wait_started = time.perf_counter()
         batch = next(batches)
-        tokens = batch.tokens.to(device, non_blocking=True)
+        tokens = torch.from_numpy(batch.tokens).to(device, non_blocking=True)
         stats.record(time.perf_counter() - wait_started, tokens_per_step)
 
         lr = state.schedule(step)

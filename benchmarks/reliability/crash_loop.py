@@ -101,7 +101,7 @@ class Consumer(threading.Thread):
                 for batch in client:
                     if batch.step != self.last_step + 1:
                         raise RuntimeError(f"rank {self.rank}: step {batch.step} after {self.last_step}")
-                    self.received[batch.step] = (batch.tokens.numpy(), batch.sources.numpy())
+                    self.received[batch.step] = (batch.tokens, batch.sources)
                     self.last_step = batch.step
                     if self.stop.is_set():
                         return
