@@ -54,6 +54,7 @@ from pipeline.dataset import (  # noqa: E402
     token_dtype,
     write_shard,
 )
+from service.launcher import ServiceProcess  # noqa: E402
 
 SEQ_LEN, GLOBAL_BATCH, WEIGHTS = 2048, 8, {"old": 0.25, "new": 0.75}
 ROW = SEQ_LEN + 1
@@ -264,13 +265,12 @@ class ServiceRun:
     def __init__(self, paths: dict[str, Path], work: Path, label: str):
         state = work / f"state-{label}"
         shutil.rmtree(state, ignore_errors=True)
-        port = 8700 + len(label)
-        self.url = f"http://127.0.0.1:{port}"
         old = paths["old10x" if label == "10x" else "old"]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service", f"--dataset=old={old}", f"--dataset=new={paths['new']}",
-             "--weights=old=0.25,new=0.75", f"--seq-len={SEQ_LEN}", f"--global-batch={GLOBAL_BATCH}",
-             f"--state-dir={state}", f"--port={port}", "--log-level=warning", "--allow-anonymous-reads"], cwd=REPO)
+        self.service = ServiceProcess(
+            [f"--dataset=old={old}", f"--dataset=new={paths['new']}", "--weights=old=0.25,new=0.75",
+             f"--seq-len={SEQ_LEN}", f"--global-batch={GLOBAL_BATCH}", f"--state-dir={state}",
+             "--allow-anonymous-reads"], log=work / f"service-{label}.log").start()
+        self.url = self.service.url
 
     def batches(self):
         from service.client import StreamClient
@@ -284,12 +284,12 @@ class ServiceRun:
 
     def memory(self) -> tuple[int, int]:
         """(VmRSS, RssAnon) in bytes."""
-        fields = dict(line.split(":", 1) for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines())
+        status = Path(f"/proc/{self.service.proc.pid}/status").read_text()
+        fields = dict(line.split(":", 1) for line in status.splitlines())
         return int(fields["VmRSS"].split()[0]) * 1024, int(fields["RssAnon"].split()[0]) * 1024
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait()
+        self.service.stop()
 
 
 def random_access_ratio(paths: dict[str, Path], repeats: int = 50) -> float:

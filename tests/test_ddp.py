@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -16,17 +15,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from service.launcher import free_port
 from trainer.train_config import parse_args
 from trainer.metrics_log import read_metrics
 from trainer.train import train
 
 torch.set_num_threads(1)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _flags(datasets: dict[str, str], out: Path) -> list[str]:
@@ -66,7 +60,7 @@ def test_two_gloo_ranks_train_like_one_process(tmp_path, token_dataset_factory, 
     german = token_dataset_factory("de", german_lines[:300], english_model, german_lines[1900:])
     datasets = {"en": str(english.root), "de": str(german.root)}
 
-    mp.spawn(_worker, args=(2, _free_port(), _flags(datasets, tmp_path / "ddp")), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), _flags(datasets, tmp_path / "ddp")), nprocs=2, join=True)
     train(parse_args(_flags(datasets, tmp_path / "single")))
 
     def records(run: str, kind: str) -> list[dict]:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
+from service.launcher import ServiceProcess, free_port
 from service.mix_service import MixService
 from service.mixer import MixerConfig
 from service.mix_log import LOG_FILE
@@ -26,54 +24,6 @@ TOKEN = "s3cret-admin-token-for-tests"
 READ_TOKEN = "read-token-of-the-trainer-ranks"
 # What trainer ranks use: every read carries the read token.
 reader = httpx.Client(headers={"Authorization": f"Bearer {READ_TOKEN}"}, timeout=30)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServiceProcess:
-    """`python -m service` in a subprocess on a free loopback port."""
-
-    def __init__(self, args: list[str], port: int):
-        self.args, self.port = args, port
-        self.url = f"http://127.0.0.1:{port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, wait: bool = True) -> "ServiceProcess":
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service", *self.args, "--port", str(self.port), "--log-level", "warning"],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )
-        if wait:
-            self.wait_ready()
-        return self
-
-    def wait_ready(self, limit: float = 60.0) -> None:
-        deadline = time.monotonic() + limit
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"service exited {self.proc.returncode}: {self.proc.stdout.read().decode()}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.1)
-        raise RuntimeError("service did not become ready")
-
-    def kill9(self) -> None:
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill9()
 
 
 def service_args(datasets: dict[str, Path], state_dir: Path, token_file: Path | None, weights: str | None,
@@ -422,22 +372,20 @@ def test_https_with_a_key_and_certificate(tmp_path, two_datasets):
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
                     "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
                    check=True, capture_output=True)
-    port = free_port()
     args = service_args(two_datasets, tmp_path / "state", None, "old=1,new=1")
-    proc = subprocess.Popen([sys.executable, "-m", "service", *args, "--port", str(port), "--log-level", "warning",
-                             f"--ssl-keyfile={key}", f"--ssl-certfile={cert}"], cwd=REPO)
+    # Started without waiting: /healthz answers over HTTPS only, so the wait is for an HTTPS batch instead.
+    proc = ServiceProcess([*args, f"--ssl-keyfile={key}", f"--ssl-certfile={cert}"]).start(wait=False)
     try:
         with httpx.Client(verify=str(cert), headers=reader.headers, timeout=5) as https:
             deadline = time.monotonic() + 60
             while True:
                 try:
-                    response = https.get(f"https://127.0.0.1:{port}/v1/batches/0")
+                    response = https.get(f"https://127.0.0.1:{proc.port}/v1/batches/0")
                     break
                 except httpx.TransportError:
-                    assert proc.poll() is None and time.monotonic() < deadline, "the HTTPS service did not come up"
+                    assert proc.proc.poll() is None and time.monotonic() < deadline, "the HTTPS service did not come up"
                     time.sleep(0.2)
             assert response.status_code == 200 and decode_batch(response.content).tokens.shape == (8, 17)
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        proc.stop()
     assert refused_start([*args, f"--ssl-keyfile={key}"]).returncode == 2

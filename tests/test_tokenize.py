@@ -7,7 +7,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import sentencepiece as spm
 from pipeline.dataset import DatasetError, TokenDataset
 from pipeline.ray_runtime import init_ray
 from pipeline.readers import InputError
+from service.launcher import free_port
 from conftest import train_spm
 from pipeline.tokenize import TokenizeConfig, main, newlines_split_words, tokenize
 from test_readers import write_all_formats
@@ -187,21 +187,15 @@ def test_killed_job_leaves_nothing_valid_and_rerun_succeeds(tmp_path, english_li
     assert stats.documents == len(english_lines) * 15 and not staging.exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_ray_job_submit_on_a_local_head(tmp_path, english_lines, english_model):
     source = write_jsonl(tmp_path / "en.jsonl", english_lines[:200])
     ray_bin = Path(sys.executable).parent / "ray"
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_port(), free_port()
     # Every port the head opens, chosen free: other Ray clusters on this machine hold the defaults.
-    ports = {flag: _free_port() for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                             "metrics-export-port", "ray-client-server-port",
-                                             "runtime-env-agent-port", "node-manager-port", "object-manager-port")}
+    ports = {flag: free_port() for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                            "metrics-export-port", "ray-client-server-port",
+                                            "runtime-env-agent-port", "node-manager-port", "object-manager-port")}
     temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)

@@ -1,24 +1,20 @@
 """What the reliability scripts share: small real datasets, and a real `python -m service` process.
 
-The service runs as a subprocess on a free 127.0.0.1 port, with its output in a log file (read back to
-count tracebacks), so that it can be killed with SIGKILL and restarted on the same state dir exactly
-as an operator's supervisor would. Datasets are written with the same helpers the test suite uses
-(`tests/conftest.py`): a SentencePiece model trained here on small English and German text, documents
-written with `pipeline.dataset`.
+The service runs as a subprocess (`service/launcher.py`) on a free 127.0.0.1 port, with its output in a
+log file (read back to count tracebacks, its tail shown when it fails to start), so that it can be
+killed with SIGKILL and restarted on the same state dir exactly as an operator's supervisor would.
+Datasets are written with the same helpers the test suite uses (`tests/conftest.py`): a SentencePiece
+model trained here on small English and German text, documents written with `pipeline.dataset`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -27,16 +23,10 @@ import httpx
 import numpy as np
 
 from pipeline.dataset import MANIFEST_NAME
+from service import launcher
 from tests.conftest import ENGLISH_WORDS, GERMAN_WORDS, make_lines, train_spm, write_token_dataset
 
 REPO = Path(__file__).resolve().parents[2]
-LOOPBACK = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
 
 
 def build_datasets(folder: Path, old_docs: int = 200, new_docs: int = 200) -> dict[str, Path]:
@@ -111,85 +101,27 @@ class ServiceSettings:
         return args
 
 
-def service_command(settings: ServiceSettings, port: int) -> list[str]:
-    return [sys.executable, "-m", "service", *settings.args(), "--host", LOOPBACK, "--port", str(port),
-            "--log-level", "warning"]
-
-
-class ServiceProcess:
-    """`python -m service` in a subprocess on a loopback port; restartable on the same state dir."""
+class ServiceProcess(launcher.ServiceProcess):
+    """The service of `settings`, its output appended to `log_path` across restarts on the same state dir."""
 
     def __init__(self, settings: ServiceSettings, log_path: Path, port: int | None = None):
-        self.settings, self.log_path = settings, Path(log_path)
-        self.port = port or free_port()
-        self.url = f"http://{LOOPBACK}:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, ready_within: float = 60.0) -> "ServiceProcess":
-        with open(self.log_path, "ab") as log:  # appended: one log across restarts
-            self.proc = subprocess.Popen(service_command(self.settings, self.port), cwd=self.settings.code_root,
-                                         stdout=log, stderr=subprocess.STDOUT)
-        self.wait_ready(ready_within)
-        return self
-
-    def wait_ready(self, limit: float) -> None:
-        deadline = time.monotonic() + limit
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"service exited with {self.proc.returncode}; log {self.log_path}:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.05)
-        raise RuntimeError(f"service not ready on {self.url} within {limit:.0f} s; log {self.log_path}")
-
-    def kill9(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill9()
-
-    def log_tail(self, chars: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
+        super().__init__(settings.args(), port, log=Path(log_path), cwd=settings.code_root)
+        self.settings = settings
 
     def tracebacks(self) -> int:
         """Unhandled exceptions the service logged (each one is a 500 or a crash)."""
-        return self.log_path.read_text(errors="replace").count("Traceback") if self.log_path.exists() else 0
-
-    def __enter__(self) -> "ServiceProcess":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        return self.output().count("Traceback")
 
 
 def try_start(settings: ServiceSettings, within: float = 60.0) -> tuple[int | None, str]:
     """Start the service once and report (exit code, output): None when it started serving instead."""
-    port = free_port()
-    proc = subprocess.Popen(
-        service_command(settings, port), cwd=settings.code_root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"http://{LOOPBACK}:{port}/healthz", timeout=2).status_code == 200:
-                proc.terminate()
-                return None, proc.communicate(timeout=10)[0]
-        except httpx.TransportError:
-            time.sleep(0.05)
-    if proc.poll() is None:
-        proc.kill()
-        return None, proc.communicate()[0]
-    return proc.returncode, proc.communicate()[0]
+    service = launcher.ServiceProcess(settings.args(), cwd=settings.code_root)
+    try:
+        service.start(ready_within=within)
+    except launcher.ServiceDidNotStart as refused:
+        return refused.exit_code, service.output()
+    service.stop()
+    return None, service.output()
 
 
 def put_mix(http: httpx.Client, token: str, weights: dict[str, float], start_step: int | None = None) -> httpx.Response:
