@@ -10,10 +10,10 @@ DEMO_ARGS ?=
 .PHONY: demo demo-quick test install manpages clean
 
 demo: install manpages
-	$(PY) -m trainer.experiment $(DEMO_ARGS)
+	$(PY) -m demo $(DEMO_ARGS)
 
 demo-quick: install manpages
-	$(PY) -m trainer.experiment --quick $(DEMO_ARGS)
+	$(PY) -m demo --quick $(DEMO_ARGS)
 
 test: install manpages
 	$(PY) -m pytest -q

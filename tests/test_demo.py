@@ -1,4 +1,4 @@
-"""The README's main job, `python -m trainer.experiment --quick`, end to end on real man pages.
+"""The README's main job, `python -m demo --quick`, end to end on real man pages.
 
 Real everything: a private Ray head taking `ray job submit`, SentencePiece trained and extended,
 Ray Data tokenization, a mixer service per run, trainer processes pulling over HTTP, a live
@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from trainer.experiment import PRESETS, main as experiment_main
-from trainer.experiment_report import LIVE_CHANGE_NAME
+from demo.experiment import main as experiment_main
+from demo.experiment_config import load_config
+from demo.experiment_report import LIVE_CHANGE_NAME
 from trainer.metrics_log import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,10 +26,10 @@ pytestmark = pytest.mark.skipif(
 
 def test_quick_demo_end_to_end(tmp_path):
     work = tmp_path / "demo"
-    completed = subprocess.run([sys.executable, "-m", "trainer.experiment", "--quick", f"--work-dir={work}"],
+    completed = subprocess.run([sys.executable, "-m", "demo", "--quick", f"--work-dir={work}"],
                                cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
-    cfg = PRESETS["quick"]
+    cfg = load_config("quick")
 
     report = (work / "report.md").read_text()
     for spec in cfg.runs:
@@ -56,7 +57,7 @@ def test_quick_demo_end_to_end(tmp_path):
     assert len({json.dumps(e["val_loss"], sort_keys=True) for e in first_evals}) == 1
 
     # A second invocation reuses everything the first built.
-    again = subprocess.run([sys.executable, "-m", "trainer.experiment", "--quick", f"--work-dir={work}"],
+    again = subprocess.run([sys.executable, "-m", "demo", "--quick", f"--work-dir={work}"],
                            cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "phase 1: pretraining" not in again.stdout
 

@@ -1,6 +1,6 @@
 """The demo's report.md: final losses, forgetting and adaptation per run, next to the paper's findings.
 
-`trainer.experiment` calls `write_report` once every run has finished; rerunning the demo rewrites it
+`demo.experiment` calls `write_report` once every run has finished; rerunning the demo rewrites it
 from the runs' metrics alone. Forgetting is the rise of the English validation loss since the phase-1
 checkpoint, adaptation the fall of the German one; the findings below the table are computed from
 those figures and set beside the same figures computed from the paper's table.
@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from demo.experiment_config import ExperimentConfig, Phase2Run
 from trainer.metrics_log import read_metrics
 from trainer.report import write_report as write_run_comparison
-
-if TYPE_CHECKING:
-    from trainer.experiment import ExperimentConfig, Phase2Run
 
 LIVE_CHANGE_NAME = "live-mix-change.json"  # the PUT /v1/mix response of the live ratio change
 

@@ -1,10 +1,11 @@
 """The main job: the paper's English -> German continual-pretraining experiment, end to end.
 
-`python -m trainer.experiment [--quick | --gpu]` (or `make demo`) drives the whole system as a user with
+`python -m demo [--quick | --gpu]` (or `make demo`) drives the whole system as a user with
 a cluster would: a local Ray head with every preprocessing step submitted by `ray job submit`, the
 mixer service over HTTP, trainer processes pulling from it, a live ratio change by `curl -X PUT`, and a
 report comparing the runs with the paper's findings. Every step checks whether its output already
-exists, so a second invocation reuses what the first built.
+exists, so a second invocation reuses what the first built. The run's sizes are a preset of
+`demo/config/` (see demo/experiment_config.py).
 """
 
 from __future__ import annotations
@@ -15,125 +16,19 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from demo.experiment_config import REPO, ExperimentConfig, Phase2Run, load_config
+from demo.experiment_report import LIVE_CHANGE_NAME, write_report
+from service.launcher import ServiceDidNotStart, ServiceProcess, free_port
 from trainer.checkpoint import CHECKPOINT_DIR, FINAL, named_checkpoint
-from trainer.experiment_report import LIVE_CHANGE_NAME, write_report
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-@dataclass(frozen=True)
-class Phase2Run:
-    """One continued-pretraining run on German, from the phase-1 checkpoint taken before the anneal."""
-
-    name: str
-    replay: float  # share of English (old) sequences in every batch
-    rewarm: bool = True  # False: continue phase 1's infinite schedule from its constant phase
-    switch_to: float | None = None  # replay set live with `curl -X PUT` halfway through the run
-
-
-@dataclass(frozen=True)
-class ExperimentConfig:
-    work_dir: Path = REPO / "runs" / "demo"
-    pages_per_language: int = 1500
-    val_fraction: float = 0.05  # held-out pages per language: the forgetting/adaptation sets
-    base_vocab: int = 4000
-    new_pieces: int = 4000
-    # Sized for about 30 minutes on 2 CPU cores: a 1M-parameter model sees ~2.5M English tokens, then each
-    # phase-2 run ~0.6M German ones. A larger model learns less in that wall time on a CPU. (1500 + 400
-    # steps took 41.9 min on a quiet 2-core machine, with the same findings.)
-    model: str = "test"
-    seq_len: int = 128
-    global_batch: int = 16
-    micro_batch: int = 16  # sequences per forward pass; the CPU runs the whole batch at once
-    phase1_steps: int = 1200
-    phase2_steps: int = 300
-    eval_every: int = 50
-    eval_batches: int = 8
-    max_lr: float = 3e-3
-    min_lr: float = 3e-4
-    device: str = "cpu"
-    seed: int = 0
-    runs: tuple[Phase2Run, ...] = (
-        Phase2Run("replay-0", 0.0),
-        Phase2Run("replay-5", 0.05),
-        Phase2Run("replay-25", 0.25),
-        Phase2Run("replay-50", 0.50),
-        Phase2Run("replay-25-no-rewarm", 0.25, rewarm=False),
-        Phase2Run("replay-5-to-25-live", 0.05, switch_to=0.25),
-    )
-    extra_trainer_args: tuple[str, ...] = field(default_factory=tuple)
-
-    def rate_args(self) -> list[str]:
-        """The peak and final rates of a fresh schedule (a continued one keeps its checkpoint's)."""
-        return [f"--max-lr={self.max_lr}", f"--min-lr={self.min_lr}"]
-
-    def infinite_schedule_args(self) -> list[str]:
-        """Phase 1's infinite schedule with the paper's split: warmup 1%, cooldown to 60%, constant to 85%,
-        anneal for the rest."""
-        steps = self.phase1_steps
-        return ["--lr-schedule=infinite", f"--warmup-steps={max(1, steps // 100)}",
-                f"--cooldown-steps={round(0.59 * steps)}", *self.rate_args()]
-
-    @staticmethod
-    def anneal_steps(steps: int) -> int:
-        """The infinite schedule's anneal: the last 15% of a run's steps (the paper's split)."""
-        return round(0.15 * steps)
-
-    @property
-    def phase1_anneal_start(self) -> int:
-        return self.phase1_steps - self.anneal_steps(self.phase1_steps)
-
-
-PRESETS = {
-    "default": ExperimentConfig(),
-    "quick": ExperimentConfig(
-        work_dir=REPO / "runs" / "demo-quick",
-        pages_per_language=150,
-        base_vocab=1000,
-        new_pieces=1000,
-        model="test",
-        seq_len=64,
-        global_batch=8,
-        micro_batch=8,
-        phase1_steps=120,
-        phase2_steps=40,
-        eval_every=20,
-        eval_batches=2,
-    ),
-    "gpu": ExperimentConfig(
-        work_dir=REPO / "runs" / "demo-gpu",
-        pages_per_language=100_000,
-        base_vocab=8000,
-        new_pieces=8000,
-        model="125m",
-        seq_len=1024,
-        global_batch=64,
-        micro_batch=16,
-        phase1_steps=4000,
-        phase2_steps=2000,
-        eval_every=200,
-        eval_batches=16,
-        max_lr=6e-4,
-        min_lr=6e-5,
-        device="cuda",
-    ),
-}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def banner(step: str) -> None:
@@ -243,32 +138,22 @@ def token_files(work_dir: Path) -> tuple[Path, Path]:
 @contextmanager
 def mixer_service(cfg: ExperimentConfig, state_dir: Path, token_file: Path, replay: float) -> Iterator[str]:
     """Start `python -m service` on a free loopback port; yield its URL; stop it on exit."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     datasets = cfg.work_dir / "datasets"
-    args = [sys.executable, "-m", "service", f"--dataset=en={datasets / 'en'}", f"--dataset=de={datasets / 'de'}",
+    args = [f"--dataset=en={datasets / 'en'}", f"--dataset=de={datasets / 'de'}",
             f"--weights=en={replay},de={1 - replay}", f"--seq-len={cfg.seq_len}",
             f"--global-batch={cfg.global_batch}", f"--seed={cfg.seed}", f"--state-dir={state_dir}",
-            f"--port={port}", f"--admin-token-file={token_file}",
-            f"--read-token-file={token_files(cfg.work_dir)[1]}"]
-    log = open(state_dir.with_suffix(".log"), "ab")
-    process = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+            f"--admin-token-file={token_file}", f"--read-token-file={token_files(cfg.work_dir)[1]}"]
+    # At the service's default log level: the log shows every request the trainer made.
+    service = ServiceProcess(args, log=state_dir.with_suffix(".log"), log_level=None)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/healthz", timeout=1)
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"the mixer service did not start; see {log.name}")
-                time.sleep(0.2)
-        print(f"mixer service up at {url} (replay {replay:.0%}), log {log.name}", flush=True)
-        yield url
+        service.start()
+    except ServiceDidNotStart as error:
+        raise SystemExit(f"the mixer service did not start: {error}") from None
+    try:
+        print(f"mixer service up at {service.url} (replay {replay:.0%}), log {service.log}", flush=True)
+        yield service.url
     finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
+        service.stop(grace=30)
 
 
 def served_frontier(url: str, read_token_file: Path) -> int:
@@ -376,14 +261,14 @@ def change_replay_live(url: str, token_file: Path, read_token_file: Path, replay
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ExperimentConfig:
-    parser = argparse.ArgumentParser(prog="python -m trainer.experiment", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.splitlines()[0])
     preset = parser.add_mutually_exclusive_group()
     preset.add_argument("--quick", action="store_true", help="a few minutes: fewer pages, a smaller model, fewer steps")
     preset.add_argument("--gpu", action="store_true", help="a 125M model on a CUDA GPU, all man pages")
     parser.add_argument("--work-dir", type=Path, help="where corpora, datasets, runs and the report go")
     parser.add_argument("--fresh", action="store_true", help="delete the work dir first instead of reusing it")
     args = parser.parse_args(argv)
-    cfg = PRESETS["quick" if args.quick else "gpu" if args.gpu else "default"]
+    cfg = load_config("quick" if args.quick else "gpu" if args.gpu else "default")
     if args.work_dir:
         cfg = replace(cfg, work_dir=args.work_dir.resolve())
     if args.fresh:
@@ -414,7 +299,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"demo done in {(time.monotonic() - started) / 60:.1f} min: {len(runs) + 1} training runs, "
           f"report {report}", flush=True)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

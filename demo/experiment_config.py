@@ -1,0 +1,99 @@
+"""What one demo run is: its phase-2 runs and its sizes, loaded by name from a file in `demo/config/`.
+
+A preset (`default`, `quick`, `gpu`) is a small Python file of assignments, one per sized field of
+ExperimentConfig, as nanoGPT's `config/` files are: read one to see what a run does, copy one to make
+another. What every preset shares (the runs, the seed, the default rates) is ExperimentConfig's own.
+"""
+
+from __future__ import annotations
+
+import runpy
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG_DIR = Path(__file__).resolve().parent / "config"
+
+
+@dataclass(frozen=True)
+class Phase2Run:
+    """One continued-pretraining run on German, from the phase-1 checkpoint taken before the anneal."""
+
+    name: str
+    replay: float  # share of English (old) sequences in every batch
+    rewarm: bool = True  # False: continue phase 1's infinite schedule from its constant phase
+    switch_to: float | None = None  # replay set live with `curl -X PUT` halfway through the run
+
+
+# Keyword-only, so the sized fields (no default: every preset gives them) keep their place in the field
+# order: a work dir's experiment.json, compared text for text, stays what earlier demos wrote.
+@dataclass(frozen=True, kw_only=True)
+class ExperimentConfig:
+    work_dir: Path
+    pages_per_language: int
+    val_fraction: float = 0.05  # held-out pages per language: the forgetting/adaptation sets
+    base_vocab: int
+    new_pieces: int
+    model: str
+    seq_len: int
+    global_batch: int
+    micro_batch: int  # sequences per forward pass
+    phase1_steps: int
+    phase2_steps: int
+    eval_every: int
+    eval_batches: int
+    max_lr: float = 3e-3
+    min_lr: float = 3e-4
+    device: str = "cpu"
+    seed: int = 0
+    runs: tuple[Phase2Run, ...] = (
+        Phase2Run("replay-0", 0.0),
+        Phase2Run("replay-5", 0.05),
+        Phase2Run("replay-25", 0.25),
+        Phase2Run("replay-50", 0.50),
+        Phase2Run("replay-25-no-rewarm", 0.25, rewarm=False),
+        Phase2Run("replay-5-to-25-live", 0.05, switch_to=0.25),
+    )
+    extra_trainer_args: tuple[str, ...] = field(default_factory=tuple)
+
+    def rate_args(self) -> list[str]:
+        """The peak and final rates of a fresh schedule (a continued one keeps its checkpoint's)."""
+        return [f"--max-lr={self.max_lr}", f"--min-lr={self.min_lr}"]
+
+    def infinite_schedule_args(self) -> list[str]:
+        """Phase 1's infinite schedule with the paper's split: warmup 1%, cooldown to 60%, constant to 85%,
+        anneal for the rest."""
+        steps = self.phase1_steps
+        return ["--lr-schedule=infinite", f"--warmup-steps={max(1, steps // 100)}",
+                f"--cooldown-steps={round(0.59 * steps)}", *self.rate_args()]
+
+    @staticmethod
+    def anneal_steps(steps: int) -> int:
+        """The infinite schedule's anneal: the last 15% of a run's steps (the paper's split)."""
+        return round(0.15 * steps)
+
+    @property
+    def phase1_anneal_start(self) -> int:
+        return self.phase1_steps - self.anneal_steps(self.phase1_steps)
+
+
+def preset_names() -> list[str]:
+    return sorted(path.stem for path in CONFIG_DIR.glob("*.py"))
+
+
+def load_config(name: str) -> ExperimentConfig:
+    """The preset `demo/config/NAME.py`: its assignments are ExperimentConfig's fields; work_dir is
+    relative to the repository."""
+    path = CONFIG_DIR / f"{name}.py"
+    if not path.is_file():
+        raise ValueError(f"no demo preset {name!r} (have: {', '.join(preset_names())})")
+    settings = {key: value for key, value in runpy.run_path(str(path)).items() if not key.startswith("_")}
+    unknown = settings.keys() - {f.name for f in fields(ExperimentConfig)}
+    if unknown:  # a misspelt name would otherwise be ignored and its field left at the default
+        raise ValueError(f"{path}: not settings of a demo run: {', '.join(sorted(unknown))}")
+    if "work_dir" in settings:
+        settings["work_dir"] = REPO / settings["work_dir"]
+    try:
+        return ExperimentConfig(**settings)
+    except TypeError as missing:  # a sized field the preset does not give
+        raise ValueError(f"{path}: {missing}") from None
