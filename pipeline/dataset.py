@@ -17,6 +17,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from pipeline.atomic_file import fsync_dir, write_atomically
+
 FORMAT_VERSION = "replaymix.tokens/1"
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.model"
@@ -192,12 +194,7 @@ def commit_dataset(staging: Path, out: Path, manifest: dict, overwrite: bool = F
     """
     staging, out = Path(staging), Path(out)
     check_output_folder(out, overwrite)
-    manifest_tmp = staging / (MANIFEST_NAME + ".tmp")
-    with open(manifest_tmp, "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(manifest_tmp, staging / MANIFEST_NAME)
+    write_atomically(staging / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True))
     if out.exists():
         # Move the old folder aside first so that `out` is never a half-deleted dataset.
         trash = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -207,7 +204,8 @@ def commit_dataset(staging: Path, out: Path, manifest: dict, overwrite: bool = F
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging, out)
-    _fsync_dir(out.parent)
+    # A folder rename, which atomic_file's file writes do not cover; the same fsync makes it durable.
+    fsync_dir(out.parent)
 
 
 def check_output_folder(out: Path, overwrite: bool = False) -> None:
@@ -231,14 +229,6 @@ def check_output_folder(out: Path, overwrite: bool = False) -> None:
             f"{out}: a non-empty folder that is not a dataset (no {MANIFEST_NAME}); it is not replaced even "
             "with --overwrite; choose another --out or empty it yourself"
         )
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class TokenSplit:

@@ -21,11 +21,11 @@ so a mix change can start no earlier than R; a clean shutdown writes R = the exa
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from pipeline.atomic_file import write_atomically
 from service.integers import check_integer, is_integer
 from service.mix_log import LOG_FILE, MixLog
 from service.mix_schedule import MixSchedule, ScheduleError, Stage
@@ -40,17 +40,7 @@ class StateError(Exception):
 
 
 def write_json_durably(path: Path, data: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_atomically(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def _read_json(path: Path) -> object:

@@ -8,7 +8,6 @@ the run's config (which --resume holds the flags to) and its learning-rate sched
 
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import asdict
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.atomic_file import atomic_writer
 from trainer.model import GPT, GPTConfig
 
 CHECKPOINT_DIR = "checkpoints"
@@ -56,12 +56,11 @@ def save_checkpoint(
     run_config: dict[str, Any],
     schedule: dict[str, Any] | None = None,
 ) -> None:
-    """Write to a temporary file and rename, so a crash mid-write never leaves a half checkpoint.
+    """Write atomically and durably (`pipeline.atomic_file`): a crash mid-write never leaves a half
+    checkpoint, and one written survives a power loss, since a run resumes from it.
 
     `schedule` is the run's `RunSchedule.record()`; without it the checkpoint can seed a new run with its own
     schedule but cannot be resumed or continued with --continue-schedule."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "model_config": asdict(model.config),
         "model": model.state_dict(),
@@ -72,9 +71,8 @@ def save_checkpoint(
         "run_config": run_config,
         "schedule": schedule,
     }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_writer(path) as f:
+        torch.save(payload, f)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -7,9 +7,10 @@ so the file always reads as one uninterrupted run. `read_metrics` is what `train
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from pipeline.atomic_file import write_atomically
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -42,9 +43,7 @@ class MetricsLog:
             self._rewrite(kept)
 
     def _rewrite(self, records: list[dict[str, Any]]) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        os.replace(tmp, self.path)
+        write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in records))
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:

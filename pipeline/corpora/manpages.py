@@ -26,6 +26,7 @@ import pyarrow as pa
 import ray
 from tqdm import tqdm
 
+from pipeline.atomic_file import atomic_writer
 from pipeline.ray_runtime import init_ray
 
 MAN_ROOT = Path("/usr/share/man")
@@ -115,30 +116,27 @@ def build_corpus(config: ManpagesConfig) -> dict:
         [{"path": str(p)} for p in pages], override_num_blocks=max(1, min(len(pages) // 16, 256))
     ).map_batches(_render_batch, fn_kwargs={"lang": config.lang}, batch_size=16, batch_format="pyarrow")
 
-    out = Path(config.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + f".partial-{os.getpid()}")
     counts = {"pages": len(pages), "written": 0, "failed": 0, "empty": 0, "bytes": 0}
     failures: list[str] = []
-    try:
-        with open(partial, "w", encoding="utf-8") as f, tqdm(total=len(pages), desc="render", unit="page") as bar:
-            for batch in rendered.iter_batches(batch_size=None, batch_format="pyarrow"):
-                for row in batch.to_pylist():
-                    error = row.pop("error")
-                    if error:
-                        counts["failed"] += 1
-                        failures.append(f"{row['path']}: {error}")
-                    elif not row["text"].strip():
-                        counts["empty"] += 1
-                    else:
-                        line = json.dumps(row, ensure_ascii=False)
-                        f.write(line + "\n")
-                        counts["written"] += 1
-                        counts["bytes"] += len(row["text"].encode("utf-8"))
-                bar.update(batch.num_rows)
-        os.replace(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)
+    # Streamed into a temporary file that replaces `out` only once every page is in it.
+    with (
+        atomic_writer(config.out, "w", encoding="utf-8") as f,
+        tqdm(total=len(pages), desc="render", unit="page") as bar,
+    ):
+        for batch in rendered.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in batch.to_pylist():
+                error = row.pop("error")
+                if error:
+                    counts["failed"] += 1
+                    failures.append(f"{row['path']}: {error}")
+                elif not row["text"].strip():
+                    counts["empty"] += 1
+                else:
+                    line = json.dumps(row, ensure_ascii=False)
+                    f.write(line + "\n")
+                    counts["written"] += 1
+                    counts["bytes"] += len(row["text"].encode("utf-8"))
+            bar.update(batch.num_rows)
     for failure in failures[:10]:
         print(f"warning: could not render {failure}", file=sys.stderr)
     counts["seconds"] = round(time.perf_counter() - started, 1)

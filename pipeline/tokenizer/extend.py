@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from pipeline.atomic_file import write_atomically
 from pipeline.dataset import sha256_file
 from pipeline.tokenizer.model_proto import (
     ModelProto,
@@ -40,7 +41,7 @@ from pipeline.tokenizer.report import (
     write_report,
 )
 from pipeline.tokenizer.sample import HOLDOUT_FRACTION, read_lines
-from pipeline.tokenizer.train import load_sample, train_sentencepiece, write_atomically
+from pipeline.tokenizer.train import load_sample, refuse_existing, train_sentencepiece
 
 # Old text may lose at most this share of its bytes per token (the bound).
 MAX_OLD_TEXT_LOSS = 0.01
@@ -195,8 +196,7 @@ def extend_tokenizer(config: ExtendConfig) -> dict:
     check_piece_count(config.new_pieces)
     report_file = report_path(config.out)
     for path in (config.out, report_file):
-        if path.exists() and not config.overwrite:
-            raise TokenizerError(f"{path}: already exists; pass --overwrite to replace it or choose another --out")
+        refuse_existing(path, config.overwrite)
     with tempfile.TemporaryDirectory(prefix="replaymix-extend-") as scratch_dir:
         scratch = Path(scratch_dir)
         new, old = (
@@ -220,7 +220,8 @@ def extend_tokenizer(config: ExtendConfig) -> dict:
         staged.write_bytes(extension.model.SerializeToString())
         report = build_report(extension, config.base, staged, new_heldout, old_heldout)
         check_old_text(report, config.out)
-        write_atomically(config.out, staged.read_bytes(), config.overwrite)
+        refuse_existing(config.out, config.overwrite)
+        write_atomically(config.out, staged.read_bytes())
     report["extended"]["path"] = str(config.out)
     report["sample"] = {
         "new_train_documents": new.train_documents,

@@ -17,6 +17,7 @@ from typing import Sequence
 
 import sentencepiece as spm
 
+from pipeline.atomic_file import write_atomically
 from pipeline.ray_runtime import init_ray
 from pipeline.readers import expand_inputs, read_documents
 from pipeline.tokenizer.model_proto import TokenizerError, load_model_proto
@@ -88,14 +89,11 @@ def _train(sentences_file: Path, vocab_size: int, model_type: str, **options: ob
     return model.getvalue()
 
 
-def write_atomically(path: Path, data: bytes, overwrite: bool) -> None:
-    """Write beside the target and rename, so a crash never leaves half a model at `path`."""
+def refuse_existing(path: Path, overwrite: bool) -> None:
+    """Refuse to replace an output without --overwrite. Checked before the work (so a refusal costs
+    nothing) and again just before writing (the file may have appeared while training ran)."""
     if path.exists() and not overwrite:
         raise TokenizerError(f"{path}: already exists; pass --overwrite to replace it or choose another --out")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def load_sample(
@@ -120,8 +118,7 @@ def train_tokenizer(config: TokenizerTrainConfig) -> dict:
     """Run the train command; returns the summary it prints."""
     if config.vocab_size <= 0:
         raise TokenizerError(f"--vocab-size {config.vocab_size}: must be positive")
-    if config.out.exists() and not config.overwrite:
-        raise TokenizerError(f"{config.out}: already exists; pass --overwrite to replace it or choose another --out")
+    refuse_existing(config.out, config.overwrite)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="replaymix-tokenizer-") as scratch:
         sample = load_sample(
@@ -135,7 +132,8 @@ def train_tokenizer(config: TokenizerTrainConfig) -> dict:
             byte_fallback=config.byte_fallback,
             character_coverage=config.character_coverage,
         )
-    write_atomically(config.out, model, config.overwrite)
+    refuse_existing(config.out, config.overwrite)
+    write_atomically(config.out, model)
     vocab = len(load_model_proto(config.out).pieces)
     summary = {
         "out": str(config.out),
