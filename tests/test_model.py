@@ -7,7 +7,8 @@ import torch
 
 from trainer.checkpoint import CheckpointError, load_checkpoint, model_config_of, save_checkpoint
 from trainer.model import GPT, config_for
-from trainer.embedding_growth import ExtensionReport, ExtensionReportError, grow_vocab, pad_optimizer_state
+from pipeline.tokenizer.report import ExtensionReport, ExtensionReportError
+from trainer.embedding_growth import grow_vocab, pad_optimizer_state
 
 
 # One intra-op thread: the models are tiny, and on a shared 2-core machine a second spinning
@@ -66,14 +67,14 @@ def write_report(path, base, extended, pieces):
 def test_growth_keeps_old_rows_and_sets_new_rows_to_means(tmp_path, tied):
     model = small_model(tied=tied)
     old_embed, old_head = model.embed.weight.detach().clone(), model.lm_head.weight.detach().clone()
-    report = ExtensionReport.load(write_report(tmp_path / "r.json", 64, 67, {64: [3, 5], 65: [7], 66: []}))
+    report = ExtensionReport.load(write_report(tmp_path / "r.json", 64, 67, {64: [3, 5], 65: [7], 66: [7, 7, 2]}))
     grow_vocab(model, report)
     assert model.config.vocab_size == 67 and model.embed.weight.shape == (67, 128)
     for weight, old in ((model.embed.weight, old_embed), (model.lm_head.weight, old_head)):
         torch.testing.assert_close(weight[:64], old)
         torch.testing.assert_close(weight[64], old[[3, 5]].mean(0))
         torch.testing.assert_close(weight[65], old[7])
-        torch.testing.assert_close(weight[66], old.mean(0))  # no segmentation: mean of all old rows
+        torch.testing.assert_close(weight[66], old[[7, 7, 2]].mean(0))  # a repeated id counts each time
     assert (model.lm_head.weight is model.embed.weight) == tied
     assert model(torch.tensor([[64, 65, 66]])).shape == (1, 3, 67)
 
@@ -99,6 +100,9 @@ def test_bad_extension_reports_are_named(tmp_path):
         ExtensionReport.load(write_report(tmp_path / "a.json", 64, 66, {64: [1]}))
     with pytest.raises(ExtensionReportError, match="outside the base vocabulary"):
         ExtensionReport.load(write_report(tmp_path / "b.json", 64, 65, {64: [70]}))
+    # `extend` always cuts a piece into at least one base id: an empty list is a damaged report.
+    with pytest.raises(ExtensionReportError, match="id 65 .*base_ids is empty"):
+        ExtensionReport.load(write_report(tmp_path / "e.json", 64, 66, {64: [1], 65: []}))
     report = ExtensionReport.load(write_report(tmp_path / "c.json", 60, 61, {60: [1]}))
     with pytest.raises(ExtensionReportError, match="base.vocab_size is 60 but the checkpoint's model has 64"):
         grow_vocab(small_model(), report)

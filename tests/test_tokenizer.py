@@ -17,22 +17,20 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from conftest import CYRILLIC_LETTERS, train_spm
-from pipeline.tokenizer import (
+from pipeline.tokenizer.__main__ import main
+from pipeline.tokenizer.extend import (
+    MAX_OLD_TEXT_LOSS,
     ExtendConfig,
-    TokenizerError,
-    TokenizerTrainConfig,
-    check_ids_stable,
+    build_report,
+    check_old_text,
     extend_model,
     extend_tokenizer,
-    load_extension_report,
-    load_model_proto,
-    train_tokenizer,
 )
-from pipeline.tokenizer.__main__ import main
-from pipeline.tokenizer.extend import MAX_OLD_TEXT_LOSS, build_report, check_old_text
-from pipeline.tokenizer.model_proto import append_pieces
+from pipeline.tokenizer.model_proto import TokenizerError, append_pieces, check_ids_stable, load_model_proto
+from pipeline.tokenizer.report import ExtensionReport
 from pipeline.tokenizer.pieces import producible
 from pipeline.tokenizer.sample import is_heldout, text_lines, write_lines
+from pipeline.tokenizer.train import TokenizerTrainConfig, train_tokenizer
 
 BASES = {
     "bpe": dict(model_type="bpe", vocab_size=200),
@@ -200,7 +198,7 @@ def test_report_matches_a_recount(trained_base, corpora, english_lines, german_l
     folder, en, de = corpora
     out = folder / "en+de.model"
     extend_tokenizer(ExtendConfig(base=base_path, inputs=(de,), old_inputs=(en,), new_pieces=120, out=out))
-    report = load_extension_report(folder / "en+de.report.json")
+    report = ExtensionReport.load(folder / "en+de.report.json")
     raw = report.raw
     base = spm.SentencePieceProcessor(model_file=str(base_path))
     extended = spm.SentencePieceProcessor(model_file=str(out))
@@ -225,12 +223,12 @@ def test_report_matches_a_recount(trained_base, corpora, english_lines, german_l
     assert raw["bytes_per_token"]["new_text"]["after"] > 1.2 * raw["bytes_per_token"]["new_text"]["before"]
     assert raw["unknown_token_rate"]["new_text"]["after"] == 0 < raw["unknown_token_rate"]["new_text"]["before"]
     assert_keeps_the_base(base_path, extended, heldout["old_text"])
-    for piece_id, piece, base_ids in report.new_pieces:
-        assert extended.id_to_piece(piece_id) == piece
-        if base.unk_id() not in base_ids:  # characters the base lacks come back as <unk>
-            assert "".join(base.id_to_piece(i) for i in base_ids) == piece
-        if piece.startswith("\u2581"):  # a word's start: the base cuts the word alone the same way
-            assert base.encode(piece[1:]) == list(base_ids), piece
+    for added in report.new_pieces:
+        assert extended.id_to_piece(added.id) == added.piece
+        if base.unk_id() not in added.base_ids:  # characters the base lacks come back as <unk>
+            assert "".join(base.id_to_piece(i) for i in added.base_ids) == added.piece
+        if added.piece.startswith("\u2581"):  # a word's start: the base cuts the word alone the same way
+            assert base.encode(added.piece[1:]) == list(added.base_ids), added.piece
 
 
 def assert_unknown_recount(report: dict, name: str, lines: list[str], base, extended) -> None:
@@ -319,7 +317,15 @@ def test_report_loader_names_the_bad_field(tmp_path):
     path.write_text(json.dumps({"base": {"vocab_size": 10}, "extended": {"vocab_size": 12}, "new_pieces": [
         {"id": 10, "piece": "ab", "base_ids": [1, 2]}, {"id": 11, "piece": "cd", "base_ids": [99]}]}))
     with pytest.raises(TokenizerError, match="id 11"):
-        load_extension_report(path)
+        ExtensionReport.load(path)
+    path.write_text(json.dumps({"base": {"vocab_size": 10}, "extended": {"vocab_size": 12}, "new_pieces": [
+        {"id": 11, "piece": "cd", "base_ids": [3]}, {"id": 10, "piece": "ab", "base_ids": [1, 2]}]}))
+    with pytest.raises(TokenizerError, match="exactly 10..11 in order"):
+        ExtensionReport.load(path)
+    path.write_text(json.dumps({"base": {"vocab_size": 10}, "extended": {"vocab_size": 11}, "new_pieces": [
+        {"id": 10, "piece": "ab", "base_ids": [1.0]}]}))
+    with pytest.raises(TokenizerError, match=r"base_ids\[\] is 1.0, not an integer"):
+        ExtensionReport.load(path)
     path.write_text("{}")
     with pytest.raises(TokenizerError, match="'base'"):
-        load_extension_report(path)
+        ExtensionReport.load(path)

@@ -1,74 +1,27 @@
 """Vocabulary growth: resize a model's embeddings to a tokenizer extended by `pipeline.tokenizer extend`.
 
 Each new piece's input (and untied output) row starts as the mean of the rows of its segmentation under
-the base tokenizer, read from the extension report; a piece without a segmentation gets the mean of all
-old rows. Old rows are copied unchanged and tied weights stay one tensor.
+the base tokenizer, read from the extension report (`pipeline.tokenizer.report.ExtensionReport.load`,
+which refuses a piece without one). Old rows are copied unchanged and tied weights stay one tensor.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
 
+from pipeline.tokenizer.report import ExtensionReport, ExtensionReportError
 from trainer.model import GPT
-
-
-class ExtensionReportError(Exception):
-    """The extension report is unreadable or does not match the checkpoint/stream; names the field."""
-
-
-@dataclass(frozen=True)
-class ExtensionReport:
-    base_vocab_size: int
-    extended_vocab_size: int
-    base_ids: dict[int, list[int]]  # new piece id -> its ids under the base tokenizer
-
-    @classmethod
-    def load(cls, path: str | Path) -> "ExtensionReport":
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-            base, extended = int(raw["base"]["vocab_size"]), int(raw["extended"]["vocab_size"])
-            pieces = {int(p["id"]): [int(i) for i in p.get("base_ids") or []] for p in raw["new_pieces"]}
-        except FileNotFoundError as e:
-            raise ExtensionReportError(f"{path}: no such file; pass the extended.report.json written by "
-                                       "`python -m pipeline.tokenizer extend`") from e
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise ExtensionReportError(
-                f"{path}: not an extension report ({type(e).__name__}: {e}); expected base.vocab_size, "
-                "extended.vocab_size and new_pieces[{id, piece, base_ids}]"
-            ) from e
-        report = cls(base, extended, pieces)
-        report.check(path)
-        return report
-
-    def check(self, where: Path | str) -> None:
-        expected = set(range(self.base_vocab_size, self.extended_vocab_size))
-        if set(self.base_ids) != expected:
-            raise ExtensionReportError(
-                f"{where}: new_pieces ids must be exactly {self.base_vocab_size}..{self.extended_vocab_size - 1}; "
-                f"missing {sorted(expected - set(self.base_ids))[:5]}, unexpected {sorted(set(self.base_ids) - expected)[:5]}"
-            )
-        for piece_id, ids in self.base_ids.items():
-            bad = [i for i in ids if not 0 <= i < self.base_vocab_size]
-            if bad:
-                raise ExtensionReportError(
-                    f"{where}: new_pieces id {piece_id}: base_ids {bad} are outside the base vocabulary "
-                    f"of {self.base_vocab_size}"
-                )
 
 
 def grown_rows(old: torch.Tensor, report: ExtensionReport) -> torch.Tensor:
     """The (extended_vocab, dim) matrix: old rows as they are, new rows the means the report prescribes."""
     new = old.new_empty(report.extended_vocab_size, old.shape[1])
     new[: report.base_vocab_size] = old
-    fallback = old.mean(dim=0)
-    for piece_id, ids in report.base_ids.items():
-        new[piece_id] = old[ids].mean(dim=0) if ids else fallback
+    for piece in report.new_pieces:
+        new[piece.id] = old[list(piece.base_ids)].mean(dim=0)
     return new
 
 

@@ -1,7 +1,8 @@
 """The extension report: what was added, how each new piece splits under the base, and what it buys.
 
-`extend` writes it as `<out stem>.report.json` beside the extended model. The trainer reads
-`new_pieces[].base_ids` to start each new embedding row as the mean of the rows of its base pieces;
+`extend` writes it as `<out stem>.report.json` beside the extended model; `ExtensionReport.load` is
+its one reader. The trainer uses `new_pieces[].base_ids` to start each new embedding row as the mean
+of the rows of its base pieces;
 `bytes_per_token` shows the effect on held-out new text and held-out old text, and
 `unknown_token_rate` the share of their tokens that are `<unk>`, which after extending should be left
 only by characters too rare for the donor's character coverage (a byte-fallback model spells those as
@@ -17,6 +18,7 @@ from typing import Sequence
 
 import sentencepiece as spm
 
+from pipeline.atomic_file import write_atomically
 from pipeline.tokenizer.model_proto import TokenizerError
 
 # Lines are encoded in batches: one call per line is slow, one huge string slower still.
@@ -82,53 +84,110 @@ def report_path(model_out: str | Path) -> Path:
     return model_out.with_name(model_out.stem + ".report.json")
 
 
+class ExtensionReportError(TokenizerError):
+    """An extension report is unreadable or malformed, or does not fit the model it is applied to; the
+    message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class AddedPiece:
+    """One appended piece as the report records it."""
+
+    id: int  # its id in the extended model
+    piece: str
+    base_ids: tuple[int, ...]  # how the base tokenizer cuts it: never empty
+
+
 @dataclass(frozen=True)
 class ExtensionReport:
-    """The parts of the report a consumer needs, read back with the fields checked."""
+    """The parts of the report a consumer needs, checked; `raw` is the whole report as written."""
 
     base_vocab_size: int
     extended_vocab_size: int
-    new_pieces: tuple[tuple[int, str, tuple[int, ...]], ...]  # (id, piece, base_ids)
+    new_pieces: tuple[AddedPiece, ...]  # ids base_vocab_size..extended_vocab_size - 1, in order
     raw: dict
 
     @property
-    def base_ids(self) -> dict[int, list[int]]:
+    def base_ids(self) -> dict[int, tuple[int, ...]]:
         """New piece id -> its ids under the base tokenizer."""
-        return {piece_id: list(ids) for piece_id, _, ids in self.new_pieces}
+        return {p.id: p.base_ids for p in self.new_pieces}
 
+    @classmethod
+    def load(cls, path: str | Path) -> "ExtensionReport":
+        """Read and check a report; raises ExtensionReportError naming the file and the bad field.
 
-def load_extension_report(path: str | Path) -> ExtensionReport:
-    """Read and check an extension report; raises TokenizerError naming the file and the bad field."""
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise TokenizerError(f"{path}: no such report; `python -m pipeline.tokenizer extend` writes it") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{path}: not valid JSON ({e}); re-run `python -m pipeline.tokenizer extend`") from e
-    try:
-        base, extended = int(raw["base"]["vocab_size"]), int(raw["extended"]["vocab_size"])
-        pieces = tuple(
-            (int(p["id"]), str(p["piece"]), tuple(int(i) for i in p["base_ids"])) for p in raw["new_pieces"]
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        raise TokenizerError(
-            f"{path}: field {e} missing or malformed; expected base.vocab_size, extended.vocab_size and "
-            "new_pieces[{id, piece, base_ids}]"
-        ) from e
-    ids = [piece_id for piece_id, _, _ in pieces]
-    if ids != list(range(base, extended)):
-        raise TokenizerError(f"{path}: new_pieces ids are not exactly {base}..{extended - 1} in order")
-    for piece_id, piece, base_ids in pieces:
-        if not base_ids or not all(0 <= i < base for i in base_ids):
-            raise TokenizerError(
-                f"{path}: new_pieces id {piece_id} ({piece!r}): base_ids {list(base_ids)} must be non-empty "
-                f"ids below the base vocabulary size {base}"
+        The one reader of the report (the tokenizer's tests and the trainer's vocabulary growth both use
+        it), with the stricter of the rules two readers once applied: new_pieces ids are exactly
+        base..extended-1, in order and each once, and every `base_ids` is a NON-EMPTY list of ids below
+        the base vocabulary size. `extend` never writes an empty one (every piece has a character, and
+        the base cuts any character into at least one id, `<unk>` or bytes), so an empty list means a
+        damaged or hand-made report; growing from it (the mean of all rows) would hide that.
+        """
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as e:
+            raise ExtensionReportError(
+                f"{path}: no such report; pass the <model>.report.json that `python -m pipeline.tokenizer extend` "
+                "wrote beside the extended model"
+            ) from e
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ExtensionReportError(
+                f"{path}: not readable as JSON ({e}); re-run `python -m pipeline.tokenizer extend`"
+            ) from e
+        try:
+            base = _integer(raw["base"]["vocab_size"], "base.vocab_size")
+            extended = _integer(raw["extended"]["vocab_size"], "extended.vocab_size")
+            pieces = tuple(
+                AddedPiece(
+                    _integer(p["id"], "new_pieces[].id"),
+                    _string(p["piece"], "new_pieces[].piece"),
+                    tuple(_integer(i, "new_pieces[].base_ids[]") for i in p["base_ids"]),
+                )
+                for p in raw["new_pieces"]
             )
-    return ExtensionReport(base, extended, pieces, raw)
+        except (KeyError, TypeError, ValueError) as e:
+            problem = f"field {e} is missing" if isinstance(e, KeyError) else f"malformed ({e})"
+            raise ExtensionReportError(
+                f"{path}: {problem}; expected base.vocab_size, extended.vocab_size and "
+                "new_pieces[{id, piece, base_ids}]"
+            ) from e
+        _check_ids(path, base, extended, [p.id for p in pieces])
+        for p in pieces:
+            if not p.base_ids:
+                raise ExtensionReportError(f"{path}: new_pieces id {p.id} ({p.piece!r}): base_ids is empty")
+            outside = [i for i in p.base_ids if not 0 <= i < base]
+            if outside:
+                raise ExtensionReportError(
+                    f"{path}: new_pieces id {p.id} ({p.piece!r}): base_ids {outside} are outside the base "
+                    f"vocabulary of {base}"
+                )
+        return cls(base, extended, pieces, raw)
+
+
+def _integer(value: object, field: str) -> int:
+    # JSON `true` is a bool, which is an int to Python; int() would quietly take floats and strings too.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{field} is {value!r}, not an integer")
+    return value
+
+
+def _string(value: object, field: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{field} is {value!r}, not a string")
+    return value
+
+
+def _check_ids(path: Path, base: int, extended: int, ids: list[int]) -> None:
+    expected = list(range(base, extended))
+    if ids != expected:
+        missing, unexpected = sorted(set(expected) - set(ids)), sorted(set(ids) - set(expected))
+        problem = (
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}" if missing or unexpected
+            else "some repeated or out of order"
+        )
+        raise ExtensionReportError(f"{path}: new_pieces ids must be exactly {base}..{extended - 1} in order; {problem}")
 
 
 def write_report(path: Path, report: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_atomically(path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
