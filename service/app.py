@@ -10,6 +10,7 @@
     GET    /v1/status   datasets, epochs, frontiers, shares served, current weights
     GET    /healthz     liveness
     GET    /metrics     Prometheus
+    GET    /docs, /redoc, /openapi.json   the API described, every endpoint, error and the binary layout
 
 Access: reads (batches, mix, status) need the read token or the admin token as a bearer token, unless
 the service runs with --allow-anonymous-reads; changes need the admin token. Anonymous callers never
@@ -31,6 +32,7 @@ from typing import Optional
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 
@@ -38,9 +40,44 @@ from pipeline.dataset import token_dtype
 from service.mix_service import MAX_BODY_BYTES, MixConflict, MixService, NoSuchStage, TooFarAhead
 from service.prometheus_metrics import RequestMetrics
 from service.mix_schedule import ScheduleError
+from service import wire
 from service.wire import MAX_RANGE_STEPS, MEDIA_TYPE, Batch, batch_to_json, encode_batches
 
 LARGEST_STEP = 2**62
+
+
+API_DESCRIPTION = f"""Replay-mixed training batches for continual pretraining. A batch is a pure function of
+(dataset manifests, seed, mix schedule, step, rank, world size); the schedule changes only at steps not
+yet served.
+
+**Access.** Send `Authorization: Bearer <token>`: the read token (or the admin token) for GETs of
+batches, mix and status, unless the service allows anonymous reads; the admin token for changes.
+
+**Binary batch** (`{MEDIA_TYPE}`), all integers little-endian:
+
+{wire.__doc__.split("All integers little-endian. One body holds one rank's rows of one step:", 1)[1]}"""
+
+# What the error answers mean, for the OpenAPI document (every error body is {{"detail": "..."}}).
+_DETAIL = {"application/json": {"schema": {"type": "object", "properties": {"detail": {"type": "string"}}}}}
+READ_ERRORS: dict = {
+    401: {"description": "no bearer token, and the service does not allow anonymous reads", "content": _DETAIL},
+    403: {"description": "a bearer token that is neither the read nor the admin token", "content": _DETAIL},
+}
+CHANGE_ERRORS: dict = {
+    401: {"description": "no bearer token", "content": _DETAIL},
+    403: {"description": "a wrong admin token, or mix changes are disabled (no --admin-token-file)", "content": _DETAIL},
+    409: {"description": "the step may have been served, or is not after the last scheduled stage", "content": _DETAIL},
+    422: {"description": "invalid weights (every dataset named, finite, >= 0, not all zero) or step", "content": _DETAIL},
+}
+BATCH_RESPONSES: dict = {
+    200: {"description": "the batch(es): binary (layout in the API description) or JSON",
+          "content": {MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
+                      "application/json": {"schema": {"type": "object"}}}},
+    **READ_ERRORS,
+    409: {"description": "a step more than max_lookahead steps past the first unserved step", "content": _DETAIL},
+    422: {"description": "a step past the largest, a rank or world size that does not fit the global batch, or "
+                         "a range larger than one body may hold", "content": _DETAIL},
+}
 
 
 @dataclass(frozen=True)
@@ -71,7 +108,9 @@ def create_app(service: MixService, access: Access) -> FastAPI:
         yield
         service.close()  # a clean shutdown records exactly what was served
 
-    app = FastAPI(title="replaymix mixer", version="1", lifespan=lifespan)
+    # The docs pages load Swagger UI and ReDoc from files shipped in the package (fastapi-offline), not a
+    # CDN, so /docs and /redoc work on an air-gapped cluster.
+    app = FastAPIOffline(title="replaymix mixer", version="1", lifespan=lifespan, description=API_DESCRIPTION)
     app.add_middleware(RequestMetrics, metrics=service.metrics)
     bearer = HTTPBearer(auto_error=False)
     wire_dtype = token_dtype(service.vocab_size)
@@ -112,18 +151,18 @@ def create_app(service: MixService, access: Access) -> FastAPI:
             return JSONResponse(batch_to_json(batches[0]) if single else {"batches": [batch_to_json(b) for b in batches]})
         return Response(encode_batches(batches, service.vocab_size), media_type=MEDIA_TYPE)
 
-    batch_responses = {200: {"content": {MEDIA_TYPE: {}, "application/json": {}}}}
-
-    @app.get("/v1/batches/{step}", responses=batch_responses, dependencies=[Depends(require_reader)])
+    @app.get("/v1/batches/{step}", responses=BATCH_RESPONSES, dependencies=[Depends(require_reader)])
     def get_batch(
         request: Request,
         step: int = Path(ge=0, le=LARGEST_STEP),
         rank: int = Query(0, ge=0),
         world_size: int = Query(1, ge=1),
     ) -> Response:
+        """The rank's rows of one step: binary (see the layout in the API description) or, with
+        `Accept: application/json`, JSON. The same request returns the same bytes, always."""
         return respond(request, [step], rank, world_size, single=True)
 
-    @app.get("/v1/batches", responses=batch_responses, dependencies=[Depends(require_reader)])
+    @app.get("/v1/batches", responses=BATCH_RESPONSES, dependencies=[Depends(require_reader)])
     def get_batches(
         request: Request,
         start: int = Query(ge=0, le=LARGEST_STEP, description="the first step"),
@@ -132,6 +171,8 @@ def create_app(service: MixService, access: Access) -> FastAPI:
         world_size: int = Query(1, ge=1),
         stride: int = Query(1, ge=1, le=LARGEST_STEP, description="steps between two batches of the range"),
     ) -> Response:
+        """Steps start, start + stride, ... (count of them) in one body: the binary bodies of the steps back
+        to back, or `{"batches": [...]}` in JSON."""
         # JSON spends up to ~8 characters a token; budget it so, and binary at its token width.
         wants_json = "application/json" in request.headers.get("accept", "")
         try:
@@ -143,12 +184,17 @@ def create_app(service: MixService, access: Access) -> FastAPI:
                                      f"{MAX_BODY_BYTES >> 20} MiB a response may hold; ask for at most {fits} steps per request")
         return respond(request, [start + i * stride for i in range(count)], rank, world_size, single=False)
 
-    @app.get("/v1/mix", dependencies=[Depends(require_reader)])
+    @app.get("/v1/mix", dependencies=[Depends(require_reader)], responses=READ_ERRORS)
     def get_mix() -> dict:
+        """The schedule (stages of start_step and weights), the log of every change (who, when, what), and
+        the frontiers: `served_frontier`, `reserved` and `next_change_step`."""
         return service.mix()
 
-    @app.put("/v1/mix", dependencies=[Depends(require_admin)])
+    @app.put("/v1/mix", dependencies=[Depends(require_admin)], responses=CHANGE_ERRORS)
     def put_mix(request: Request, change: MixChange) -> dict:
+        """Append a stage to the schedule (admin token): from `start_step` on (default: `next_change_step`,
+        past every step served and every stage scheduled) datasets are drawn at `weights`. Recorded in the
+        log, durably, before the answer."""
         try:
             stage = service.change_mix(change.weights, change.start_step, who(request, change.by), change.reason)
         except ScheduleError as e:
@@ -157,13 +203,16 @@ def create_app(service: MixService, access: Access) -> FastAPI:
             raise HTTPException(409, str(e)) from None
         return {"stage": stage.to_json(), **service.mix()}
 
-    @app.delete("/v1/mix/stages/{start_step}", dependencies=[Depends(require_admin)])
+    @app.delete("/v1/mix/stages/{start_step}", dependencies=[Depends(require_admin)],
+                responses={**CHANGE_ERRORS, 404: {"description": "no stage starts at this step"}})
     def cancel_stage(
         request: Request,
         start_step: int = Path(ge=0, le=LARGEST_STEP),
         by: str = Query("operator", max_length=200, description="who asks, for the log"),
         reason: Optional[str] = Query(None, max_length=2000, description="why, for the log"),
     ) -> dict:
+        """Withdraw the stage that starts at `start_step` (admin token), allowed only while no step at or
+        past it may have been served; recorded in the log."""
         try:
             stage = service.cancel_stage(start_step, who(request, by), reason)
         except NoSuchStage as e:
@@ -172,16 +221,21 @@ def create_app(service: MixService, access: Access) -> FastAPI:
             raise HTTPException(409, str(e)) from None
         return {"cancelled": stage.to_json(), **service.mix()}
 
-    @app.get("/v1/status")
+    @app.get("/v1/status", responses=READ_ERRORS)
     def get_status(authenticated: bool = Depends(require_reader)) -> dict:
+        """Datasets (tokens, windows, samples served, epoch, share served; their paths on the server's disk
+        for authenticated callers only), vocabulary, seq_len, global batch, seed, mix rule, frontiers,
+        current weights and the schedule."""
         return service.status(include_paths=authenticated)
 
     @app.get("/healthz")
     def healthz() -> dict:
+        """Liveness: answers while the service runs (no token needed)."""
         return {"ok": True, "served_frontier": service.frontier}
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
     def metrics() -> Response:
+        """Prometheus metrics: tokens served per dataset, mix weights, frontiers, request latency."""
         return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -21,7 +21,6 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Iterator, Optional
 
-import numpy as np
 import torch
 
 from pipeline.dataset import token_dtype
@@ -62,6 +61,14 @@ class StreamClient:
         before the iterator raises StreamError. `token` is the service's read token (sent as a bearer
         token), None where it allows anonymous reads.
         """
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None and worker.num_workers > 1 and step_stride % worker.num_workers:
+            # Each DataLoader worker runs its own copy of the dataset: all would yield every step.
+            raise StreamError(
+                f"StreamClient in DataLoader worker {worker.id} of {worker.num_workers} with step_stride "
+                f"{step_stride}: every worker would yield the same steps. Use service.client.StreamDataset, "
+                "which gives worker w the steps start + w, start + w + n, ..."
+            )
         if prefetch < 1 or step_stride < 1 or (range_steps is not None and not 1 <= range_steps <= MAX_RANGE_STEPS):
             raise ValueError(f"prefetch {prefetch} and step_stride {step_stride} must be >= 1, range_steps "
                              f"{range_steps} in [1, {MAX_RANGE_STEPS}]")
@@ -225,11 +232,12 @@ class StreamClient:
 
 
 class StreamDataset(torch.utils.data.IterableDataset):
-    """For `DataLoader(StreamDataset(url, ...), batch_size=None)`: yields (tokens, sources) per step,
-    which the DataLoader turns into tensors.
+    """The one right way to feed a DataLoader: `DataLoader(StreamDataset(url, ...), batch_size=None,
+    num_workers=n)` yields `{"step": int, "tokens": tensor, "sources": tensor}` per step, in step order.
 
     With DataLoader workers, worker w of n takes steps start_step + w, start_step + w + n, ...; the
-    DataLoader's in-order collection then yields steps in order.
+    DataLoader's in-order collection then yields steps in order. (A StreamClient wrapped in a dataset of
+    one's own would give every worker every step; the client refuses to run that way.)
     """
 
     def __init__(self, url: str, rank: int = 0, world_size: int = 1, start_step: int = 0,
@@ -237,13 +245,13 @@ class StreamDataset(torch.utils.data.IterableDataset):
         self.url, self.rank, self.world_size = url, rank, world_size
         self.start_step, self.stop_step, self.prefetch, self.token = start_step, stop_step, prefetch, token
 
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def __iter__(self) -> Iterator[dict]:
         worker = torch.utils.data.get_worker_info()
         offset, stride = (worker.id, worker.num_workers) if worker is not None else (0, 1)
         client = StreamClient(self.url, self.rank, self.world_size, self.start_step + offset, self.prefetch,
                               stop_step=self.stop_step, step_stride=stride, token=self.token)
         try:
             for batch in client:
-                yield batch.tokens, batch.sources
+                yield {"step": batch.step, "tokens": batch.tokens, "sources": batch.sources}
         finally:
             client.close()

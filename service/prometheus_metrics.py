@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.routing import Match
 
 
 class ServiceMetrics:
@@ -62,6 +63,7 @@ class RequestMetrics:
             await self.app(scope, receive, send)
             return
         started, status = time.perf_counter(), 500  # 500 unless a response starts: the app raised
+        request_scope = dict(scope)  # as it came in: mounts rewrite the shared scope's paths while routing
 
         async def send_and_note_status(message) -> None:
             nonlocal status
@@ -72,7 +74,14 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_and_note_status)
         finally:
-            route = scope.get("route")  # set by the router on the shared scope once a route matched
-            self.metrics.observe_request(
-                getattr(route, "path", "unmatched"), scope["method"], status, time.perf_counter() - started
-            )
+            route = scope.get("route")  # set on the shared scope by FastAPI's own routes once one matched
+            self.metrics.observe_request(getattr(route, "path", None) or _plain_route_path(request_scope),
+                                         scope["method"], status, time.perf_counter() - started)
+
+
+def _plain_route_path(scope) -> str:
+    """The path template of a Starlette route (the OpenAPI document, the docs' static files), which does
+    not mark the scope as FastAPI's routes do; labels stay few either way."""
+    app = scope.get("app")
+    route = next((r for r in getattr(app, "routes", ()) if r.matches(scope)[0] == Match.FULL), None)
+    return getattr(route, "path", "unmatched")

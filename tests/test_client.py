@@ -78,7 +78,25 @@ def test_client_errors_are_actionable(service):
 
 def test_dataloader_with_workers_keeps_step_order(service, datasets):
     mixer = in_process_mixer(datasets)
-    loader = torch.utils.data.DataLoader(StreamDataset(service.url, stop_step=6, token=READ_TOKEN), batch_size=None, num_workers=2)
-    got = [tokens for tokens, _ in loader]
-    assert len(got) == 6
-    assert all(np.array_equal(t.numpy(), mixer.batch(step).tokens) for step, t in enumerate(got))
+    loader = torch.utils.data.DataLoader(StreamDataset(service.url, stop_step=6, token=READ_TOKEN), batch_size=None,
+                                         num_workers=2)
+    got = list(loader)
+    assert [item["step"] for item in got] == list(range(6))
+    assert all(np.array_equal(item["tokens"].numpy(), mixer.batch(item["step"]).tokens) for item in got)
+
+
+class OwnDataset(torch.utils.data.IterableDataset):
+    """What a user might write first: a StreamClient in a dataset of their own."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def __iter__(self):
+        with StreamClient(self.url, stop_step=4, token=READ_TOKEN) as client:
+            yield from (batch.tokens for batch in client)
+
+
+def test_a_client_in_a_dataset_of_ones_own_cannot_yield_every_step_twice(service):
+    loader = torch.utils.data.DataLoader(OwnDataset(service.url), batch_size=None, num_workers=2)
+    with pytest.raises(StreamError, match="Use service.client.StreamDataset"):
+        list(loader)
