@@ -18,6 +18,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from pipeline.atomic_file import fsync_dir, write_atomically
+from pipeline.errors import PipelineError
 
 FORMAT_VERSION = "replaymix.tokens/1"
 MANIFEST_NAME = "manifest.json"
@@ -26,7 +27,7 @@ SPLITS = ("train", "val")
 INDEX_DTYPE = np.dtype("<u8")
 
 
-class DatasetError(Exception):
+class DatasetError(PipelineError):
     """A dataset on disk is missing, damaged or inconsistent; the message names the file."""
 
 

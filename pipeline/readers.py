@@ -34,6 +34,8 @@ import ray.data
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
+from pipeline.errors import PipelineError
+
 # Longest suffix first, so that "x.jsonl.gz" is JSONL-gzip and not an unknown ".gz".
 FORMATS = {
     ".jsonl.gz": "jsonl.gz",
@@ -49,7 +51,7 @@ SCHEMA = pa.schema(
 )
 
 
-class InputError(ValueError):
+class InputError(PipelineError, ValueError):
     """An input file is missing, unreadable or malformed; the message names the file (and line or row)."""
 
 

@@ -37,7 +37,6 @@ from tqdm import tqdm
 
 from pipeline.dataset import (
     TOKENIZER_NAME,
-    DatasetError,
     ShardWriter,
     build_manifest,
     check_output_folder,
@@ -45,6 +44,7 @@ from pipeline.dataset import (
     describe_tokenizer,
     token_dtype,
 )
+from pipeline.errors import report_pipeline_error
 from pipeline.ray_runtime import init_ray
 from pipeline.readers import InputError, expand_inputs, read_documents
 
@@ -355,22 +355,6 @@ def _write_block(block: pa.Table, writers: dict[str, ShardWriter], stats: Tokeni
         stats.replaced_utf8 += int(batch.column("replaced_utf8").to_numpy(zero_copy_only=False).sum())
 
 
-def find_user_error(error: BaseException) -> InputError | DatasetError | None:
-    """The InputError/DatasetError behind an exception, also when Ray wrapped it in a task error."""
-    ours = (InputError, DatasetError)
-    seen = set()
-    while error is not None and id(error) not in seen:
-        # A RayTaskError is also an instance of the error it wraps, but its message carries the
-        # remote traceback; `.cause` is the original exception with the plain message.
-        if isinstance(getattr(error, "cause", None), ours):
-            return error.cause
-        if isinstance(error, ours) and not isinstance(error, ray.exceptions.RayError):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
-
-
 def parse_args(argv: Sequence[str] | None = None) -> TokenizeConfig:
     parser = argparse.ArgumentParser(prog="python -m pipeline.tokenize", description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", action="append", required=True, dest="inputs",
@@ -414,12 +398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
     try:
         _, stats = tokenize(config)
-    except Exception as e:  # noqa: BLE001 - report our own errors plainly, re-raise anything else
-        user_error = find_user_error(e)
-        if user_error is None:
-            raise
-        print(f"error: {user_error}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 - ours (also inside a Ray task error) become one line; a bug re-raises
+        return report_pipeline_error(e)
     print(stats.summary(Path(config.out)))
     return 0
 

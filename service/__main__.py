@@ -7,15 +7,18 @@ from typing import Sequence
 
 import uvicorn
 
-from pipeline.dataset import DatasetError, TokenDataset
+from pipeline.dataset import TokenDataset
+from pipeline.errors import PipelineError, report_user_error
 from service.app import Access, create_app
 from service.service_config import ServiceConfig, parse_args
 from service.mix_service import MixService
 from service.mixer import MixerConfig
-from service.mix_schedule import ScheduleError
-from service.state import StateError
+from service.errors import ServiceError
 from service.tokens import read_token
-from service.vocabulary import VocabularyError
+
+# A damaged dataset, an unusable state dir or token file, or inputs the mixer refuses (its checks raise
+# ValueError) stop the start with one line.
+USER_ERRORS = (PipelineError, ServiceError, ValueError)
 
 
 def build_service(config: ServiceConfig) -> MixService:
@@ -34,9 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             anonymous_reads=config.allow_anonymous_reads,
         )
         service = build_service(config)
-    except (DatasetError, VocabularyError, StateError, ScheduleError, ValueError) as e:
-        print(f"python -m service: cannot start: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return report_user_error(e)
     status = service.status()
     served = ", ".join(f"{name}={config.datasets[name]}" for name in status["datasets"])
     reads = "anonymous reads allowed" if access.anonymous_reads else "reads need a token"

@@ -24,6 +24,7 @@ from typing import Iterator, Optional
 import torch
 
 from pipeline.dataset import token_dtype
+from service.errors import ServiceError
 from service.transport import KeepAliveGetter, TransportError
 from service.wire import MAX_RANGE_STEPS, MEDIA_TYPE, Batch, WireError, decode_batch, decode_batches
 
@@ -32,7 +33,7 @@ RANGE_BYTES = 4 << 20  # default range size: as many steps as fit in this many b
 DEFAULT_RANGE_STEPS = min(64, MAX_RANGE_STEPS)  # ... but at most this many (the service allows more)
 
 
-class StreamError(RuntimeError):
+class StreamError(ServiceError, RuntimeError):
     """The service refused a request (4xx) or stayed unreachable past the retry budget."""
 
 

@@ -18,6 +18,8 @@ from typing import Sequence
 
 import httpx
 
+from service.errors import ServiceError
+
 LOOPBACK = "127.0.0.1"
 # The folder holding the `service` package: `python -m service` run there imports this copy of it.
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +32,7 @@ def free_port(host: str = LOOPBACK) -> int:
         return s.getsockname()[1]
 
 
-class ServiceDidNotStart(RuntimeError):
+class ServiceDidNotStart(ServiceError, RuntimeError):
     """The service exited before it served (exit_code), or did not answer in time and was killed (None)."""
 
     def __init__(self, message: str, exit_code: int | None):

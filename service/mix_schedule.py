@@ -17,12 +17,13 @@ import math
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
+from service.errors import ServiceError
 from service.integers import check_integer
 
 WEIGHT_UNITS = 10_000
 
 
-class ScheduleError(ValueError):
+class ScheduleError(ServiceError, ValueError):
     """A stage or schedule is invalid; the message says which field and why."""
 
 

@@ -21,6 +21,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from pipeline.dataset import MANIFEST_NAME, TokenDataset
+from service.errors import ServiceError
 from service.prometheus_metrics import ServiceMetrics
 from service.mixer import MIX_RULE, Mixer, MixerConfig
 from service.integers import check_integer
@@ -31,15 +32,15 @@ from service.wire import Batch
 MAX_BODY_BYTES = 64 << 20  # one response body; bounds the memory a single request can make the service hold
 
 
-class MixConflict(Exception):
+class MixConflict(ServiceError):
     """A mix change that would rewrite served steps or an already scheduled stage (HTTP 409)."""
 
 
-class NoSuchStage(Exception):
+class NoSuchStage(ServiceError):
     """A cancel names a start step at which no stage starts (HTTP 404)."""
 
 
-class TooFarAhead(Exception):
+class TooFarAhead(ServiceError):
     """A read past the served frontier by more than the lookahead allows (HTTP 409)."""
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline.atomic_file import write_atomically
+from service.errors import ServiceError
 from service.integers import check_integer, is_integer
 from service.mix_log import LOG_FILE, MixLog
 from service.mix_schedule import MixSchedule, ScheduleError, Stage
@@ -35,7 +36,7 @@ IDENTITY_FILE, FRONTIER_FILE = "identity.json", "frontier.json"
 FIRST_MIX_RULE = 1
 
 
-class StateError(Exception):
+class StateError(ServiceError):
     """The state dir is unusable or belongs to other inputs; the message names the file and the fix."""
 
 

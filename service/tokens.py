@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from service.errors import ServiceError
+
 MIN_TOKEN_LENGTH = 16
 
 
-class TokenFileError(ValueError):
+class TokenFileError(ServiceError, ValueError):
     """A token file is unreadable or holds too short a token; the message names the flag and file."""
 
 

@@ -12,8 +12,10 @@ import http.client
 import threading
 from urllib.parse import urlencode, urlsplit
 
+from service.errors import ServiceError
 
-class TransportError(OSError):
+
+class TransportError(ServiceError, OSError):
     """The request did not get an HTTP response (refused, reset, timed out, malformed)."""
 
 

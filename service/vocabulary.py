@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from pipeline.dataset import TokenDataset
+from service.errors import ServiceError
 
 
-class VocabularyError(ValueError):
+class VocabularyError(ServiceError, ValueError):
     """Datasets whose token ids do not mean the same pieces; the message names both and the first id."""
 
 

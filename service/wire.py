@@ -35,6 +35,7 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.dataset import TOKEN_DTYPES, token_dtype
+from service.errors import ServiceError
 
 MEDIA_TYPE = "application/x-replaymix-batch"
 MAGIC = b"RMXB"
@@ -43,7 +44,7 @@ _HEADER = struct.Struct("<4sHBBQIIIII")
 MAX_RANGE_STEPS = 1024  # steps one range request may ask for (the service refuses more)
 
 
-class WireError(ValueError):
+class WireError(ServiceError, ValueError):
     """A body that is not a batch in this layout; the message says which field is wrong."""
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from trainer.train_config import parse_args
 from trainer.metrics_log import read_metrics
 from trainer.train import train
 
+REPO = Path(__file__).resolve().parents[1]
 # One intra-op thread: the models are tiny, and on a shared 2-core machine a second spinning
 # OpenMP thread costs far more than it gives.
 torch.set_num_threads(1)
@@ -249,6 +252,40 @@ def test_stream_source_trains_exactly_like_the_in_process_mixer(tmp_path, datase
                               *common)))
     assert train_losses(tmp_path / "stream") == train_losses(tmp_path / "local")
     assert evals(tmp_path / "stream") == evals(tmp_path / "local")  # default eval sets: the service's datasets
+
+
+def trainer_process(*args: str) -> subprocess.CompletedProcess:
+    """`python -m trainer ARGS` as a user runs it: exit code and stderr as the shell sees them."""
+    return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("refusal", ["wrong token", "mid-run 409"])
+def test_a_service_refusal_ends_the_trainer_with_one_line(tmp_path, datasets, refusal):
+    """A 4xx from the service (403 for a wrong read token; 409 once batches are asked for beyond
+    --max-lookahead, which the client's background fetch raises mid-run) is a user's mistake: the
+    trainer prints `error: ...` and exits 2, without a traceback."""
+    from service.launcher import ServiceProcess
+    from tests.test_service import service_args
+
+    args = service_args(datasets, tmp_path / "state", None, "en=0.75,de=0.25", seq_len=32, global_batch=8)
+    token_file = tmp_path / "state.read-token"  # the right token, which service_args wrote
+    if refusal == "wrong token":
+        token_file = tmp_path / "wrong.token"
+        token_file.write_text("not-the-read-token-of-this-service\n")
+    else:
+        args.append("--max-lookahead=1")  # the trainer's first range request asks for more steps than that
+    with ServiceProcess(args) as service:
+        result = trainer_process(*SMALL, "--steps", "4", "--stream", service.url, "--stream-token-file",
+                                 str(token_file), "--out", str(tmp_path / "run"))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    error = result.stderr.splitlines()[-1]
+    assert error.startswith("error: ") and service.url in error
+    if refusal == "wrong token":
+        assert "HTTP 403" in error and "wrong read token" in error
+    else:
+        assert "HTTP 409" in error and "--max-lookahead" in error
 
 
 def test_report_compares_runs(tmp_path, datasets):

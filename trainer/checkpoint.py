@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from pipeline.atomic_file import atomic_writer
+from trainer.errors import TrainerError
 from trainer.model import GPT, GPTConfig
 
 CHECKPOINT_DIR = "checkpoints"
@@ -24,7 +25,7 @@ LATEST = "latest.pt"
 FINAL = "final.pt"
 
 
-class CheckpointError(Exception):
+class CheckpointError(TrainerError):
     """A checkpoint is missing, unreadable, or does not fit the run; the message names the file."""
 
 

@@ -11,8 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.atomic_file import write_atomically
+from trainer.errors import TrainerError
 
 METRICS_NAME = "metrics.jsonl"
+
+
+class MetricsError(TrainerError):
+    """A run's metrics file is missing or damaged; the message names it."""
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -21,14 +26,14 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     if path.is_dir():
         path = path / METRICS_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no metrics; is this a RUN_DIR written by `python -m trainer`?")
+        raise MetricsError(f"{path}: no metrics; is this a RUN_DIR written by `python -m trainer`?")
     records, lines = [], path.read_text().splitlines()
     for number, line in enumerate(lines, start=1):
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
             if number != len(lines):
-                raise ValueError(f"{path}:{number}: not a JSON line; the metrics file is damaged") from None
+                raise MetricsError(f"{path}:{number}: not a JSON line; the metrics file is damaged") from None
     return records
 
 

@@ -18,6 +18,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 
+from pipeline.errors import report_user_error  # noqa: E402
+from trainer.errors import TrainerError  # noqa: E402
 from trainer.metrics_log import read_metrics  # noqa: E402
 
 
@@ -85,9 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         report = write_report(args.runs, args.out)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except TrainerError as e:
+        return report_user_error(e)
     print(f"wrote {report} comparing {len(args.runs)} run(s)")
     return 0
 

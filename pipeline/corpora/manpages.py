@@ -27,9 +27,14 @@ import ray
 from tqdm import tqdm
 
 from pipeline.atomic_file import atomic_writer
+from pipeline.errors import PipelineError, report_pipeline_error
 from pipeline.ray_runtime import init_ray
 
 MAN_ROOT = Path("/usr/share/man")
+
+
+class NoPagesError(PipelineError, FileNotFoundError):
+    """No man pages are installed for the language asked for; the message says which package has them."""
 
 
 @dataclass
@@ -62,7 +67,7 @@ def find_pages(lang: str, man_root: Path = MAN_ROOT, limit: int | None = None) -
     folders = page_folders(lang, man_root)
     if not folders:
         base = man_root if lang == "en" else man_root / lang
-        raise FileNotFoundError(
+        raise NoPagesError(
             f"{base}: no man*/ folders for --lang {lang}; install the pages "
             f"(apt-get install manpages{'' if lang == 'en' else '-' + lang}) or pick another language"
         )
@@ -159,9 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
     try:
         counts = build_corpus(config)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 - ours (also inside a Ray task error) become one line; a bug re-raises
+        return report_pipeline_error(e)
     print(
         f"rendered {counts['written']} of {counts['pages']} {config.lang} man pages "
         f"({counts['failed']} failed, {counts['empty']} empty) = {counts['bytes'] / 1e6:.1f} MB of text "

@@ -15,9 +15,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.readers import InputError
+from pipeline.errors import report_pipeline_error
 from pipeline.tokenizer.extend import ExtendConfig, extend_tokenizer
-from pipeline.tokenizer.model_proto import TokenizerError
 from pipeline.tokenizer.sample import HOLDOUT_FRACTION
 from pipeline.tokenizer.train import TokenizerTrainConfig, train_tokenizer
 
@@ -81,9 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             train_tokenizer(config)
         else:
             extend_tokenizer(config)
-    except (TokenizerError, InputError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 - ours (also inside a Ray task error) become one line; a bug re-raises
+        return report_pipeline_error(e)
     return 0
 
 

@@ -17,13 +17,15 @@ import sentencepiece as spm
 from google.protobuf.message import DecodeError
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
+from pipeline.errors import PipelineError
+
 ModelProto = model_pb2.ModelProto
 PieceType = model_pb2.ModelProto.SentencePiece.Type  # NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE
 BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 WHITESPACE = "\u2581"  # how SentencePiece writes a space inside a piece
 
 
-class TokenizerError(Exception):
+class TokenizerError(PipelineError):
     """A tokenizer file or option is unusable; the message names the file or flag and what to do."""
 
 
