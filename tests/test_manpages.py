@@ -35,4 +35,4 @@ def test_renders_pages_to_jsonl(tmp_path, capsys):
         assert row["lang"] == "en" and (row["name"], row["section"]) == page_name(Path(row["path"]))
         assert len(row["text"]) > 200 and "\x08" not in row["text"]  # rendered, without overstrike
     assert "rendered 4 of 4 en man pages" in capsys.readouterr().out
-    assert not list(tmp_path.glob("*.partial-*"))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") or ".partial" in p.name]  # no temp files left

@@ -21,6 +21,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
+from pipeline.tokenizer.report import ExtensionReport
+from service.wire import Batch
 from trainer.checkpoint import (
     CHECKPOINT_DIR,
     FINAL,
@@ -33,14 +35,13 @@ from trainer.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from trainer.train_config import RESUMABLE_FLAGS, TrainConfig, config_record, resume_differences
-from service.wire import Batch
 from trainer.data import BatchSource, open_eval_splits, open_source
+from trainer.embedding_growth import grow_vocab, pad_optimizer_state
 from trainer.evaluate import Evaluator, eval_record
+from trainer.lr_schedules import RunSchedule, build_schedule, continue_schedule
 from trainer.metrics_log import MetricsLog
 from trainer.model import GPT, config_for
-from trainer.lr_schedules import RunSchedule, build_schedule, continue_schedule
-from trainer.embedding_growth import ExtensionReport, grow_vocab, pad_optimizer_state
+from trainer.train_config import RESUMABLE_FLAGS, TrainConfig, config_record, resume_differences
 
 StepHook = Callable[[int, nn.Module, Batch], None]
 
