@@ -273,6 +273,8 @@ class ServiceRun:
         self.url = self.service.url
 
     def batches(self):
+        import torch
+
         from service.client import StreamClient
 
         client = StreamClient(self.url, retry_for=60)
