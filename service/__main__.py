@@ -25,7 +25,7 @@ def build_service(config: ServiceConfig) -> MixService:
     datasets = {name: TokenDataset(path, verify=config.verify) for name, path in config.datasets.items()}
     mixer_config = MixerConfig(seq_len=config.seq_len, global_batch=config.global_batch, seed=config.seed)
     return MixService(datasets, mixer_config, config.state_dir, config.weights, reserve_steps=config.reserve_steps,
-                      max_lookahead=config.max_lookahead)
+                      max_lookahead=config.max_lookahead, controller=config.controller)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

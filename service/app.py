@@ -7,6 +7,9 @@
     PUT    /v1/mix  {"weights": {...}, "start_step": optional, "by": optional, "reason": optional}
                                                      append a stage (admin token)
     DELETE /v1/mix/stages/{start_step}               withdraw a stage no step has reached (admin token)
+    POST   /v1/feedback {"step": S, "losses": {...}}  a trainer's validation losses, for the controller
+    GET    /v1/controller                            the controller's state, observations and decisions
+    PUT    /v1/controller {"enabled": bool}          resume or suspend it (admin token)
     GET    /v1/status   datasets, epochs, frontiers, shares served, current weights
     GET    /healthz     liveness
     GET    /metrics     Prometheus
@@ -37,7 +40,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 
 from pipeline.dataset import token_dtype
-from service.mix_service import MAX_BODY_BYTES, MixConflict, MixService, NoSuchStage, TooFarAhead
+from service.control_laws import Feedback
+from service.mix_service import MAX_BODY_BYTES, MixConflict, MixService, NoController, NoSuchStage, TooFarAhead
 from service.prometheus_metrics import RequestMetrics
 from service.mix_schedule import ScheduleError
 from service import wire
@@ -69,6 +73,10 @@ CHANGE_ERRORS: dict = {
     409: {"description": "the step may have been served, or is not after the last scheduled stage", "content": _DETAIL},
     422: {"description": "invalid weights (every dataset named, finite, >= 0, not all zero) or step", "content": _DETAIL},
 }
+NO_CONTROLLER: dict = {"description": "this service runs no controller (start it with --controller)", "content": _DETAIL}
+CONFLICT_FEEDBACK: dict = {"description": "no controller, or feedback older than the latest", "content": _DETAIL}
+INVALID_FEEDBACK: dict = {"description": "losses for an unknown dataset, not finite or negative, or a step not served yet",
+                          "content": _DETAIL}
 BATCH_RESPONSES: dict = {
     200: {"description": "the batch(es): binary (layout in the API description) or JSON",
           "content": {MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
@@ -87,6 +95,18 @@ class Access:
     admin_token: str | None = None
     read_token: str | None = None
     anonymous_reads: bool = False
+
+
+class FeedbackReport(BaseModel):
+    step: int = Field(ge=0, le=LARGEST_STEP, description="the step the losses were measured after")
+    losses: dict[str, float] = Field(max_length=255, description="validation loss per dataset name")
+    source_losses: dict[str, float] = Field(default_factory=dict, max_length=255,
+                                            description="optional: training loss per source, from the rows received")
+
+
+class ControllerChange(BaseModel):
+    enabled: bool = Field(description="resume (true) or suspend (false) the controller")
+    by: str = Field(default="operator", max_length=200, description="who asks, for the log")
 
 
 class MixChange(BaseModel):
@@ -227,6 +247,37 @@ def create_app(service: MixService, access: Access) -> FastAPI:
         for authenticated callers only), vocabulary, seq_len, global batch, seed, mix rule, frontiers,
         current weights and the schedule."""
         return service.status(include_paths=authenticated)
+
+    @app.post("/v1/feedback", responses={**READ_ERRORS, 409: CONFLICT_FEEDBACK, 422: INVALID_FEEDBACK})
+    def post_feedback(request: Request, report: FeedbackReport, authenticated: bool = Depends(require_reader)) -> dict:
+        """A trainer's validation losses at an evaluation step (read or admin token). Recorded in the log
+        and folded into the controller, whose decision, if any, is appended as a stage; answered with that
+        stage (or null) and the controller's state. Trainers send it when /v1/status says feedback.wanted."""
+        if not authenticated:
+            raise HTTPException(401, "feedback needs a token: send Authorization: Bearer <read token>",
+                                headers={"WWW-Authenticate": "Bearer"})
+        try:
+            return service.feedback(Feedback(report.step, report.losses, report.source_losses), who(request, "trainer"))
+        except ScheduleError as e:
+            raise HTTPException(422, str(e)) from None
+        except (MixConflict, NoController) as e:
+            raise HTTPException(409, str(e)) from None
+
+    @app.get("/v1/controller", dependencies=[Depends(require_reader)], responses={**READ_ERRORS, 409: NO_CONTROLLER})
+    def get_controller() -> dict:
+        """The controller's law, settings, state, every observation and every decision with its reason."""
+        try:
+            return service.controller_state()
+        except NoController as e:
+            raise HTTPException(409, str(e)) from None
+
+    @app.put("/v1/controller", dependencies=[Depends(require_admin)], responses={**CHANGE_ERRORS, 409: NO_CONTROLLER})
+    def put_controller(request: Request, change: ControllerChange) -> dict:
+        """Resume or suspend the controller (admin token); an operator's change of the mix suspends it."""
+        try:
+            return service.set_controller(change.enabled, who(request, change.by))
+        except NoController as e:
+            raise HTTPException(409, str(e)) from None
 
     @app.get("/healthz")
     def healthz() -> dict:

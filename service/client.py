@@ -102,12 +102,14 @@ class StreamClient:
         self._thread = threading.Thread(target=self._fetch_loop, name="stream-prefetch", daemon=True)
         self._thread.start()
 
-    def _get(self, path: str, params: dict | None = None, accept: str = "application/json") -> bytes | bytearray:
-        """The body of GET path, retried on connection errors and 5xx; StreamError on 4xx or timeout."""
+    def _get(self, path: str, params: dict | None = None, accept: str = "application/json",
+             json_body: bytes | None = None) -> bytes | bytearray:
+        """The body of GET path (POST of json_body when given), retried on connection errors and 5xx;
+        StreamError on 4xx or timeout."""
         deadline, delay = time.monotonic() + self.retry_for, self.backoff
         while True:
             try:
-                status, body = self._http.get(path, params, accept)
+                status, body = self._http.get(path, params, accept, json_body)
                 if status < 500:
                     break
                 problem = f"HTTP {status}: {bytes(body[:200]).decode(errors='replace')}"
@@ -120,6 +122,18 @@ class StreamClient:
         if status >= 400:
             raise StreamError(f"GET {self.url}{path} {params or ''}: HTTP {status}: {bytes(body[:500]).decode(errors='replace')}")
         return body
+
+    def send_feedback(self, step: int, losses: dict[str, float]) -> dict | None:
+        """POST /v1/feedback: the validation losses measured after `step`, for the service's controller.
+        Returns its answer, or None when the service already had feedback for this step (a retried POST
+        whose first answer was lost) or runs no controller."""
+        body = json.dumps({"step": step, "losses": losses}).encode()
+        try:
+            return json.loads(self._get("/v1/feedback", accept="application/json", json_body=body))
+        except StreamError as e:
+            if "HTTP 409" in str(e):
+                return None
+            raise
 
     def fetch(self, step: int) -> Batch:
         """One step's batch for this rank, synchronously (with retries)."""

@@ -8,8 +8,10 @@
     {"seq": 2, "time": "...", "by": "alice (127.0.0.1)", "op": "cancel", "start_step": 300}
 
 `op` is `stage` (append a stage: it must start after the last one) or `cancel` (withdraw the stage that
-starts at `start_step`; the service allows it only while no step at or past it was served). Entries are
-never rewritten: the effective schedule is `replay(entries)`, so who changed what and when is always
+starts at `start_step`; the service allows it only while no step at or past it was served). Two more ops
+leave the schedule as it is and record what a controller decides from (`controller.py`): `feedback` (a
+trainer's validation losses at a step, in `data`) and `controller` (a controller set up, suspended or
+resumed, in `data`). Entries are never rewritten: the effective schedule is `replay(entries)`, so who changed what and when is always
 on record. An entry may carry a `reason` (free text). Each line is appended and fsynced before the
 change is acknowledged; a last line without its newline is a write a crash cut short, never
 acknowledged, and is dropped when the log is opened. Any other unreadable line is damage, refused
@@ -29,7 +31,9 @@ from service.integers import is_integer
 from service.mix_schedule import MixSchedule, ScheduleError, Stage
 
 LOG_FILE = "mix_log.jsonl"
-OPS = ("stage", "cancel")
+SCHEDULE_OPS = ("stage", "cancel")  # the ops that change the schedule
+RECORD_OPS = ("feedback", "controller")  # the ops that only record, with their payload in `data`
+OPS = SCHEDULE_OPS + RECORD_OPS
 
 
 @dataclass(frozen=True)
@@ -37,10 +41,11 @@ class LogEntry:
     seq: int
     time: str  # UTC, ISO 8601
     by: str  # who asked: "python -m service --weights", or the operator's name and address
-    op: str  # "stage" or "cancel"
+    op: str  # one of OPS
     stage: Optional[Stage] = None  # op == "stage"
     start_step: Optional[int] = None  # op == "cancel"
     reason: Optional[str] = None
+    data: Optional[dict] = None  # op in RECORD_OPS, or what a controller's stage was decided from
 
     def to_json(self) -> dict:
         data: dict = {"seq": self.seq, "time": self.time, "by": self.by, "op": self.op}
@@ -50,6 +55,8 @@ class LogEntry:
             data["start_step"] = self.start_step
         if self.reason is not None:
             data["reason"] = self.reason
+        if self.data is not None:
+            data["data"] = self.data
         return data
 
     @classmethod
@@ -60,7 +67,11 @@ class LogEntry:
         start_step = data.get("start_step") if data["op"] == "cancel" else None
         if data["op"] == "cancel" and not is_integer(start_step):
             raise ScheduleError(f"{where}.start_step: {start_step!r}; a cancel names the start step of a stage")
-        return cls(data.get("seq"), data.get("time"), data.get("by"), data["op"], stage, start_step, data.get("reason"))
+        payload = data.get("data")
+        if payload is not None and not isinstance(payload, dict) or data["op"] in RECORD_OPS and payload is None:
+            raise ScheduleError(f"{where}.data: {payload!r}; expected an object")
+        return cls(data.get("seq"), data.get("time"), data.get("by"), data["op"], stage, start_step,
+                   data.get("reason"), payload)
 
 
 def now() -> str:
@@ -74,9 +85,18 @@ def replay(entries: Sequence[LogEntry]) -> MixSchedule:
     schedule = MixSchedule([entries[0].stage])
     for i, entry in enumerate(entries[1:], start=1):
         try:
-            schedule = schedule.appended(entry.stage) if entry.op == "stage" else schedule.cancelled(entry.start_step)
+            schedule = applied(schedule, entry)
         except ScheduleError as e:
             raise ScheduleError(f"entry {i}: {e}") from None
+    return schedule
+
+
+def applied(schedule: MixSchedule, entry: LogEntry) -> MixSchedule:
+    """The schedule after one entry (record-only entries leave it as it is)."""
+    if entry.op == "stage":
+        return schedule.appended(entry.stage)
+    if entry.op == "cancel":
+        return schedule.cancelled(entry.start_step)
     return schedule
 
 
@@ -116,11 +136,11 @@ class MixLog:
             raise ScheduleError(f"{path}: {e}") from None
 
     def append(self, op: str, by: str, *, stage: Stage | None = None, start_step: int | None = None,
-               reason: str | None = None) -> MixSchedule:
-        """Record one change durably and return the schedule it makes; ScheduleError (nothing written)
+               reason: str | None = None, data: dict | None = None) -> MixSchedule:
+        """Record one entry durably and return the schedule it makes; ScheduleError (nothing written)
         when it does not fit the schedule."""
-        entry = LogEntry(len(self.entries), now(), by, op, stage, start_step, reason)
-        schedule = self.schedule.appended(stage) if op == "stage" else self.schedule.cancelled(start_step)
+        entry = LogEntry(len(self.entries), now(), by, op, stage, start_step, reason, data)
+        schedule = applied(self.schedule, entry)
         self._write(entry, schedule)
         return schedule
 

@@ -14,6 +14,7 @@ stage no step has reached is its own, recorded operation (`cancel_stage`).
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -24,6 +25,8 @@ from pipeline.dataset import MANIFEST_NAME, TokenDataset
 from service.errors import ServiceError
 from service.prometheus_metrics import ServiceMetrics
 from service.mixer import MIX_RULE, Mixer, MixerConfig
+from service.control_laws import Feedback, make_law
+from service.controller import Controller
 from service.integers import check_integer
 from service.mix_schedule import MixSchedule, ScheduleError, Stage, check_weight_names
 from service.state import StateDir, StateError
@@ -38,6 +41,10 @@ class MixConflict(ServiceError):
 
 class NoSuchStage(ServiceError):
     """A cancel names a start step at which no stage starts (HTTP 404)."""
+
+
+class NoController(ServiceError):
+    """Feedback or a controller request to a service that runs no controller (HTTP 409)."""
 
 
 class TooFarAhead(ServiceError):
@@ -69,7 +76,8 @@ class MixService:
 
     def __init__(self, datasets: Mapping[str, TokenDataset], config: MixerConfig, state_dir: Path,
                  initial: Mapping[str, float] | None = None, reserve_steps: int = 256,
-                 max_lookahead: int | None = None, created_by: str = "python -m service --weights"):
+                 max_lookahead: int | None = None, created_by: str = "python -m service --weights",
+                 controller: tuple[str, dict] | None = None):
         identity = inputs_identity(datasets, config)
         state = StateDir.open(state_dir, identity, reserve_steps)
         if state is None and initial is None:
@@ -91,7 +99,31 @@ class MixService:
         self.max_lookahead = check_integer(max_lookahead, "max_lookahead", 1, error=StateError)
         self.metrics = ServiceMetrics(self.mixer.names)
         self._lock = threading.Lock()
+        self.controller = self._open_controller(controller, state_dir)
         self._update_mix_metrics()
+
+    def _open_controller(self, asked: tuple[str, dict] | None, state_dir: Path) -> Controller | None:
+        """The log's controller, continued from its logged state; or the one asked for, set up in the log.
+        A controller other than the log's is refused: the log decides, as it does for the mix."""
+        logged = Controller.from_log(self.state.log.entries)
+        if asked is None:
+            return logged
+        try:
+            wanted = Controller(make_law(*asked))
+        except ValueError as e:
+            raise StateError(f"--controller: {e}") from None
+        old = wanted.law.settings().get("old")
+        if old is not None and old not in self.mixer.names:
+            raise StateError(f"--old {old!r}: not a dataset; the datasets are {list(self.mixer.names)}")
+        if logged is None:
+            self.state.log.append("controller", "python -m service --controller", data=wanted.setup_record())
+            return wanted
+        if logged.setup_record() != wanted.setup_record():
+            raise StateError(
+                f"{state_dir}: its log runs controller {logged.setup_record()}, not {wanted.setup_record()}; give "
+                "the same controller flags (or none, to continue it), or use a new --state-dir"
+            )
+        return logged
 
     @property
     def vocab_size(self) -> int:
@@ -165,10 +197,74 @@ class MixService:
                 raise ScheduleError(
                     f"start_step {start_step}: beyond the last step this mixer can address ({self.mixer.max_step})"
                 )
-            stage = Stage(start_step, stage.weights)
-            self.mixer.set_schedule(self.state.log.append("stage", by, stage=stage, reason=reason))
-            self._update_mix_metrics()
-            return stage
+            self._suspend_controller(by)
+            return self._append_stage(Stage(start_step, stage.weights), by, reason)
+
+    def _append_stage(self, stage: Stage, by: str, reason: str | None, data: dict | None = None) -> Stage:
+        self.mixer.set_schedule(self.state.log.append("stage", by, stage=stage, reason=reason, data=data))
+        self._update_mix_metrics()
+        return stage
+
+    def _suspend_controller(self, by: str) -> None:
+        """An operator's change suspends the controller: a human always has the last word."""
+        if self.controller is not None and self.controller.enabled:
+            self.state.log.append("controller", by, reason="suspended: an operator changed the mix",
+                                  data={"enabled": False})
+            self.controller.enabled = False
+
+    def set_controller(self, enabled: bool, by: str = "operator") -> dict:
+        """Suspend or resume the controller (PUT /v1/controller); NoController (409) if there is none."""
+        with self._lock:
+            controller = self._the_controller()
+            if controller.enabled != enabled:
+                self.state.log.append("controller", by, reason="resumed" if enabled else "suspended",
+                                      data={"enabled": enabled})
+                controller.enabled = enabled
+            return controller.describe()
+
+    def controller_state(self) -> dict:
+        with self._lock:
+            return self._the_controller().describe()
+
+    def _the_controller(self) -> Controller:
+        if self.controller is None:
+            raise NoController("this service runs no controller; start it with --controller to have one")
+        return self.controller
+
+    def feedback(self, feedback: Feedback, by: str) -> dict:
+        """Take a trainer's losses at a step (POST /v1/feedback): recorded in the log, folded into the
+        controller, and its decision, if any, appended as a stage at next_change_step.
+
+        ScheduleError (422) for losses that name no dataset, are not finite or are negative, or a step not
+        served yet; MixConflict (409) for feedback older than the latest; NoController (409) without one.
+        """
+        losses = {**feedback.losses, **feedback.source_losses}
+        if not feedback.losses:
+            raise ScheduleError("losses: empty; give the validation loss of at least one dataset")
+        for name, loss in losses.items():
+            if name not in self.mixer.names:
+                raise ScheduleError(f"losses.{name}: not a dataset; the datasets are {list(self.mixer.names)}")
+            if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss) or loss < 0:
+                raise ScheduleError(f"losses.{name}: {loss!r}; a loss must be a finite number >= 0")
+        with self._lock:
+            controller = self._the_controller()
+            if feedback.step >= self.state.served:
+                raise ScheduleError(f"step {feedback.step}: not served yet (served frontier {self.state.served}); "
+                                    "report losses of steps already trained")
+            if feedback.step <= controller.last_step:
+                raise MixConflict(f"step {feedback.step}: feedback for step {controller.last_step} came already; "
+                                  "feedback must move forward (one report per evaluation, from one rank)")
+            self.state.log.append("feedback", by, data=feedback.to_json())
+            observation = self.state.log.entries[-1]
+            controller.observations.append(observation.to_json())
+            decision = controller.observe(feedback, self.state.schedule)
+            stage = None
+            if decision is not None:
+                stage = self._append_stage(Stage(self.next_change_step(), decision.weights), controller.by,
+                                           decision.reason, data={"feedback_seq": observation.seq})
+                controller.decisions.append(self.state.log.entries[-1].to_json())
+            self._update_control_metrics()
+            return {"stage": stage.to_json() if stage else None, "controller": controller.describe()["state"]}
 
     def cancel_stage(self, start_step: int, by: str = "operator", reason: str | None = None) -> Stage:
         """Withdraw the stage starting at `start_step`, recorded in the log; only while no step at or past
@@ -185,6 +281,7 @@ class MixService:
                     f"the stage at step {start_step} is the first stage or may already have served steps (steps before "
                     f"{self.state.unserved_from} may have been served); it stays in the log. Append a new stage instead"
                 )
+            self._suspend_controller(by)
             self.mixer.set_schedule(self.state.log.append("cancel", by, start_step=start_step, reason=reason))
             self._update_mix_metrics()
             return stage
@@ -203,6 +300,11 @@ class MixService:
         stage = self.state.schedule.stage_at(self.state.served)
         self.metrics.set_mix(stage.weights, self.state.served)
         self.metrics.reserved.set(self.state.reserved)
+        self._update_control_metrics()
+
+    def _update_control_metrics(self) -> None:
+        if self.controller is not None:
+            self.metrics.set_control(self.controller.law.state(), self.controller.enabled)
 
     def close(self) -> None:
         """Record exactly what was served (a clean shutdown), so a restart accepts changes from there."""
@@ -250,5 +352,9 @@ class MixService:
             # The earliest start_step PUT /v1/mix accepts now, and where a change without one lands.
             "next_change_step": self.next_change_step(),
             "current_weights": dict(stage.weights),
+            # Whether trainers should POST /v1/feedback after each evaluation, and to which controller.
+            "feedback": {"wanted": self.controller is not None,
+                         "controller": self.controller.law.name if self.controller else None,
+                         "enabled": bool(self.controller and self.controller.enabled)},
             "schedule": self.state.schedule.to_json(),
         }

@@ -31,6 +31,10 @@ class ServiceMetrics:
         self.reserved = Gauge(
             "replaymix_reserved_frontier", "Durable bound: no step at or above it was served", registry=self.registry
         )
+        self.control = Gauge(
+            "replaymix_controller", "The controller's state: forgetting, target, error, enabled",
+            ["quantity"], registry=self.registry,
+        )
         for name in dataset_names:  # export zeros from the start so dashboards see every dataset
             self.tokens.labels(name)
 
@@ -42,6 +46,12 @@ class ServiceMetrics:
         for name, weight in weights.items():
             self.weight.labels(name).set(weight)
         self.frontier.set(frontier)
+
+    def set_control(self, state: dict, enabled: bool) -> None:
+        for quantity, value in state.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.control.labels(quantity).set(value)
+        self.control.labels("enabled").set(float(enabled))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from service.control_laws import LAWS
 from service.mix_schedule import check_weight_names, quantize_weights
 
 
@@ -25,6 +26,7 @@ class ServiceConfig:
     read_token_file: Path | None = None
     allow_anonymous_reads: bool = False
     max_lookahead: int | None = None  # None: MixService's default
+    controller: tuple[str, dict] | None = None  # a control law's name and settings (control_laws.py)
     ssl_keyfile: Path | None = None
     ssl_certfile: Path | None = None
     verify: str = "full"
@@ -72,6 +74,17 @@ def parse_args(argv: Sequence[str] | None = None) -> ServiceConfig:
     parser.add_argument("--max-lookahead", type=int, metavar="STEPS",
                         help="refuse reads this many steps or more past the first unserved step (default: "
                              "max(1024, 4 x --reserve-steps)), so no reader can push every future mix change away")
+    control = parser.add_argument_group("controller (replay that steers itself; see service/control_laws.py)")
+    control.add_argument("--controller", choices=sorted(LAWS),
+                         help="forgetting-budget: hold --old's forgetting within --budget with the least replay; "
+                              "excess-loss: reweight all datasets from their losses (DoReMi-style)")
+    control.add_argument("--old", metavar="NAME", help="forgetting-budget: the old dataset whose forgetting is held")
+    control.add_argument("--budget", type=float, metavar="F",
+                         help="forgetting-budget: the accepted relative rise of --old's validation loss, e.g. 0.02")
+    control.add_argument("--min-share", type=float, default=0.0, help="forgetting-budget: least --old share (default 0)")
+    control.add_argument("--max-share", type=float, default=0.5, help="forgetting-budget: most --old share (default 0.5)")
+    control.add_argument("--interval", type=int, default=0, metavar="STEPS",
+                         help="forgetting-budget: at least this many steps between two decisions (default 0)")
     parser.add_argument("--ssl-keyfile", type=Path, help="serve HTTPS with this private key (with --ssl-certfile)")
     parser.add_argument("--ssl-certfile", type=Path, help="serve HTTPS with this certificate chain (with --ssl-keyfile)")
     parser.add_argument("--verify", choices=("none", "size", "full"), default="full",
@@ -98,6 +111,14 @@ def parse_args(argv: Sequence[str] | None = None) -> ServiceConfig:
                      "--allow-anonymous-reads on a machine only you can reach")
     if (args.ssl_keyfile is None) != (args.ssl_certfile is None):
         parser.error("--ssl-keyfile and --ssl-certfile go together: give both to serve HTTPS, or neither")
+    controller = None
+    if args.controller == "forgetting-budget":
+        if args.old is None or args.budget is None:
+            parser.error("--controller forgetting-budget needs --old NAME and --budget F (e.g. --old en --budget 0.02)")
+        controller = (args.controller, {"old": args.old, "budget": args.budget, "min_share": args.min_share,
+                                        "max_share": args.max_share, "interval": args.interval})
+    elif args.controller is not None:
+        controller = (args.controller, {})
     weights = None
     if args.weights is not None:
         try:
@@ -120,6 +141,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServiceConfig:
         read_token_file=args.read_token_file,
         allow_anonymous_reads=args.allow_anonymous_reads,
         max_lookahead=args.max_lookahead,
+        controller=controller,
         ssl_keyfile=args.ssl_keyfile,
         ssl_certfile=args.ssl_certfile,
         verify=args.verify,

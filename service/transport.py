@@ -42,12 +42,17 @@ class KeepAliveGetter:
                 self._all.append(connection)
         return connection
 
-    def get(self, path: str, params: dict | None = None, accept: str = "*/*") -> tuple[int, bytes | bytearray]:
-        """(status, body) of GET path?params. Raises TransportError when no response came back."""
+    def get(self, path: str, params: dict | None = None, accept: str = "*/*",
+            json_body: bytes | None = None) -> tuple[int, bytes | bytearray]:
+        """(status, body) of GET path?params, or of a POST of `json_body` when one is given. Raises
+        TransportError when no response came back."""
         target = self._base + path + ("?" + urlencode(params) if params else "")
         connection = self._connection()
+        headers = {"Accept": accept, **self._headers}
+        if json_body is not None:
+            headers["Content-Type"] = "application/json"
         try:
-            connection.request("GET", target, headers={"Accept": accept, **self._headers})
+            connection.request("GET" if json_body is None else "POST", target, body=json_body, headers=headers)
             response = connection.getresponse()
             length = response.getheader("Content-Length")
             body = response.read() if length is None else _read_exactly(response, int(length))
