@@ -1,6 +1,7 @@
 """Input readers: raw corpora (JSONL, compressed JSONL, Parquet, Arrow, plain text) as a Ray Dataset.
 
-`read_documents` turns files, globs and folders into a `ray.data.Dataset` with one row per document:
+`select_inputs` turns files, globs and folders into the files to read (taking one split of a `datasets`
+DatasetDict folder), and `read_documents` turns them into a `ray.data.Dataset` with one row per document:
 
     text           str    the document, valid UTF-8 (invalid bytes replaced by U+FFFD)
     source         str    the file it came from
@@ -45,6 +46,8 @@ FORMATS = {
     ".arrow": "arrow",  # what `datasets.Dataset.save_to_disk` writes
     ".txt": "txt",
 }
+# `datasets.DatasetDict.save_to_disk` writes this index ({"splits": [...]}) beside a folder per split.
+DATASET_DICT_INDEX = "dataset_dict.json"
 DEFAULT_CHUNK_BYTES = 4 << 20
 SCHEMA = pa.schema(
     [("text", pa.string()), ("source", pa.string()), ("position", pa.int64()), ("replaced_utf8", pa.bool_())]
@@ -61,18 +64,34 @@ def input_format(path: Path) -> str | None:
     return next((fmt for suffix, fmt in FORMATS.items() if name.endswith(suffix)), None)
 
 
-def expand_inputs(patterns: Sequence[str]) -> list[Path]:
+@dataclass(frozen=True)
+class InputSelection:
+    """The files that input patterns name, in order, and a line per pattern saying what it gave."""
+
+    files: list[Path]
+    read: list[str]
+    split_used: bool  # whether some pattern was a DatasetDict folder whose split was chosen
+
+    def describe(self, flag: str = "--input") -> str:
+        return "\n".join(f"reading {flag} {line}" for line in self.read)
+
+
+def select_inputs(patterns: Sequence[str], split: str | None = None) -> InputSelection:
     """Files named by paths, globs (`**` allowed) and folders (searched recursively), in a stable order.
 
     Folders and globs contribute only files with a known suffix (so a `save_to_disk` folder's JSON
-    metadata is passed over); a file named directly must have one. Raises InputError for a pattern that
-    matches nothing and for an input that cannot be read: one left out instead would silently shrink
-    the corpus.
+    metadata is passed over), and of a `datasets` DatasetDict folder only the files of `split` (see
+    `_take_split`); a file named directly must have a known suffix and is read whatever folder it is in.
+    Raises InputError for a pattern that matches nothing and for an input that cannot be read: one left
+    out instead would silently shrink the corpus.
     """
     if not patterns:
         raise InputError("no --input given; pass files, globs or folders of .jsonl/.parquet/.arrow/.txt")
     files: list[Path] = []
+    read: list[str] = []
+    split_used = False
     for pattern in patterns:
+        named_directly = False
         if glob.has_magic(pattern):
             matches = [Path(p) for p in sorted(glob.glob(pattern, recursive=True))]
             found = [p for p in matches if input_format(p) and not p.is_dir()]
@@ -81,17 +100,78 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
         elif Path(pattern).exists() or Path(pattern).is_symlink():
             if input_format(Path(pattern)) is None:
                 raise InputError(f"{pattern}: unsupported input format; expected one of {', '.join(FORMATS)}")
-            found = [Path(pattern)]
+            found, named_directly = [Path(pattern)], True
         else:
             raise InputError(f"{pattern}: no such file or folder")
         if not found:
             raise InputError(
                 f"{pattern}: matched no input files (looked for {', '.join(FORMATS)}); check the path or glob"
             )
+        chosen: list[str] = []
+        if not named_directly:
+            found, chosen = _take_split(pattern, found, split)
+            split_used = split_used or bool(chosen)
         for path in found:
             check_readable(path)
         files.extend(found)
-    return list(dict.fromkeys(p.resolve() for p in files))
+        size = sum(path.stat().st_size for path in found)
+        read.append(f"{pattern}: {''.join(chosen)}{len(found)} file{'s' if len(found) != 1 else ''}, "
+                    f"{size / 1e6:.1f} MB")
+    return InputSelection(list(dict.fromkeys(p.resolve() for p in files)), read, split_used)
+
+
+def expand_inputs(patterns: Sequence[str], split: str | None = None) -> list[Path]:
+    """The files of `select_inputs`."""
+    return select_inputs(patterns, split).files
+
+
+def dataset_dict_splits(folder: Path) -> list[str] | None:
+    """The split names of a folder that `datasets.DatasetDict.save_to_disk` wrote, or None if it is not one."""
+    index = folder / DATASET_DICT_INDEX
+    if not index.is_file():
+        return None
+    try:
+        splits = json.loads(index.read_text(encoding="utf-8"))["splits"]
+        if not (isinstance(splits, list) and all(isinstance(name, str) for name in splits)):
+            raise ValueError("'splits' is not a list of names")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{index}: not a DatasetDict index ({e}); it should hold {{\"splits\": [...]}}") from e
+    return splits
+
+
+def _take_split(pattern: str, found: list[Path], split: str | None) -> tuple[list[Path], list[str]]:
+    """The files of a folder or glob, of each DatasetDict among them only those of `split`; and a note
+    per DatasetDict of what was taken.
+
+    A DatasetDict keeps its splits in folders (root/train/data-00000-of-00001.arrow, root/test/...);
+    read as plain folders they would be merged into one corpus, test first. So a DatasetDict needs
+    --split, and the split must be one of its own.
+    """
+    kept: list[Path] = []
+    notes: dict[Path, str] = {}
+    for path in found:
+        root = path.parent.parent
+        splits = dataset_dict_splits(root)
+        if splits is None or path.parent.name not in splits:
+            kept.append(path)
+            continue
+        if split is None:
+            raise InputError(f"{pattern}: {root} is a datasets DatasetDict with splits {', '.join(splits)}; "
+                             "choose one with --split NAME")
+        if split not in splits:
+            raise InputError(f"{pattern}: --split {split}: {root} has no such split (its splits: "
+                             f"{', '.join(splits)}); choose one of them")
+        notes[root] = f"split {split!r} of the DatasetDict {root} (splits: {', '.join(splits)}), "
+        if path.parent.name == split:
+            kept.append(path)
+    return kept, list(notes.values())
+
+
+def check_split_used(split: str | None, *selections: InputSelection) -> None:
+    """Refuse a --split that chose nothing: none of the inputs was a DatasetDict folder."""
+    if split is not None and not any(selection.split_used for selection in selections):
+        raise InputError(f"--split {split}: no input is a datasets DatasetDict folder (one with "
+                         f"{DATASET_DICT_INDEX}), so there is no split to choose; drop --split")
 
 
 def check_readable(path: Path) -> None:
@@ -211,7 +291,9 @@ def _text_from_json(line: str, field: str, where: str) -> str:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
-        raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line") from e
+        # Some of json's messages end in "at" already ("Unterminated string starting at").
+        at = "" if e.msg.endswith(" at") else " at"
+        raise InputError(f"{where}: not valid JSON ({e.msg}{at} column {e.colno}); fix or remove the line") from e
     if not isinstance(record, dict) or field not in record:
         keys = ", ".join(map(repr, record)) if isinstance(record, dict) else type(record).__name__
         raise InputError(f"{where}: no {field!r} field (found {keys}); choose the field with --text-field")

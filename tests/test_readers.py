@@ -19,10 +19,12 @@ from pipeline.readers import (
     _jsonl_rows,
     _jsonl_table_at_once,
     _rows_table,
+    check_split_used,
     expand_inputs,
     plan_reads,
     read_documents,
     read_unit,
+    select_inputs,
 )
 
 DOCS = [f"document {i}: " + "ünïcode words " * (i % 7 + 1) for i in range(40)]
@@ -30,6 +32,25 @@ DOCS = [f"document {i}: " + "ünïcode words " * (i % 7 + 1) for i in range(40)]
 
 def jsonl_bytes(texts, field="text") -> bytes:
     return "".join(json.dumps({field: t, "id": i}) + "\n" for i, t in enumerate(texts)).encode()
+
+
+def write_arrow_stream(path: Path, table: pa.Table) -> Path:
+    """What `datasets` save_to_disk writes: the Arrow IPC *stream* format, beside JSON metadata."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with pa.ipc.new_stream(path, table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=9):
+            writer.write_batch(batch)
+    (path.parent / "dataset_info.json").write_text("{}")
+    (path.parent / "state.json").write_text("{}")
+    return path
+
+
+def write_dataset_dict(root: Path, splits: dict[str, list[str]]) -> Path:
+    """A `datasets.DatasetDict.save_to_disk` folder: dataset_dict.json and a saved dataset per split."""
+    for name, texts in splits.items():
+        write_arrow_stream(root / name / "data-00000-of-00001.arrow", pa.table({"text": texts}))
+    (root / "dataset_dict.json").write_text(json.dumps({"splits": list(splits)}))
+    return root
 
 
 def write_all_formats(folder: Path, texts=DOCS) -> dict[str, Path]:
@@ -48,13 +69,7 @@ def write_all_formats(folder: Path, texts=DOCS) -> dict[str, Path]:
     table = pa.table({"id": list(range(len(texts))), "text": texts})
     paths["parquet"].parent.mkdir(parents=True)
     pq.write_table(table, paths["parquet"], row_group_size=7)  # several row groups
-    paths["arrow"].parent.mkdir(parents=True)
-    # datasets.save_to_disk writes the Arrow IPC *stream* format beside JSON metadata
-    with pa.ipc.new_stream(paths["arrow"], table.schema) as writer:
-        for batch in table.to_batches(max_chunksize=9):
-            writer.write_batch(batch)
-    (paths["arrow"].parent / "dataset_info.json").write_text("{}")
-    (paths["arrow"].parent / "state.json").write_text("{}")
+    write_arrow_stream(paths["arrow"], table)
     return paths
 
 
@@ -192,7 +207,12 @@ def test_missing_field_and_bad_json_name_file_and_line(tmp_path):
     with pytest.raises(InputError, match=r"fields.jsonl:23: no 'text' field \(found 'content'\)"):
         read_all([path], chunk_bytes=64)  # the error is in a later unit: the line number still counts from 1
     path.write_text('{"text": "ok"}\n{"text": "unterminated\n')
-    with pytest.raises(InputError, match=r"fields.jsonl:2: not valid JSON"):
+    with pytest.raises(InputError) as error:
+        read_all([path])
+    assert str(error.value) == (f"{path}:2: not valid JSON (Unterminated string starting at column 10); "
+                                "fix or remove the line")
+    path.write_text('{"text": "ok"}\n{"text" "no colon"}\n')
+    with pytest.raises(InputError, match=r"fields.jsonl:2: not valid JSON \(Expecting ':' delimiter at column 9\)"):
         read_all([path])
     table = pa.table({"body": ["a", None]})
     pq.write_table(table, tmp_path / "nulls.parquet")
@@ -213,3 +233,28 @@ def test_read_documents_on_ray_keeps_input_order(tmp_path):
         ray.shutdown()
     assert [r["text"] for r in rows] == DOCS * len(paths)
     assert [r["source"] for r in rows[:: len(DOCS)]] == [str(p) for p in expand_inputs([str(tmp_path)])]
+
+
+def test_a_dataset_dict_is_read_one_split_at_a_time(tmp_path):
+    """A DatasetDict folder keeps its splits apart: read as a plain folder it would merge them, test first."""
+    root = write_dataset_dict(tmp_path / "corpus", {"train": DOCS[:30], "test": DOCS[30:]})
+    (tmp_path / "other.jsonl").write_bytes(jsonl_bytes(DOCS[:2]))
+    for pattern in (root, tmp_path, tmp_path / "corpus" / "*" / "*.arrow"):
+        with pytest.raises(InputError, match=rf"{root} is a datasets DatasetDict with splits train, test; "
+                                             r"choose one with --split NAME"):
+            expand_inputs([str(pattern)])
+    selection = select_inputs([str(root)], split="train")
+    assert [r["text"] for r in read_all(selection.files)] == DOCS[:30]
+    assert selection.describe() == (f"reading --input {root}: split 'train' of the DatasetDict {root} "
+                                    "(splits: train, test), 1 file, 0.0 MB")
+    assert [r["text"] for r in read_all(expand_inputs([str(tmp_path)], split="test"))] == DOCS[30:] + DOCS[:2]
+    with pytest.raises(InputError, match=r"--split validation: .*corpus has no such split \(its splits: train, "
+                                         r"test\); choose one of them"):
+        expand_inputs([str(root)], split="validation")
+    # A file named directly is read whatever folder it is in; --split then chooses nothing, and says so.
+    direct = select_inputs([str(root / "test" / "data-00000-of-00001.arrow")], split="test")
+    assert [r["text"] for r in read_all(direct.files)] == DOCS[30:]
+    with pytest.raises(InputError, match=r"--split test: no input is a datasets DatasetDict folder"):
+        check_split_used("test", direct)
+    check_split_used("test", direct, select_inputs([str(root)], split="test"))
+    check_split_used(None, direct)
