@@ -11,12 +11,29 @@ and keeps its traceback.
 from __future__ import annotations
 
 import sys
+import traceback
 
 USER_ERROR_STATUS = 2
 
 
 class PipelineError(Exception):
-    """A preprocessing input, output or flag is unusable; the message names it and what to do."""
+    """A preprocessing input, output or flag is unusable; the message names it and what to do.
+
+    The message is kept apart from `args`: Ray Data appends its retry advice to the args of any error
+    raised in a task ("Failed to apply UDF transform after 1/1 attempts ... if you believe this to be
+    transient"), which is about Ray, not about the input, and would reach the user's one error line.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple[type, tuple[str]]:
+        # Ray pickles a task's error to send it to the driver: the message travels, not the annotated args.
+        return type(self), (self.message,)
 
 
 def report_user_error(error: BaseException) -> int:
@@ -42,10 +59,13 @@ def find_pipeline_error(error: BaseException) -> PipelineError | None:
     return None
 
 
-def report_pipeline_error(error: BaseException) -> int:
+def report_pipeline_error(error: BaseException, debug: bool = False) -> int:
     """For the pipeline's commands, whose errors may come back wrapped by Ray: report the PipelineError
-    behind `error` (see `report_user_error`), or re-raise `error` when there is none (a bug)."""
+    behind `error` (see `report_user_error`), or re-raise `error` when there is none (a bug). With
+    `debug` (a command's --debug) the full traceback, Ray's wrapping included, comes first."""
     user_error = find_pipeline_error(error)
     if user_error is None:
         raise error
+    if debug:
+        traceback.print_exception(error, file=sys.stderr)
     return report_user_error(user_error)

@@ -3,12 +3,16 @@
 With no address (and RAY_ADDRESS unset) Ray starts embedded in this process with local workers; with
 an address, or under `ray job submit` (which sets RAY_ADDRESS for the job), the job joins that cluster
 and uses its resources. Either way the driver's Ray Data context is set up for our jobs here.
+`submission_id` tells whether this process is a submitted job, and `quiet_ray_data_console` keeps
+Ray Data's own log lines off the terminal.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import warnings
 
 import ray
 import ray.data
@@ -43,3 +47,38 @@ def _notice_finished_tasks_sooner(seconds: float = 0.01) -> None:
 
     if hasattr(streaming_executor_state, "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S"):
         streaming_executor_state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S = seconds
+
+
+# Set by Ray's job manager for a job's entrypoint, and only there: {"runtime_env": ..., "metadata":
+# {"job_submission_id": ...}}. Ray's own driver start-up reads it by this name (ray._private.worker).
+JOB_CONFIG_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def submission_id() -> str | None:
+    """The id of the `ray job submit` job this process is the entrypoint of, or None when it is not one.
+
+    Read from the environment, so it is known before Ray is started or joined.
+    """
+    config = os.environ.get(JOB_CONFIG_ENV_VAR)
+    if not config:
+        return None
+    try:
+        metadata = json.loads(config).get("metadata") or {}
+    except (ValueError, AttributeError):
+        metadata = {}
+    return str(metadata.get("job_submission_id") or "(id unknown)")
+
+
+def quiet_ray_data_console() -> None:
+    """Keep Ray Data's log off the terminal; its log file (the Ray session's logs/ray-data*) keeps it all.
+
+    When a read or encode task fails on bad input, Ray Data logs its own account of the failure (about
+    200 lines of traceback, ending for errors outside a map function in "please open an issue on the Ray
+    project") before the command can print its one error line naming the file and line. Ray Data
+    configures its loggers when `ray.data` is imported (done above), with one console handler. Its
+    Python warnings (tuning hints such as "the operator only received 1 input(s)") go too.
+    """
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", module=r"ray\.data\.")

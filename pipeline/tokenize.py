@@ -2,7 +2,8 @@
 
     python -m pipeline.tokenize --input data/en.jsonl --tokenizer tok.model --out datasets/en
 
-The same command runs under `ray job submit --working-dir . -- python -m pipeline.tokenize ...`.
+The same command runs under `ray job submit --working-dir . -- python -m pipeline.tokenize ...`
+(with absolute paths on storage every node mounts; see README.md, "On your own Ray cluster").
 Ray Data runs one stage: each task reads its share of the input (`pipeline.readers`; up to 64 MiB) and
 encodes it with SentencePiece in one batched call (the model is loaded once per worker process),
 returning the block's tokens as one flat Arrow array with per-document offsets. Ray Data's
@@ -44,9 +45,9 @@ from pipeline.dataset import (
     describe_tokenizer,
     token_dtype,
 )
-from pipeline.errors import report_pipeline_error
+from pipeline.command import add_input_flags, add_ray_flags, new_parser, run_command
 from pipeline.ray_runtime import init_ray
-from pipeline.readers import InputError, expand_inputs, read_documents
+from pipeline.readers import InputError, check_split_used, read_documents, select_inputs
 
 # Blocks of at least 1 MiB and at most 64 MiB; see `_block_bytes`.
 MIN_BLOCK_BYTES, MAX_BLOCK_BYTES = 1 << 20, 64 << 20
@@ -63,6 +64,7 @@ class TokenizeConfig:
     tokenizer: Path
     out: Path
     text_field: str = "text"
+    split: str | None = None  # of a `datasets` DatasetDict input
     val_fraction: float = 0.005
     seed: int = 0
     shard_tokens: int = 1 << 26  # 128 MiB shards at uint16
@@ -94,12 +96,25 @@ class TokenizeStats:
     def mb_per_s(self) -> float:
         return self.text_bytes / 1e6 / max(self.seconds, 1e-9)
 
-    def summary(self, out: Path) -> str:
+    def summary(self) -> str:
         return (
             f"tokenized {self.documents} documents ({self.train_documents} train, {self.val_documents} val) "
             f"into {self.tokens} tokens in {self.shards} shards; skipped {self.skipped_empty} empty; "
             f"replaced invalid UTF-8 in {self.replaced_utf8}; {self.bytes_per_token:.2f} bytes/token; "
-            f"{self.text_bytes / 1e6:.1f} MB in {self.seconds:.1f} s = {self.mb_per_s:.2f} MB/s -> {out}"
+            f"{self.text_bytes / 1e6:.1f} MB in {self.seconds:.1f} s = {self.mb_per_s:.2f} MB/s"
+        )
+
+    def empty_validation_warning(self, val_fraction: float) -> str | None:
+        """A warning when --val-fraction held out no document: a trainer would have nothing to evaluate
+        on (its default evaluation set is each dataset's val split)."""
+        if self.val_documents or not self.documents or val_fraction == 0:
+            return None
+        # About 10 documents make a usable, if noisy, validation split.
+        suggested = min(0.5, 10 / self.documents)
+        return (
+            f"warning: the validation split is empty: --val-fraction {val_fraction} of {self.documents} documents "
+            f"held out none (about {val_fraction * self.documents:.1f} expected); pass --val-fraction "
+            f"{suggested:.2g} or more to hold out about 10, or give the trainer another --eval-dataset"
         )
 
 
@@ -270,7 +285,10 @@ def tokenize(config: TokenizeConfig) -> tuple[dict, TokenizeStats]:
         tokenizer = describe_tokenizer(config.tokenizer)
     except (RuntimeError, OSError) as e:
         raise InputError(f"--tokenizer {config.tokenizer}: not a SentencePiece model ({e})") from e
-    files = expand_inputs(config.inputs)
+    selection = select_inputs(config.inputs, config.split)
+    check_split_used(config.split, selection)
+    print(selection.describe(), flush=True)
+    files = selection.files
     dtype = token_dtype(tokenizer.vocab_size)
 
     init_ray(config.address, config.num_cpus)
@@ -355,33 +373,39 @@ def _write_block(block: pa.Table, writers: dict[str, ShardWriter], stats: Tokeni
         stats.replaced_utf8 += int(batch.column("replaced_utf8").to_numpy(zero_copy_only=False).sum())
 
 
-def parse_args(argv: Sequence[str] | None = None) -> TokenizeConfig:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.tokenize", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", action="append", required=True, dest="inputs",
-                        help="a file, glob or folder of .jsonl[.gz|.zst], .parquet, .arrow or .txt (repeatable)")
-    parser.add_argument("--tokenizer", type=Path, required=True, help="a SentencePiece .model")
-    parser.add_argument("--out", type=Path, required=True, help="the dataset folder to create")
-    parser.add_argument("--text-field", default="text", help="JSON field / column holding the text")
-    parser.add_argument("--val-fraction", type=float, default=0.005, help="held-out fraction of documents")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the validation split's hash")
+def build_parser() -> argparse.ArgumentParser:
+    parser = new_parser("python -m pipeline.tokenize", __doc__.split("\n\n")[0])
+    add_input_flags(parser)
+    parser.add_argument("--tokenizer", type=Path, required=True, metavar="PATH", help="a SentencePiece .model")
+    parser.add_argument("--out", type=Path, required=True, metavar="PATH",
+                        help="the dataset folder to create (format: pipeline/FORMAT.md)")
+    parser.add_argument("--val-fraction", type=float, default=TokenizeConfig.val_fraction,
+                        help="share of documents held out as the validation split, chosen by a hash of each "
+                             "text; of N documents, 10/N holds out about 10")
+    parser.add_argument("--seed", type=int, default=TokenizeConfig.seed, help="seeds the validation split's hash")
     parser.add_argument("--shard-tokens", type=int, default=TokenizeConfig.shard_tokens,
                         help="start a new shard at the first document boundary past this many tokens")
     parser.add_argument("--chunk-mb", type=float, default=None,
-                        help="input read and encoded per Ray task (MiB); default: the input split evenly "
-                             "across the workers, 1 to 64 MiB each")
+                        help="input read and encoded per Ray task (MiB) (default: the input split evenly "
+                             "across the workers, 1 to 64 MiB each)")
     parser.add_argument("--batch-size", type=int, default=TokenizeConfig.batch_size,
                         help="documents per encode call (default: a whole block)")
     parser.add_argument("--workers", type=int, default=None,
                         help="concurrent read+encode tasks (default: the cluster's CPUs)")
-    parser.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS or local)")
-    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for an embedded local Ray")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
-    args = parser.parse_args(argv)
-    return TokenizeConfig(
+    add_ray_flags(parser)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[TokenizeConfig, bool]:
+    """The job's config and whether --debug was given."""
+    args = build_parser().parse_args(argv)
+    config = TokenizeConfig(
         inputs=args.inputs,
         tokenizer=args.tokenizer,
         out=args.out,
         text_field=args.text_field,
+        split=args.split,
         val_fraction=args.val_fraction,
         seed=args.seed,
         shard_tokens=args.shard_tokens,
@@ -392,16 +416,22 @@ def parse_args(argv: Sequence[str] | None = None) -> TokenizeConfig:
         num_cpus=args.num_cpus,
         overwrite=args.overwrite,
     )
+    return config, args.debug
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config = parse_args(argv)
-    try:
+    config, debug = parse_args(argv)
+
+    def work() -> Path:
         _, stats = tokenize(config)
-    except Exception as e:  # noqa: BLE001 - ours (also inside a Ray task error) become one line; a bug re-raises
-        return report_pipeline_error(e)
-    print(stats.summary(Path(config.out)))
-    return 0
+        print(stats.summary())
+        warning = stats.empty_validation_warning(config.val_fraction)
+        if warning:
+            print(warning, file=sys.stderr)
+        return config.out
+
+    return run_command(work, {"--input": config.inputs, "--tokenizer": config.tokenizer, "--out": config.out},
+                       debug)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,11 @@ def test_page_names_and_aliases_are_passed_over():
         find_pages("xx")
 
 
-def test_renders_pages_to_jsonl(tmp_path, capsys):
+def test_renders_pages_to_jsonl(tmp_path, capsys, monkeypatch):
     out = tmp_path / "en.jsonl"
+    monkeypatch.chdir(tmp_path)  # a relative --out is fine outside a Ray job, and reported absolute
     try:
-        assert main(["--lang", "en", "--out", str(out), "--limit", "4", "--num-cpus", "2"]) == 0
+        assert main(["--lang", "en", "--out", "en.jsonl", "--limit", "4", "--num-cpus", "2"]) == 0
     finally:
         ray.shutdown()
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -34,5 +35,6 @@ def test_renders_pages_to_jsonl(tmp_path, capsys):
     for row in rows:
         assert row["lang"] == "en" and (row["name"], row["section"]) == page_name(Path(row["path"]))
         assert len(row["text"]) > 200 and "\x08" not in row["text"]  # rendered, without overstrike
-    assert "rendered 4 of 4 en man pages" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "rendered 4 of 4 en man pages" in printed and printed.endswith(f"output: {out}\n")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") or ".partial" in p.name]  # no temp files left

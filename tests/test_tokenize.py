@@ -1,5 +1,5 @@
-"""The tokenize job end to end on a real local Ray: formats, determinism, bad input, kill-and-rerun,
-and a `ray job submit` run against a `ray start --head` cluster."""
+"""The tokenize job end to end on a real local Ray: formats, determinism, bad input, kill-and-rerun.
+A `ray job submit` run against a `ray start --head` cluster is in test_readme_cluster.py."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,10 +20,9 @@ import sentencepiece as spm
 from pipeline.dataset import DatasetError, TokenDataset
 from pipeline.ray_runtime import init_ray
 from pipeline.readers import InputError
-from service.launcher import free_port
 from conftest import train_spm
 from pipeline.tokenize import TokenizeConfig, main, newlines_split_words, tokenize
-from test_readers import write_all_formats
+from test_readers import write_all_formats, write_dataset_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -145,6 +143,59 @@ def test_bad_input_is_counted_or_named(tmp_path, english_lines, english_model, c
     assert not list(tmp_path.glob(".f.staging-*"))
 
 
+def test_bad_input_is_one_error_line_and_debug_adds_the_traceback(tmp_path, english_lines, english_model, capsys):
+    """Ray reports a task's failure at length (its traceback; its retry advice appended to the error's
+    message; for some errors "please open an issue on the Ray project"): the user sees one line. Run as
+    the user runs it, in a process of its own: pytest's capture would hide what Ray logs to the terminal."""
+    lines = [json.dumps({"text": t}) for t in english_lines[:30]]
+    lines[12] = '{"text": "unterminated'
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("\n".join(lines) + "\n")
+    argv = ["--input", str(broken), "--tokenizer", str(english_model), "--out", str(tmp_path / "ds")]
+    expected = f"error: {broken}:13: not valid JSON (Unterminated string starting at column 10); fix or remove the line"
+    job = subprocess.run([sys.executable, "-m", "pipeline.tokenize", *argv, "--num-cpus", "1"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert job.returncode == 2
+    assert_one_error_line(job.stderr, expected)
+    assert main(argv + ["--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.rstrip("\n").rsplit("\n", 1)[-1] == expected
+    assert not (tmp_path / "ds").exists()
+
+
+def assert_one_error_line(stderr: str, expected: str) -> None:
+    """`expected` is the last line of a command's stderr, whole, and nothing of Ray's comes before it."""
+    *before, last = stderr.rstrip("\n").split("\n")
+    assert last == expected, stderr[-3000:]
+    assert not [line for line in before if "ray" in line.lower() and "Token authentication" not in line], \
+        stderr[-3000:]  # (Ray's notice that its local instance uses token authentication may stay)
+    assert "Traceback" not in stderr, stderr[-3000:]
+
+
+def test_a_small_corpus_warns_that_its_validation_split_is_empty(tmp_path, english_lines, english_model, capsys):
+    source = write_jsonl(tmp_path / "small.jsonl", english_lines[:120])
+    out = tmp_path / "small"
+    assert main(["--input", str(source), "--tokenizer", str(english_model), "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert TokenDataset(out).val.num_documents == 0  # the default --val-fraction, 0.005, of 120 documents
+    assert ("warning: the validation split is empty: --val-fraction 0.005 of 120 documents held out none "
+            "(about 0.6 expected); pass --val-fraction 0.083 or more to hold out about 10") in printed.err
+    assert printed.out.endswith(f"output: {out.resolve()}\n")
+    assert main(["--input", str(source), "--tokenizer", str(english_model), "--out", str(tmp_path / "larger"),
+                 "--val-fraction", "0.083"]) == 0
+    assert "warning" not in capsys.readouterr().err and TokenDataset(tmp_path / "larger").val.num_documents > 0
+
+
+def test_a_dataset_dict_split_is_tokenized_alone(tmp_path, english_lines, german_lines, english_model, capsys):
+    root = write_dataset_dict(tmp_path / "corpus", {"train": english_lines[:50], "test": german_lines[:20]})
+    argv = ["--input", str(root), "--tokenizer", str(english_model), "--out", str(tmp_path / "ds"), "--val-fraction", "0"]
+    assert main(argv) == 2
+    assert "is a datasets DatasetDict with splits train, test; choose one with --split NAME" in capsys.readouterr().err
+    assert main(argv + ["--split", "train"]) == 0
+    assert f"reading --input {root}: split 'train' of the DatasetDict {root}" in capsys.readouterr().out
+    assert decode_all(TokenDataset(tmp_path / "ds"), "train") == english_lines[:50]
+
+
 def test_overwrite_is_explicit_and_never_touches_other_folders(tmp_path, english_lines, english_model):
     source = write_jsonl(tmp_path / "en.jsonl", english_lines[:20])
     run(tmp_path, "ds", [source], english_model)
@@ -185,52 +236,3 @@ def test_killed_job_leaves_nothing_valid_and_rerun_succeeds(tmp_path, english_li
         TokenDataset(out)
     ds, stats = run(tmp_path, "ds", [source], english_model)
     assert stats.documents == len(english_lines) * 15 and not staging.exists()
-
-
-@pytest.mark.slow
-def test_ray_job_submit_on_a_local_head(tmp_path, english_lines, english_model):
-    source = write_jsonl(tmp_path / "en.jsonl", english_lines[:200])
-    ray_bin = Path(sys.executable).parent / "ray"
-    port, dashboard = free_port(), free_port()
-    # Every port the head opens, chosen free: other Ray clusters on this machine hold the defaults.
-    ports = {flag: free_port() for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                            "metrics-export-port", "ray-client-server-port",
-                                            "runtime-env-agent-port", "node-manager-port", "object-manager-port")}
-    temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    env.pop("RAY_ADDRESS", None)
-    # `ray start --block` in its own process group, so that stopping it stops this cluster only
-    # (`ray stop` would stop every Ray on the machine).
-    head = subprocess.Popen(
-        [str(ray_bin), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dashboard}",
-         "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp_dir}",
-         *(f"--{flag}={value}" for flag, value in ports.items())],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        excludes = [".venv", ".git", "data", "runs", "**/__pycache__", ".pytest_cache", "*.egg-info"]
-        submit = [
-            str(ray_bin), "job", "submit", f"--address=http://127.0.0.1:{dashboard}", f"--working-dir={REPO}",
-            f"--runtime-env-json={json.dumps({'excludes': excludes})}", "--",
-            sys.executable, "-m", "pipeline.tokenize", "--input", str(source), "--tokenizer", str(english_model),
-            "--out", str(tmp_path / "ds"),
-        ]
-        not_up_yet = ("Connection refused", "ConnectionError", "No available agent")
-        for _ in range(45):  # the job server and its agent answer a while after the head starts
-            result = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
-            if result.returncode == 0 or not any(s in result.stdout + result.stderr for s in not_up_yet):
-                break
-            assert head.poll() is None, f"the Ray head exited while starting; see {temp_dir}/session_latest/logs"
-            time.sleep(2)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        assert "tokenized 200 documents" in result.stdout
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-    local, _ = run(tmp_path, "local", [source], english_model)
-    submitted = TokenDataset(tmp_path / "ds", verify="full")
-    assert submitted.manifest["splits"] == local.manifest["splits"]

@@ -7,6 +7,8 @@ user-defined and control pieces. Every check compares against sentencepiece itse
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections import Counter
 from itertools import accumulate
 from pathlib import Path
@@ -31,6 +33,7 @@ from pipeline.tokenizer.report import ExtensionReport
 from pipeline.tokenizer.pieces import producible
 from pipeline.tokenizer.sample import is_heldout, text_lines, write_lines
 from pipeline.tokenizer.train import TokenizerTrainConfig, train_tokenizer
+from test_tokenize import REPO, assert_one_error_line
 
 BASES = {
     "bpe": dict(model_type="bpe", vocab_size=200),
@@ -302,6 +305,18 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys, english_lin
     assert code == 2
     assert "base.model: not a SentencePiece model" in capsys.readouterr().err
     assert not (tmp_path / "out.model").exists()
+
+
+def test_cli_shows_a_wrong_text_field_in_one_line(tmp_path, english_lines):
+    """A task error that Ray Data would report with a traceback and "please open an issue on the Ray
+    project" is the one line naming file, line and flag (run in a process of its own, as a user runs it)."""
+    source = _jsonl(tmp_path / "en.jsonl", english_lines[:20])
+    command = subprocess.run([sys.executable, "-m", "pipeline.tokenizer", "train", "--input", source, "--text-field",
+                              "body", "--vocab-size", "50", "--out", str(tmp_path / "en.model"), "--num-cpus", "1"],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert command.returncode == 2
+    assert_one_error_line(command.stderr,
+                          f"error: {source}:1: no 'body' field (found 'text'); choose the field with --text-field")
 
 
 def test_old_text_guard_refuses_a_regression(tmp_path):

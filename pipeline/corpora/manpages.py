@@ -27,7 +27,8 @@ import ray
 from tqdm import tqdm
 
 from pipeline.atomic_file import atomic_writer
-from pipeline.errors import PipelineError, report_pipeline_error
+from pipeline.command import add_ray_flags, new_parser, run_command
+from pipeline.errors import PipelineError
 from pipeline.ray_runtime import init_ray
 
 MAN_ROOT = Path("/usr/share/man")
@@ -148,30 +149,38 @@ def build_corpus(config: ManpagesConfig) -> dict:
     return counts
 
 
-def parse_args(argv: Sequence[str] | None = None) -> ManpagesConfig:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.corpora.manpages", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lang", required=True, help="en, de, ... (a folder under /usr/share/man, en = the root)")
-    parser.add_argument("--out", type=Path, required=True, help="the JSONL file to write")
-    parser.add_argument("--limit", type=int, default=None, help="render only the first N pages (sorted)")
-    parser.add_argument("--man-root", type=Path, default=MAN_ROOT, help="where the man pages are installed")
-    parser.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS or local)")
-    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for an embedded local Ray")
-    args = parser.parse_args(argv)
-    return ManpagesConfig(args.lang, args.out, args.limit, args.man_root, args.address, args.num_cpus)
+def build_parser() -> argparse.ArgumentParser:
+    parser = new_parser("python -m pipeline.corpora.manpages", __doc__.split("\n\n")[0])
+    parser.add_argument("--lang", required=True,
+                        help="en, de, ...: a folder under --man-root holding man*/ folders (en: the root itself)")
+    parser.add_argument("--out", type=Path, required=True, metavar="PATH", help="the JSONL file to write")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="render only the first N pages in sorted order (default: every page)")
+    parser.add_argument("--man-root", type=Path, default=MAN_ROOT, metavar="PATH",
+                        help="where the man pages are installed")
+    add_ray_flags(parser)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[ManpagesConfig, bool]:
+    """The command's config and whether --debug was given."""
+    args = build_parser().parse_args(argv)
+    return ManpagesConfig(args.lang, args.out, args.limit, args.man_root, args.address, args.num_cpus), args.debug
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config = parse_args(argv)
-    try:
+    config, debug = parse_args(argv)
+
+    def work() -> Path:
         counts = build_corpus(config)
-    except Exception as e:  # noqa: BLE001 - ours (also inside a Ray task error) become one line; a bug re-raises
-        return report_pipeline_error(e)
-    print(
-        f"rendered {counts['written']} of {counts['pages']} {config.lang} man pages "
-        f"({counts['failed']} failed, {counts['empty']} empty) = {counts['bytes'] / 1e6:.1f} MB of text "
-        f"in {counts['seconds']} s -> {config.out}"
-    )
-    return 0
+        print(
+            f"rendered {counts['written']} of {counts['pages']} {config.lang} man pages "
+            f"({counts['failed']} failed, {counts['empty']} empty) = {counts['bytes'] / 1e6:.1f} MB of text "
+            f"in {counts['seconds']} s"
+        )
+        return config.out
+
+    return run_command(work, {"--out": config.out, "--man-root": config.man_root}, debug)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""`python -m pipeline.tokenizer train|extend ...`: the one place that parses flags into configs.
+"""Train a SentencePiece tokenizer on a corpus, or extend one with the pieces of a new corpus while every
+existing id keeps its piece.
 
 Examples:
     python -m pipeline.tokenizer train --input en.jsonl --vocab-size 8000 --out en.model
@@ -6,6 +7,7 @@ Examples:
         --new-pieces 8000 --out en+de.model      # also writes en+de.report.json
 
 Both run the same under `ray job submit -- python -m pipeline.tokenizer ...` (they join the cluster).
+This module is the command line: it parses the flags into a `train.py` or `extend.py` config.
 """
 
 from __future__ import annotations
@@ -15,55 +17,61 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.errors import report_pipeline_error
+from pipeline.command import HelpFormatter, add_input_flags, add_ray_flags, new_parser, run_command
 from pipeline.tokenizer.extend import ExtendConfig, extend_tokenizer
 from pipeline.tokenizer.sample import HOLDOUT_FRACTION
 from pipeline.tokenizer.train import TokenizerTrainConfig, train_tokenizer
 
+DESCRIPTION, EXAMPLES = __doc__.split("\n\n")[:2]
+
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", nargs="+", action="extend", required=True, dest="inputs",
-                        help="input files, folders or globs, as the tokenize job reads them (repeatable)")
-    parser.add_argument("--out", type=Path, required=True, help="the .model file to write")
-    parser.add_argument("--text-field", default="text", help="JSON field holding the text (default: text)")
-    parser.add_argument("--max-sample-bytes", type=int, default=200_000_000,
-                        help="train on at most this many bytes, chosen by hash (default: 200 MB)")
+    add_input_flags(parser)
+    parser.add_argument("--out", type=Path, required=True, metavar="PATH", help="the .model file to write")
+    parser.add_argument("--max-sample-bytes", type=int, default=TokenizerTrainConfig.max_sample_bytes,
+                        help="train on at most this many bytes of text, documents chosen by a hash of their text")
     parser.add_argument("--holdout-fraction", type=float, default=HOLDOUT_FRACTION,
-                        help="share of documents (by hash) never trained on, kept for measuring (default: 0.05)")
+                        help="share of documents (by hash) never trained on, kept for measuring")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--ray-address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS or local)")
-    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
+    add_ray_flags(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.tokenizer", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = new_parser("python -m pipeline.tokenizer", DESCRIPTION, EXAMPLES)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,extend}")
 
-    train = commands.add_parser("train", help="train a SentencePiece model on a sample of a corpus")
+    train = commands.add_parser("train", help="train a SentencePiece model on a sample of a corpus",
+                                description="Train a SentencePiece model on a hash-chosen sample of a corpus.",
+                                formatter_class=HelpFormatter, allow_abbrev=False)
     _common(train)
-    train.add_argument("--vocab-size", type=int, required=True)
-    train.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    train.add_argument("--vocab-size", type=int, required=True, help="pieces in the model, special pieces included")
+    train.add_argument("--model-type", choices=("bpe", "unigram"), default=TokenizerTrainConfig.model_type,
+                       help="SentencePiece's algorithm")
     train.add_argument("--byte-fallback", action="store_true", help="spell unknown characters as UTF-8 bytes")
-    train.add_argument("--character-coverage", type=float, default=0.9995)
+    train.add_argument("--character-coverage", type=float, default=TokenizerTrainConfig.character_coverage,
+                       help="share of the sample's characters the model must cover; the rarest rest become <unk>")
 
-    extend = commands.add_parser("extend", help="append pieces learned on a new corpus to an existing model")
+    extend = commands.add_parser("extend", help="append pieces learned on a new corpus to an existing model",
+                                 description="Append pieces learned on a new corpus to an existing SentencePiece "
+                                             "model; ids 0..V-1 keep their pieces. Also writes OUT's report.json.",
+                                 formatter_class=HelpFormatter, allow_abbrev=False)
     _common(extend)
-    extend.add_argument("--base", type=Path, required=True, help="the SentencePiece .model to extend")
-    extend.add_argument("--old-input", nargs="+", action="extend", required=True, dest="old_inputs",
+    extend.add_argument("--base", type=Path, required=True, metavar="PATH", help="the SentencePiece .model to extend")
+    extend.add_argument("--old-input", nargs="+", action="extend", required=True, dest="old_inputs", metavar="PATH",
                         help="text like the base's corpus: its held-out slice checks old text does not get worse")
     extend.add_argument("--new-pieces", type=int, required=True,
                         help="append at most this many pieces; every character of the new text that the base "
                         "lacks is one of them")
-    extend.add_argument("--max-heldout-bytes", type=int, default=20_000_000,
-                        help="measure bytes per token on at most this much held-out text (default: 20 MB)")
+    extend.add_argument("--max-heldout-bytes", type=int, default=ExtendConfig.max_heldout_bytes,
+                        help="measure bytes per token on at most this much held-out text")
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> TokenizerTrainConfig | ExtendConfig:
     common = dict(
-        inputs=tuple(args.inputs), out=args.out, text_field=args.text_field, max_sample_bytes=args.max_sample_bytes,
-        holdout_fraction=args.holdout_fraction, overwrite=args.overwrite, ray_address=args.ray_address,
-        num_cpus=args.num_cpus,
+        inputs=tuple(args.inputs), out=args.out, text_field=args.text_field, split=args.split,
+        max_sample_bytes=args.max_sample_bytes, holdout_fraction=args.holdout_fraction, overwrite=args.overwrite,
+        address=args.address, num_cpus=args.num_cpus,
     )
     if args.command == "train":
         return TokenizerTrainConfig(vocab_size=args.vocab_size, model_type=args.model_type, byte_fallback=args.byte_fallback,
@@ -75,14 +83,18 @@ def config_from_args(args: argparse.Namespace) -> TokenizerTrainConfig | ExtendC
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
-    try:
+
+    def work() -> Path:
         if isinstance(config, TokenizerTrainConfig):
             train_tokenizer(config)
         else:
             extend_tokenizer(config)
-    except Exception as e:  # noqa: BLE001 - ours (also inside a Ray task error) become one line; a bug re-raises
-        return report_pipeline_error(e)
-    return 0
+        return config.out
+
+    paths = {"--input": config.inputs, "--out": config.out}
+    if isinstance(config, ExtendConfig):
+        paths |= {"--base": config.base, "--old-input": config.old_inputs}
+    return run_command(work, paths, args.debug)
 
 
 if __name__ == "__main__":

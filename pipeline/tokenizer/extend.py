@@ -18,6 +18,7 @@ from typing import Sequence
 
 from pipeline.atomic_file import write_atomically
 from pipeline.dataset import sha256_file
+from pipeline.readers import check_split_used, select_inputs
 from pipeline.tokenizer.model_proto import (
     ModelProto,
     NewPiece,
@@ -66,11 +67,12 @@ class ExtendConfig:
     new_pieces: int
     out: Path
     text_field: str = "text"
+    split: str | None = None  # of `datasets` DatasetDict inputs, new or old
     max_sample_bytes: int = 200_000_000
     max_heldout_bytes: int = 20_000_000
     holdout_fraction: float = HOLDOUT_FRACTION
     overwrite: bool = False
-    ray_address: str | None = None
+    address: str | None = None
     num_cpus: int | None = None
 
 
@@ -197,14 +199,17 @@ def extend_tokenizer(config: ExtendConfig) -> dict:
     report_file = report_path(config.out)
     for path in (config.out, report_file):
         refuse_existing(path, config.overwrite)
+    new_inputs, old_inputs = (select_inputs(inputs, config.split) for inputs in (config.inputs, config.old_inputs))
+    check_split_used(config.split, new_inputs, old_inputs)
+    print(f"{new_inputs.describe('--input')}\n{old_inputs.describe('--old-input')}", flush=True)
     with tempfile.TemporaryDirectory(prefix="replaymix-extend-") as scratch_dir:
         scratch = Path(scratch_dir)
         new, old = (
-            load_sample(inputs, config.text_field, scratch / name, train_bytes, config.max_heldout_bytes,
-                        config.holdout_fraction, config.ray_address, config.num_cpus)
+            load_sample(selection.files, config.text_field, scratch / name, train_bytes, config.max_heldout_bytes,
+                        config.holdout_fraction, config.address, config.num_cpus)
             # Old text is only measured, never trained on: its sample is the held-out slice alone.
-            for name, inputs, train_bytes in (("new", config.inputs, config.max_sample_bytes),
-                                              ("old", config.old_inputs, 0))
+            for name, selection, train_bytes in (("new", new_inputs, config.max_sample_bytes),
+                                                 ("old", old_inputs, 0))
         )
         for name, sample in (("--input", new), ("--old-input", old)):
             if sample.heldout_lines == 0:
@@ -241,6 +246,6 @@ def extend_tokenizer(config: ExtendConfig) -> dict:
         f"old {gains['old_text']['before']} -> {gains['old_text']['after']} ({gains['old_text']['change']:+.1%}); "
         f"<unk> share new {unknown['new_text']['before']:.2%} -> {unknown['new_text']['after']:.2%}, "
         f"old {unknown['old_text']['before']:.2%} -> {unknown['old_text']['after']:.2%} "
-        f"in {time.perf_counter() - started:.1f} s; report {report_file}"
+        f"in {time.perf_counter() - started:.1f} s; report {report_file.resolve()}"
     )
     return report

@@ -104,9 +104,13 @@ def sample_text(
     counts = {0: [0, 0, 0], 1: [0, 0, 0], 2: [0, 0, 0]}  # role -> documents, lines, bytes
     corpus_bytes = 0
     train_file, heldout_file = folder / "train.txt", folder / "heldout.txt"
-    with open(train_file, "w", encoding="utf-8") as train, open(heldout_file, "w", encoding="utf-8") as held:
+    # The bar is closed on an error too, so that the error starts a line of its own.
+    with (
+        open(train_file, "w", encoding="utf-8") as train,
+        open(heldout_file, "w", encoding="utf-8") as held,
+        tqdm(desc="sampling", unit="doc", mininterval=2) as progress,
+    ):
         outputs = {1: train, 2: held}
-        progress = tqdm(desc="sampling", unit="doc", mininterval=2)
         for batch in selected.iter_batches(batch_format="numpy", batch_size=1024):
             corpus_bytes += int(batch["bytes"].sum())
             for text, role in zip(batch["text"], batch["role"].tolist()):
@@ -118,7 +122,6 @@ def sample_text(
                     stats[1] += len(lines)
                     stats[2] += sum(len(line.encode("utf-8")) for line in lines)
             progress.update(len(batch["role"]))
-        progress.close()
     corpus_documents = sum(stats[0] for stats in counts.values())
     return TextSample(train_file, heldout_file, corpus_documents, corpus_bytes, *counts[1], *counts[2])
 

@@ -19,7 +19,7 @@ import sentencepiece as spm
 
 from pipeline.atomic_file import write_atomically
 from pipeline.ray_runtime import init_ray
-from pipeline.readers import expand_inputs, read_documents
+from pipeline.readers import check_split_used, read_documents, select_inputs
 from pipeline.tokenizer.model_proto import TokenizerError, load_model_proto
 from pipeline.tokenizer.sample import HOLDOUT_FRACTION, TextSample, sample_text
 
@@ -37,10 +37,11 @@ class TokenizerTrainConfig:
     byte_fallback: bool = False
     character_coverage: float = 0.9995
     text_field: str = "text"
+    split: str | None = None  # of a `datasets` DatasetDict input
     max_sample_bytes: int = 200_000_000
     holdout_fraction: float = HOLDOUT_FRACTION
     overwrite: bool = False
-    ray_address: str | None = None
+    address: str | None = None
     num_cpus: int | None = None
 
 
@@ -97,20 +98,21 @@ def refuse_existing(path: Path, overwrite: bool) -> None:
 
 
 def load_sample(
-    inputs: Sequence[str],
+    files: Sequence[Path],
     text_field: str,
     folder: Path,
     max_train_bytes: int,
     max_heldout_bytes: int,
     holdout_fraction: float,
-    ray_address: str | None,
+    address: str | None,
     num_cpus: int | None,
 ) -> TextSample:
-    """Read the inputs with the pipeline's readers on Ray and write the sample under `folder`."""
-    init_ray(ray_address, num_cpus)
-    documents = read_documents(list(inputs), text_field=text_field)
+    """Read the input files (see `select_inputs`) with the pipeline's readers on Ray and write the sample
+    under `folder`."""
+    init_ray(address, num_cpus)
+    documents = read_documents([str(path) for path in files], text_field=text_field)
     # File sizes (known without reading) set the sampling rate; compressed inputs just sample more.
-    estimated_bytes = sum(path.stat().st_size for path in expand_inputs(list(inputs)))
+    estimated_bytes = sum(path.stat().st_size for path in files)
     return sample_text(documents, folder, max_train_bytes, max_heldout_bytes, estimated_bytes, holdout_fraction)
 
 
@@ -120,10 +122,13 @@ def train_tokenizer(config: TokenizerTrainConfig) -> dict:
         raise TokenizerError(f"--vocab-size {config.vocab_size}: must be positive")
     refuse_existing(config.out, config.overwrite)
     started = time.perf_counter()
+    selection = select_inputs(config.inputs, config.split)
+    check_split_used(config.split, selection)
+    print(selection.describe(), flush=True)
     with tempfile.TemporaryDirectory(prefix="replaymix-tokenizer-") as scratch:
         sample = load_sample(
-            config.inputs, config.text_field, Path(scratch), config.max_sample_bytes, 0,
-            config.holdout_fraction, config.ray_address, config.num_cpus,
+            selection.files, config.text_field, Path(scratch), config.max_sample_bytes, 0,
+            config.holdout_fraction, config.address, config.num_cpus,
         )
         model = train_sentencepiece(
             sample.train_file,
