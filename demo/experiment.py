@@ -164,9 +164,10 @@ def served_frontier(url: str, read_token_file: Path) -> int:
 
 
 def trainer_args(cfg: ExperimentConfig, out: Path, steps: int, eval_sets: Sequence[str]) -> list[object]:
+    """A trainer's flags common to both phases. --overwrite: a run left unfinished by an earlier invocation
+    starts afresh (its stream does too); finished runs are skipped before a trainer starts."""
     return [sys.executable, "-m", "trainer", f"--model={cfg.model}", f"--steps={steps}", f"--out={out}",
-            f"--seq-len={cfg.seq_len}", f"--global-batch={cfg.global_batch}",
-            f"--micro-batch={cfg.micro_batch}", f"--eval-every={cfg.eval_every}",
+            "--overwrite", f"--micro-batch={cfg.micro_batch}", f"--eval-every={cfg.eval_every}",
             f"--eval-batches={cfg.eval_batches}", f"--device={cfg.device}", f"--seed={cfg.seed}", "--log-every=1",
             *(f"--eval-dataset={name}={cfg.work_dir / 'datasets' / name}" for name in eval_sets),
             *cfg.extra_trainer_args]
@@ -207,8 +208,10 @@ def pretrain_english(cfg: ExperimentConfig) -> Path:
     if not finished(out):
         banner(f"phase 1: pretraining a {cfg.model} GPT on English for {cfg.phase1_steps} steps")
         # Evaluated on English only: German ids of the extended tokenizer do not exist in this model yet.
+        # In-process mixing: the batch geometry is given here; phase 2's services decide it for their trainers.
         run([*trainer_args(cfg, out, cfg.phase1_steps, ["en"]), f"--dataset=en={cfg.work_dir / 'datasets' / 'en'}",
-             *cfg.infinite_schedule_args(), f"--decay-steps={cfg.anneal_steps(cfg.phase1_steps)}",
+             f"--seq-len={cfg.seq_len}", f"--global-batch={cfg.global_batch}", *cfg.infinite_schedule_args(),
+             f"--decay-steps={cfg.anneal_steps(cfg.phase1_steps)}",
              f"--save-at={cfg.phase1_anneal_start}"])
     return out
 

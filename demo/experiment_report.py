@@ -133,13 +133,14 @@ def live_switch_lines(run_dir: Path, spec: Phase2Run) -> list[str]:
     change = run_dir / LIVE_CHANGE_NAME
     stage = json.loads(change.read_text())["stage"] if change.exists() else None
     lines = [f"Live ratio change in `{spec.name}`: `curl -X PUT /v1/mix` to {spec.switch_to:.0%} English while "
-             "it trained" + (f"; the service put the new stage at step {stage['start_step']}, the first step "
+             "it trained" + (f"; the service put the new stage at batch step {stage['start_step']}, the first step "
                              "not yet served." if stage else ", but the run ended before the change was made."),
-             "English share of the batches, per window of steps (from the trainer's per-step metrics):", "",
-             "| steps | mean | min | max |", "|---|---|---|---|"]
+             "English share of the batches, per window of batch steps (from the trainer's per-step metrics; "
+             "batch step s is the one the update to step s + 1 trained on):", "",
+             "| batch steps | mean | min | max |", "|---|---|---|---|"]
     window = max(1, len(train) // 20)
     for first in range(0, len(train), window):
         shares = [r["source_share"]["en"] for r in train[first:first + window]]
-        lines.append(f"| {train[first]['step']}-{train[first + len(shares) - 1]['step']} | {sum(shares) / len(shares):.3f} "
-                     f"| {min(shares):.3f} | {max(shares):.3f} |")
+        lines.append(f"| {train[first]['batch_step']}-{train[first + len(shares) - 1]['batch_step']} "
+                     f"| {sum(shares) / len(shares):.3f} | {min(shares):.3f} | {max(shares):.3f} |")
     return lines + [""]

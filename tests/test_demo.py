@@ -47,8 +47,8 @@ def test_quick_demo_end_to_end(tmp_path):
         if spec.switch_to is not None:
             stage_start = json.loads((work / "runs" / spec.name / LIVE_CHANGE_NAME).read_text())["stage"]["start_step"]
             assert stage_start >= cfg.phase2_steps // 2  # never rewrites a step already served
-        for record in train:  # record["step"] counts updates: the batch of step s is logged as s + 1
-            expected = spec.switch_to if record["step"] > stage_start else spec.replay
+        for record in train:  # batch_step: the service's number of the batch the update trained on
+            expected = spec.switch_to if record["batch_step"] >= stage_start else spec.replay
             # every prefix of the sample sequence is within one sample of its share, so a batch within two
             assert abs(record["source_share"]["en"] - expected) < 2 / cfg.global_batch
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,7 @@ import torch
 
 from tests.conftest import train_spm
 from trainer.__main__ import main
-from trainer.train_config import parse_args
+from trainer.train_config import build_parser, parse_args, resume_command
 from trainer.metrics_log import read_metrics
 from trainer.train import train
 
@@ -21,8 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 # OpenMP thread costs far more than it gives.
 torch.set_num_threads(1)
 
-SMALL = ["--model", "test", "--seq-len", "32", "--global-batch", "8", "--micro-batch", "4",
-         "--eval-batches", "2", "--no-progress"]
+SMALL = ["--model", "test", "--micro-batch", "4", "--eval-batches", "2", "--no-progress"]
+# In-process mixing only: with --stream the service decides the batch geometry.
+GEOMETRY = ["--seq-len", "32", "--global-batch", "8"]
 
 
 @pytest.fixture
@@ -34,7 +39,7 @@ def datasets(token_dataset_factory, english_model, english_lines, german_lines):
 
 def args_for(datasets: dict[str, Path], out: Path, *extra: str) -> list[str]:
     flags = [f"--dataset={name}={path}" for name, path in datasets.items()]
-    return flags + SMALL + ["--out", str(out), *extra]
+    return flags + SMALL + GEOMETRY + ["--out", str(out), *extra]
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
@@ -300,3 +305,167 @@ def test_report_compares_runs(tmp_path, datasets):
     for png in ("train_loss.png", "lr.png", "val_en.png", "val_de.png"):
         assert (tmp_path / "rep" / png).read_bytes()[:4] == b"\x89PNG"
     assert report_main([str(tmp_path / "missing"), "--out", str(tmp_path / "rep")]) == 2
+
+
+def run_files(run_dir: Path) -> dict[str, bytes]:
+    """Every file of a run folder and its bytes: what a refused command must leave as it was."""
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_an_earlier_run_is_kept_unless_resume_or_overwrite_is_given(tmp_path, datasets, capsys):
+    """Issue 18: starting a run in a folder that holds one truncated its metrics and overwrote its checkpoints."""
+    out = tmp_path / "run"
+    assert main(args_for(datasets, out, "--steps", "3", "--save-at", "2")) == 0
+    before = run_files(out)
+    capsys.readouterr()
+
+    assert main(args_for(datasets, out, "--steps", "3")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out} holds an earlier run (metrics.jsonl, checkpoints/final.pt, "
+                          "checkpoints/latest.pt and 1 more)")
+    assert "add --resume to continue it" in err and "add --overwrite to delete it" in err
+    assert run_files(out) == before  # nothing touched
+
+    with pytest.raises(SystemExit) as refused:
+        main(args_for(datasets, out, "--steps", "3", "--resume", "--overwrite"))
+    assert refused.value.code == 2 and "pick one" in capsys.readouterr().err
+
+    # --overwrite starts afresh: the old run's files are gone, not mixed with the new run's.
+    assert main(args_for(datasets, out, "--steps", "2", "--overwrite")) == 0
+    assert not (out / "checkpoints" / "step-000002.pt").exists() and max(train_losses(out)) == 2
+
+    # A run that stopped before its first checkpoint cannot be resumed: the message says --overwrite.
+    (out / "checkpoints" / "latest.pt").unlink()
+    assert main(args_for(datasets, out, "--steps", "2", "--resume")) == 2
+    assert "replace --resume with --overwrite" in capsys.readouterr().err
+
+
+def test_resume_command_drops_what_only_starts_a_run():
+    assert resume_command(["--init-from", "a.pt", "--overwrite", "--steps=3", "--init-from=b.pt", "--out", "r"]) == [
+        "--steps=3", "--out", "r", "--resume"]
+    assert resume_command(["--out", "r", "--resume"]) == ["--out", "r", "--resume"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_after_a_step_with_a_checkpoint_and_the_resume_command(tmp_path, datasets, signum):
+    """Issue 18: Ctrl-C (or a scheduler's SIGTERM) ended in a traceback and lost every step since the last
+    checkpoint. A real `python -m trainer` is signalled mid-run: it must finish the step, checkpoint it, print
+    the command that resumes, exit 128 + signal; that command must then finish the run exactly as an
+    uninterrupted one (losses, evaluations, model and optimizer to the bit)."""
+    common = ["--steps", "80", "--checkpoint-every", "1000", "--eval-every", "40", "--weights", "en=3,de=1",
+              "--lr-schedule", "wsd", "--max-lr", "2e-3"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    # One thread, as this process trains the straight run, so that the arithmetic is the same to the bit.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, "-m", "trainer", *args_for(datasets, stopped, *common)], cwd=REPO,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = stopped / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count('"kind": "train"') >= 3):
+        assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+        time.sleep(0.05)
+    child.send_signal(signum)
+    stdout, stderr = child.communicate(timeout=120)
+
+    assert child.returncode == 128 + signum, stderr
+    assert "Traceback" not in stderr
+    stopped_at = max(train_losses(stopped))
+    assert 3 <= stopped_at < 80 and checkpoint_of(stopped, "latest.pt")["step"] == stopped_at  # no step lost
+    assert f"stopped by {signal.Signals(signum).name} at step {stopped_at}" in stderr
+    command = shlex.split(stderr.split("resume with:\n", 1)[1].splitlines()[0])
+    assert command == [sys.executable, "-m", "trainer", *args_for(datasets, stopped, *common), "--resume"]
+
+    resumed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    train(parse_args(args_for(datasets, straight, *common)))
+    assert train_losses(stopped) == train_losses(straight) and sorted(train_losses(straight)) == list(range(1, 81))
+    assert evals(stopped) == evals(straight)
+    for name in ("model", "optimizer"):
+        assert_bitwise_equal(checkpoint_of(stopped)[name], checkpoint_of(straight)[name], name)
+
+
+def test_resuming_a_finished_run_says_it_is_finished_and_changes_nothing(tmp_path, datasets, capsys):
+    """Issue 18: --resume of a finished run printed "final loss nan"."""
+    out = tmp_path / "run"
+    assert main(args_for(datasets, out, "--steps", "3")) == 0
+    before = run_files(out)
+    capsys.readouterr()
+    assert main(args_for(datasets, out, "--steps", "3", "--resume")) == 0
+    printed = capsys.readouterr().out
+    assert f"{out}: the run is finished: its checkpoint is at step 3 and --steps is 3" in printed
+    assert f"last train loss {train_losses(out)[3]:.4f} at step 3" in printed and "nan" not in printed
+    assert run_files(out) == before
+    # Another model size or schedule is refused, not silently replaced by the checkpoint's.
+    assert main(args_for(datasets, out, "--steps", "3", "--resume", "--model", "tiny", "--lr-schedule", "wsd")) == 2
+    err = capsys.readouterr().err
+    assert "--model: checkpoint 'test', given 'tiny'" in err
+    assert "--lr-schedule: checkpoint 'cosine', given 'wsd'" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_is_refused_before_anything_starts(tmp_path, datasets, capsys):
+    """Issue 18: --device cuda without CUDA ended in an AttributeError from torch's internals."""
+    out = tmp_path / "run"
+    assert main(args_for(datasets, out, "--device", "cuda")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --device cuda: no CUDA device is available: ") and "--device cpu" in err
+    assert not out.exists()
+
+
+def test_with_stream_the_flags_the_service_decides_are_refused(tmp_path, capsys):
+    """Issue 18: with --stream, --seq-len, --global-batch, --weights and --data-seed were silently ignored."""
+    stream = ["--stream", "http://127.0.0.1:1", "--out", str(tmp_path)]
+    for flag, value, service_flag in (("--seq-len", "32", "--seq-len"), ("--global-batch", "8", "--global-batch"),
+                                      ("--weights", "en=1", "--weights"), ("--data-seed", "0", "--seed")):
+        with pytest.raises(SystemExit) as refused:
+            parse_args([*stream, flag, value])
+        err = capsys.readouterr().err
+        assert refused.value.code == 2
+        assert f"{flag}: with --stream the mixer service decides these (its {service_flag}); drop them" in err
+    # In-process mixing keeps its defaults.
+    data = parse_args(["--dataset=en=x", "--dataset=de=y", "--out", str(tmp_path)]).data
+    assert (data.seq_len, data.global_batch, data.seed, data.weights) == (256, 32, 0, {"en": 1.0, "de": 1.0})
+
+
+def test_an_empty_val_split_names_both_ways_to_get_one(tmp_path, token_dataset_factory, english_model,
+                                                       english_lines, capsys):
+    """Issue 18: a small corpus tokenized at the default --val-fraction has no val split; the trainer must
+    say how to get one: --eval-dataset here, or the tokenize job's --val-fraction."""
+    no_val = token_dataset_factory("en", english_lines[:100], english_model)
+    assert main(args_for({"en": no_val.root}, tmp_path / "run", "--steps", "2")) == 2
+    err = capsys.readouterr().err
+    assert f"the val split of {no_val.root} holds 0 tokens" in err
+    assert "--eval-dataset NAME=PATH" in err and "`python -m pipeline.tokenize --val-fraction`" in err
+
+
+def test_no_progress_prints_a_line_per_evaluation(tmp_path, datasets, capsys):
+    """Issue 18: --no-progress printed nothing until the end."""
+    assert main(args_for(datasets, tmp_path / "run", "--steps", "4", "--eval-every", "2")) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines[:3]] == ["step 0/4", "step 2/4", "step 4/4"]
+    assert lines[0].startswith("step 0/4: val loss en ") and lines[2].startswith("step 4/4: train loss ")
+    assert lines[3].startswith("trained steps 0..4") and len(lines) == 4
+
+
+def test_train_records_name_the_batch_they_trained_on(tmp_path, datasets):
+    """Issue 18: steps were 0-based in the service and 1-based in metrics.jsonl with nothing saying so. A train
+    record's step counts the updates done; its batch_step is the mixer's number of the batch it trained on."""
+    out = tmp_path / "run"
+    train(parse_args(args_for(datasets, out, "--steps", "3")))
+    records = [r for r in read_metrics(out) if r["kind"] == "train"]
+    assert [(r["step"], r["batch_step"]) for r in records] == [(1, 0), (2, 1), (3, 2)]
+    assert [r["step"] for r in evals(out)] == [0, 3]  # the model before any update, and after the last
+    assert checkpoint_of(out)["step"] == 3  # the model after 3 updates, which resumes by fetching batch 3
+
+
+def test_every_flag_has_help_and_its_default():
+    """Issue 18: most trainer flags showed no help or default in --help."""
+    from trainer.report import build_parser as report_parser
+
+    for parser in (build_parser(), report_parser()):
+        for action in parser._actions:
+            if action.help == "==SUPPRESS==" or action.dest == "help":
+                continue
+            assert action.help, f"{parser.prog} {action.option_strings or action.dest}: no help"
+            if action.option_strings and not action.required:
+                assert "default" in action.help, f"{parser.prog} {action.option_strings}: no default in its help"

@@ -1,11 +1,15 @@
 """`python -m trainer ...`: parse the flags and train (under torchrun, once per rank)."""
 
+import os
+import shlex
 import sys
+from typing import Sequence
 
 from pipeline.errors import PipelineError, report_user_error
 from service.errors import ServiceError
 from trainer.errors import TrainerError
-from trainer.train_config import parse_args
+from trainer.stop_request import RunStopped
+from trainer.train_config import parse_args, resume_command
 from trainer.train import train
 
 # A damaged dataset or extension report, a refused or unreachable stream, an unusable checkpoint, and the
@@ -13,12 +17,26 @@ from trainer.train import train
 USER_ERRORS = (PipelineError, ServiceError, TrainerError, ConnectionError, ValueError)
 
 
-def main(argv: list[str] | None = None) -> int:
+def how_to_resume(argv: Sequence[str]) -> str:
+    """The command line that resumes the run `argv` started; under torchrun, with the user's own launcher
+    options, which this process cannot see."""
+    flags = shlex.join(resume_command(argv))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"torchrun <the same torchrun options> -m trainer {flags}"
+    return f"{shlex.join([sys.executable, '-m', 'trainer'])} {flags}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     config = parse_args(argv)
     try:
         train(config)
     except USER_ERRORS as e:
         return report_user_error(e)
+    except RunStopped as stopped:
+        if stopped.is_main:
+            print(f"{stopped}; resume with:\n  {how_to_resume(argv)}", file=sys.stderr, flush=True)
+        return stopped.exit_status
     return 0
 
 

@@ -20,9 +20,11 @@ from pipeline.dataset import DatasetError, TokenSplit
 def validation_windows(split: TokenSplit, seq_len: int, count: int, where: str) -> np.ndarray:
     """(count, seq_len + 1) token windows spread evenly over the split."""
     if split.num_tokens < seq_len + 1:
+        # A small corpus tokenized at the default --val-fraction gets an empty val split: name both fixes.
         raise DatasetError(
-            f"{where}: the val split holds {split.num_tokens} tokens, fewer than one window of "
-            f"{seq_len + 1}; give a dataset with a larger val split or a smaller --seq-len"
+            f"{where}: the val split of {split.root} holds {split.num_tokens} tokens, fewer than one window of "
+            f"{seq_len + 1} (the sequence length + 1); give a held-out set with --eval-dataset NAME=PATH, or "
+            "tokenize the dataset again with a larger `python -m pipeline.tokenize --val-fraction`"
         )
     starts = np.linspace(0, split.num_tokens - (seq_len + 1), count).astype(np.int64)
     return np.stack([split.read(int(s), seq_len + 1).astype(np.int64) for s in starts])

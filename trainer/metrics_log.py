@@ -1,5 +1,13 @@
 """metrics.jsonl: one JSON object per logged step ("kind": "train") and per evaluation ("kind": "eval").
 
+Steps, here as everywhere in replaymix, count optimizer updates done: step s is the model after s updates.
+The update from step s to s + 1 trains on the batch the mixer (in-process or the service) numbers s, so
+step numbers and the service's batch numbers are one count. A train record says `"step": s + 1` (the step
+that update reached) and `"batch_step": s` (the batch it trained on: the number to compare with the
+service's mix stages and /v1/batches/{step}); an eval record's `"step"` is the step whose model it measured
+(0: before any update). A checkpoint of step s (checkpoints/step-00000s.pt) holds the model after s updates,
+and resuming from it fetches batch s next.
+
 Appended by rank 0 as the run goes; a resumed run first drops the records its checkpoint does not cover,
 so the file always reads as one uninterrupted run. `read_metrics` is what `trainer.report` uses.
 """

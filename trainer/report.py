@@ -80,11 +80,22 @@ def write_report(run_dirs: Sequence[Path], out: Path) -> Path:
     return report
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.report", allow_abbrev=False,
+        description="Compare training runs: DIR/report.md with each run's final training loss, each validation "
+                    "set's final loss and its change since the run's first evaluation (+ forgetting, - adaptation), "
+                    "throughput and data wait; and plots of the training loss, learning rate and validation losses "
+                    "by step (steps count optimizer updates done).")
+    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",
+                        help="run folders written by `python -m trainer --out` (their metrics.jsonl), one or more")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR",
+                        help="where report.md and the plots go (created if missing; its files are replaced)")
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.report", description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         report = write_report(args.runs, args.out)
     except TrainerError as e:

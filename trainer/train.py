@@ -4,12 +4,17 @@ continue from (--init-from), or this run's own latest checkpoint (--resume).
 Per step: fetch this rank's rows, split them into micro-batches (gradient accumulation, with DDP's
 all-reduce only on the last), clip, step AdamW at the schedule's rate. Rank 0 writes metrics.jsonl
 and checkpoints. Under torchrun, RANK/WORLD_SIZE/LOCAL_RANK select the rank.
+
+Steps count updates done: the loop's update from step s to s + 1 trains on the batch the mixer serves as
+step s, and is logged, evaluated and checkpointed as step s + 1 (see trainer/metrics_log.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,8 +44,11 @@ from trainer.data import BatchSource, open_eval_splits, open_source
 from trainer.embedding_growth import grow_vocab, pad_optimizer_state
 from trainer.evaluate import Evaluator, eval_record
 from trainer.lr_schedules import RunSchedule, build_schedule, continue_schedule
-from trainer.metrics_log import MetricsLog
+from trainer.errors import TrainerError
+from trainer.metrics_log import METRICS_NAME, MetricsLog, read_metrics
 from trainer.model import GPT, config_for
+from trainer.run_dir import check_run_dir, delete_earlier_run
+from trainer.stop_request import RunStopped, StopRequest
 from trainer.train_config import RESUMABLE_FLAGS, TrainConfig, config_record, resume_differences
 
 StepHook = Callable[[int, nn.Module, Batch], None]
@@ -55,6 +63,20 @@ class Distributed:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def require_device(kind: str) -> None:
+    """Refuse --device cuda where torch sees no CUDA device, before anything starts (torch would fail later,
+    deep in setting the device, with an AttributeError that names neither the flag nor the fix)."""
+    if kind != "cuda" or torch.cuda.is_available():
+        return
+    if torch.version.cuda is None:
+        why = (f"this torch ({torch.__version__}) is a CPU-only build; install a CUDA build of torch into this "
+               "environment (see https://pytorch.org/get-started/locally/)")
+    else:
+        why = (f"torch {torch.__version__} is built for CUDA {torch.version.cuda} but sees no GPU; check nvidia-smi, "
+               "the driver and CUDA_VISIBLE_DEVICES")
+    raise TrainerError(f"--device cuda: no CUDA device is available: {why}; or train on the CPU with --device cpu")
 
 
 def init_distributed(device: str) -> Distributed:
@@ -95,9 +117,7 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict, config: Train
 
 def build_state(config: TrainConfig, source: BatchSource, device: torch.device) -> TrainingState:
     """A fresh model, a continued one (--init-from: own step count, maybe grown vocabulary), or a resumed one."""
-    resume_path = latest_checkpoint(config.out) if config.resume else None
-    if config.resume and resume_path is None:
-        raise CheckpointError(f"{config.out / CHECKPOINT_DIR / LATEST}: nothing to resume; drop --resume to start")
+    resume_path = latest_checkpoint(config.out) if config.resume else None  # there: check_run_dir made sure
     payload = load_checkpoint(resume_path or config.init_from) if (resume_path or config.init_from) else None
     if resume_path is not None:
         _check_resumable(resume_path, payload, config)
@@ -223,7 +243,10 @@ def train(config: TrainConfig, on_step: StepHook | None = None) -> GPT:
     """Run the training described by `config`; return the trained (unwrapped) model.
 
     `on_step(step, model, batch)` is called on every rank after each update (tests check DDP with it).
+    Raises RunStopped after the checkpoint a SIGINT or SIGTERM asked for.
     """
+    require_device(config.device)
+    check_run_dir(config.out, config.resume, config.overwrite)
     dist_info = init_distributed(config.device)
     device = torch.device(f"cuda:{dist_info.local_rank}" if config.device == "cuda" else "cpu")
     if device.type == "cuda":
@@ -231,15 +254,27 @@ def train(config: TrainConfig, on_step: StepHook | None = None) -> GPT:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    source = open_source(config.data, dist_info.rank, dist_info.world_size)
-    try:
-        return _run(config, source, dist_info, device, on_step)
-    finally:
-        source.close()
+    # From here a signal waits for the next step boundary, also one that comes while the data opens.
+    with StopRequest(dist_info.world_size, device, announce=dist_info.is_main) as stop:
+        source = open_source(config.data, dist_info.rank, dist_info.world_size)
+        try:
+            return _run(config, source, dist_info, device, on_step, stop)
+        finally:
+            source.close()
+
+
+def _report_finished(config: TrainConfig, step: int) -> None:
+    """--resume of a run already at (or past) its --steps: say so, and what is kept, instead of training nothing."""
+    trained = [r for r in read_metrics(config.out) if r["kind"] == "train"]
+    last = f", last train loss {trained[-1]['loss']:.4f} at step {trained[-1]['step']}" if trained else ""
+    print(f"{config.out}: the run is finished: its checkpoint is at step {step} and --steps is {config.steps}, so "
+          f"there is nothing to train. Kept as they were: {CHECKPOINT_DIR}/ and {METRICS_NAME}{last}. To train on, "
+          f"start a new run from it (--init-from {config.out / CHECKPOINT_DIR / LATEST} --out ANOTHER_DIR), or "
+          "resume with a larger --steps, which holds the recorded schedule's final rate", flush=True)
 
 
 def _run(config: TrainConfig, source: BatchSource, dist_info: Distributed, device: torch.device,
-         on_step: StepHook | None) -> GPT:
+         on_step: StepHook | None, stop: StopRequest) -> GPT:
     rows = source.global_batch // dist_info.world_size
     if source.global_batch % dist_info.world_size or rows % config.data.micro_batch:
         raise ValueError(
@@ -248,6 +283,10 @@ def _run(config: TrainConfig, source: BatchSource, dist_info: Distributed, devic
         )
     state = build_state(config, source, device)
     model = state.model
+    if state.start_step >= config.steps:
+        if dist_info.is_main:
+            _report_finished(config, state.start_step)
+        return model
     evaluator = Evaluator(open_eval_splits(config.data, source), source.seq_len, config.data.eval_batches,
                           config.data.micro_batch, model.config.vocab_size, dist_info.rank, dist_info.world_size)
 
@@ -258,9 +297,15 @@ def _run(config: TrainConfig, source: BatchSource, dist_info: Distributed, devic
             forward, device_ids=[device.index] if device.type == "cuda" else None
         )
 
-    log = MetricsLog(config.out, resume_step=state.start_step if config.resume else None) if dist_info.is_main else None
+    log = None
+    if dist_info.is_main:
+        if config.overwrite:  # only now that the run has started: a run that fails to start deletes nothing
+            delete_earlier_run(config.out)
+        log = MetricsLog(config.out, resume_step=state.start_step if config.resume else None)
     run_config = config_record(config)
     first_eval = state.first_eval
+    last_loss = float("nan")
+    saved_step = -1  # the step checkpoints/latest.pt was last written at
 
     def evaluate(step: int) -> None:
         nonlocal first_eval
@@ -268,8 +313,14 @@ def _run(config: TrainConfig, source: BatchSource, dist_info: Distributed, devic
         first_eval = first_eval or losses
         if log is not None:
             log.write(eval_record(step, losses, first_eval))
+            # One line per evaluation, also without the bar: a long run shows how it goes.
+            train_loss = "" if math.isnan(last_loss) else f"train loss {last_loss:.4f}, "
+            tqdm.write(f"step {step}/{config.steps}: {train_loss}val loss "
+                       + ", ".join(f"{name} {loss:.4f}" for name, loss in losses.items()), file=sys.stdout)
 
     def checkpoint(step: int, *names: str) -> None:
+        nonlocal saved_step
+        saved_step = step if LATEST in names else saved_step
         if dist_info.is_main:
             for name in names:
                 save_checkpoint(config.out / CHECKPOINT_DIR / name, model, state.optimizer, step, first_eval,
@@ -287,8 +338,13 @@ def _run(config: TrainConfig, source: BatchSource, dist_info: Distributed, devic
     bar = tqdm(total=config.steps, initial=state.start_step, desc="train", unit="step",
                disable=not (dist_info.is_main and config.progress))
     batches = source.batches(state.start_step)
-    last_loss = float("nan")
     for step in range(state.start_step, config.steps):
+        signum = stop.agreed()
+        if signum:
+            if saved_step != step:
+                checkpoint(step, LATEST)
+            bar.close()
+            raise RunStopped(signum, step, config.out / CHECKPOINT_DIR / LATEST, dist_info.is_main)
         wait_started = time.perf_counter()
         batch = next(batches)
         tokens = torch.from_numpy(batch.tokens).to(device, non_blocking=True)
@@ -317,7 +373,8 @@ def _run(config: TrainConfig, source: BatchSource, dist_info: Distributed, devic
             if log is not None:
                 shares = (reduced[1:] / reduced[1:].sum()).tolist()
                 log.write({
-                    "kind": "train", "step": done, "loss": last_loss, "lr": lr, "grad_norm": grad_norm.item(),
+                    "kind": "train", "step": done, "batch_step": step, "loss": last_loss, "lr": lr,
+                    "grad_norm": grad_norm.item(),
                     "tokens_per_s": tokens_per_s, "data_wait_share": wait_share,
                     "source_share": dict(zip(source.names, shares)),
                 })

@@ -54,6 +54,7 @@ class TrainConfig:
     reset_optimizer: bool = False
     extension_report: Path | None = None
     resume: bool = False
+    overwrite: bool = False  # start afresh in an --out that holds an earlier run, deleting it
     seed: int = 0  # model initialisation
     device: str = "cpu"
     compile: bool = False
@@ -73,7 +74,12 @@ RESUMABLE_FLAGS = ("--steps", "--eval-every", "--log-every", "--checkpoint-every
                    "--device", "--compile", "--micro-batch", "--stream", "--stream-read-ahead",
                    "--stream-token-file")
 # How a run began; a resumed run takes what they made from its checkpoint instead.
-_START_FLAGS = ("--out", "--resume", "--init-from", "--reset-optimizer", "--extension-report")
+_START_FLAGS = ("--out", "--resume", "--overwrite", "--init-from", "--reset-optimizer", "--extension-report")
+# What only starting a run may say, with how many values each takes: a resume command leaves them out.
+_NOT_ON_RESUME = {"--init-from": 1, "--overwrite": 0}
+# The batch geometry and mix that a mixer service decides for its readers, with the service's flag for each.
+_SERVICE_DECIDES = {"--weights": "--weights", "--seq-len": "--seq-len", "--global-batch": "--global-batch",
+                    "--data-seed": "--seed"}
 
 
 def flag_of(path: str) -> str:
@@ -123,6 +129,24 @@ def resume_differences(recorded: Mapping[str, Any], config: TrainConfig) -> list
     return differences
 
 
+def resume_command(argv: Sequence[str]) -> list[str]:
+    """The flags that resume the run `argv` started (or resumed): the same ones, with --resume, and without
+    those that only start a run (--init-from, --overwrite). The parser takes no abbreviations, so every flag
+    in `argv` is spelt as it is here."""
+    kept: list[str] = []
+    skip = 0
+    for token in argv:
+        if skip:
+            skip -= 1
+            continue
+        name, attached, _ = token.partition("=")
+        if name in _NOT_ON_RESUME:
+            skip = 0 if attached else _NOT_ON_RESUME[name]
+            continue
+        kept.append(token)
+    return kept if "--resume" in kept else [*kept, "--resume"]
+
+
 def _pairs(text: str, flag: str) -> tuple[str, str]:
     name, sep, value = text.partition("=")
     if not sep or not name or not value:
@@ -142,79 +166,126 @@ def _weights(text: str) -> dict[str, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every flag with its help and default. Abbreviations are off: a resume command is rebuilt from the
+    flags as typed (`resume_command`), and one spelling per flag keeps the CLIs' names comparable."""
     p = argparse.ArgumentParser(
         prog="python -m trainer",
         description="Continue (or start) pretraining a GPT on a replay-mixed token stream.",
+        allow_abbrev=False,
+        epilog="Steps count optimizer updates: step s is the state after s updates, and the update from s to s+1 "
+               "trains on the batch a mixer serves as its step s. metrics.jsonl records each update at the step it "
+               "reached (with the batch_step it trained on), each evaluation at the step it measured, and "
+               "checkpoints/step-NNNNNN.pt the state at step NNNNNN. SIGINT or SIGTERM (Ctrl-C) ends the "
+               "current step, checkpoints, prints the command that resumes the run, and exits 130 or 143.",
     )
-    src = p.add_argument_group("data")
+    src = p.add_argument_group("data (give --dataset for in-process mixing, or --stream for a mixer service)")
     src.add_argument("--dataset", action="append", default=[], metavar="NAME=PATH",
-                     help="a token dataset to mix in-process (repeat for each)")
-    src.add_argument("--weights", type=_weights, default={}, metavar="NAME=W,...",
-                     help="mixing weights of the --dataset names (default: equal)")
-    src.add_argument("--stream", metavar="URL", help="pull batches from a mixer service instead")
+                     help="a token dataset (from `python -m pipeline.tokenize`) to mix in-process; repeat for each "
+                          "(default: none; give this or --stream)")
+    src.add_argument("--weights", type=_weights, metavar="NAME=W,...",
+                     help="in-process mixing weights, one per --dataset name (default: equal); with --stream the "
+                          "service's schedule decides them")
+    src.add_argument("--stream", metavar="URL",
+                     help="pull batches from a mixer service (`python -m service`) instead (default: none)")
     src.add_argument("--stream-token-file", type=Path, metavar="PATH",
                      help="with --stream: file holding the service's read token (its --read-token-file); omit it only "
-                          "for a service started with --allow-anonymous-reads")
+                          "for a service started with --allow-anonymous-reads (default: none)")
     src.add_argument("--stream-read-ahead", type=int, metavar="STEPS",
                      help="with --stream: fetch STEPS steps per request and keep STEPS ready, so about 3 x STEPS "
                           "are served ahead of training (default: ~4 MiB per request); small values make a ratio "
                           "change without start_step land sooner")
-    src.add_argument("--seq-len", type=int, default=DataConfig.seq_len)
-    src.add_argument("--global-batch", type=int, default=DataConfig.global_batch)
-    src.add_argument("--micro-batch", type=int, default=DataConfig.micro_batch)
-    src.add_argument("--data-seed", type=int, default=DataConfig.seed, help="the mixer's seed (in-process mixing)")
+    src.add_argument("--seq-len", type=int, metavar="TOKENS",
+                     help=f"tokens per training sequence (default {DataConfig.seq_len}); with --stream the service "
+                          "decides it")
+    src.add_argument("--global-batch", type=int, metavar="SEQUENCES",
+                     help=f"sequences per step over all ranks (default {DataConfig.global_batch}); with --stream the "
+                          "service decides it")
+    src.add_argument("--micro-batch", type=int, default=DataConfig.micro_batch, metavar="SEQUENCES",
+                     help="sequences per forward pass on one rank; a rank's share of the global batch must be a "
+                          "multiple of it, and the passes of one step accumulate gradients (default %(default)s)")
+    src.add_argument("--data-seed", type=int, metavar="SEED",
+                     help=f"the in-process mixer's seed: which samples make each batch (default {DataConfig.seed}); "
+                          "with --stream the service's --seed decides it")
     src.add_argument("--eval-dataset", action="append", default=[], metavar="NAME=PATH",
-                     help="a validation set (its val split); default: every training dataset")
-    src.add_argument("--eval-batches", type=int, default=DataConfig.eval_batches)
+                     help="a validation set, scored on its val split; repeat for each (default: the val splits of the "
+                          "training datasets)")
+    src.add_argument("--eval-batches", type=int, default=DataConfig.eval_batches, metavar="N",
+                     help="micro-batches of each validation set per evaluation (default %(default)s)")
 
     model = p.add_argument_group("model")
-    model.add_argument("--model", choices=list(MODEL_SIZES), default="test")
-    model.add_argument("--untied", action="store_true", help="separate input and output embeddings")
+    model.add_argument("--model", choices=list(MODEL_SIZES), default=TrainConfig.model,
+                       help="model size (default %(default)s)")
+    model.add_argument("--untied", action="store_true",
+                       help="separate input and output embeddings (default: tied)")
     model.add_argument("--init-from", type=Path, metavar="CKPT",
-                       help="continue from a checkpoint (steps restart at 0; the schedule is this run's own unless "
-                            "--continue-schedule)")
-    model.add_argument("--reset-optimizer", action="store_true", help="with --init-from: fresh AdamW state")
+                       help="start from a checkpoint's weights and optimizer state (steps restart at 0; the schedule "
+                            "is this run's own unless --continue-schedule; default: a fresh model)")
+    model.add_argument("--reset-optimizer", action="store_true",
+                       help="with --init-from: fresh AdamW state (default: the checkpoint's)")
     model.add_argument("--extension-report", type=Path, metavar="PATH",
-                       help="extended.report.json, to grow the embeddings to an extended tokenizer")
+                       help="extended.report.json from `pipeline.tokenizer extend`, to grow the embeddings to an "
+                            "extended tokenizer (default: none, the vocabulary stays)")
 
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--steps", type=int, default=TrainConfig.steps)
+    opt.add_argument("--steps", type=int, default=TrainConfig.steps,
+                     help="optimizer updates in the whole run (default %(default)s)")
     # The schedule flags default to None so that --continue-schedule can tell which were given.
-    opt.add_argument("--lr-schedule", choices=SCHEDULES, help=f"default {ScheduleConfig.name}")
-    opt.add_argument("--max-lr", type=float, help=f"default {ScheduleConfig.max_lr}")
-    opt.add_argument("--min-lr", type=float, help=f"default {ScheduleConfig.min_lr}")
-    opt.add_argument("--const-lr", type=float, help="infinite schedule's constant rate (default (max+min)/2)")
-    opt.add_argument("--warmup-steps", type=int, help="default 1%% of --steps")
-    opt.add_argument("--cooldown-steps", type=int, help="infinite: max->const steps after warmup (default 59%%)")
-    opt.add_argument("--decay-steps", type=int,
-                     help="infinite anneal (default 15%%) or WSD cooldown (20%%); with --continue-schedule, the "
-                          "length of this run's final decay (default: the checkpoint's)")
-    opt.add_argument("--cooldown-shape", choices=("cosine", "inv_sqrt"), help=f"default {ScheduleConfig.cooldown_shape}")
+    opt.add_argument("--lr-schedule", choices=SCHEDULES,
+                     help=f"learning-rate schedule (default {ScheduleConfig.name})")
+    opt.add_argument("--max-lr", type=float, metavar="LR", help=f"peak learning rate (default {ScheduleConfig.max_lr})")
+    opt.add_argument("--min-lr", type=float, metavar="LR",
+                     help=f"final learning rate (default {ScheduleConfig.min_lr})")
+    opt.add_argument("--const-lr", type=float, metavar="LR",
+                     help="infinite schedule's constant rate (default (max+min)/2)")
+    opt.add_argument("--warmup-steps", type=int, metavar="STEPS",
+                     help="linear warmup to --max-lr (default 1%% of --steps)")
+    opt.add_argument("--cooldown-steps", type=int, metavar="STEPS",
+                     help="infinite: max->const steps after warmup (default 59%% of --steps)")
+    opt.add_argument("--decay-steps", type=int, metavar="STEPS",
+                     help="infinite anneal (default 15%% of --steps) or WSD cooldown (20%%); with "
+                          "--continue-schedule, the length of this run's final decay (default: the checkpoint's)")
+    opt.add_argument("--cooldown-shape", choices=("cosine", "inv_sqrt"),
+                     help=f"infinite schedule's cooldown curve (default {ScheduleConfig.cooldown_shape})")
     opt.add_argument("--continue-schedule", action="store_true",
                      help="with --init-from: no re-warming; follow the schedule recorded in the checkpoint from the "
                           "step it was saved at (an infinite schedule's constant rate, or WSD's stable one), with "
                           "its final decay moved to the end of this run. Other schedule flags than --decay-steps "
-                          "are refused with it")
+                          "are refused with it (default: a fresh schedule)")
     opt.add_argument("--lr-start-step", type=int, help=argparse.SUPPRESS)  # only to point old command lines to --continue-schedule
-    opt.add_argument("--weight-decay", type=float, default=OptimConfig.weight_decay)
-    opt.add_argument("--grad-clip", type=float, default=OptimConfig.grad_clip)
+    opt.add_argument("--weight-decay", type=float, default=OptimConfig.weight_decay, metavar="DECAY",
+                     help="AdamW weight decay of the matrices (default %(default)s)")
+    opt.add_argument("--grad-clip", type=float, default=OptimConfig.grad_clip, metavar="NORM",
+                     help="clip the global gradient norm to NORM (default %(default)s)")
 
     run = p.add_argument_group("run")
-    run.add_argument("--out", type=Path, required=True, metavar="RUN_DIR")
+    run.add_argument("--out", type=Path, required=True, metavar="RUN_DIR",
+                     help="the run's folder: metrics.jsonl and checkpoints/ (required; one that holds an earlier run "
+                          "needs --resume or --overwrite)")
     run.add_argument("--resume", action="store_true",
                      help="continue from RUN_DIR's latest checkpoint, on the schedule it recorded. Give the flags the "
                           "run started with: any difference is refused, except in "
                           f"{', '.join(RESUMABLE_FLAGS)}, which may change (and --extension-report and "
-                          "--reset-optimizer, which a resumed run ignores)")
-    run.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
-    run.add_argument("--log-every", type=int, default=TrainConfig.log_every)
-    run.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
+                          "--reset-optimizer, which a resumed run ignores; default: start a run)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start afresh in a RUN_DIR that holds an earlier run, deleting its metrics.jsonl and "
+                          "checkpoints/ (default: such a RUN_DIR is refused)")
+    run.add_argument("--eval-every", type=int, default=TrainConfig.eval_every, metavar="STEPS",
+                     help="evaluate every STEPS steps, and at step 0 and the last (default %(default)s)")
+    run.add_argument("--log-every", type=int, default=TrainConfig.log_every, metavar="STEPS",
+                     help="write a train record to metrics.jsonl every STEPS steps, and at the last (default "
+                          "%(default)s)")
+    run.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every, metavar="STEPS",
+                     help="rewrite checkpoints/latest.pt every STEPS steps, and at the last (default %(default)s)")
     run.add_argument("--save-at", type=int, action="append", default=[], metavar="STEP",
-                     help="also keep checkpoints/step-NNNNNN.pt after this step (e.g. before the anneal)")
-    run.add_argument("--seed", type=int, default=TrainConfig.seed)
-    run.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    run.add_argument("--compile", action="store_true", help="torch.compile the model")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+                     help="also keep checkpoints/step-NNNNNN.pt of this step, e.g. before the anneal; repeat for "
+                          "each (default: none)")
+    run.add_argument("--seed", type=int, default=TrainConfig.seed,
+                     help="seed of the model's initialisation (default %(default)s)")
+    run.add_argument("--device", choices=("cpu", "cuda"), default=TrainConfig.device,
+                     help="where to train; cuda needs a CUDA build of torch and a visible GPU (default %(default)s)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model (default: eager)")
+    run.add_argument("--no-progress", action="store_true",
+                     help="no progress bar: one line per evaluation and a summary at the end (default: a bar)")
     return p
 
 
@@ -228,6 +299,12 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         parser.error(str(e))
     if bool(datasets) == bool(args.stream):
         parser.error("give either --dataset NAME=PATH (one or more) or --stream URL, not both or neither")
+    if args.stream:
+        # Left unset unless given, so that a value the service would silently override is refused instead.
+        given = [flag for flag in _SERVICE_DECIDES if getattr(args, flag[2:].replace("-", "_")) is not None]
+        if given:
+            parser.error(f"{', '.join(given)}: with --stream the mixer service decides these (its "
+                         f"{', '.join(_SERVICE_DECIDES[flag] for flag in given)}); drop them here")
     if args.weights and datasets:
         try:
             check_weight_names(args.weights, datasets, "--weights")
@@ -237,10 +314,10 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         parser.error("--stream-token-file needs --stream")
     if args.stream_read_ahead is not None and (not args.stream or args.stream_read_ahead < 1):
         parser.error("--stream-read-ahead needs --stream and a positive number of steps")
-    if args.stream and args.weights:
-        parser.error("--weights applies to in-process mixing; with --stream the service's schedule decides")
     if args.resume and args.init_from:
         parser.error("--resume continues this run; --init-from starts a new one from a checkpoint; pick one")
+    if args.resume and args.overwrite:
+        parser.error("--resume continues the run in --out; --overwrite deletes it to start afresh; pick one")
     if args.lr_start_step is not None:
         parser.error("--lr-start-step was replaced by --continue-schedule, which takes the step and the whole "
                      "schedule from the --init-from checkpoint")
@@ -254,26 +331,30 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         if conflicting:
             parser.error(f"--continue-schedule follows the checkpoint's recorded schedule, which {', '.join(conflicting)} "
                          "would contradict; drop them (only --decay-steps, this run's final decay, may be given)")
-    if args.global_batch % args.micro_batch:
-        parser.error(f"--global-batch {args.global_batch} is not a multiple of --micro-batch {args.micro_batch}")
-    for flag in ("steps", "seq_len", "eval_every", "log_every", "checkpoint_every", "eval_batches"):
-        if getattr(args, flag) <= 0:
-            parser.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    data = DataConfig(
+        datasets=datasets,
+        weights=args.weights or {name: 1.0 for name in datasets},
+        stream_url=args.stream,
+        stream_read_ahead=args.stream_read_ahead,
+        stream_token_file=args.stream_token_file,
+        seq_len=DataConfig.seq_len if args.seq_len is None else args.seq_len,
+        global_batch=DataConfig.global_batch if args.global_batch is None else args.global_batch,
+        micro_batch=args.micro_batch,
+        seed=DataConfig.seed if args.data_seed is None else args.data_seed,
+        eval_datasets=eval_datasets,
+        eval_batches=args.eval_batches,
+    )
+    # With --stream the service's global batch is checked against --micro-batch once it is known.
+    if not args.stream and data.global_batch % data.micro_batch:
+        parser.error(f"--global-batch {data.global_batch} is not a multiple of --micro-batch {data.micro_batch}")
+    for flag, value in (("--steps", args.steps), ("--seq-len", data.seq_len), ("--micro-batch", data.micro_batch),
+                        ("--eval-every", args.eval_every), ("--log-every", args.log_every),
+                        ("--checkpoint-every", args.checkpoint_every), ("--eval-batches", args.eval_batches)):
+        if value <= 0:
+            parser.error(f"{flag} must be positive, got {value}")
     return TrainConfig(
         out=args.out,
-        data=DataConfig(
-            datasets=datasets,
-            weights=args.weights or {name: 1.0 for name in datasets},
-            stream_url=args.stream,
-            stream_read_ahead=args.stream_read_ahead,
-            stream_token_file=args.stream_token_file,
-            seq_len=args.seq_len,
-            global_batch=args.global_batch,
-            micro_batch=args.micro_batch,
-            seed=args.data_seed,
-            eval_datasets=eval_datasets,
-            eval_batches=args.eval_batches,
-        ),
+        data=data,
         schedule=ScheduleConfig(**schedule, continued=args.continue_schedule),
         optim=OptimConfig(weight_decay=args.weight_decay, grad_clip=args.grad_clip),
         model=args.model,
@@ -287,6 +368,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         reset_optimizer=args.reset_optimizer,
         extension_report=args.extension_report,
         resume=args.resume,
+        overwrite=args.overwrite,
         seed=args.seed,
         device=args.device,
         compile=args.compile,
