@@ -98,7 +98,7 @@ class Access:
 
 
 class FeedbackReport(BaseModel):
-    step: int = Field(ge=0, le=LARGEST_STEP, description="the step the losses were measured after")
+    step: int = Field(ge=0, le=LARGEST_STEP, description="updates done: the losses of the model trained on steps < step")
     losses: dict[str, float] = Field(max_length=255, description="validation loss per dataset name")
     source_losses: dict[str, float] = Field(default_factory=dict, max_length=255,
                                             description="optional: training loss per source, from the rows received")

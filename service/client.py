@@ -124,7 +124,7 @@ class StreamClient:
         return body
 
     def send_feedback(self, step: int, losses: dict[str, float]) -> dict | None:
-        """POST /v1/feedback: the validation losses measured after `step`, for the service's controller.
+        """POST /v1/feedback: the validation losses of the model after `step` updates, for the controller.
         Returns its answer, or None when the service already had feedback for this step (a retried POST
         whose first answer was lost) or runs no controller."""
         body = json.dumps({"step": step, "losses": losses}).encode()

@@ -235,8 +235,9 @@ class MixService:
         """Take a trainer's losses at a step (POST /v1/feedback): recorded in the log, folded into the
         controller, and its decision, if any, appended as a stage at next_change_step.
 
-        ScheduleError (422) for losses that name no dataset, are not finite or are negative, or a step not
-        served yet; MixConflict (409) for feedback older than the latest; NoController (409) without one.
+        `step` counts updates, as the trainer's metrics do: the losses of the model trained on steps
+        0..step-1. ScheduleError (422) for losses that name no dataset, are not finite or are negative, or a
+        step whose batches were not served yet; MixConflict (409) for feedback older than the latest; NoController (409) without one.
         """
         losses = {**feedback.losses, **feedback.source_losses}
         if not feedback.losses:
@@ -248,9 +249,9 @@ class MixService:
                 raise ScheduleError(f"losses.{name}: {loss!r}; a loss must be a finite number >= 0")
         with self._lock:
             controller = self._the_controller()
-            if feedback.step >= self.state.served:
-                raise ScheduleError(f"step {feedback.step}: not served yet (served frontier {self.state.served}); "
-                                    "report losses of steps already trained")
+            if feedback.step > self.state.served:  # the model after `step` updates trained on steps < step
+                raise ScheduleError(f"step {feedback.step}: the model after {feedback.step} updates needs steps this "
+                                    f"service has not served (served frontier {self.state.served})")
             if feedback.step <= controller.last_step:
                 raise MixConflict(f"step {feedback.step}: feedback for step {controller.last_step} came already; "
                                   "feedback must move forward (one report per evaluation, from one rank)")

@@ -134,3 +134,24 @@ def test_an_operator_suspends_the_controller_and_bad_feedback_changes_nothing(tm
         client.close()
     finally:
         service.stop()
+
+
+def test_a_streaming_trainer_reports_each_evaluation_to_the_controller(tmp_path, english_lines, german_lines,
+                                                                        english_model, token_dataset_factory):
+    from tests.test_trainer import SMALL
+    from trainer.train import train
+    from trainer.train_config import parse_args
+
+    datasets = {"en": token_dataset_factory("en", english_lines[:600], english_model, english_lines[1900:]).root,
+                "de": token_dataset_factory("de", german_lines[:600], english_model, german_lines[1900:]).root}
+    args = service_args(datasets, tmp_path / "state", None, "en=0.1,de=0.9", seq_len=32, global_batch=8)
+    service = ServiceProcess(args + ["--controller", "forgetting-budget", "--old", "en", "--budget", "0.02"],
+                             free_port()).start()
+    try:
+        train(parse_args(SMALL + ["--stream", service.url, "--stream-token-file", str(tmp_path / "state.read-token"),
+                                  "--steps", "6", "--eval-every", "2", "--max-lr", "2e-3", "--out", str(tmp_path / "run")]))
+        observations = reader.get(f"{service.url}/v1/controller").json()["observations"]
+    finally:
+        service.stop()
+    assert [o["data"]["step"] for o in observations] == [0, 2, 4, 6]  # the first evaluation is the reference
+    assert all(set(o["data"]["losses"]) == {"en", "de"} and o["by"].startswith("trainer") for o in observations)

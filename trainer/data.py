@@ -26,6 +26,8 @@ class BatchSource(Protocol):
 
     def validation_splits(self) -> dict[str, TokenSplit]: ...
 
+    def report_losses(self, step: int, losses: dict[str, float]) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -82,6 +84,9 @@ class MixerSource:
     def validation_splits(self) -> dict[str, TokenSplit]:
         return {name: dataset.val for name, dataset in self.datasets.items()}
 
+    def report_losses(self, step: int, losses: dict[str, float]) -> None:
+        """Constant weights in-process: nobody steers them."""
+
     def close(self) -> None:
         self._stop.set()
 
@@ -111,6 +116,14 @@ class StreamSource:
         """The val splits of the service's datasets, opened from the paths it reports (a shared filesystem)."""
         paths = {name: entry["path"] for name, entry in self.info["datasets"].items()}
         return {name: dataset.val for name, dataset in _open_datasets(paths).items()}
+
+    def report_losses(self, step: int, losses: dict[str, float]) -> None:
+        """The validation losses of the model after `step` updates, for the service's controller, when the
+        service asks for them (only the sets named like its datasets mean anything to it)."""
+        if self.info.get("feedback", {}).get("wanted"):
+            known = {name: loss for name, loss in losses.items() if name in self.names}
+            if known:
+                self._client.send_feedback(step, known)
 
     def close(self) -> None:
         self._client.close()

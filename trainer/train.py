@@ -313,6 +313,7 @@ def _run(config: TrainConfig, source: BatchSource, dist_info: Distributed, devic
         first_eval = first_eval or losses
         if log is not None:
             log.write(eval_record(step, losses, first_eval))
+            source.report_losses(step, losses)
             # One line per evaluation, also without the bar: a long run shows how it goes.
             train_loss = "" if math.isnan(last_loss) else f"train loss {last_loss:.4f}, "
             tqdm.write(f"step {step}/{config.steps}: {train_loss}val loss "
