@@ -2,8 +2,9 @@
 
 `python -m demo [--quick | --gpu]` (or `make demo`) drives the whole system as a user with
 a cluster would: a local Ray head with every preprocessing step submitted by `ray job submit`, the
-mixer service over HTTP, trainer processes pulling from it, a live ratio change by `curl -X PUT`, and a
-report comparing the runs with the paper's findings. Every step checks whether its output already
+mixer service over HTTP, trainer processes pulling from it, a live ratio change by `curl -X PUT`, a run
+whose ratio the service's forgetting-budget controller steers, and a report comparing the runs with the
+paper's findings. Every step checks whether its output already
 exists, so a second invocation reuses what the first built. The run's sizes are a preset of
 `demo/config/` (see demo/experiment_config.py).
 """
@@ -23,10 +24,12 @@ import urllib.request
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
-from demo.experiment_config import REPO, ExperimentConfig, Phase2Run, load_config
+from demo.controller_report import CONTROLLER_STATE_NAME
+from demo.experiment_config import REPO, ControllerRun, ExperimentConfig, Phase2Run, load_config
 from demo.experiment_report import LIVE_CHANGE_NAME, write_report
+from demo.forgetting_budget import OLD, choose_budget
 from service.launcher import ServiceDidNotStart, ServiceProcess, free_port
 from trainer.checkpoint import CHECKPOINT_DIR, FINAL, named_checkpoint
 
@@ -136,13 +139,14 @@ def token_files(work_dir: Path) -> tuple[Path, Path]:
 
 
 @contextmanager
-def mixer_service(cfg: ExperimentConfig, state_dir: Path, token_file: Path, replay: float) -> Iterator[str]:
+def mixer_service(cfg: ExperimentConfig, state_dir: Path, token_file: Path, replay: float,
+                  extra_args: Sequence[str] = ()) -> Iterator[str]:
     """Start `python -m service` on a free loopback port; yield its URL; stop it on exit."""
     datasets = cfg.work_dir / "datasets"
     args = [f"--dataset=en={datasets / 'en'}", f"--dataset=de={datasets / 'de'}",
             f"--weights=en={replay},de={1 - replay}", f"--seq-len={cfg.seq_len}",
             f"--global-batch={cfg.global_batch}", f"--seed={cfg.seed}", f"--state-dir={state_dir}",
-            f"--admin-token-file={token_file}", f"--read-token-file={token_files(cfg.work_dir)[1]}"]
+            f"--admin-token-file={token_file}", f"--read-token-file={token_files(cfg.work_dir)[1]}", *extra_args]
     # At the service's default log level: the log shows every request the trainer made.
     service = ServiceProcess(args, log=state_dir.with_suffix(".log"), log_level=None)
     try:
@@ -216,13 +220,26 @@ def pretrain_english(cfg: ExperimentConfig) -> Path:
     return out
 
 
-def continue_on_german(cfg: ExperimentConfig, spec: Phase2Run, phase1: Path, token_file: Path) -> Path:
-    """Phase 2: one run on the German stream served by the mixer, English replayed at spec.replay."""
+def controller_args(cfg: ExperimentConfig, spec: ControllerRun, earlier: Mapping[Phase2Run, Path]) -> list[str]:
+    """The service flags of a controller run: its budget from the runs before it, a decision at most per
+    evaluation (the controller learns nothing new between two)."""
+    budget = choose_budget(spec, earlier)
+    print(f"forgetting budget {budget.value:.4g}: {budget.origin}", flush=True)
+    return ["--controller=forgetting-budget", f"--old={OLD}", f"--budget={budget.value}",
+            f"--min-share={spec.min_share}", f"--max-share={spec.max_share}", f"--interval={cfg.eval_every}"]
+
+
+def continue_on_german(cfg: ExperimentConfig, spec: Phase2Run, phase1: Path, token_file: Path,
+                       earlier: Mapping[Phase2Run, Path]) -> Path:
+    """Phase 2: one run on the German stream served by the mixer, English replayed at spec.replay (changed
+    live, or steered by the service's controller, for the runs that say so)."""
     out = cfg.work_dir / "runs" / spec.name
     if finished(out):
         return out
+    steered = isinstance(spec, ControllerRun)
     banner(f"phase 2: {spec.name} ({spec.replay:.0%} English replay"
            + (f", switched live to {spec.switch_to:.0%}" if spec.switch_to is not None else "")
+           + (", then steered by the forgetting-budget controller" if steered else "")
            + (", no re-warming" if not spec.rewarm else ", re-warmed cosine") + ")")
     state_dir = cfg.work_dir / "service" / spec.name
     shutil.rmtree(state_dir, ignore_errors=True)  # a rerun of an unfinished run starts its stream afresh
@@ -231,13 +248,15 @@ def continue_on_german(cfg: ExperimentConfig, spec: Phase2Run, phase1: Path, tok
                 if spec.rewarm else
                 # Phase 1's infinite schedule, as its checkpoint recorded it: the constant rate, then this run's anneal.
                 ["--continue-schedule", f"--decay-steps={cfg.anneal_steps(cfg.phase2_steps)}"])
-    with mixer_service(cfg, state_dir, token_file, spec.replay) as url:
+    with mixer_service(cfg, state_dir, token_file, spec.replay,
+                       controller_args(cfg, spec, earlier) if steered else ()) as url:
         args = [*trainer_args(cfg, out, cfg.phase2_steps, ["en", "de"]), f"--stream={url}",
                 f"--stream-token-file={token_files(cfg.work_dir)[1]}",
                 f"--init-from={phase1 / CHECKPOINT_DIR / named_checkpoint(cfg.phase1_anneal_start)}",
                 f"--extension-report={cfg.work_dir / 'tokenizers' / 'en+de.report.json'}", *schedule]
-        if spec.switch_to is not None:
-            # The client reads a few steps ahead only, so a change without start_step lands near at_step.
+        if spec.switch_to is not None or steered:
+            # The client reads a few steps ahead only, so a change without start_step (the operator's, or
+            # the controller's after an evaluation) lands a few steps after it was made.
             args.append("--stream-read-ahead=2")
         print("$ " + " ".join(map(str, args)), flush=True)
         trainer = subprocess.Popen([str(a) for a in args], cwd=REPO)
@@ -247,7 +266,17 @@ def continue_on_german(cfg: ExperimentConfig, spec: Phase2Run, phase1: Path, tok
                                record=out / LIVE_CHANGE_NAME)
         if trainer.wait() != 0:
             raise SystemExit(f"phase-2 run {spec.name} failed (exit {trainer.returncode})")
+        if steered:  # its state, observations and decisions live in the service: keep them for the report
+            curl("GET", f"{url}/v1/controller", token_files(cfg.work_dir)[1], out / CONTROLLER_STATE_NAME)
     return out
+
+
+def curl(method: str, url: str, token_file: Path, record: Path, body: dict | None = None) -> None:
+    """A request to the service as an operator makes it, with curl; the answer saved to `record`."""
+    run(["curl", "-sS", "--fail-with-body", "-X", method, url,
+         "-H", f"Authorization: Bearer {token_file.read_text().strip()}",
+         *(["-H", "Content-Type: application/json", "-d", json.dumps(body)] if body is not None else []),
+         "-o", str(record)])
 
 
 def change_replay_live(url: str, token_file: Path, read_token_file: Path, replay: float, at_step: int,
@@ -257,9 +286,7 @@ def change_replay_live(url: str, token_file: Path, read_token_file: Path, replay
         if trainer.poll() is not None:
             return
         time.sleep(0.5)
-    body = json.dumps({"weights": {"en": replay, "de": 1 - replay}})
-    run(["curl", "-sS", "--fail-with-body", "-X", "PUT", f"{url}/v1/mix", "-H", "Content-Type: application/json",
-         "-H", f"Authorization: Bearer {token_file.read_text().strip()}", "-d", body, "-o", str(record)])
+    curl("PUT", f"{url}/v1/mix", token_file, record, {"weights": {"en": replay, "de": 1 - replay}})
     print(f"mix changed: {record.read_text()}", flush=True)
 
 
@@ -279,12 +306,27 @@ def parse_args(argv: Sequence[str] | None = None) -> ExperimentConfig:
     return cfg
 
 
+def reusable(saved: str, settings: str) -> bool:
+    """Whether a work dir built with the `saved` settings may serve these: the same settings, or the same but
+    for runs added since (each run has a folder of its own, so those already trained stay valid)."""
+    if saved == settings:
+        return True
+    try:
+        before, now = json.loads(saved), json.loads(settings)
+    except json.JSONDecodeError:  # a damaged file: nothing to say what was built there
+        return False
+    if not isinstance(before, dict):
+        return False
+    runs_before, runs_now = before.pop("runs", []), now.pop("runs")
+    return before == now and all(run in runs_now for run in runs_before)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(argv)
     started = time.monotonic()
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
     settings, saved = json.dumps(asdict(cfg), default=str, indent=2), cfg.work_dir / "experiment.json"
-    if saved.exists() and saved.read_text() != settings:
+    if saved.exists() and not reusable(saved.read_text(), settings):
         # Reusing runs trained with other settings would mix them into one report.
         raise SystemExit(f"{cfg.work_dir} holds a demo built with other settings (see {saved}); rerun with --fresh "
                          "to rebuild it there, or pass another --work-dir")
@@ -296,7 +338,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with RayCluster(cfg.work_dir) as ray:
             build_data(cfg, ray)
     phase1 = pretrain_english(cfg)
-    runs = {spec: continue_on_german(cfg, spec, phase1, token_file) for spec in cfg.runs}
+    runs: dict[Phase2Run, Path] = {}
+    for spec in cfg.runs:  # in order: a controller run takes its budget from the runs before it
+        runs[spec] = continue_on_german(cfg, spec, phase1, token_file, dict(runs))
     report = write_report(cfg, phase1, runs)
     print(f"\n{report.read_text()}")
     print(f"demo done in {(time.monotonic() - started) / 60:.1f} min: {len(runs) + 1} training runs, "

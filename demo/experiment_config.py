@@ -24,6 +24,30 @@ class Phase2Run:
     rewarm: bool = True  # False: continue phase 1's infinite schedule from its constant phase
     switch_to: float | None = None  # replay set live with `curl -X PUT` halfway through the run
 
+    @property
+    def fixed_ratio(self) -> bool:
+        """Whether every batch of the run holds `replay` English: the points of the paper's trade-off."""
+        return self.switch_to is None
+
+
+@dataclass(frozen=True)
+class ControllerRun(Phase2Run):
+    """A phase-2 run whose English share the service's forgetting-budget controller steers from `replay`.
+
+    The budget is the English forgetting that the fixed-ratio run `budget_from` ended with, so the controller
+    is asked to match that run's forgetting with the least replay; it must be listed after that run. A
+    subclass, not more fields of Phase2Run: the other runs' entries in experiment.json stay as they were.
+    """
+
+    budget_from: str = "replay-5"
+    default_budget: float = 0.02  # when budget_from did not run before it, or did not forget at all
+    min_share: float = 0.0
+    max_share: float = 0.5
+
+    @property
+    def fixed_ratio(self) -> bool:
+        return False
+
 
 # Keyword-only, so the sized fields (no default: every preset gives them) keep their place in the field
 # order: a work dir's experiment.json, compared text for text, stays what earlier demos wrote.
@@ -53,6 +77,7 @@ class ExperimentConfig:
         Phase2Run("replay-50", 0.50),
         Phase2Run("replay-25-no-rewarm", 0.25, rewarm=False),
         Phase2Run("replay-5-to-25-live", 0.05, switch_to=0.25),
+        ControllerRun("controller", 0.05),
     )
     extra_trainer_args: tuple[str, ...] = field(default_factory=tuple)
 

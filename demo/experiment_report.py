@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from demo.experiment_config import ExperimentConfig, Phase2Run
+from demo.controller_report import average_share, controller_lines
+from demo.experiment_config import ControllerRun, ExperimentConfig, Phase2Run
 from trainer.metrics_log import read_metrics
 from trainer.report import write_report as write_run_comparison
 
@@ -41,14 +42,17 @@ def write_report(cfg: ExperimentConfig, phase1: Path, runs: dict[Phase2Run, Path
             "| adaptation (DE fall) | paper EN / DE at this replay |", "|---|---|---|---|---|---|---|---|---|"]
     for spec, loss in final.items():
         paper = PAPER_STRONG_SHIFT.get(spec.replay)
-        replay = f"{spec.replay:.0%}" + (f" -> {spec.switch_to:.0%}" if spec.switch_to is not None else "")
         rows.append(
-            f"| {spec.name} | {replay} | {'re-warm + cosine' if spec.rewarm else 'infinite, no re-warm'} "
+            f"| {spec.name} | {replay_cell(spec, runs[spec])} "
+            f"| {'re-warm + cosine' if spec.rewarm else 'infinite, no re-warm'} "
             f"| {loss['en']:.3f} | {loss['de']:.3f} | {(loss['en'] + loss['de']) / 2:.3f} "
             f"| {loss['en'] - start['en']:+.3f} | {start['de'] - loss['de']:+.3f} "
-            f"| {f'{paper[0]:.2f} / {paper[1]:.2f}' if paper and spec.switch_to is None else '-'} |"
+            f"| {f'{paper[0]:.2f} / {paper[1]:.2f}' if paper and spec.fixed_ratio else '-'} |"
         )
     live = next((s for s in runs if s.switch_to is not None), None)
+    # Before the body lists the plots: this section draws one.
+    steered = [line for spec in runs if isinstance(spec, ControllerRun)
+               for line in controller_lines(cfg, spec, runs, final, plots)]
     body = [
         "# replaymix demo: continual pretraining English -> German with replay",
         "",
@@ -67,6 +71,7 @@ def write_report(cfg: ExperimentConfig, phase1: Path, runs: dict[Phase2Run, Path
         "",
         *findings_lines(cfg, start, phase1_end, final),
         *(live_switch_lines(runs[live], live) if live else []),
+        *steered,
         "Plots: " + ", ".join(f"[{p.name}](plots/{p.name})" for p in sorted(plots.glob("*.png"))),
         "",
     ]
@@ -78,7 +83,7 @@ def write_report(cfg: ExperimentConfig, phase1: Path, runs: dict[Phase2Run, Path
 def findings_lines(cfg: ExperimentConfig, start: dict[str, float], phase1_end: float,
                    final: dict[Phase2Run, dict[str, float]]) -> list[str]:
     """The paper's findings, each as this run measured it and as the paper's table gives it."""
-    plain = {spec.replay: loss for spec, loss in final.items() if spec.rewarm and spec.switch_to is None}
+    plain = {spec.replay: loss for spec, loss in final.items() if spec.rewarm and spec.fixed_ratio}
     if 0.0 not in plain:
         return []
     rise = {r: loss["en"] - start["en"] for r, loss in plain.items()}
@@ -125,6 +130,13 @@ def findings_lines(cfg: ExperimentConfig, start: dict[str, float], phase1_end: f
                      f"{other['en']:.3f} against {rewarmed['en']:.3f} ({other['en'] - rewarmed['en']:+.3f}); "
                      f"{adapts}, {forgets}")
     return lines + [""]
+
+
+def replay_cell(spec: Phase2Run, run_dir: Path) -> str:
+    """The run's English share in the table: fixed, changed live, or steered (with the average it used)."""
+    if isinstance(spec, ControllerRun):
+        return f"controller from {spec.replay:.0%} (average {average_share(run_dir):.1%})"
+    return f"{spec.replay:.0%}" + (f" -> {spec.switch_to:.0%}" if spec.switch_to is not None else "")
 
 
 def live_switch_lines(run_dir: Path, spec: Phase2Run) -> list[str]:

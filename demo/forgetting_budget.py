@@ -1,0 +1,46 @@
+"""The forgetting budget of the demo's controller run, and the forgetting it is measured in.
+
+Forgetting here is what the service's forgetting-budget controller holds (service/control_laws.py): the
+relative rise of the English validation loss over its first evaluation, the phase-1 checkpoint. The budget
+is the forgetting a fixed-ratio run ended with (the 5% run by default), so the controller run answers "can
+that forgetting be held with less replay, or more German?" in one run instead of a sweep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from demo.experiment_config import ControllerRun, Phase2Run
+from trainer.metrics_log import read_metrics
+
+OLD = "en"  # the demo's old data: the dataset whose forgetting the controller holds
+
+
+@dataclass(frozen=True)
+class Budget:
+    value: float  # the accepted relative rise of the English validation loss
+    origin: str  # where the value came from, a sentence for the report
+
+
+def forgetting_trajectory(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, relative rise of the English val loss over the run's first evaluation) per evaluation."""
+    evals = [r for r in read_metrics(run_dir) if r["kind"] == "eval"]
+    first = evals[0]["val_loss"][OLD]
+    return [(r["step"], (r["val_loss"][OLD] - first) / first) for r in evals]
+
+
+def choose_budget(spec: ControllerRun, earlier: Mapping[Phase2Run, Path]) -> Budget:
+    """The budget of `spec`: the final forgetting of its `budget_from` run among the runs before it, else
+    its preset default (the service refuses a budget <= 0, and "no forgetting" cannot be a target)."""
+    source = next((run_dir for run, run_dir in earlier.items() if run.name == spec.budget_from), None)
+    if source is None:
+        return Budget(spec.default_budget, f"the preset default, since no `{spec.budget_from}` ran before it")
+    step, forgetting = forgetting_trajectory(source)[-1]
+    if forgetting <= 0:
+        return Budget(spec.default_budget, f"the preset default, since `{spec.budget_from}` ended with no "
+                                           f"English forgetting to match ({forgetting:+.4f} at step {step})")
+    # Three significant digits: the figure the service is started with is the one the report shows.
+    return Budget(float(f"{forgetting:.3g}"), f"the English forgetting `{spec.budget_from}` ended with (relative rise "
+                                             f"of its English val loss over its first evaluation, at step {step})")
