@@ -25,7 +25,7 @@ import torch
 
 from pipeline.dataset import token_dtype
 from service.errors import ServiceError
-from service.transport import KeepAliveGetter, TransportError
+from service.transport import KeepAliveConnections, TransportError
 from service.wire import MAX_RANGE_STEPS, MEDIA_TYPE, Batch, WireError, decode_batch, decode_batches
 
 IN_FLIGHT = 2  # requests under way at once: one being computed by the service, one being decoded here
@@ -73,13 +73,13 @@ class StreamClient:
         if prefetch < 1 or step_stride < 1 or (range_steps is not None and not 1 <= range_steps <= MAX_RANGE_STEPS):
             raise ValueError(f"prefetch {prefetch} and step_stride {step_stride} must be >= 1, range_steps "
                              f"{range_steps} in [1, {MAX_RANGE_STEPS}]")
-        self._http = KeepAliveGetter(url, timeout, token)
+        self._http = KeepAliveConnections(url, timeout, token)
         self.url = self._http.url
         self.rank, self.world_size = rank, world_size
         self.next_step, self.stop_step, self.step_stride = start_step, stop_step, step_stride
         self.retry_for, self.backoff = retry_for, backoff
         self._closed = threading.Event()
-        self.info: dict = json.loads(self._get("/v1/status"))
+        self.info: dict = json.loads(self._request("/v1/status"))
         if range_steps is None:
             rows = max(1, self.info["global_batch"] // world_size)
             row_bytes = (self.info["seq_len"] + 1) * token_dtype(self.info["vocab_size"]).itemsize
@@ -102,14 +102,14 @@ class StreamClient:
         self._thread = threading.Thread(target=self._fetch_loop, name="stream-prefetch", daemon=True)
         self._thread.start()
 
-    def _get(self, path: str, params: dict | None = None, accept: str = "application/json",
+    def _request(self, path: str, params: dict | None = None, accept: str = "application/json",
              json_body: bytes | None = None) -> bytes | bytearray:
         """The body of GET path (POST of json_body when given), retried on connection errors and 5xx;
         StreamError on 4xx or timeout."""
         deadline, delay = time.monotonic() + self.retry_for, self.backoff
         while True:
             try:
-                status, body = self._http.get(path, params, accept, json_body)
+                status, body = self._http.request(path, params, accept, json_body)
                 if status < 500:
                     break
                 problem = f"HTTP {status}: {bytes(body[:200]).decode(errors='replace')}"
@@ -129,7 +129,7 @@ class StreamClient:
         whose first answer was lost) or runs no controller."""
         body = json.dumps({"step": step, "losses": losses}).encode()
         try:
-            return json.loads(self._get("/v1/feedback", accept="application/json", json_body=body))
+            return json.loads(self._request("/v1/feedback", accept="application/json", json_body=body))
         except StreamError as e:
             if "HTTP 409" in str(e):
                 return None
@@ -137,7 +137,7 @@ class StreamClient:
 
     def fetch(self, step: int) -> Batch:
         """One step's batch for this rank, synchronously (with retries)."""
-        body = self._get(f"/v1/batches/{step}", {"rank": self.rank, "world_size": self.world_size}, MEDIA_TYPE)
+        body = self._request(f"/v1/batches/{step}", {"rank": self.rank, "world_size": self.world_size}, MEDIA_TYPE)
         try:
             return self._checked(decode_batch(body), step)
         except WireError as e:
@@ -146,7 +146,7 @@ class StreamClient:
     def fetch_range(self, start: int, count: int) -> list[Batch]:
         """Steps start, start + step_stride, ... (count of them) in one request (with retries)."""
         params = {"start": start, "count": count, "stride": self.step_stride, "rank": self.rank, "world_size": self.world_size}
-        body = self._get("/v1/batches", params, MEDIA_TYPE)
+        body = self._request("/v1/batches", params, MEDIA_TYPE)
         try:
             batches = decode_batches(body)
         except WireError as e:

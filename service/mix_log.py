@@ -68,7 +68,7 @@ class LogEntry:
         if data["op"] == "cancel" and not is_integer(start_step):
             raise ScheduleError(f"{where}.start_step: {start_step!r}; a cancel names the start step of a stage")
         payload = data.get("data")
-        if payload is not None and not isinstance(payload, dict) or data["op"] in RECORD_OPS and payload is None:
+        if (payload is not None and not isinstance(payload, dict)) or (data["op"] in RECORD_OPS and payload is None):
             raise ScheduleError(f"{where}.data: {payload!r}; expected an object")
         return cls(data.get("seq"), data.get("time"), data.get("by"), data["op"], stage, start_step,
                    data.get("reason"), payload)

@@ -1,4 +1,5 @@
-"""GET requests over keep-alive HTTP/1.1 connections, one per thread, with the standard library.
+"""Requests (GETs of batches, POSTs of feedback) over keep-alive HTTP/1.1 connections, one per thread,
+with the standard library.
 
 The client pulls megabytes of batch bytes per request. http.client reads a body with Content-Length
 straight into one preallocated buffer; httpx (h11 underneath) receives it in 64 KiB events that are
@@ -19,7 +20,7 @@ class TransportError(ServiceError, OSError):
     """The request did not get an HTTP response (refused, reset, timed out, malformed)."""
 
 
-class KeepAliveGetter:
+class KeepAliveConnections:
     def __init__(self, url: str, timeout: float, token: str | None = None):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -42,8 +43,8 @@ class KeepAliveGetter:
                 self._all.append(connection)
         return connection
 
-    def get(self, path: str, params: dict | None = None, accept: str = "*/*",
-            json_body: bytes | None = None) -> tuple[int, bytes | bytearray]:
+    def request(self, path: str, params: dict | None = None, accept: str = "*/*",
+                json_body: bytes | None = None) -> tuple[int, bytes | bytearray]:
         """(status, body) of GET path?params, or of a POST of `json_body` when one is given. Raises
         TransportError when no response came back."""
         target = self._base + path + ("?" + urlencode(params) if params else "")

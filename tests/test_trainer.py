@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import train_spm
 from trainer.__main__ import main
 from trainer.train_config import build_parser, parse_args, resume_command
 from trainer.metrics_log import read_metrics
