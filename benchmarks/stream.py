@@ -45,15 +45,8 @@ from dataclasses import dataclass  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from pipeline.dataset import (  # noqa: E402
-    TOKENIZER_NAME,
-    TokenDataset,
-    build_manifest,
-    commit_dataset,
-    describe_tokenizer,
-    token_dtype,
-    write_shard,
-)
+from pipeline.dataset import TokenDataset, build_manifest, commit_dataset, token_dtype, write_shard  # noqa: E402
+from pipeline.tokenizer.load import load_tokenizer  # noqa: E402
 from service.launcher import ServiceProcess  # noqa: E402
 
 SEQ_LEN, GLOBAL_BATCH, WEIGHTS = 2048, 8, {"old": 0.25, "new": 0.75}
@@ -103,14 +96,14 @@ def render_pages(folder: Path, count: int) -> list[str]:
 def write_dataset(out: Path, documents: list[str], model: Path, repeat: int = 1) -> None:
     import sentencepiece as spm
 
-    info = describe_tokenizer(model)
+    spec = load_tokenizer(model)
     processor = spm.SentencePieceProcessor(model_file=str(model))
-    dtype = token_dtype(info.vocab_size)
-    encoded = [np.asarray(sum(processor.encode(doc.split("\n")), []) + [info.eos_id], dtype=dtype) for doc in documents]
+    dtype = token_dtype(spec.vocab_size)
+    encoded = [np.asarray(sum(processor.encode(doc.split("\n")), []) + [spec.eos_id], dtype=dtype) for doc in documents]
     staging = out.with_name(out.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    shutil.copyfile(model, staging / TOKENIZER_NAME)
+    info = spec.stage_copy(staging)
     shards = [write_shard(staging, f"train-{i:05d}", encoded, dtype) for i in range(repeat)]
     val = [write_shard(staging, "val-00000", encoded[:2], dtype)]
     commit_dataset(staging, out, build_manifest(info, {"train": shards, "val": val}, inputs=["man pages"]), overwrite=True)

@@ -38,7 +38,8 @@ def make_dataset(folder: Path, vocab_size: int, tokens: int, seed: int = 0) -> P
     """A token dataset of random documents, written through pipeline.dataset with a real SentencePiece model."""
     import sentencepiece as spm
 
-    from pipeline.dataset import TOKENIZER_NAME, build_manifest, commit_dataset, describe_tokenizer, token_dtype, write_shard
+    from pipeline.dataset import build_manifest, commit_dataset, token_dtype, write_shard
+    from pipeline.tokenizer.load import load_tokenizer
 
     rng = np.random.default_rng(seed)
     words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(2, 9))) for _ in range(3000)]
@@ -46,10 +47,9 @@ def make_dataset(folder: Path, vocab_size: int, tokens: int, seed: int = 0) -> P
     corpus.write_text("\n".join(" ".join(rng.choice(words, size=20)) for _ in range(4000)))
     spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder / "bench"), vocab_size=vocab_size,
                                    model_type="bpe", num_threads=1, minloglevel=2)
-    info = describe_tokenizer(folder / "bench.model")
     staging = folder / "data.staging"
     staging.mkdir()
-    (staging / TOKENIZER_NAME).write_bytes((folder / "bench.model").read_bytes())
+    info = load_tokenizer(folder / "bench.model").stage_copy(staging)
     dtype = token_dtype(info.vocab_size)
     docs = [rng.integers(3, info.vocab_size, size=1000).astype(dtype) for _ in range(tokens // 1000)]
     for doc in docs:

@@ -57,3 +57,26 @@ def write_atomically(path: str | Path, data: bytes | str) -> None:
     """Replace `path` with `data` (a str is written as UTF-8), atomically and durably."""
     with atomic_writer(path) as f:
         f.write(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def replace_folder(staging: str | Path, out: str | Path) -> None:
+    """Move a finished `staging` folder onto `out`, replacing what is there, so that `out` is the old folder
+    or the new one, never a half-deleted mix. `staging` must be on `out`'s filesystem for the rename to be
+    atomic; it is copied there first when it is not (a temporary folder elsewhere)."""
+    import shutil
+
+    staging, out = Path(staging), Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if staging.parent.resolve() != out.parent.resolve():
+        local = out.with_name(f".{out.name}.staging-{os.getpid()}")
+        shutil.rmtree(local, ignore_errors=True)
+        shutil.copytree(staging, local)
+        staging = local
+    if out.exists():
+        trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, trash)
+        os.replace(staging, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staging, out)
+    fsync_dir(out.parent)

@@ -10,19 +10,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from pipeline.atomic_file import fsync_dir, write_atomically
+from pipeline.atomic_file import replace_folder, write_atomically
 from pipeline.errors import PipelineError
 
-FORMAT_VERSION = "replaymix.tokens/1"
+FORMAT_VERSION = "replaymix.tokens/2"
+# Format 1 differs only in how the manifest records the tokenizer (a SentencePiece .model at the root).
+READABLE_FORMATS = ("replaymix.tokens/1", FORMAT_VERSION)
 MANIFEST_NAME = "manifest.json"
-TOKENIZER_NAME = "tokenizer.model"
 SPLITS = ("train", "val")
 INDEX_DTYPE = np.dtype("<u8")
 
@@ -50,15 +50,27 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
 
 @dataclass(frozen=True)
 class TokenizerInfo:
-    """What a dataset records of the SentencePiece model that made it (a copy lives beside the shards)."""
+    """What a dataset records of the tokenizer that made it; a copy of its files lives in the dataset.
 
-    file: str  # always TOKENIZER_NAME, relative to the dataset folder
-    source_path: str  # where the model was read from when the dataset was made
-    sha256: str
+    Written by `pipeline.tokenizer.load.TokenizerSpec.stage_copy`, the one place that knows the kinds.
+    """
+
+    kind: str  # "sentencepiece" (a .model file) or "huggingface" (a tokenizer folder)
+    folder: str  # the copy's folder inside the dataset ("" in format 1: the .model at the root)
+    files: dict[str, str]  # file name in `folder` -> sha256
+    source_path: str  # where the tokenizer was read from when the dataset was made
     vocab_size: int
     eos_id: int
-    bos_id: int  # -1 when the model has none
+    bos_id: int  # -1 when the tokenizer has none
     add_bos: bool
+
+    @classmethod
+    def from_manifest(cls, entry: dict, format_version: str) -> "TokenizerInfo":
+        if format_version == READABLE_FORMATS[0]:
+            entry = dict(entry)
+            files = {entry.pop("file"): entry.pop("sha256")}
+            return cls(kind="sentencepiece", folder="", files=files, **entry)
+        return cls(**entry)
 
 
 @dataclass(frozen=True)
@@ -196,17 +208,7 @@ def commit_dataset(staging: Path, out: Path, manifest: dict, overwrite: bool = F
     staging, out = Path(staging), Path(out)
     check_output_folder(out, overwrite)
     write_atomically(staging / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True))
-    if out.exists():
-        # Move the old folder aside first so that `out` is never a half-deleted dataset.
-        trash = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, trash)
-        os.replace(staging, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, out)
-    # A folder rename, which atomic_file's file writes do not cover; the same fsync makes it durable.
-    fsync_dir(out.parent)
+    replace_folder(staging, out)
 
 
 def check_output_folder(out: Path, overwrite: bool = False) -> None:
@@ -308,11 +310,15 @@ class TokenDataset:
             self.manifest = json.loads(manifest_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DatasetError(f"{manifest_path}: not valid JSON ({e}); re-run the tokenize job") from e
-        if self.manifest.get("format") != FORMAT_VERSION:
+        if self.manifest.get("format") not in READABLE_FORMATS:
             raise DatasetError(
-                f"{manifest_path}: format {self.manifest.get('format')!r}, expected {FORMAT_VERSION!r}"
+                f"{manifest_path}: format {self.manifest.get('format')!r}, expected one of {READABLE_FORMATS}; "
+                "re-run the tokenize job with this version of replaymix"
             )
-        self.tokenizer = TokenizerInfo(**self.manifest["tokenizer"])
+        try:
+            self.tokenizer = TokenizerInfo.from_manifest(self.manifest["tokenizer"], self.manifest["format"])
+        except (KeyError, TypeError) as e:
+            raise DatasetError(f"{manifest_path}: the tokenizer entry is malformed ({e}); re-run the tokenize job") from e
         self.dtype = np.dtype(self.manifest["dtype"]).newbyteorder("<")
         if verify != "none":
             self.verify(full=verify == "full")
@@ -330,7 +336,9 @@ class TokenDataset:
 
     @property
     def tokenizer_path(self) -> Path:
-        return self.root / self.tokenizer.file
+        """What `pipeline.tokenizer.load.load_tokenizer` opens: the .model file, or the tokenizer folder."""
+        folder = self.root / self.tokenizer.folder
+        return folder / next(iter(self.tokenizer.files)) if self.tokenizer.kind == "sentencepiece" else folder
 
     @property
     def vocab_size(self) -> int:
@@ -338,11 +346,12 @@ class TokenDataset:
 
     def verify(self, full: bool = False) -> None:
         """Check files against the manifest; raise DatasetError naming the first bad file."""
-        tokenizer_path = self.root / self.tokenizer.file
-        if not tokenizer_path.exists():
-            raise DatasetError(f"{tokenizer_path}: missing; the dataset's tokenizer copy is gone")
-        if full and sha256_file(tokenizer_path) != self.tokenizer.sha256:
-            raise DatasetError(f"{tokenizer_path}: sha256 differs from the manifest")
+        for name, sha256 in self.tokenizer.files.items():
+            tokenizer_file = self.root / self.tokenizer.folder / name
+            if not tokenizer_file.exists():
+                raise DatasetError(f"{tokenizer_file}: missing; the dataset's tokenizer copy is gone")
+            if full and sha256_file(tokenizer_file) != sha256:
+                raise DatasetError(f"{tokenizer_file}: sha256 differs from the manifest")
         for split in SPLITS:
             entry = self.manifest["splits"][split]
             shards = entry["shards"]
@@ -375,26 +384,3 @@ class TokenDataset:
             f"TokenDataset({str(self.root)!r}, train={self.train.num_tokens} tokens, "
             f"val={self.val.num_tokens} tokens, vocab={self.vocab_size})"
         )
-
-
-def describe_tokenizer(model_path: str | os.PathLike, add_bos: bool | None = None) -> TokenizerInfo:
-    """Read a SentencePiece model's ids. BOS is added when the model defines one, unless told otherwise."""
-    import sentencepiece as spm
-
-    model_path = Path(model_path)
-    processor = spm.SentencePieceProcessor(model_file=str(model_path))
-    eos_id, bos_id = processor.eos_id(), processor.bos_id()
-    if eos_id < 0:
-        raise DatasetError(
-            f"{model_path}: the tokenizer has no EOS piece (eos_id=-1); documents must end in EOS, "
-            "so train it with eos_id >= 0"
-        )
-    return TokenizerInfo(
-        file=TOKENIZER_NAME,
-        source_path=str(model_path.resolve()),
-        sha256=sha256_file(model_path),
-        vocab_size=processor.vocab_size(),
-        eos_id=eos_id,
-        bos_id=bos_id,
-        add_bos=bos_id >= 0 if add_bos is None else add_bos,
-    )

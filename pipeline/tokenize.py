@@ -5,7 +5,8 @@
 The same command runs under `ray job submit --working-dir . -- python -m pipeline.tokenize ...`
 (with absolute paths on storage every node mounts; see README.md, "On your own Ray cluster").
 Ray Data runs one stage: each task reads its share of the input (`pipeline.readers`; up to 64 MiB) and
-encodes it with SentencePiece in one batched call (the model is loaded once per worker process),
+encodes it in one batched call (the tokenizer is loaded once per worker process): SentencePiece for a
+`.model`, the Rust `tokenizers` library for a Hugging Face tokenizer folder (`pipeline.tokenizer.load`),
 returning the block's tokens as one flat Arrow array with per-document offsets. Ray Data's
 `preserve_order` hands the blocks to the driver in input order, and the driver writes them as shards
 (`pipeline.dataset.ShardWriter`), cut by token count: the same inputs, tokenizer and seed give
@@ -36,18 +37,11 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 from tqdm import tqdm
 
-from pipeline.dataset import (
-    TOKENIZER_NAME,
-    ShardWriter,
-    build_manifest,
-    check_output_folder,
-    commit_dataset,
-    describe_tokenizer,
-    token_dtype,
-)
+from pipeline.dataset import ShardWriter, build_manifest, check_output_folder, commit_dataset, token_dtype
 from pipeline.command import add_input_flags, add_ray_flags, new_parser, run_command
 from pipeline.ray_runtime import init_ray
 from pipeline.readers import InputError, check_split_used, read_documents, select_inputs
+from pipeline.tokenizer.load import SENTENCEPIECE, load_tokenizer, make_encoder
 
 # Blocks of at least 1 MiB and at most 64 MiB; see `_block_bytes`.
 MIN_BLOCK_BYTES, MAX_BLOCK_BYTES = 1 << 20, 64 << 20
@@ -130,9 +124,10 @@ def is_validation(text: bytes, seed: int, val_fraction: float) -> bool:
 
 @dataclass(frozen=True)
 class EncodeSettings:
-    """What an encode task needs; frozen (hashable) so that a worker process loads the model once."""
+    """What an encode task needs; frozen (hashable) so that a worker process loads the tokenizer once."""
 
-    model_proto: bytes
+    kind: str  # pipeline.tokenizer.load's SENTENCEPIECE or HUGGINGFACE
+    encoder_data: bytes  # the model proto, or the tokenizer.json text
     bos_id: int
     add_bos: bool
     eos_id: int
@@ -185,26 +180,43 @@ class DocumentEncoder:
 
     def __init__(self, settings: EncodeSettings):
         self.settings = settings
-        self.processor = spm.SentencePieceProcessor(model_proto=settings.model_proto)
-        self.part_bytes = PART_BYTES if newlines_split_words(settings.model_proto) else 0
         self.dtype = np.dtype(settings.dtype)
+        if settings.kind == SENTENCEPIECE:
+            self.processor = spm.SentencePieceProcessor(model_proto=settings.encoder_data)
+            self.part_bytes = PART_BYTES if newlines_split_words(settings.encoder_data) else 0
+        else:
+            self.encode_texts = make_encoder(settings.kind, settings.encoder_data)
 
-    def encode(self, batch: pa.Table) -> pa.Table:
-        """Columns: tokens (large_list: [BOS] + pieces + [EOS], empty when the document has no pieces),
-        is_val, text_bytes, replaced_utf8; one row per input document, in order."""
-        s = self.settings
-        # UTF-8 bytes straight from Arrow: SentencePiece takes them as they are, and the validation hash
-        # wants bytes too, so no Python string is ever built.
-        texts = batch.column("text").cast(pa.binary()).to_pylist()
+    def _encode_sentencepiece(self, texts: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """All documents' ids, concatenated, and each document's token count."""
         parts = [cut_at_newlines(t, self.part_bytes) if self.part_bytes else [t] for t in texts]
         # One thread: Ray already runs one task per CPU. numpy output skips a Python int per token
         # (about 10% of the encode call, and the flattening after it).
         flat_parts = list(itertools.chain.from_iterable(parts))
         encoded = self.processor.encode(flat_parts, num_threads=1, out_type="numpy")
         part_lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
-        pieces = np.concatenate(encoded).astype(self.dtype) if encoded else np.zeros(0, self.dtype)
         part_starts = np.cumsum([0] + [len(p) for p in parts[:-1]])
         doc_lengths = np.add.reduceat(part_lengths, part_starts) if texts else part_lengths
+        pieces = np.concatenate(encoded).astype(self.dtype) if encoded else np.zeros(0, self.dtype)
+        return pieces, doc_lengths
+
+    def _encode_hf(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        ids = self.encode_texts(texts)
+        doc_lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+        pieces = np.fromiter(itertools.chain.from_iterable(ids), self.dtype, int(doc_lengths.sum()))
+        return pieces, doc_lengths
+
+    def encode(self, batch: pa.Table) -> pa.Table:
+        """Columns: tokens (large_list: [BOS] + pieces + [EOS], empty when the document has no pieces),
+        is_val, text_bytes, replaced_utf8; one row per input document, in order."""
+        s = self.settings
+        # UTF-8 bytes straight from Arrow: SentencePiece takes them as they are, and the validation hash
+        # wants bytes too, so no Python string is built for SentencePiece. `tokenizers` takes str.
+        texts = batch.column("text").cast(pa.binary()).to_pylist()
+        if s.kind == SENTENCEPIECE:
+            pieces, doc_lengths = self._encode_sentencepiece(texts)
+        else:
+            pieces, doc_lengths = self._encode_hf(batch.column("text").to_pylist())
         # No pieces means nothing to learn from (empty or, after normalization, blank): left empty here,
         # skipped and counted by the writer. Every other document gets its [BOS] and EOS inserted.
         kept = doc_lengths > 0
@@ -279,12 +291,7 @@ def tokenize(config: TokenizeConfig) -> tuple[dict, TokenizeStats]:
     check_output_folder(out, config.overwrite)  # fail before any work, not after it
     if not 0.0 <= config.val_fraction < 1.0:
         raise InputError(f"--val-fraction {config.val_fraction}: must be in [0, 1)")
-    if not Path(config.tokenizer).is_file():
-        raise InputError(f"--tokenizer {config.tokenizer}: no such file; pass a SentencePiece .model")
-    try:
-        tokenizer = describe_tokenizer(config.tokenizer)
-    except (RuntimeError, OSError) as e:
-        raise InputError(f"--tokenizer {config.tokenizer}: not a SentencePiece model ({e})") from e
+    tokenizer = load_tokenizer(config.tokenizer)
     selection = select_inputs(config.inputs, config.split)
     check_split_used(config.split, selection)
     print(selection.describe(), flush=True)
@@ -298,7 +305,8 @@ def tokenize(config: TokenizeConfig) -> tuple[dict, TokenizeStats]:
     context.enable_progress_bars = False  # one tqdm bar below instead of one per operator
     workers = config.workers or _cluster_cpus()
     settings = EncodeSettings(
-        model_proto=Path(config.tokenizer).read_bytes(),
+        kind=tokenizer.kind,
+        encoder_data=tokenizer.encoder_data,
         bos_id=tokenizer.bos_id,
         add_bos=tokenizer.add_bos,
         eos_id=tokenizer.eos_id,
@@ -318,7 +326,7 @@ def tokenize(config: TokenizeConfig) -> tuple[dict, TokenizeStats]:
 
     staging = _staging_folder(out)
     try:
-        shutil.copyfile(config.tokenizer, staging / TOKENIZER_NAME)
+        tokenizer_info = tokenizer.stage_copy(staging)
         writers = {
             split: ShardWriter(staging, split, dtype, config.shard_tokens) for split in ("train", "val")
         }
@@ -332,7 +340,7 @@ def tokenize(config: TokenizeConfig) -> tuple[dict, TokenizeStats]:
         shards = {split: writer.close() for split, writer in writers.items()}
         stats.shards = sum(len(s) for s in shards.values())
         manifest = build_manifest(
-            tokenizer,
+            tokenizer_info,
             shards,
             inputs=[{"path": str(f), "bytes": f.stat().st_size} for f in files],
             input_patterns=list(config.inputs),
@@ -376,7 +384,9 @@ def _write_block(block: pa.Table, writers: dict[str, ShardWriter], stats: Tokeni
 def build_parser() -> argparse.ArgumentParser:
     parser = new_parser("python -m pipeline.tokenize", __doc__.split("\n\n")[0])
     add_input_flags(parser)
-    parser.add_argument("--tokenizer", type=Path, required=True, metavar="PATH", help="a SentencePiece .model")
+    parser.add_argument("--tokenizer", type=Path, required=True, metavar="PATH",
+                        help="a SentencePiece .model, or a Hugging Face tokenizer folder (tokenizer.json and/or "
+                             "tokenizer.model with tokenizer_config.json, as save_pretrained writes it)")
     parser.add_argument("--out", type=Path, required=True, metavar="PATH",
                         help="the dataset folder to create (format: pipeline/FORMAT.md)")
     parser.add_argument("--val-fraction", type=float, default=TokenizeConfig.val_fraction,

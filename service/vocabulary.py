@@ -3,7 +3,7 @@
 A token id must mean the same piece in every dataset of a mix. That holds when the datasets share a
 tokenizer, and also when one tokenizer extends another by appending pieces (`pipeline.tokenizer
 extend`): the base's ids keep their meaning and the extension only adds ids above them. The check
-reads the `tokenizer.model` copy inside each dataset through sentencepiece's model proto.
+reads the tokenizer copy inside each dataset (a SentencePiece model or a Hugging Face folder).
 """
 
 from __future__ import annotations
@@ -26,15 +26,14 @@ class SharedVocabulary:
     largest: str  # the dataset whose tokenizer defines the full vocabulary
 
 
-def _pieces(dataset: TokenDataset) -> list[tuple[str, int]]:
-    from sentencepiece import sentencepiece_model_pb2
+def _pieces(dataset: TokenDataset) -> list[str | None]:
+    from pipeline.errors import PipelineError
+    from pipeline.tokenizer.load import load_tokenizer, vocabulary_pieces
 
-    proto = sentencepiece_model_pb2.ModelProto()
     try:
-        proto.ParseFromString(dataset.tokenizer_path.read_bytes())
-    except Exception as e:  # protobuf raises its own DecodeError type
-        raise VocabularyError(f"{dataset.tokenizer_path}: not a SentencePiece model ({e})") from e
-    return [(p.piece, p.type) for p in proto.pieces]
+        return vocabulary_pieces(load_tokenizer(dataset.tokenizer_path))
+    except PipelineError as e:
+        raise VocabularyError(f"{dataset.tokenizer_path}: the dataset's tokenizer copy is unusable: {e}") from e
 
 
 def check_vocabularies(datasets: Mapping[str, TokenDataset]) -> SharedVocabulary:
@@ -52,7 +51,7 @@ def check_vocabularies(datasets: Mapping[str, TokenDataset]) -> SharedVocabulary
                 raise VocabularyError(
                     f"datasets {name!r} ({datasets[name].tokenizer_path}) and {largest!r} "
                     f"({datasets[largest].tokenizer_path}) do not share a vocabulary: id {token_id} is "
-                    f"{piece[0]!r} in one and {full_piece[0]!r} in the other. Mixing needs one tokenizer, "
+                    f"{piece!r} in one and {full_piece!r} in the other. Mixing needs one tokenizer, "
                     "or a base tokenizer and its extension made by `pipeline.tokenizer extend`; "
                     "re-tokenize one dataset with the other's tokenizer"
                 )
@@ -63,7 +62,7 @@ def check_vocabularies(datasets: Mapping[str, TokenDataset]) -> SharedVocabulary
     for name, size in declared.items():
         if size != len(pieces[name]):
             raise VocabularyError(
-                f"{datasets[name].root}/manifest.json: tokenizer.vocab_size = {size} but its tokenizer.model "
-                f"has {len(pieces[name])} pieces; the dataset is inconsistent, re-run the tokenize job"
+                f"{datasets[name].root}/manifest.json: tokenizer.vocab_size = {size} but its tokenizer "
+                f"has {len(pieces[name])} ids; the dataset is inconsistent, re-run the tokenize job"
             )
     return SharedVocabulary(vocab_size=len(full), eos_id=next(iter(eos.values())), largest=largest)

@@ -7,7 +7,6 @@ written with the same `pipeline.dataset` functions the tokenize job uses.
 from __future__ import annotations
 
 import random
-import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -15,15 +14,8 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from pipeline.dataset import (
-    TOKENIZER_NAME,
-    TokenDataset,
-    build_manifest,
-    commit_dataset,
-    describe_tokenizer,
-    token_dtype,
-    write_shard,
-)
+from pipeline.dataset import TokenDataset, build_manifest, commit_dataset, token_dtype, write_shard
+from pipeline.tokenizer.load import load_tokenizer
 
 ENGLISH_WORDS = (
     "the manual page describes how the command reads its input file and writes the result to standard "
@@ -98,17 +90,17 @@ def write_token_dataset(
     out: Path, documents: Sequence[str], model_path: Path, val_documents: Sequence[str] = (), shard_docs: int = 50
 ) -> TokenDataset:
     """Encode documents with the model (in-process, no Ray) and write them in the real on-disk format."""
-    info = describe_tokenizer(model_path)
-    processor = spm.SentencePieceProcessor(model_file=str(model_path))
-    dtype = token_dtype(info.vocab_size)
+    spec = load_tokenizer(model_path)
+    encode_texts = spec.encoder()
+    dtype = token_dtype(spec.vocab_size)
 
     def encode(doc: str) -> np.ndarray:
-        ids = ([info.bos_id] if info.add_bos else []) + processor.encode(doc) + [info.eos_id]
+        ids = ([spec.bos_id] if spec.add_bos else []) + encode_texts([doc])[0] + [spec.eos_id]
         return np.asarray(ids, dtype=dtype)
 
     staging = out.with_name(out.name + ".staging")
     staging.mkdir(parents=True)
-    shutil.copyfile(model_path, staging / TOKENIZER_NAME)
+    info = spec.stage_copy(staging)
     shards: dict[str, list] = {"train": [], "val": []}
     for split, docs in (("train", documents), ("val", val_documents)):
         for i in range(0, max(len(docs), 1), shard_docs):

@@ -19,6 +19,7 @@ import sentencepiece as spm
 
 from pipeline.dataset import DatasetError, TokenDataset
 from pipeline.ray_runtime import init_ray
+from pipeline.tokenizer.model_proto import TokenizerError
 from pipeline.readers import InputError
 from conftest import train_spm
 from pipeline.tokenize import TokenizeConfig, main, newlines_split_words, tokenize
@@ -60,7 +61,7 @@ def test_every_format_round_trips(tmp_path, english_lines, english_model):
     for i, text in enumerate(texts[:3]):
         (tmp_path / "in" / f"page{i}.txt").write_text(text)
     ds, stats = run(tmp_path, "ds", [tmp_path / "in"], english_model, val_fraction=0.1, seed=3)
-    assert ds.dtype == np.dtype("<u2") and (ds.root / "tokenizer.model").read_bytes() == english_model.read_bytes()
+    assert ds.dtype == np.dtype("<u2") and ds.tokenizer_path.read_bytes() == english_model.read_bytes()
     expected = texts * 4 + texts[:3] + texts  # sorted paths: a, b, c, hf/..., page*.txt, saved/...
     train, val = decode_all(ds, "train"), decode_all(ds, "val")
     assert sorted(train + val) == sorted(expected)
@@ -210,7 +211,7 @@ def test_overwrite_is_explicit_and_never_touches_other_folders(tmp_path, english
     with pytest.raises(DatasetError, match="not a dataset"):
         run(tmp_path, "mine", [source], english_model, overwrite=True)
     assert (keep / "notes.txt").read_text() == "precious"
-    with pytest.raises(InputError, match="no such file"):
+    with pytest.raises(TokenizerError, match="no such file"):
         run(tmp_path, "x", [source], tmp_path / "missing.model")
 
 

@@ -129,11 +129,12 @@ def test_continued_run_grows_vocab_and_keeps_constant_lr(tmp_path, datasets, ger
     assert checkpoint.is_file()
 
     # The real extension: German pieces appended to the English tokenizer, and its report.
+    from pipeline.dataset import TokenDataset
     from pipeline.tokenizer.extend import extend_model, new_piece_entries
     from pipeline.tokenizer.model_proto import load_model_proto
     from tests.conftest import write_token_dataset
 
-    english_model = Path(datasets["en"]) / "tokenizer.model"
+    english_model = TokenDataset(datasets["en"]).tokenizer_path
     (tmp_path / "de.txt").write_text("\n".join(german_lines[:1800]) + "\n")
     extension = extend_model(load_model_proto(english_model), tmp_path / "de.txt", 24, tmp_path)
     extended = tmp_path / "extended.model"

@@ -85,7 +85,7 @@ DAMAGES = [
     Damage("flipped bytes in an index", "train-00001.idx", lambda root: _flip_bytes(root / "train-00001.idx")),
     Damage("truncated shard", "train-00002.bin", lambda root: _truncate(root / "train-00002.bin")),
     Damage("missing shard", "train-00003.bin", lambda root: (root / "train-00003.bin").unlink()),
-    Damage("missing tokenizer copy", "tokenizer.model", lambda root: (root / "tokenizer.model").unlink()),
+    Damage("missing tokenizer copy", "tokenizer/tokenizer.model", lambda root: (root / "tokenizer" / "tokenizer.model").unlink()),
     Damage("manifest lies about token counts", "train-00001.bin", lambda root: _edit_manifest(root, _lie_about_tokens)),
     Damage("manifest lies about document counts", "train-00001.idx",
            lambda root: _edit_manifest(root, _lie_about_documents)),
@@ -146,7 +146,7 @@ def check_service_refusals(work: Path, datasets: dict[str, Path], code: Path, re
 def check_pipeline_overwrite(work: Path, datasets: dict[str, Path], code: Path, run_overwrite: bool,
                              result: DamagedResult) -> None:
     corpus = write_corpus(work / "corpus.jsonl", 100, 100)
-    tokenizer = datasets["old"] / "tokenizer.model"
+    tokenizer = TokenDataset(datasets["old"]).tokenizer_path
     target = work / "valid-dataset"
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(datasets["old"], target)

@@ -35,7 +35,7 @@ from benchmarks.reliability.harness import (
     tokenize_command,
     write_corpus,
 )
-from pipeline.dataset import MANIFEST_NAME
+from pipeline.dataset import MANIFEST_NAME, TokenDataset
 
 LEAK_GRACE_SECONDS = 15.0
 
@@ -113,7 +113,7 @@ def run_pipeline_kill(work: Path, kills: int, seed: int = 0, code: Path = REPO, 
                       ray_address: str | None = None) -> PipelineKillResult:
     """With `ray_address` the jobs join that cluster (only the driver is killed); else each embeds its own."""
     work = Path(work)
-    tokenizer = build_datasets(work / "datasets")["old"] / "tokenizer.model"
+    tokenizer = TokenDataset(build_datasets(work / "datasets")["old"]).tokenizer_path
     corpus = write_corpus(work / "corpus.jsonl", documents, documents)
     extra = ("--address", ray_address) if ray_address else ()
     reference, out = work / "reference", work / "out"
