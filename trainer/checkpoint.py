@@ -9,9 +9,8 @@ the run's config (which --resume holds the flags to) and its learning-rate sched
 from __future__ import annotations
 
 import random
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,9 +19,14 @@ from pipeline.atomic_file import atomic_writer
 from trainer.errors import TrainerError
 from trainer.model import GPT, GPTConfig
 
+if TYPE_CHECKING:
+    from trainer.hf_model import HFCausalLM
+
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest.pt"
 FINAL = "final.pt"
+# A Hugging Face model's tokenizer, copied here at the run's first checkpoint: the run carries what it trains with.
+TOKENIZER_DIR = "tokenizer"
 
 
 class CheckpointError(TrainerError):
@@ -50,7 +54,7 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 def save_checkpoint(
     path: Path,
-    model: GPT,
+    model: GPT | HFCausalLM,
     optimizer: torch.optim.Optimizer,
     step: int,
     first_eval: dict[str, float] | None,
@@ -63,7 +67,7 @@ def save_checkpoint(
     `schedule` is the run's `RunSchedule.record()`; without it the checkpoint can seed a new run with its own
     schedule but cannot be resumed or continued with --continue-schedule."""
     payload = {
-        "model_config": asdict(model.config),
+        "model_config": model.record(),  # what rebuilds the architecture: a GPTConfig, or a Hugging Face config
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "step": step,

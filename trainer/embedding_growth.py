@@ -17,9 +17,13 @@ from trainer.model import GPT
 
 
 def grown_rows(old: torch.Tensor, report: ExtensionReport) -> torch.Tensor:
-    """The (extended_vocab, dim) matrix: old rows as they are, new rows the means the report prescribes."""
-    new = old.new_empty(report.extended_vocab_size, old.shape[1])
-    new[: report.base_vocab_size] = old
+    """The grown matrix: old rows as they are, each new id's row the mean the report prescribes.
+
+    It has max(old rows, extended vocabulary) rows: a Hugging Face model may hold more rows than its
+    tokenizer has pieces (Qwen2 pads 151665 pieces to 151936 rows), and then new ids take over padding rows
+    instead of adding any. The own GPT's rows are exactly the base vocabulary."""
+    new = old.new_empty(max(old.shape[0], report.extended_vocab_size), old.shape[1])
+    new[: old.shape[0]] = old
     for piece in report.new_pieces:
         new[piece.id] = old[list(piece.base_ids)].mean(dim=0)
     return new

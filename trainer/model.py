@@ -8,11 +8,13 @@ flash/memory-efficient kernel where the hardware has one.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from trainer.lm import decay_groups, next_token_loss, training_flops_per_token
 
 
 @dataclass(frozen=True)
@@ -146,25 +148,20 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x, cos, sin)
         logits = self.lm_head(self.norm(x))
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits if targets is None else next_token_loss(logits, targets)
+
+    def record(self) -> dict:
+        """What a checkpoint stores to rebuild the architecture (`trainer.checkpoint.model_config_of`)."""
+        return asdict(self.config)
 
     def num_params(self, include_embedding: bool = True) -> int:
         total = sum(p.numel() for p in self.parameters())  # tied weights are counted once
         return total if include_embedding else total - self.embed.weight.numel()
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward): 6N for the weights plus attention's
-        12 * layers * d_model * seq (the PaLM appendix B count used for MFU)."""
+        """Training FLOPs per token (`trainer.lm.training_flops_per_token`)."""
         c = self.config
-        # The input embedding is a lookup, not a matmul; a tied output head still multiplies.
-        matmul_params = sum(p.numel() for n, p in self.named_parameters() if p.dim() == 2 and "embed" not in n)
-        matmul_params += self.lm_head.weight.numel() if c.tie_embeddings else 0
-        return 6.0 * matmul_params + 12.0 * c.n_layer * c.d_model * seq_len
+        return training_flops_per_token(self, self.embed.weight, self.lm_head.weight, c.n_layer, c.d_model, seq_len)
 
     def optimizer_groups(self, weight_decay: float) -> list[dict]:
-        """Decay matrices (embeddings included, as in nanoGPT); never decay norm gains."""
-        decay = [p for p in self.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.parameters() if p.dim() < 2]
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return decay_groups(self, weight_decay)

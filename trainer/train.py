@@ -32,6 +32,7 @@ from trainer.checkpoint import (
     CHECKPOINT_DIR,
     FINAL,
     LATEST,
+    TOKENIZER_DIR,
     CheckpointError,
     latest_checkpoint,
     load_checkpoint,
@@ -43,6 +44,18 @@ from trainer.checkpoint import (
 from trainer.data import BatchSource, open_eval_splits, open_source
 from trainer.embedding_growth import grow_vocab, pad_optimizer_state
 from trainer.evaluate import Evaluator, eval_record
+from trainer.hf_model import (
+    DTYPES,
+    HFCausalLM,
+    check_save_dir,
+    copy_tokenizer,
+    from_record,
+    is_hf_record,
+    load_hf_model,
+    prepare_vocabulary,
+    resolve_folder,
+    save_hf,
+)
 from trainer.lr_schedules import RunSchedule, build_schedule, continue_schedule
 from trainer.errors import TrainerError
 from trainer.metrics_log import METRICS_NAME, MetricsLog, read_metrics
@@ -79,6 +92,27 @@ def require_device(kind: str) -> None:
     raise TrainerError(f"--device cuda: no CUDA device is available: {why}; or train on the CPU with --device cpu")
 
 
+def hf_export_dir(config: TrainConfig) -> Path:
+    """Where a Hugging Face model is written at the end of the run: --save-hf, or RUN_DIR/hf."""
+    return config.save_hf or config.out / "hf"
+
+
+def require_dtype(dtype: str, device: str) -> None:
+    """Refuse, before anything starts, weights in a dtype this device (or this trainer) cannot train in."""
+    if dtype == "float16":
+        raise TrainerError("--dtype float16: float16 weights overflow without loss scaling, which this trainer does "
+                           "not do; use --dtype bfloat16 (or float32, which trains under bf16 autocast on CUDA)")
+    if dtype == "bfloat16" and device == "cuda" and not torch.cuda.is_bf16_supported():
+        raise TrainerError(f"--dtype bfloat16: this GPU ({torch.cuda.get_device_name()}) has no bfloat16 support "
+                           "(it needs compute capability 8.0, Ampere, or newer); use --dtype float32")
+
+
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Weights to `dtype`, buffers as they are (rotary tables keep their float32 precision)."""
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
+
+
 def init_distributed(device: str) -> Distributed:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
@@ -90,11 +124,12 @@ def init_distributed(device: str) -> Distributed:
 
 @dataclass
 class TrainingState:
-    model: GPT
+    model: GPT | HFCausalLM
     optimizer: torch.optim.Optimizer
     schedule: RunSchedule
     start_step: int
     first_eval: dict[str, float] | None
+    tokenizer_dir: Path | None = None  # a Hugging Face model's tokenizer: what --save-hf writes beside it
 
 
 def _make_optimizer(model: GPT, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -122,18 +157,54 @@ def build_state(config: TrainConfig, source: BatchSource, device: torch.device) 
     if resume_path is not None:
         _check_resumable(resume_path, payload, config)
 
-    if payload is None:
+    where = resume_path or config.init_from
+    model, tokenizer_dir = _build_model(config, payload, where, resume_path is not None, source)
+    cast_parameters(model, DTYPES[config.dtype])
+    model.to(device)
+    optimizer = _make_optimizer(model, config, device)
+    if payload is not None and not (config.init_from and config.reset_optimizer):
+        _load_optimizer(optimizer, payload["optimizer"], config)
+    schedule = _schedule(config, payload, resume_path or config.init_from, resumed=resume_path is not None)
+    if resume_path is not None:
+        restore_rng(payload["rng"])
+        return TrainingState(model, optimizer, schedule, payload["step"], payload.get("first_eval"), tokenizer_dir)
+    return TrainingState(model, optimizer, schedule, 0, None, tokenizer_dir)
+
+
+def _build_model(config: TrainConfig, payload: dict[str, Any] | None, where: Path | None, resumed: bool,
+                 source: BatchSource) -> tuple[GPT | HFCausalLM, Path | None]:
+    """The model to train, its vocabulary grown to --extension-report's and checked against the data's,
+    and for a Hugging Face model the folder of the tokenizer it trains with."""
+    if payload is None and config.hf_model is None:
         torch.manual_seed(config.seed)
         model = GPT(config_for(config.model, source.vocab_size, source.seq_len, tie_embeddings=not config.untied))
-    else:
-        model_config = model_config_of(payload)
-        # Rotary tables are derived, not learned, so a longer context just needs longer tables.
-        model = GPT(replace(model_config, max_seq_len=max(model_config.max_seq_len, source.seq_len)))
-        model.load_state_dict(payload["model"])
-        if config.extension_report is not None and model.config.vocab_size != source.vocab_size:
-            grow_vocab(model, ExtensionReport.load(config.extension_report))
+        return model, None
+    if payload is None or is_hf_record(payload["model_config"]):
+        if payload is None:
+            folder = resolve_folder(config.hf_model)
+            model, base_tokenizer = load_hf_model(str(folder), config.dtype), folder
+            where = f"--init-from hf:{config.hf_model}"
+        else:
+            model = from_record(payload["model_config"])
+            model.load_state_dict(payload["model"])
+            base_tokenizer = where.parent / TOKENIZER_DIR
+        report = None if resumed else config.extension_report
+        tokenizer_dir, tokenizer_size = prepare_vocabulary(model, base_tokenizer, report)
+        # Fewer is fine: a tokenizer loaded with its model's config may add special tokens at the end (Qwen2's
+        # <|endoftext|>), which leaves every id of the data meaning what it did.
+        if source.vocab_size > tokenizer_size:
+            raise CheckpointError(f"{where}: the data's vocabulary is {source.vocab_size} but the model's tokenizer "
+                                  f"({tokenizer_dir}) has {tokenizer_size} pieces; the data was made with another "
+                                  "tokenizer: pass --extension-report DIR/extension_report.json of the extended "
+                                  "tokenizer it was made with, or tokenize it with the model's tokenizer")
+        return model, tokenizer_dir
+    model_config = model_config_of(payload)
+    # Rotary tables are derived, not learned, so a longer context just needs longer tables.
+    model = GPT(replace(model_config, max_seq_len=max(model_config.max_seq_len, source.seq_len)))
+    model.load_state_dict(payload["model"])
+    if config.extension_report is not None and model.config.vocab_size != source.vocab_size:
+        grow_vocab(model, ExtensionReport.load(config.extension_report))
     if model.config.vocab_size != source.vocab_size:
-        where = resume_path or config.init_from
         hint = (
             "pass --extension-report extended.report.json from `pipeline.tokenizer extend`"
             if model.config.vocab_size < source.vocab_size
@@ -142,15 +213,7 @@ def build_state(config: TrainConfig, source: BatchSource, device: torch.device) 
         raise CheckpointError(
             f"{where}: the model's vocabulary is {model.config.vocab_size} but the data's is {source.vocab_size}; {hint}"
         )
-    model.to(device)
-    optimizer = _make_optimizer(model, config, device)
-    if payload is not None and not (config.init_from and config.reset_optimizer):
-        _load_optimizer(optimizer, payload["optimizer"], config)
-    schedule = _schedule(config, payload, resume_path or config.init_from, resumed=resume_path is not None)
-    if resume_path is not None:
-        restore_rng(payload["rng"])
-        return TrainingState(model, optimizer, schedule, payload["step"], payload.get("first_eval"))
-    return TrainingState(model, optimizer, schedule, 0, None)
+    return model, None
 
 
 def _check_resumable(path: Path, payload: dict[str, Any], config: TrainConfig) -> None:
@@ -246,7 +309,10 @@ def train(config: TrainConfig, on_step: StepHook | None = None) -> GPT:
     Raises RunStopped after the checkpoint a SIGINT or SIGTERM asked for.
     """
     require_device(config.device)
+    require_dtype(config.dtype, config.device)
     check_run_dir(config.out, config.resume, config.overwrite)
+    # The default RUN_DIR/hf is this run's own: --resume (or --overwrite) replaces it.
+    check_save_dir(hf_export_dir(config), config.overwrite or (config.resume and config.save_hf is None))
     dist_info = init_distributed(config.device)
     device = torch.device(f"cuda:{dist_info.local_rank}" if config.device == "cuda" else "cpu")
     if device.type == "cuda":
@@ -323,6 +389,10 @@ def _run(config: TrainConfig, source: BatchSource, dist_info: Distributed, devic
         nonlocal saved_step
         saved_step = step if LATEST in names else saved_step
         if dist_info.is_main:
+            tokenizer_copy = config.out / CHECKPOINT_DIR / TOKENIZER_DIR
+            if state.tokenizer_dir is not None and state.tokenizer_dir != tokenizer_copy:
+                copy_tokenizer(state.tokenizer_dir, tokenizer_copy)  # before the checkpoint that needs it
+                state.tokenizer_dir = tokenizer_copy
             for name in names:
                 save_checkpoint(config.out / CHECKPOINT_DIR / name, model, state.optimizer, step, first_eval,
                                 run_config, state.schedule.record())
@@ -391,6 +461,9 @@ def _run(config: TrainConfig, source: BatchSource, dist_info: Distributed, devic
         if done % config.eval_every == 0 or names:
             stats.reset()  # evaluation and checkpoint time is not training throughput
     bar.close()
+    if isinstance(model, HFCausalLM) and dist_info.is_main:
+        exported = save_hf(model.state_dict(), model, state.tokenizer_dir, hf_export_dir(config))
+        print(f"Hugging Face folder (AutoModelForCausalLM.from_pretrained): {exported}", flush=True)
     if dist_info.is_main:
         print(f"trained steps {state.start_step}..{config.steps} of {model.num_params() / 1e6:.1f}M-parameter "
               f"model: final loss {last_loss:.4f}, metrics in {config.out / 'metrics.jsonl'}", flush=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from service.mix_schedule import ScheduleError, check_weight_names
+from trainer.hf_model import DTYPES, HF_PREFIX
 from trainer.model import MODEL_SIZES
 from trainer.lr_schedules import SCHEDULES, ScheduleConfig
 
@@ -50,7 +51,11 @@ class TrainConfig:
     log_every: int = 1
     checkpoint_every: int = 100
     save_at: tuple[int, ...] = ()
-    init_from: Path | None = None
+    init_from: Path | None = None  # a trainer checkpoint
+    hf_model: str | None = None  # --init-from hf:PATH: a Hugging Face folder (or Hub id)
+    dtype: str = "float32"  # the weights' (and optimizer state's) dtype
+    save_hf: Path | None = None  # where to write the Hugging Face folder at the end (default RUN_DIR/hf)
+    fsdp: bool = False  # shard weights, gradients and optimizer state over the ranks (FSDP2) instead of DDP
     reset_optimizer: bool = False
     extension_report: Path | None = None
     resume: bool = False
@@ -66,13 +71,13 @@ class TrainConfig:
 _FLAG_NAMES = {
     "data.datasets": "--dataset", "data.stream_url": "--stream", "data.seed": "--data-seed",
     "data.eval_datasets": "--eval-dataset", "schedule.name": "--lr-schedule", "schedule.continued": "--continue-schedule",
-    "progress": "--no-progress",
+    "progress": "--no-progress", "hf_model": "--init-from",
 }
 # What --resume lets change: how long, how often and how visibly the run goes on, and on what hardware,
 # but not what it computes (the micro-batch only splits the same global batch).
 RESUMABLE_FLAGS = ("--steps", "--eval-every", "--log-every", "--checkpoint-every", "--save-at", "--no-progress",
                    "--device", "--compile", "--micro-batch", "--stream", "--stream-read-ahead",
-                   "--stream-token-file")
+                   "--stream-token-file", "--save-hf")
 # How a run began; a resumed run takes what they made from its checkpoint instead.
 _START_FLAGS = ("--out", "--resume", "--overwrite", "--init-from", "--reset-optimizer", "--extension-report")
 # What only starting a run may say, with how many values each takes: a resume command leaves them out.
@@ -213,18 +218,30 @@ def build_parser() -> argparse.ArgumentParser:
                      help="micro-batches of each validation set per evaluation (default %(default)s)")
 
     model = p.add_argument_group("model")
-    model.add_argument("--model", choices=list(MODEL_SIZES), default=TrainConfig.model,
-                       help="model size (default %(default)s)")
+    model.add_argument("--model", choices=list(MODEL_SIZES),
+                       help=f"size of the trainer's own GPT, made afresh (default {TrainConfig.model}); not with "
+                            "--init-from hf:PATH")
     model.add_argument("--untied", action="store_true",
                        help="separate input and output embeddings (default: tied)")
-    model.add_argument("--init-from", type=Path, metavar="CKPT",
-                       help="start from a checkpoint's weights and optimizer state (steps restart at 0; the schedule "
-                            "is this run's own unless --continue-schedule; default: a fresh model)")
+    model.add_argument("--init-from", metavar="CKPT|hf:PATH",
+                       help="start from a trainer checkpoint's weights and optimizer state, or (hf:PATH) from a "
+                            "Hugging Face causal LM folder saved by save_pretrained (Llama, Mistral, Qwen2 or "
+                            "GPT-NeoX family; a Hub id where a network exists) with its tokenizer. Steps restart at "
+                            "0; the schedule is this run's own unless --continue-schedule (default: a fresh GPT)")
+    model.add_argument("--dtype", choices=list(DTYPES), default=TrainConfig.dtype,
+                       help="dtype of the weights and optimizer state; float32 trains under bf16 autocast on CUDA, "
+                            "bfloat16 halves the memory (default %(default)s)")
+    model.add_argument("--save-hf", type=Path, metavar="DIR",
+                       help="with --init-from hf:PATH (or a checkpoint of such a run): write the trained model as a "
+                            "Hugging Face folder (safetensors, config, generation config, tokenizer) here at the "
+                            "end of the run (default: RUN_DIR/hf)")
     model.add_argument("--reset-optimizer", action="store_true",
                        help="with --init-from: fresh AdamW state (default: the checkpoint's)")
     model.add_argument("--extension-report", type=Path, metavar="PATH",
                        help="extended.report.json from `pipeline.tokenizer extend`, to grow the embeddings to an "
-                            "extended tokenizer (default: none, the vocabulary stays)")
+                            "extended tokenizer; for a Hugging Face model the extension_report.json inside the "
+                            "extended tokenizer folder, which becomes the run's tokenizer (default: none, the "
+                            "vocabulary stays)")
 
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--steps", type=int, default=TrainConfig.steps,
@@ -284,6 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=("cpu", "cuda"), default=TrainConfig.device,
                      help="where to train; cuda needs a CUDA build of torch and a visible GPU (default %(default)s)")
     run.add_argument("--compile", action="store_true", help="torch.compile the model (default: eager)")
+    run.add_argument("--fsdp", action="store_true",
+                     help="under torchrun: shard weights, gradients and optimizer state over the ranks (FSDP2), for "
+                          "a model that does not fit one GPU with its optimizer state; checkpoints are sharded "
+                          "(default: DDP, every rank holds the whole model)")
     run.add_argument("--no-progress", action="store_true",
                      help="no progress bar: one line per evaluation and a summary at the end (default: a bar)")
     return p
@@ -314,6 +335,15 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         parser.error("--stream-token-file needs --stream")
     if args.stream_read_ahead is not None and (not args.stream or args.stream_read_ahead < 1):
         parser.error("--stream-read-ahead needs --stream and a positive number of steps")
+    hf_model = args.init_from[len(HF_PREFIX):] if args.init_from and args.init_from.startswith(HF_PREFIX) else None
+    if args.init_from == HF_PREFIX:
+        parser.error("--init-from hf:PATH: give the Hugging Face folder after hf:")
+    if hf_model and args.model:
+        parser.error("--model sizes the trainer's own GPT; --init-from hf:PATH trains the model in PATH; pick one")
+    if hf_model and args.untied:
+        parser.error("--untied: a Hugging Face model's config decides whether its embeddings are tied; drop it")
+    if args.save_hf and not (hf_model or args.init_from or args.resume):
+        parser.error("--save-hf writes a Hugging Face model: start from one with --init-from hf:PATH")
     if args.resume and args.init_from:
         parser.error("--resume continues this run; --init-from starts a new one from a checkpoint; pick one")
     if args.resume and args.overwrite:
@@ -325,8 +355,9 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     schedule = {path.partition(".")[2]: getattr(args, _dest(path))
                 for path in schedule_paths if getattr(args, _dest(path)) is not None}
     if args.continue_schedule:
-        if not (args.init_from or args.resume):
-            parser.error("--continue-schedule continues the schedule of a checkpoint; give it with --init-from CKPT")
+        if not ((args.init_from and not hf_model) or args.resume):
+            parser.error("--continue-schedule continues the schedule of a trainer checkpoint; give it with "
+                         "--init-from CKPT (a Hugging Face folder records no schedule)")
         conflicting = [flag_of(f"schedule.{name}") for name in schedule if name != "decay_steps"]
         if conflicting:
             parser.error(f"--continue-schedule follows the checkpoint's recorded schedule, which {', '.join(conflicting)} "
@@ -357,14 +388,18 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         data=data,
         schedule=ScheduleConfig(**schedule, continued=args.continue_schedule),
         optim=OptimConfig(weight_decay=args.weight_decay, grad_clip=args.grad_clip),
-        model=args.model,
+        model=args.model or TrainConfig.model,
         untied=args.untied,
         steps=args.steps,
         eval_every=args.eval_every,
         log_every=args.log_every,
         checkpoint_every=args.checkpoint_every,
         save_at=tuple(sorted(set(args.save_at))),
-        init_from=args.init_from,
+        init_from=Path(args.init_from) if args.init_from and not hf_model else None,
+        hf_model=hf_model,
+        dtype=args.dtype,
+        save_hf=args.save_hf,
+        fsdp=args.fsdp,
         reset_optimizer=args.reset_optimizer,
         extension_report=args.extension_report,
         resume=args.resume,

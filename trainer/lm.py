@@ -1,0 +1,39 @@
+"""What the training loop needs of a language model, whichever one it is (the own GPT in `trainer/model.py`,
+or a Hugging Face causal LM behind `trainer/hf_model.py`): the shared rules, written once.
+
+The loop calls `model(tokens, targets)` for the mean cross-entropy (or `model(tokens)` for logits),
+`model.optimizer_groups(weight_decay)`, `model.flops_per_token(seq_len)`, `model.num_params()` and reads
+`model.config.vocab_size` (the embedding's rows). Both models implement those with the functions below.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy, in float32 whatever the logits' dtype: bf16 log-softmax over a large vocabulary
+    loses the digits that tell a good model from a slightly worse one."""
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay matrices (embeddings included, as in nanoGPT and most open-model recipes); never
+    decay norm gains or biases. Tied weights appear once (`parameters()` deduplicates)."""
+    params = list(model.parameters())
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def training_flops_per_token(model: nn.Module, input_embedding: torch.Tensor, output_weight: torch.Tensor,
+                             n_layer: int, d_model: int, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): 6N for the weights plus attention's
+    12 * layers * d_model * seq (the PaLM appendix B count used for MFU). The input embedding is a lookup,
+    not a matmul; a tied output head still multiplies, so it counts although it is the same tensor."""
+    matmul_params = sum(p.numel() for p in model.parameters() if p.dim() == 2 and p is not input_embedding)
+    if output_weight is input_embedding:
+        matmul_params += output_weight.numel()
+    return 6.0 * matmul_params + 12.0 * n_layer * d_model * seq_len
