@@ -23,11 +23,14 @@ from pipeline.tokenizer.__main__ import main
 from pipeline.tokenizer.extend import (
     MAX_OLD_TEXT_LOSS,
     ExtendConfig,
+    StagedExtension,
     build_report,
     check_old_text,
     extend_model,
     extend_tokenizer,
+    new_piece_entries,
 )
+from pipeline.tokenizer.load import load_tokenizer
 from pipeline.tokenizer.model_proto import TokenizerError, append_pieces, check_ids_stable, load_model_proto
 from pipeline.tokenizer.report import ExtensionReport
 from pipeline.tokenizer.pieces import producible
@@ -265,7 +268,8 @@ def test_report_gives_the_unknown_share_before_and_after(new_script, tmp_path, e
     out = tmp_path / "extended.model"
     out.write_bytes(result.model.SerializeToString())
     new, old = cyrillic_lines[1800:] + [NEVER_SEEN], english_lines[1800:]
-    report = build_report(result, base_path, out, new, old)
+    staged = StagedExtension(out, new_piece_entries(result), result.donor_vocab_size, result.skipped, {})
+    report = build_report(load_tokenizer(base_path), load_tokenizer(out), staged, new, old)
     base, extended = spm.SentencePieceProcessor(model_file=str(base_path)), loaded(result)
     for name, lines in (("new_text", new), ("old_text", old)):
         assert_unknown_recount(report, name, lines, base, extended)

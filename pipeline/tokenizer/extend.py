@@ -1,22 +1,31 @@
-"""`python -m pipeline.tokenizer extend`: append new-corpus pieces to an existing SentencePiece model.
+"""`python -m pipeline.tokenizer extend`: append new-corpus pieces to an existing tokenizer.
 
-1. Normalize the new text exactly as the base does (its own normalizer, whatever it is) and train a
-   donor model of the base's type on it, with the base's splitting rules and user-defined symbols.
-2. Choose up to N donor pieces the base lacks: every character, then longer pieces the extended model
-   actually produces (`pieces.py`).
-3. Append them, check that ids 0..V-1 are unchanged, measure bytes per token and the `<unk>` share on
-   held-out new and old text, and only then write the model and its report (`report.py`).
+The base is a SentencePiece `.model`, or a Hugging Face tokenizer folder (`load.py`):
+- SentencePiece (a bare `.model`, or a folder with `tokenizer.model`, as Llama 2, Mistral and Gemma ship):
+  1. normalize the new text exactly as the base does (its own normalizer, whatever it is) and train a
+     donor model of the base's type on it, with the base's splitting rules and user-defined symbols;
+  2. choose up to N donor pieces the base lacks: every character, then longer pieces the extended model
+     actually produces (`pieces.py`);
+  3. append them and check that ids 0..V-1 are unchanged. A folder is written whole: the extended
+     `tokenizer.model` and the `tokenizer.json` transformers converts it to, checked to encode the
+     held-out text exactly as the model does.
+- A BPE `tokenizer.json` (Llama 3, Qwen, GPT-2/NeoX): new tokens after every old id and new merges after
+  every old merge (`bpe.py`).
+Either way bytes per token, the `<unk>` share and the old lines whose ids changed are measured on
+held-out new and old text before anything is written; then the tokenizer and its report (`report.py`).
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.atomic_file import write_atomically
+from pipeline.atomic_file import replace_folder, write_atomically
 from pipeline.dataset import sha256_file
 from pipeline.readers import check_split_used, select_inputs
 from pipeline.tokenizer.model_proto import (
@@ -32,8 +41,12 @@ from pipeline.tokenizer.model_proto import (
     processor_from_proto,
     verbatim_processor,
 )
+from pipeline.tokenizer.bpe import base_segmentation, bpe_model, extend_bpe
+from pipeline.tokenizer.load import HUGGINGFACE, SENTENCEPIECE, SP_MODEL_NAME, TokenizerSpec, load_tokenizer
+from pipeline.tokenizer.load import hf_auto_tokenizer, vocabulary_pieces
 from pipeline.tokenizer.pieces import check_piece_count, choose_pieces
 from pipeline.tokenizer.report import (
+    changed_lines,
     comparison,
     encode_lines,
     measure,
@@ -141,44 +154,147 @@ def new_piece_entries(extension: Extension) -> list[dict]:
     texts = [piece_text(extension.base, p.piece) for p in extension.added]
     return [
         {"id": first + i, "piece": p.piece, "score": p.score, "base_ids": ids}
-        for i, (p, ids) in enumerate(zip(extension.added, encode_lines(segmenter, texts)))
+        for i, (p, ids) in enumerate(zip(extension.added, encode_lines(segmenter.encode, texts)))
     ]
 
 
+@dataclass(frozen=True)
+class StagedExtension:
+    """An extended tokenizer written to scratch, not yet measured or placed at --out."""
+
+    path: Path  # the .model file, or the tokenizer folder
+    new_pieces: list[dict]  # {"id", "piece", "base_ids", ...} of every added piece, ids ascending
+    donor_vocab_size: int
+    skipped: int  # donor candidates not added
+    base_details: dict  # what the report records of the base beyond its ids (model type, byte fallback)
+
+
+def files_sha256(spec: TokenizerSpec) -> dict[str, str]:
+    if spec.kind == SENTENCEPIECE:
+        return {spec.path.name: sha256_file(spec.path)}
+    return {name: sha256_file(spec.path / name) for name in spec.files}
+
+
 def build_report(
-    extension: Extension,
-    base_path: Path,
-    out: Path,
+    base: TokenizerSpec,
+    extended: TokenizerSpec,
+    staged: StagedExtension,
     new_heldout: Sequence[str],
     old_heldout: Sequence[str],
 ) -> dict:
-    """The report dict (see `report.py`); `out` must already hold the extended model."""
-    base_sp = processor_from_proto(extension.base, str(base_path))
-    extended_sp = processor_from_proto(extension.model, str(out))
-    first_new = len(extension.base.pieces)
-    new_ids = encode_lines(extended_sp, new_heldout)
-    used = {i for ids in new_ids for i in ids if i >= first_new}
+    """The report dict (see `report.py`), measured with each tokenizer's own encoder."""
+    base_encode, extended_encode = base.encoder(), extended.encoder()
+    new_ids = encode_lines(extended_encode, new_heldout)
+    used = {i for ids in new_ids for i in ids if i >= base.vocab_size}
     measures = {
-        name: (measure(base_sp, lines), measure(extended_sp, lines))
+        name: (measure(base_encode, base.unk_id, lines), measure(extended_encode, extended.unk_id, lines))
         for name, lines in (("new_text", new_heldout), ("old_text", old_heldout))
     }
     return {
         "base": {
-            "path": str(base_path),
-            "sha256": sha256_file(base_path),
-            "vocab_size": len(extension.base.pieces),
-            "model_type": model_type_name(extension.base),
-            "byte_fallback": extension.base.trainer_spec.byte_fallback,
+            "path": str(base.path),
+            "kind": base.kind,
+            "files_sha256": files_sha256(base),
+            "vocab_size": base.vocab_size,
+            "model_type": base.model_type,
+            **staged.base_details,
         },
-        "extended": {"path": str(out), "sha256": sha256_file(out), "vocab_size": len(extension.model.pieces)},
-        "donor_vocab_size": extension.donor_vocab_size,
-        "pieces_added": len(extension.added),
-        "candidates_skipped_unproducible": extension.skipped,
+        "extended": {"path": str(staged.path), "files_sha256": files_sha256(extended), "vocab_size": extended.vocab_size},
+        "donor_vocab_size": staged.donor_vocab_size,
+        "pieces_added": len(staged.new_pieces),
+        "candidates_skipped": staged.skipped,
         "added_pieces_used_on_new_text": len(used),
         "bytes_per_token": {name: comparison(*pair) for name, pair in measures.items()},
         "unknown_token_rate": {name: unknown_comparison(*pair) for name, pair in measures.items()},
-        "new_pieces": new_piece_entries(extension),
+        "old_text_changed_lines": changed_lines(base_encode, extended_encode, old_heldout),
+        "new_pieces": staged.new_pieces,
     }
+
+
+def stage_sentencepiece(base: TokenizerSpec, new_text: Path, new_pieces: int, scratch: Path) -> StagedExtension:
+    """Extend the base's SentencePiece model; a folder base gets a whole folder (see `stage_folder`)."""
+    model_file = base.path if base.kind == SENTENCEPIECE else base.path / SP_MODEL_NAME
+    extension = extend_model(load_model_proto(model_file), new_text, new_pieces, scratch)
+    details = {"byte_fallback": extension.base.trainer_spec.byte_fallback}
+    entries = new_piece_entries(extension)
+    model_bytes = extension.model.SerializeToString()
+    if base.kind == SENTENCEPIECE:
+        staged = scratch / "extended.model"
+        staged.write_bytes(model_bytes)
+    else:
+        staged = stage_folder(base, scratch / "extended", {SP_MODEL_NAME: model_bytes}, convert=True)
+    return StagedExtension(staged, entries, extension.donor_vocab_size, extension.skipped, details)
+
+
+def stage_bpe(base: TokenizerSpec, new_text: Path, new_pieces: int, scratch: Path) -> StagedExtension:
+    tokenizer_file = base.path / "tokenizer.json"
+    tokenizer_json = json.loads(tokenizer_file.read_text(encoding="utf-8"))
+    bpe_model(tokenizer_json, tokenizer_file)  # refuses other model types before the donor trains
+    check_piece_count(new_pieces)
+    extension = extend_bpe(tokenizer_json, new_text, new_pieces, tokenizer_file)
+    if not extension.added:
+        raise TokenizerError("--input: the new text yields no token the base lacks; nothing to extend")
+    segments = base_segmentation(tokenizer_json, [token for _, token in extension.added])
+    entries = [{"id": i, "piece": token, "base_ids": ids} for (i, token), ids in zip(extension.added, segments)]
+    text = json.dumps(extension.tokenizer_json, ensure_ascii=False, indent=2)
+    staged = stage_folder(base, scratch / "extended", {"tokenizer.json": text.encode("utf-8")}, convert=False)
+    details = {"byte_level": bool(extension.tokenizer_json.get("pre_tokenizer"))}
+    return StagedExtension(staged, entries, extension.donor_vocab_size, extension.skipped, details)
+
+
+def stage_folder(base: TokenizerSpec, target: Path, replaced: dict[str, bytes], convert: bool) -> Path:
+    """A Hugging Face folder: the base's tokenizer files with `replaced` written over them. With `convert`
+    (a new tokenizer.model), the stale tokenizer.json is dropped and transformers writes the folder anew
+    from the model, as `save_pretrained` would for the model's users; the config is told the base's
+    BOS/EOS rule first, which the dropped tokenizer.json's post-processor may have held alone."""
+    target.mkdir(parents=True)
+    for name in base.files:
+        if name not in replaced and not (convert and name == "tokenizer.json"):
+            shutil.copyfile(base.path / name, target / name)
+    for name, data in replaced.items():
+        (target / name).write_bytes(data)
+    if convert:
+        config_file = target / "tokenizer_config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        config |= {"add_bos_token": base.add_bos, "add_eos_token": base.adds_eos}
+        config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        hf_auto_tokenizer(target).save_pretrained(str(target))
+    return target
+
+
+def check_extended(base: TokenizerSpec, extended: TokenizerSpec, added: int, where: Path) -> None:
+    """Every old id keeps its string and the new ids follow them; else nothing is written."""
+    if extended.vocab_size != base.vocab_size + added:
+        raise TokenizerError(
+            f"{where}: the extended tokenizer loads with {extended.vocab_size} ids, not {base.vocab_size} + {added}; "
+            "not written"
+        )
+    old, new = vocabulary_pieces(base), vocabulary_pieces(extended)
+    for token_id, (before, after) in enumerate(zip(old, new)):
+        if before != after:
+            raise TokenizerError(
+                f"{where}: id {token_id} would change from {before!r} to {after!r}; the base's ids must keep "
+                "their meaning, so nothing was written (is the base's tokenizer_config.json adding tokens "
+                "that tokenizer.json lacks?)"
+            )
+    for special in ("bos_id", "eos_id", "add_bos", "adds_eos"):
+        if getattr(base, special) != getattr(extended, special):
+            raise TokenizerError(
+                f"{where}: {special} would change from {getattr(base, special)} to {getattr(extended, special)}; "
+                "not written"
+            )
+
+
+def check_converted_folder(staged: StagedExtension, extended: TokenizerSpec, lines: Sequence[str]) -> None:
+    """A SentencePiece folder's tokenizer.json must encode as its tokenizer.model does (fast = slow)."""
+    model = load_tokenizer(staged.path / SP_MODEL_NAME)
+    differing = changed_lines(model.encoder(), extended.encoder(), lines)
+    if differing["changed"]:
+        raise TokenizerError(
+            f"{staged.path / 'tokenizer.json'}: the tokenizer.json transformers converted from the extended "
+            f"tokenizer.model encodes {differing['changed']} of {differing['lines']} held-out lines differently "
+            f"(first: {differing['examples'][:1]}); not written"
+        )
 
 
 def check_old_text(report: dict, where: Path) -> None:
@@ -191,14 +307,23 @@ def check_old_text(report: dict, where: Path) -> None:
         )
 
 
+def stage_extension(base: TokenizerSpec, new_text: Path, new_pieces: int, scratch: Path) -> StagedExtension:
+    """The extension that fits the base: SentencePiece (file or folder) or a BPE tokenizer.json."""
+    if base.kind == SENTENCEPIECE or SP_MODEL_NAME in base.files:
+        return stage_sentencepiece(base, new_text, new_pieces, scratch)
+    return stage_bpe(base, new_text, new_pieces, scratch)
+
+
 def extend_tokenizer(config: ExtendConfig) -> dict:
-    """Run the extend command: returns the report it wrote beside `config.out`."""
+    """Run the extend command: returns the report it wrote (beside a .model, inside a folder)."""
     started = time.perf_counter()
-    base = load_model_proto(config.base)
+    base = load_tokenizer(config.base)
+    if base.kind == HUGGINGFACE and SP_MODEL_NAME not in base.files:
+        bpe_model(json.loads((base.path / "tokenizer.json").read_text(encoding="utf-8")), base.path / "tokenizer.json")
     check_piece_count(config.new_pieces)
-    report_file = report_path(config.out)
-    for path in (config.out, report_file):
-        refuse_existing(path, config.overwrite)
+    as_folder = base.kind == HUGGINGFACE
+    report_file = report_path(config.out, folder=as_folder)
+    refuse_existing(config.out, config.overwrite)
     new_inputs, old_inputs = (select_inputs(inputs, config.split) for inputs in (config.inputs, config.old_inputs))
     check_split_used(config.split, new_inputs, old_inputs)
     print(f"{new_inputs.describe('--input')}\n{old_inputs.describe('--old-input')}", flush=True)
@@ -218,32 +343,40 @@ def extend_tokenizer(config: ExtendConfig) -> dict:
                     f"so bytes per token cannot be measured; give more documents ({sample.corpus_documents} now)"
                 )
         print(new.summary())
-        extension = extend_model(base, new.train_file, config.new_pieces, scratch)
+        staged = stage_extension(base, new.train_file, config.new_pieces, scratch)
         new_heldout, old_heldout = read_lines(new.heldout_file), read_lines(old.heldout_file)
-        # Measure before writing: a model that hurts old text must never reach `out`.
-        staged = scratch / "extended.model"
-        staged.write_bytes(extension.model.SerializeToString())
-        report = build_report(extension, config.base, staged, new_heldout, old_heldout)
+        # Measure before writing: a tokenizer that moves an old id or hurts old text must never reach `out`.
+        extended = load_tokenizer(staged.path)
+        check_extended(base, extended, len(staged.new_pieces), config.out)
+        if as_folder and SP_MODEL_NAME in base.files:
+            check_converted_folder(staged, extended, new_heldout + old_heldout)
+        report = build_report(base, extended, staged, new_heldout, old_heldout)
         check_old_text(report, config.out)
+        report["extended"]["path"] = str(config.out)
+        report["sample"] = {
+            "new_train_documents": new.train_documents,
+            "new_train_bytes": new.train_bytes,
+            "new_heldout_documents": new.heldout_documents,
+            "old_heldout_documents": old.heldout_documents,
+            "holdout_fraction": config.holdout_fraction,
+        }
         refuse_existing(config.out, config.overwrite)
-        write_atomically(config.out, staged.read_bytes())
-    report["extended"]["path"] = str(config.out)
-    report["sample"] = {
-        "new_train_documents": new.train_documents,
-        "new_train_bytes": new.train_bytes,
-        "new_heldout_documents": new.heldout_documents,
-        "old_heldout_documents": old.heldout_documents,
-        "holdout_fraction": config.holdout_fraction,
-    }
-    write_report(report_file, report)
+        if as_folder:
+            write_report(staged.path / report_file.name, report)
+            replace_folder(staged.path, config.out)
+        else:
+            write_atomically(config.out, staged.path.read_bytes())
+            write_report(report_file, report)
     gains = report["bytes_per_token"]
     unknown = report["unknown_token_rate"]
+    changed = report["old_text_changed_lines"]
     print(
         f"extended {config.base} ({report['base']['vocab_size']}) -> {config.out} "
         f"({report['extended']['vocab_size']}): {report['pieces_added']} pieces added, "
         f"{report['added_pieces_used_on_new_text']} used on held-out new text; bytes/token new "
         f"{gains['new_text']['before']} -> {gains['new_text']['after']} ({gains['new_text']['change']:+.1%}), "
         f"old {gains['old_text']['before']} -> {gains['old_text']['after']} ({gains['old_text']['change']:+.1%}); "
+        f"old lines with other ids {changed['changed']}/{changed['lines']}; "
         f"<unk> share new {unknown['new_text']['before']:.2%} -> {unknown['new_text']['after']:.2%}, "
         f"old {unknown['old_text']['before']:.2%} -> {unknown['old_text']['after']:.2%} "
         f"in {time.perf_counter() - started:.1f} s; report {report_file.resolve()}"

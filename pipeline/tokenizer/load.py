@@ -51,6 +51,7 @@ class TokenizerSpec:
     bos_id: int  # -1 when the tokenizer has none
     eos_id: int
     add_bos: bool  # documents start with BOS (SentencePiece: the model has one; folders: their own rule)
+    adds_eos: bool  # the tokenizer itself ends a text with EOS (folders with add_eos_token); EOS ends every document anyway
     model_type: str  # "bpe", "unigram", "wordpiece", "wordlevel", ...
     unk_id: int  # -1 when the tokenizer has none (byte-level BPE needs none)
     # What an encoder process rebuilds the encoder from: the model proto, or the tokenizer.json text.
@@ -129,6 +130,7 @@ def _load_sentencepiece(path: Path, add_bos: bool | None) -> TokenizerSpec:
         bos_id=bos_id,
         eos_id=eos_id,
         add_bos=bos_id >= 0 if add_bos is None else add_bos,
+        adds_eos=False,
         model_type=model_type_name(proto),
         unk_id=processor.unk_id(),
         encoder_data=proto.SerializeToString(),
@@ -172,6 +174,7 @@ def _load_folder(folder: Path) -> TokenizerSpec:
         bos_id=bos_id,
         eos_id=auto.eos_token_id,
         add_bos=prefix == [bos_id],
+        adds_eos=suffix == [auto.eos_token_id],
         model_type=type(backend.model).__name__.lower(),
         unk_id=-1 if unk_id is None else unk_id,
         encoder_data=backend.to_str().encode("utf-8"),

@@ -1,6 +1,7 @@
 """The extension report: what was added, how each new piece splits under the base, and what it buys.
 
-`extend` writes it as `<out stem>.report.json` beside the extended model; `ExtensionReport.load` is
+`extend` writes it as `<out stem>.report.json` beside an extended `.model`, or as
+`extension_report.json` inside an extended Hugging Face folder (`report_path`); `ExtensionReport.load` is
 its one reader. The trainer uses `new_pieces[].base_ids` to start each new embedding row as the mean
 of the rows of its base pieces;
 `bytes_per_token` shows the effect on held-out new text and held-out old text, and
@@ -14,9 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
-
-import sentencepiece as spm
+from typing import Callable, Sequence
 
 from pipeline.atomic_file import write_atomically
 from pipeline.tokenizer.model_proto import TokenizerError
@@ -39,19 +38,35 @@ class TextMeasure:
         return self.bytes / self.tokens if self.tokens else 0.0
 
 
-def encode_lines(processor: spm.SentencePieceProcessor, lines: Sequence[str]) -> list[list[int]]:
+# A batch encoder: texts -> the ids of each, no BOS/EOS (`TokenizerSpec.encoder()`, or a SentencePiece
+# processor's `encode`).
+Encode = Callable[[Sequence[str]], list[list[int]]]
+
+
+def encode_lines(encode: Encode, lines: Sequence[str]) -> list[list[int]]:
     ids: list[list[int]] = []
     for start in range(0, len(lines), ENCODE_BATCH):
-        ids.extend(processor.encode(list(lines[start : start + ENCODE_BATCH])))
+        ids.extend(encode(list(lines[start : start + ENCODE_BATCH])))
     return ids
 
 
-def measure(processor: spm.SentencePieceProcessor, lines: Sequence[str]) -> TextMeasure:
-    """Bytes and tokens of `lines` under `processor` (no BOS/EOS: they cost the same in both models)."""
-    encoded = encode_lines(processor, lines)
+def measure(encode: Encode, unk_id: int, lines: Sequence[str]) -> TextMeasure:
+    """Bytes and tokens of `lines` (no BOS/EOS: they cost the same in both tokenizers)."""
+    encoded = encode_lines(encode, lines)
     tokens = sum(len(ids) for ids in encoded)
-    unknown = sum(ids.count(processor.unk_id()) for ids in encoded)
+    unknown = sum(ids.count(unk_id) for ids in encoded) if unk_id >= 0 else 0
     return TextMeasure(len(lines), sum(len(line.encode("utf-8")) for line in lines), tokens, unknown)
+
+
+def changed_lines(before: Encode, after: Encode, lines: Sequence[str], examples: int = 3) -> dict:
+    """How many of `lines` get other ids from `after` than from `before`, with the first few of them."""
+    changed = [line for line, a, b in zip(lines, encode_lines(before, lines), encode_lines(after, lines)) if a != b]
+    return {
+        "lines": len(lines),
+        "changed": len(changed),
+        "share": round(len(changed) / len(lines), 6) if lines else 0.0,
+        "examples": [line[:200] for line in changed[:examples]],
+    }
 
 
 def comparison(before: TextMeasure, after: TextMeasure) -> dict:
@@ -78,10 +93,15 @@ def unknown_comparison(before: TextMeasure, after: TextMeasure) -> dict:
     }
 
 
-def report_path(model_out: str | Path) -> Path:
-    """`extended.model` -> `extended.report.json`, in the same folder."""
-    model_out = Path(model_out)
-    return model_out.with_name(model_out.stem + ".report.json")
+FOLDER_REPORT_NAME = "extension_report.json"
+
+
+def report_path(out: str | Path, folder: bool) -> Path:
+    """Where `extend` writes the report: inside an extended Hugging Face folder (`DIR/extension_report.json`,
+    so the tokenizer and its report travel together), or beside an extended `.model`
+    (`extended.model` -> `extended.report.json`)."""
+    out = Path(out)
+    return out / FOLDER_REPORT_NAME if folder else out.with_name(out.stem + ".report.json")
 
 
 class ExtensionReportError(TokenizerError):

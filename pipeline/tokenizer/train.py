@@ -1,12 +1,20 @@
-"""`python -m pipeline.tokenizer train`: a SentencePiece model from a hash-chosen sample of a corpus.
+"""`python -m pipeline.tokenizer train`: a tokenizer from a hash-chosen sample of a corpus.
 
 Reading and sampling run on Ray Data (see `sample.py`), so the corpus can be far larger than the
-driver's memory; SentencePiece then trains on the sample, which is all it needs.
+driver's memory; the tokenizer then trains on the sample, which is all it needs. Two kinds, each the
+artefact an open model ships:
+- `sentencepiece`: a SentencePiece model (BPE or unigram), written as a bare `.model` when `--out` ends
+  in `.model`, else as a Hugging Face folder in the Llama 2 layout (`tokenizer.model`, the
+  `tokenizer.json` transformers converts it to, `tokenizer_config.json`; `<s>` added before a text);
+- `bpe`: a byte-level BPE `tokenizer.json` in the Llama 3 layout (GPT-2's byte alphabet and
+  pre-tokenizer, `<|begin_of_text|>` added before a text, `<|end_of_text|>` ending a document, both
+  after the BPE vocabulary), always a folder.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import tempfile
@@ -17,10 +25,11 @@ from typing import Sequence
 
 import sentencepiece as spm
 
-from pipeline.atomic_file import write_atomically
+from pipeline.atomic_file import replace_folder, write_atomically
 from pipeline.ray_runtime import init_ray
 from pipeline.readers import check_split_used, read_documents, select_inputs
-from pipeline.tokenizer.model_proto import TokenizerError, load_model_proto
+from pipeline.tokenizer.load import load_tokenizer
+from pipeline.tokenizer.model_proto import TokenizerError
 from pipeline.tokenizer.sample import HOLDOUT_FRACTION, TextSample, sample_text
 
 _VOCAB_TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
@@ -28,12 +37,21 @@ _VOCAB_TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set i
 MAX_SENTENCES = 3_000_000
 
 
+KINDS = ("sentencepiece", "bpe")
+BPE_BOS, BPE_EOS = "<|begin_of_text|>", "<|end_of_text|>"
+SP_FOLDER_CONFIG = {
+    "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+    "add_bos_token": True, "add_eos_token": False,
+}
+
+
 @dataclass(frozen=True)
 class TokenizerTrainConfig:
     inputs: tuple[str, ...]
     out: Path
     vocab_size: int
-    model_type: str = "bpe"
+    kind: str = "sentencepiece"
+    model_type: str = "bpe"  # of a SentencePiece model
     byte_fallback: bool = False
     character_coverage: float = 0.9995
     text_field: str = "text"
@@ -90,6 +108,43 @@ def _train(sentences_file: Path, vocab_size: int, model_type: str, **options: ob
     return model.getvalue()
 
 
+def writes_folder(config: TokenizerTrainConfig) -> bool:
+    return config.kind == "bpe" or Path(config.out).suffix != ".model"
+
+
+def stage_sentencepiece_folder(model: bytes, folder: Path) -> None:
+    """A Llama-2-layout folder around a SentencePiece model, its tokenizer.json converted by transformers."""
+    from pipeline.tokenizer.load import hf_auto_tokenizer
+
+    folder.mkdir(parents=True)
+    (folder / "tokenizer.model").write_bytes(model)
+    (folder / "tokenizer_config.json").write_text(json.dumps(SP_FOLDER_CONFIG, indent=2) + "\n")
+    hf_auto_tokenizer(folder).save_pretrained(str(folder))
+
+
+def stage_byte_level_bpe_folder(sentences_file: Path, vocab_size: int, folder: Path) -> None:
+    """A Llama-3-layout byte-level BPE folder trained on a file of lines."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if sentences_file.stat().st_size == 0:
+        raise TokenizerError(f"{sentences_file}: no text to train on; check --input and --text-field")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    specials = [BPE_BOS, BPE_EOS]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(specials), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train([str(sentences_file)], trainer)
+    tokenizer.add_special_tokens(specials)
+    tokenizer.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{BPE_BOS} $A", pair=f"{BPE_BOS} $A {BPE_BOS} $B",
+                                      special_tokens=[(BPE_BOS, tokenizer.token_to_id(BPE_BOS))]),
+    ])
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BPE_BOS, eos_token=BPE_EOS).save_pretrained(str(folder))
+
+
 def refuse_existing(path: Path, overwrite: bool) -> None:
     """Refuse to replace an output without --overwrite. Checked before the work (so a refusal costs
     nothing) and again just before writing (the file may have appeared while training ran)."""
@@ -120,6 +175,10 @@ def train_tokenizer(config: TokenizerTrainConfig) -> dict:
     """Run the train command; returns the summary it prints."""
     if config.vocab_size <= 0:
         raise TokenizerError(f"--vocab-size {config.vocab_size}: must be positive")
+    if config.kind not in KINDS:
+        raise TokenizerError(f"--kind {config.kind}: choose one of {', '.join(KINDS)}")
+    if config.kind == "bpe" and Path(config.out).suffix == ".model":
+        raise TokenizerError(f"--out {config.out}: a byte-level BPE tokenizer is a folder; give a folder path")
     refuse_existing(config.out, config.overwrite)
     started = time.perf_counter()
     selection = select_inputs(config.inputs, config.split)
@@ -130,20 +189,35 @@ def train_tokenizer(config: TokenizerTrainConfig) -> dict:
             selection.files, config.text_field, Path(scratch), config.max_sample_bytes, 0,
             config.holdout_fraction, config.address, config.num_cpus,
         )
-        model = train_sentencepiece(
-            sample.train_file,
-            config.vocab_size,
-            config.model_type,
-            byte_fallback=config.byte_fallback,
-            character_coverage=config.character_coverage,
-        )
-    refuse_existing(config.out, config.overwrite)
-    write_atomically(config.out, model)
-    vocab = len(load_model_proto(config.out).pieces)
+        scratch = Path(scratch)
+        if config.kind == "bpe":
+            staged = scratch / "tokenizer"
+            stage_byte_level_bpe_folder(sample.train_file, config.vocab_size, staged)
+        else:
+            model = train_sentencepiece(
+                sample.train_file,
+                config.vocab_size,
+                config.model_type,
+                byte_fallback=config.byte_fallback,
+                character_coverage=config.character_coverage,
+            )
+            staged = scratch / "tokenizer.model"
+            if writes_folder(config):
+                staged = scratch / "tokenizer"
+                stage_sentencepiece_folder(model, staged)
+            else:
+                staged.write_bytes(model)
+        vocab = load_tokenizer(staged).vocab_size
+        refuse_existing(config.out, config.overwrite)
+        if staged.is_dir():
+            replace_folder(staged, config.out)
+        else:
+            write_atomically(config.out, staged.read_bytes())
     summary = {
         "out": str(config.out),
         "vocab_size": vocab,
-        "model_type": config.model_type,
+        "kind": config.kind,
+        "model_type": config.model_type if config.kind == "sentencepiece" else "bpe",
         "sample_documents": sample.train_documents,
         "sample_lines": sample.train_lines,
         "sample_bytes": sample.train_bytes,
@@ -152,7 +226,7 @@ def train_tokenizer(config: TokenizerTrainConfig) -> dict:
         "seconds": round(time.perf_counter() - started, 1),
     }
     print(
-        f"trained {config.model_type} tokenizer {config.out}: {vocab} pieces from a sample of "
+        f"trained {summary['kind']} {summary['model_type']} tokenizer {config.out}: {vocab} pieces from a sample of "
         f"{sample.train_documents}/{sample.corpus_documents} documents ({sample.train_bytes / 1e6:.1f} MB, "
         f"{sample.train_lines} lines) in {summary['seconds']} s"
     )
