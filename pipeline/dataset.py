@@ -2,7 +2,10 @@
 
 Everything downstream of `pipeline.tokenize` (the mixer service, the trainer, the benchmarks) reads a
 dataset only through `TokenDataset`. The layout is documented in `pipeline/FORMAT.md`; this module is
-its single implementation.
+its single implementation. A dataset is a local folder or a prefix in an object store
+(`s3://bucket/datasets/en`, see `pipeline.storage`); the shards of a remote one are read through a
+bounded local cache (`pipeline.shard_cache`), and written there by the same commit rule: the manifest
+last.
 """
 
 from __future__ import annotations
@@ -12,12 +15,16 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
 from pipeline.atomic_file import replace_folder, write_atomically
+from pipeline import storage
 from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    from pipeline.shard_cache import CacheConfig, ShardCache
 
 FORMAT_VERSION = "replaymix.tokens/2"
 # Format 1 differs only in how the manifest records the tokenizer (a SentencePiece .model at the root).
@@ -199,16 +206,61 @@ def build_manifest(
     }
 
 
-def commit_dataset(staging: Path, out: Path, manifest: dict, overwrite: bool = False) -> None:
-    """Write the manifest last, fsync, then rename the staging folder onto `out`.
+# On a store, the marker of a dataset being written under its prefix: what lets the next run tell a killed
+# run's leftovers (removed) from someone else's objects (never touched).
+WRITING_MARKER = ".replaymix-writing"
 
-    A folder without a manifest is never a dataset, so a job killed before this point leaves nothing
-    that looks valid. An existing valid dataset is replaced only when `overwrite` is set.
+
+def commit_dataset(staging: Path, out: str | os.PathLike, manifest: dict, overwrite: bool = False) -> None:
+    """Make the finished `staging` folder the dataset at `out` (a folder, or s3:// / gs:// prefix),
+    writing the manifest last: a dataset exists if and only if its manifest does, so a job killed
+    before this point, or during it, leaves nothing that looks valid. An existing valid dataset is
+    replaced only when `overwrite` is set.
+
+    On local disk the manifest is written into the staging folder (fsync), which is then renamed onto
+    `out`. A store has no rename: the marker `WRITING_MARKER` goes up first, then the old manifest goes
+    (from here the old dataset no longer exists), every other object under the prefix is removed (the
+    old dataset's, or a killed run's), the staged files are uploaded, the manifest last, and the marker
+    is removed.
     """
-    staging, out = Path(staging), Path(out)
-    check_output_folder(out, overwrite)
-    write_atomically(staging / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True))
-    replace_folder(staging, out)
+    location = storage.parse_location(out)
+    check_output(location, overwrite)
+    manifest_text = json.dumps(manifest, indent=2, sort_keys=True)
+    if location.is_local:
+        write_atomically(Path(staging) / MANIFEST_NAME, manifest_text)
+        replace_folder(staging, location.local_path)
+        return
+    staged = {str(p.relative_to(staging)): p for p in sorted(Path(staging).rglob("*")) if p.is_file()}
+    storage.write_bytes(location.child(WRITING_MARKER), b"")
+    storage.delete_file(location.child(MANIFEST_NAME))
+    for name in storage.list_files(location):
+        if name not in staged and name != WRITING_MARKER:
+            storage.delete_file(location.child(name))
+    for name, path in staged.items():
+        storage.upload_file(path, location.child(name))
+    storage.write_bytes(location.child(MANIFEST_NAME), manifest_text.encode("utf-8"))
+    storage.delete_file(location.child(WRITING_MARKER))
+
+
+def check_output(out: str | os.PathLike | storage.Location, overwrite: bool = False) -> None:
+    """Refuse to replace a valid dataset without `overwrite`, and never replace anything else.
+
+    A non-empty folder (or prefix) without a manifest is not ours (a killed job never leaves one at a
+    local `out`, and on a store it leaves its marker), so it is left alone whatever `overwrite` says.
+    """
+    location = out if isinstance(out, storage.Location) else storage.parse_location(out)
+    if location.is_local:
+        check_output_folder(location.local_path, overwrite)
+        return
+    objects = storage.list_files(location)
+    if MANIFEST_NAME in objects and not overwrite:
+        raise DatasetError(f"{location.uri}: a dataset already exists here; pass --overwrite to replace it or "
+                           "choose another --out")
+    if objects and MANIFEST_NAME not in objects and WRITING_MARKER not in objects:
+        raise DatasetError(
+            f"{location.uri}: a prefix holding {len(objects)} objects that are not a dataset (no {MANIFEST_NAME}); "
+            "it is not replaced even with --overwrite; choose another --out or empty it yourself"
+        )
 
 
 def check_output_folder(out: Path, overwrite: bool = False) -> None:
@@ -234,21 +286,45 @@ def check_output_folder(out: Path, overwrite: bool = False) -> None:
         )
 
 
+class _LocalFiles:
+    """A local dataset's files: shards memory-mapped once, in place."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._maps: dict[str, np.ndarray] = {}
+
+    def tokens(self, name: str, size: int, sha256: str, dtype: np.dtype) -> np.ndarray:
+        if name not in self._maps:
+            self._maps[name] = np.memmap(self.root / name, dtype=dtype, mode="r", shape=(size // dtype.itemsize,))
+        return self._maps[name]
+
+    def path(self, name: str, size: int, sha256: str) -> Path:
+        return self.root / name
+
+
+class _RemoteFiles:
+    """A remote dataset's files, through the local shard cache: fetched on first use, sha256 checked."""
+
+    def __init__(self, location: storage.Location, cache: "ShardCache"):
+        self.location, self.cache = location, cache
+
+    def tokens(self, name: str, size: int, sha256: str, dtype: np.dtype) -> np.ndarray:
+        return self.cache.tokens(self.location.child(name), size, sha256, dtype)
+
+    def path(self, name: str, size: int, sha256: str) -> Path:
+        return self.cache.path(self.location.child(name), size, sha256)
+
+
 class TokenSplit:
     """One split (train or val) of a dataset: its shards memory-mapped, addressed as one token stream."""
 
-    def __init__(self, root: Path, shards: Sequence[dict], dtype: np.dtype):
+    def __init__(self, root: Path | str, shards: Sequence[dict], dtype: np.dtype,
+                 files: _LocalFiles | _RemoteFiles | None = None):
         self.root = root
         self.dtype = dtype
         self.shards = [ShardInfo(**s) for s in shards]
-        self._tokens = [self._map(s.file, dtype, s.tokens) for s in self.shards]
+        self._files = files or _LocalFiles(Path(root))
         self._starts = np.cumsum([0] + [s.tokens for s in self.shards], dtype=np.int64)
-
-    def _map(self, name: str, dtype: np.dtype, count: int) -> np.ndarray:
-        path = self.root / name
-        if count == 0:
-            return np.zeros(0, dtype=dtype)
-        return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
 
     @property
     def num_tokens(self) -> int:
@@ -259,26 +335,33 @@ class TokenSplit:
         return sum(s.documents for s in self.shards)
 
     def shard_tokens(self, i: int) -> np.ndarray:
-        return self._tokens[i]
+        """Shard i's tokens, mapped (a remote shard is fetched into the cache by its first use)."""
+        s = self.shards[i]
+        if s.tokens == 0:
+            return np.zeros(0, dtype=self.dtype)
+        return self._files.tokens(s.file, s.tokens * self.dtype.itemsize, s.sha256, self.dtype)
 
     def document_offsets(self, i: int) -> np.ndarray:
         """Start offsets of shard i's documents within that shard, plus its token count at the end."""
         s = self.shards[i]
-        return np.fromfile(self.root / s.index, dtype=INDEX_DTYPE, count=s.documents + 1)
+        size = (s.documents + 1) * INDEX_DTYPE.itemsize
+        return np.fromfile(self._files.path(s.index, size, s.index_sha256), dtype=INDEX_DTYPE, count=s.documents + 1)
 
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) of the split's stream, crossing shard boundaries as needed."""
         if start < 0 or length < 0 or start + length > self.num_tokens:
             raise IndexError(f"tokens [{start}, {start + length}) outside the split's {self.num_tokens} tokens")
+        if length == 0:
+            return np.zeros(0, dtype=self.dtype)
         shard = int(np.searchsorted(self._starts, start, side="right")) - 1
         offset = start - int(self._starts[shard])
-        first = self._tokens[shard][offset : offset + length]
+        first = self.shard_tokens(shard)[offset : offset + length]
         if len(first) == length:
             return first
         parts, remaining = [first], length - len(first)
         while remaining:
             shard += 1
-            part = self._tokens[shard][:remaining]
+            part = self.shard_tokens(shard)[:remaining]
             parts.append(part)
             remaining -= len(part)
         return np.concatenate(parts)
@@ -286,28 +369,44 @@ class TokenSplit:
     def documents(self) -> Iterable[np.ndarray]:
         """Every document in order (views into the memory map)."""
         for i in range(len(self.shards)):
-            offsets, tokens = self.document_offsets(i), self._tokens[i]
+            offsets, tokens = self.document_offsets(i), self.shard_tokens(i)
             for a, b in zip(offsets[:-1], offsets[1:]):
                 yield tokens[a:b]
 
 
 class TokenDataset:
-    """A dataset folder written by `pipeline.tokenize` (see FORMAT.md), opened read-only.
+    """A dataset written by `pipeline.tokenize` (see FORMAT.md), opened read-only: a local folder, or a
+    prefix in an object store (`s3://bucket/datasets/en`) whose shards come through a local cache.
 
     `verify="size"` (the default) checks that every file exists with the size the manifest gives;
-    `verify="full"` also recomputes each shard's sha256. Either raises `DatasetError` naming the file.
+    `verify="full"` also recomputes each local shard's sha256. Either raises `DatasetError` naming the
+    file. A remote shard's sha256 is checked whenever it is fetched, whatever `verify` says, so "full"
+    does not download a remote dataset up front. `cache` (default: `CacheConfig.default()`) is where
+    remote shards are kept; every dataset opened with the same one shares its bound.
     """
 
-    def __init__(self, path: str | os.PathLike, verify: str = "size"):
-        self.root = Path(path)
-        manifest_path = self.root / MANIFEST_NAME
-        if not manifest_path.exists():
+    def __init__(self, path: str | os.PathLike, verify: str = "size", cache: "CacheConfig | None" = None):
+        self.location = storage.parse_location(path)
+        manifest_location = self.location.child(MANIFEST_NAME)
+        if self.location.is_local:
+            self.root: Path | str = Path(path)
+            self._files: _LocalFiles | _RemoteFiles = _LocalFiles(self.root)
+        else:
+            from pipeline.shard_cache import CacheConfig, shared_cache
+
+            self.root = self.location.uri
+            self._files = _RemoteFiles(self.location, shared_cache(cache or CacheConfig.default()))
+        manifest_path = f"{self.root}/{MANIFEST_NAME}" if not self.location.is_local else self.root / MANIFEST_NAME
+        try:
+            self.manifest_bytes = storage.read_bytes(manifest_location)
+        except (FileNotFoundError, NotADirectoryError, storage.MissingObject) as e:
             raise DatasetError(
                 f"{manifest_path}: no manifest, so {self.root} is not a finished dataset "
                 "(a job that did not complete leaves none); run `python -m pipeline.tokenize` to make it"
-            )
+                + (f" ({e})" if isinstance(e, storage.MissingObject) and "bucket" in str(e) else "")
+            ) from e
         try:
-            self.manifest = json.loads(manifest_path.read_text())
+            self.manifest = json.loads(self.manifest_bytes)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DatasetError(f"{manifest_path}: not valid JSON ({e}); re-run the tokenize job") from e
         if self.manifest.get("format") not in READABLE_FORMATS:
@@ -323,8 +422,14 @@ class TokenDataset:
         if verify != "none":
             self.verify(full=verify == "full")
         self.splits = {
-            name: TokenSplit(self.root, self.manifest["splits"][name]["shards"], self.dtype) for name in SPLITS
+            name: TokenSplit(self.root, self.manifest["splits"][name]["shards"], self.dtype, self._files)
+            for name in SPLITS
         }
+
+    @property
+    def uri(self) -> str:
+        """Where the dataset is: its absolute local path, or its URI."""
+        return str(Path(self.root).resolve()) if self.location.is_local else self.location.uri
 
     @property
     def train(self) -> TokenSplit:
@@ -336,47 +441,76 @@ class TokenDataset:
 
     @property
     def tokenizer_path(self) -> Path:
-        """What `pipeline.tokenizer.load.load_tokenizer` opens: the .model file, or the tokenizer folder."""
-        folder = self.root / self.tokenizer.folder
+        """What `pipeline.tokenizer.load.load_tokenizer` opens: the .model file, or the tokenizer folder
+        (of a remote dataset, a copy fetched into the cache, each file checked against its sha256)."""
+        folder = self.root / self.tokenizer.folder if self.location.is_local else self._fetch_tokenizer()
         return folder / next(iter(self.tokenizer.files)) if self.tokenizer.kind == "sentencepiece" else folder
+
+    def _fetch_tokenizer(self) -> Path:
+        """The remote tokenizer copy as a local folder, named by its files' hashes (so shared and reused)."""
+        import shutil
+
+        from pipeline.atomic_file import write_atomically
+
+        key = hashlib.sha256(json.dumps(self.tokenizer.files, sort_keys=True).encode()).hexdigest()
+        folder = self._files.cache.folder / "tokenizers" / key
+        for name, sha256 in self.tokenizer.files.items():
+            if (folder / name).is_file():
+                continue
+            location = self.location.child(*filter(None, [self.tokenizer.folder, name]))
+            data = storage.read_bytes(location)
+            if hashlib.sha256(data).hexdigest() != sha256:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise DatasetError(f"{location.uri}: sha256 differs from the manifest; the dataset's tokenizer "
+                                   "copy changed or is damaged; re-run the tokenize job")
+            write_atomically(folder / name, data)
+        return folder
 
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
 
     def verify(self, full: bool = False) -> None:
-        """Check files against the manifest; raise DatasetError naming the first bad file."""
+        """Check files against the manifest; raise DatasetError naming the first bad file. A remote
+        dataset is listed once and its sizes checked; its sha256s are checked as shards are fetched."""
+        sizes = self._file_sizes()
         for name, sha256 in self.tokenizer.files.items():
-            tokenizer_file = self.root / self.tokenizer.folder / name
-            if not tokenizer_file.exists():
-                raise DatasetError(f"{tokenizer_file}: missing; the dataset's tokenizer copy is gone")
-            if full and sha256_file(tokenizer_file) != sha256:
-                raise DatasetError(f"{tokenizer_file}: sha256 differs from the manifest")
+            relative = f"{self.tokenizer.folder}/{name}" if self.tokenizer.folder else name
+            if sizes(relative) is None:
+                raise DatasetError(f"{self.root}/{relative}: missing; the dataset's tokenizer copy is gone")
+            if full and self.location.is_local and sha256_file(self.root / relative) != sha256:
+                raise DatasetError(f"{self.root / relative}: sha256 differs from the manifest")
         for split in SPLITS:
             entry = self.manifest["splits"][split]
             shards = entry["shards"]
             if sum(s["tokens"] for s in shards) != entry["tokens"]:
                 raise DatasetError(
-                    f"{self.root / MANIFEST_NAME}: splits.{split}.tokens = {entry['tokens']} but its "
+                    f"{self.root}/{MANIFEST_NAME}: splits.{split}.tokens = {entry['tokens']} but its "
                     f"shards add up to {sum(s['tokens'] for s in shards)}; the manifest is inconsistent"
                 )
             for s in shards:
-                self._verify_file(self.root / s["file"], s["tokens"] * self.dtype.itemsize, s["sha256"], full)
+                self._verify_file(s["file"], s["tokens"] * self.dtype.itemsize, s["sha256"], full, sizes)
                 self._verify_file(
-                    self.root / s["index"], (s["documents"] + 1) * INDEX_DTYPE.itemsize, s["index_sha256"], full
+                    s["index"], (s["documents"] + 1) * INDEX_DTYPE.itemsize, s["index_sha256"], full, sizes
                 )
 
-    @staticmethod
-    def _verify_file(path: Path, size: int, sha256: str, full: bool) -> None:
-        if not path.exists():
+    def _file_sizes(self):
+        """name -> size (None when missing): a stat per local file, one listing of a remote prefix."""
+        if self.location.is_local:
+            return lambda name: (self.root / name).stat().st_size if (self.root / name).is_file() else None
+        return storage.list_files(self.location).get
+
+    def _verify_file(self, name: str, size: int, sha256: str, full: bool, sizes) -> None:
+        path = f"{self.root}/{name}"
+        actual = sizes(name)
+        if actual is None:
             raise DatasetError(f"{path}: shard file missing; re-run the tokenize job")
-        actual = path.stat().st_size
         if actual != size:
             raise DatasetError(
                 f"{path}: {actual} bytes on disk but the manifest implies {size}; the shard is truncated "
                 "or the manifest is wrong; re-run the tokenize job"
             )
-        if full and sha256_file(path) != sha256:
+        if full and self.location.is_local and sha256_file(self.root / name) != sha256:
             raise DatasetError(f"{path}: sha256 differs from the manifest; the shard is damaged")
 
     def __repr__(self) -> str:

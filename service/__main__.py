@@ -22,7 +22,8 @@ USER_ERRORS = (PipelineError, ServiceError, ValueError)
 
 
 def build_service(config: ServiceConfig) -> MixService:
-    datasets = {name: TokenDataset(path, verify=config.verify) for name, path in config.datasets.items()}
+    datasets = {name: TokenDataset(path, verify=config.verify, cache=config.cache)
+                for name, path in config.datasets.items()}
     mixer_config = MixerConfig(seq_len=config.seq_len, global_batch=config.global_batch, seed=config.seed)
     return MixService(datasets, mixer_config, config.state_dir, config.weights, reserve_steps=config.reserve_steps,
                       max_lookahead=config.max_lookahead, controller=config.controller)

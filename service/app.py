@@ -42,6 +42,7 @@ from pydantic import BaseModel, Field
 from pipeline.dataset import token_dtype
 from service.control_laws import Feedback
 from service.mix_service import MAX_BODY_BYTES, MixConflict, MixService, NoController, NoSuchStage, TooFarAhead
+from pipeline.errors import PipelineError
 from service.prometheus_metrics import RequestMetrics
 from service.mix_schedule import ScheduleError
 from service import wire
@@ -87,6 +88,9 @@ BATCH_RESPONSES: dict = {
                          "a range larger than one body may hold", "content": _DETAIL},
 }
 
+    503: {"description": "a dataset's data is unavailable: its object store unreachable, an object changed since "
+                         "the dataset was written (sha256), or the local shard cache full; nothing is served, "
+                         "the detail names the object", "content": _DETAIL},
 
 @dataclass(frozen=True)
 class Access:
@@ -180,6 +184,8 @@ def create_app(service: MixService, access: Access) -> FastAPI:
     ) -> Response:
         """The rank's rows of one step: binary (see the layout in the API description) or, with
         `Accept: application/json`, JSON. The same request returns the same bytes, always."""
+        except PipelineError as e:  # a remote dataset's store down, an object changed, the cache full
+            raise HTTPException(503, str(e)) from None
         return respond(request, [step], rank, world_size, single=True)
 
     @app.get("/v1/batches", responses=BATCH_RESPONSES, dependencies=[Depends(require_reader)])

@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from pipeline.dataset import MANIFEST_NAME, TokenDataset
+from pipeline.dataset import TokenDataset
 from service.errors import ServiceError
 from service.prometheus_metrics import ServiceMetrics
 from service.mixer import MIX_RULE, Mixer, MixerConfig
@@ -55,7 +55,7 @@ def inputs_identity(datasets: Mapping[str, TokenDataset], config: MixerConfig) -
     """What a batch depends on besides the schedule, with each dataset named by its manifest's hash."""
     return {
         "datasets": {
-            name: hashlib.sha256((ds.root / MANIFEST_NAME).read_bytes()).hexdigest() for name, ds in datasets.items()
+            name: hashlib.sha256(ds.manifest_bytes).hexdigest() for name, ds in datasets.items()
         },
         "seq_len": config.seq_len,
         "global_batch": config.global_batch,
@@ -335,7 +335,7 @@ class MixService:
         }
         if include_paths:
             for name, ds in mixer.datasets.items():
-                datasets[name]["path"] = str(ds.root.resolve())
+                datasets[name]["path"] = ds.uri
         return {
             "datasets": datasets,
             "vocab_size": mixer.vocab_size,

@@ -289,8 +289,7 @@ class _WindowReader:
 
     def __init__(self, split: TokenSplit, seq_len: int):
         self.split, self.seq_len = split, seq_len
-        self.shards = [split.shard_tokens(i).view(np.ndarray) for i in range(len(split.shards))]
-        self.starts = np.cumsum([0] + [len(tokens) for tokens in self.shards], dtype=np.int64)
+        self.starts = np.cumsum([0] + [s.tokens for s in split.shards], dtype=np.int64)
 
     def read_into(self, out: np.ndarray, rows: np.ndarray, windows: np.ndarray) -> None:
         """out[rows[i]] = the tokens of window windows[i]."""
@@ -298,8 +297,11 @@ class _WindowReader:
         starts = windows * self.seq_len
         shard_of = np.searchsorted(self.starts, starts, side="right") - 1
         offsets = starts - self.starts[shard_of]
+        # Asked of the split per call, not kept: a remote dataset's shard is fetched by its first read and
+        # may leave the bounded cache later (see pipeline/shard_cache.py).
+        shards = {shard: self.split.shard_tokens(shard).view(np.ndarray) for shard in set(shard_of.tolist())}
         for row, shard, offset, start in zip(rows.tolist(), shard_of.tolist(), offsets.tolist(), starts.tolist()):
-            tokens = self.shards[shard]
+            tokens = shards[shard]
             if offset + length <= len(tokens):
                 out[row] = tokens[offset : offset + length]
             else:

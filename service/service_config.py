@@ -7,13 +7,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from pipeline.shard_cache import CacheConfig, default_cache_dir, DEFAULT_CACHE_BYTES
+from pipeline.storage import is_uri
 from service.control_laws import LAWS
 from service.mix_schedule import check_weight_names, quantize_weights
 
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    datasets: dict[str, Path]
+    datasets: dict[str, str]  # name -> a local folder or a URI (s3://, gs://): never a Path, which breaks URIs
     weights: dict[str, float] | None  # None: resume the state dir's own mix
     seq_len: int
     global_batch: int
@@ -31,6 +33,7 @@ class ServiceConfig:
     ssl_certfile: Path | None = None
     verify: str = "full"
     log_level: str = "info"
+    cache: CacheConfig | None = None  # where remote datasets' shards are cached; None: CacheConfig.default()
 
 
 def _pairs(text: str, what: str) -> list[tuple[str, str]]:
@@ -49,7 +52,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ServiceConfig:
         description="Serve replay-mixed training batches over HTTP; the mix can be changed while training runs.",
     )
     parser.add_argument("--dataset", action="append", required=True, metavar="NAME=PATH",
-                        help="a token dataset made by pipeline.tokenize (repeat for each dataset)")
+                        help="a token dataset made by pipeline.tokenize: a folder, or s3://BUCKET/PREFIX or "
+                             "gs://BUCKET/PREFIX read through --cache-dir (repeat for each dataset)")
     parser.add_argument("--weights", metavar="NAME=W,...",
                         help="initial mix of a new --state-dir, e.g. old=0.05,new=0.95 (normalised to sum 1; name "
                              "every dataset, 0 leaves one out). On an existing state dir it may be omitted, and if "
@@ -90,6 +94,13 @@ def parse_args(argv: Sequence[str] | None = None) -> ServiceConfig:
     parser.add_argument("--verify", choices=("none", "size", "full"), default="full",
                         help="dataset check at start: the sha256 of every file (default: damaged data is refused "
                              "before anything is served), or file sizes only, for a fast start on huge datasets")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help=f"local cache of the shards of datasets given by URI, shared by every process that "
+                             f"uses it (default: $REPLAYMIX_CACHE_DIR, else {default_cache_dir()})")
+    parser.add_argument("--cache-bytes", type=_byte_size, default=None, metavar="BYTES",
+                        help=f"most bytes of shards the cache keeps, least recently used out; 500G, 64G, 512M "
+                             f"(default: $REPLAYMIX_CACHE_BYTES, else {DEFAULT_CACHE_BYTES >> 30}G); at least two "
+                             "shards")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     if args.reserve_steps < 1:
@@ -103,7 +114,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServiceConfig:
             parser.error(f"--dataset {entry!r}: expected NAME=PATH, e.g. --dataset old=/data/en")
         if name in datasets:
             parser.error(f"--dataset {name}: given twice")
-        datasets[name] = Path(path)
+        datasets[name] = path if is_uri(path) else str(Path(path))
     if args.max_lookahead is not None and args.max_lookahead < 1:
         parser.error(f"--max-lookahead {args.max_lookahead}: must be >= 1")
     if args.read_token_file is None and not args.allow_anonymous_reads and args.admin_token_file is None:
@@ -146,4 +157,23 @@ def parse_args(argv: Sequence[str] | None = None) -> ServiceConfig:
         ssl_certfile=args.ssl_certfile,
         verify=args.verify,
         log_level=args.log_level,
+        cache=_cache_config(args.cache_dir, args.cache_bytes),
     )
+
+
+def _byte_size(text: str) -> int:
+    """A byte count: 1234, or with a binary suffix K, M, G, T (512M, 64G)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    number, unit = (text[:-1], units[text[-1].upper()]) if text and text[-1].upper() in units else (text, 1)
+    try:
+        value = int(float(number) * unit)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 64G or 512M") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be positive")
+    return value
+
+
+def _cache_config(folder: Path | None, max_bytes: int | None) -> CacheConfig:
+    default = CacheConfig.default()
+    return CacheConfig(folder or default.folder, max_bytes or default.max_bytes)

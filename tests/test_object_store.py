@@ -1,0 +1,262 @@
+"""Datasets and corpora in an object store, against a real S3 API server on 127.0.0.1 (moto's standalone
+server, started here): reading a dataset by URI through the shard cache, the service and the mixer on
+it, the tokenize job reading from and writing to the store, and every bad input the issue names.
+Nothing here mocks our code, and no request leaves the machine."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from moto.server import ThreadedMotoServer
+
+from conftest import write_token_dataset
+from pipeline import storage
+from pipeline.dataset import DatasetError, TokenDataset
+from pipeline.shard_cache import CacheConfig, CacheError, ShardCache
+from service.app import Access, create_app
+from service.mix_schedule import MixSchedule
+from service.mixer import Mixer, MixerConfig
+
+BUCKET = "replaymix-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class S3Server:
+    """moto's S3 server on a free loopback port, with this process's environment pointed at it."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "S3Server":
+        self.server.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def client(self):
+        return boto3.client("s3", endpoint_url=self.url, region_name="us-east-1")
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+          "AWS_EC2_METADATA_DISABLED": "true"}  # never ask 169.254.169.254 for a role
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    server = S3Server().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """The session's server, a fresh bucket's worth of state, and the environment set for this test only."""
+    for name, value in {**S3_ENV, "AWS_ENDPOINT_URL": s3_server.url}.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    client = s3_server.client()
+    client.create_bucket(Bucket=BUCKET)
+    yield client
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+        for item in page.get("Contents", []):
+            client.delete_object(Bucket=BUCKET, Key=item["Key"])
+    client.delete_bucket(Bucket=BUCKET)
+
+
+def upload_folder(client, folder: Path, prefix: str) -> str:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            client.upload_file(str(path), BUCKET, f"{prefix}/{path.relative_to(folder)}")
+    return f"s3://{BUCKET}/{prefix}"
+
+
+@pytest.fixture
+def local_and_remote(tmp_path, s3, english_lines, german_lines, english_model):
+    """Two local datasets of several shards each, and their copies in the bucket."""
+    local = {"en": write_token_dataset(tmp_path / "en", english_lines[:400], english_model, english_lines[400:420]),
+             "de": write_token_dataset(tmp_path / "de", german_lines[:300], english_model)}
+    remote = {name: upload_folder(s3, ds.root, f"datasets/{name}") for name, ds in local.items()}
+    return local, remote
+
+
+def all_tokens(ds: TokenDataset, split: str = "train") -> np.ndarray:
+    return ds.splits[split].read(0, ds.splits[split].num_tokens)
+
+
+def cache(tmp_path: Path, max_bytes: int = 1 << 30) -> CacheConfig:
+    return CacheConfig(tmp_path / "cache", max_bytes)
+
+
+# --- reading by URI --------------------------------------------------------------------------------
+
+
+def test_a_dataset_read_by_uri_is_byte_identical_to_the_local_copy(tmp_path, local_and_remote):
+    local, remote = local_and_remote
+    for name in local:
+        ds = TokenDataset(remote[name], verify="full", cache=cache(tmp_path))
+        assert ds.manifest == local[name].manifest and ds.uri == remote[name]
+        for split in ("train", "val"):
+            assert np.array_equal(all_tokens(ds, split), all_tokens(local[name], split))
+            assert [d.tolist() for d in ds.splits[split].documents()] == \
+                [d.tolist() for d in local[name].splits[split].documents()]
+        assert (ds.tokenizer_path.read_bytes() == local[name].tokenizer_path.read_bytes())
+    config = MixerConfig(seq_len=32, global_batch=8, seed=3)
+    mixers = [Mixer(datasets, config, MixSchedule.constant({"en": 0.25, "de": 0.75}))
+              for datasets in (local, {n: TokenDataset(u, cache=cache(tmp_path)) for n, u in remote.items()})]
+    for step in range(40):
+        a, b = (m.batch(step, rank=0, world_size=1) for m in mixers)
+        assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.sources, b.sources)
+
+
+def test_the_cache_stays_within_its_bound_evicting_the_least_recently_used(tmp_path, local_and_remote):
+    local, remote = local_and_remote
+    shard_bytes = [s["tokens"] * 2 for s in local["en"].manifest["splits"]["train"]["shards"]]
+    bound = 2 * max(shard_bytes) + 1  # two shards fit, the whole split does not
+    ds = TokenDataset(remote["en"], cache=cache(tmp_path, bound))
+    shard_cache = ds._files.cache
+    expected = all_tokens(local["en"])
+    for _ in range(2):  # twice over: the second pass must fetch again what was evicted
+        for start in range(0, len(expected) - 64, 50):
+            assert np.array_equal(ds.train.read(start, 64), expected[start:start + 64])
+            assert shard_cache.used_bytes <= bound
+            assert sum(f.stat().st_size for f in (tmp_path / "cache").iterdir() if f.is_file()) <= bound
+    assert shard_cache.fetched_bytes > sum(shard_bytes)  # evicted shards were fetched again
+
+
+def test_a_warm_cache_is_reused_by_the_next_process_without_fetching(tmp_path, local_and_remote):
+    local, remote = local_and_remote
+    first = TokenDataset(remote["en"], cache=cache(tmp_path))
+    all_tokens(first)
+    again = ShardCache(cache(tmp_path))  # what a new process (a trainer rank) starts with
+    from pipeline.dataset import _RemoteFiles
+
+    ds = TokenDataset(remote["en"], cache=cache(tmp_path))
+    ds.splits["train"]._files = _RemoteFiles(ds.location, again)
+    assert np.array_equal(all_tokens(ds), all_tokens(local["en"])) and again.fetched_bytes == 0
+
+
+def test_reading_survives_the_cache_folder_being_deleted(tmp_path, local_and_remote):
+    local, remote = local_and_remote
+    ds = TokenDataset(remote["en"], cache=cache(tmp_path))
+    expected = all_tokens(local["en"])
+    half = len(expected) // 2
+    assert np.array_equal(ds.train.read(0, half), expected[:half])
+    shutil.rmtree(tmp_path / "cache")
+    assert np.array_equal(all_tokens(ds), expected)  # mapped shards still read, others fetched anew
+    shutil.rmtree(tmp_path / "cache")
+    assert [d.tolist() for d in ds.train.documents()] == [d.tolist() for d in local["en"].train.documents()]
+    assert ds.tokenizer_path.exists()
+
+
+def test_an_object_changed_under_a_reader_is_refused_naming_it(tmp_path, local_and_remote, s3):
+    local, remote = local_and_remote
+    ds = TokenDataset(remote["en"], cache=cache(tmp_path))
+    shard = ds.manifest["splits"]["train"]["shards"][1]
+    key = f"datasets/en/{shard['file']}"
+    body = bytearray(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    body[10] ^= 0xFF  # same size: only the hash can tell
+    s3.put_object(Bucket=BUCKET, Key=key, Body=bytes(body))
+    with pytest.raises(DatasetError, match=rf"s3://{BUCKET}/{key}: sha256 .* differs from the manifest"):
+        ds.train.shard_tokens(1)
+    assert not any(p.name.endswith(".part") for p in (tmp_path / "cache").iterdir())  # nothing half kept
+    assert np.array_equal(ds.train.shard_tokens(0), local["en"].train.shard_tokens(0))  # the rest still reads
+
+
+def test_the_service_answers_503_naming_a_changed_object_and_stays_up(tmp_path, local_and_remote, s3):
+    from service.__main__ import build_service
+    from service.service_config import parse_args
+
+    local, remote = local_and_remote
+    config = parse_args([f"--dataset=en={remote['en']}", f"--dataset=de={remote['de']}", "--weights=en=0.5,de=0.5",
+                         "--seq-len=32", "--global-batch=8", f"--state-dir={tmp_path / 'state'}",
+                         "--allow-anonymous-reads", f"--cache-dir={tmp_path / 'cache'}", "--cache-bytes=1G"])
+    assert config.datasets["en"] == remote["en"]  # the URI as given, not a mangled path
+    client = TestClient(create_app(build_service(config), Access(anonymous_reads=True)))
+    assert client.get("/v1/batches/0").status_code == 200
+    for shard in TokenDataset(remote["de"], cache=cache(tmp_path)).manifest["splits"]["train"]["shards"]:
+        s3.put_object(Bucket=BUCKET, Key=f"datasets/de/{shard['file']}", Body=b"\0" * (shard["tokens"] * 2))
+    shutil.rmtree(tmp_path / "cache")  # and the service's cache is gone, so it must fetch again
+    answers = [client.get(f"/v1/batches/{step}") for step in range(1, 40)]
+    refused = [a for a in answers if a.status_code != 200]
+    assert refused and all(a.status_code == 503 and "differs from the manifest" in a.json()["detail"]
+                           and f"s3://{BUCKET}/datasets/de/" in a.json()["detail"] for a in refused)
+    assert client.get("/v1/status").status_code == 200
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+
+def test_a_missing_bucket_object_or_dataset_is_named(tmp_path, s3):
+    with pytest.raises(DatasetError, match="s3://no-such-bucket-here/ds/manifest.json: no manifest.*bucket"):
+        TokenDataset("s3://no-such-bucket-here/ds", cache=cache(tmp_path))
+    with pytest.raises(DatasetError, match=f"s3://{BUCKET}/nothing/manifest.json: no manifest"):
+        TokenDataset(f"s3://{BUCKET}/nothing", cache=cache(tmp_path))
+
+
+def test_a_missing_shard_object_is_named_at_open(tmp_path, local_and_remote, s3):
+    local, remote = local_and_remote
+    shard = local["en"].manifest["splits"]["train"]["shards"][2]["file"]
+    s3.delete_object(Bucket=BUCKET, Key=f"datasets/en/{shard}")
+    with pytest.raises(DatasetError, match=f"s3://{BUCKET}/datasets/en/{shard}: shard file missing"):
+        TokenDataset(remote["en"], cache=cache(tmp_path))
+
+
+def test_missing_credentials_are_named(tmp_path, s3, monkeypatch):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    with pytest.raises(storage.StorageError, match=f"s3://{BUCKET}/ds/manifest.json: no AWS credentials"):
+        TokenDataset(f"s3://{BUCKET}/ds", cache=cache(tmp_path))
+
+
+def test_a_cache_smaller_than_a_shard_is_refused_naming_the_flag(tmp_path, local_and_remote):
+    _, remote = local_and_remote
+    ds = TokenDataset(remote["en"], cache=cache(tmp_path, 100))
+    with pytest.raises(CacheError, match="more than the whole cache .*--cache-bytes 100"):
+        ds.train.read(0, 10)
+
+
+def test_a_store_that_goes_down_mid_read_is_retried_then_named(tmp_path, monkeypatch, english_lines, english_model):
+    server = S3Server().start()
+    try:
+        for name, value in {**S3_ENV, "AWS_ENDPOINT_URL": server.url}.items():
+            monkeypatch.setenv(name, value)
+        server.client().create_bucket(Bucket=BUCKET)
+        local = write_token_dataset(tmp_path / "en", english_lines[:200], english_model)
+        uri = upload_folder(server.client(), local.root, "en")
+        ds = TokenDataset(uri, cache=cache(tmp_path))
+        assert np.array_equal(ds.train.shard_tokens(0), local.train.shard_tokens(0))
+    finally:
+        server.stop()
+    with pytest.raises(storage.StorageError, match=rf"{uri}/train-00001.bin: could not read it at "
+                                                   rf"{server.url} .*gave up after {storage.READ_ATTEMPTS} attempts"):
+        ds.train.shard_tokens(1)
+    assert np.array_equal(ds.train.shard_tokens(0), local.train.shard_tokens(0))  # cached shards still serve
+
+
+def test_uris_are_parsed_once_and_never_mangled():
+    assert storage.parse_location("s3://b/k/x").uri == "s3://b/k/x"
+    assert storage.parse_location("gcs://b/k").uri == "gs://b/k"
+    assert storage.parse_location("rel/path").is_local and Path(storage.parse_location("rel").path).is_absolute()
+    assert storage.is_uri("hf://datasets/org/name") and not storage.is_uri("/data/en")
+    with pytest.raises(storage.StorageError, match="unsupported scheme 'ftp'"):
+        storage.parse_location("ftp://host/x")
+    with pytest.raises(storage.StorageError, match="no bucket"):
+        storage.parse_location("s3://")
