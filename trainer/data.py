@@ -140,3 +140,43 @@ def open_eval_splits(config: DataConfig, source: BatchSource) -> dict[str, Token
     if config.eval_datasets:
         return {name: dataset.val for name, dataset in _open_datasets(config.eval_datasets).items()}
     return source.validation_splits()
+
+
+def on_device(batches: Iterator[Batch], device: "torch.device", depth: int = 2) -> Iterator[tuple[Batch, "torch.Tensor"]]:
+    """Each batch with its tokens as a tensor on `device`, the next `depth` made ready while a step runs.
+
+    A thread takes batches from the source and turns them into tensors, in page-locked (pinned) memory on
+    CUDA, so that the copy the loop issues with `non_blocking=True` goes by DMA while the GPU still computes
+    the step before, and the loop's wait for data is the wait for a batch nobody had ready."""
+    import torch
+
+    pin = device.type == "cuda"
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                tokens = torch.from_numpy(batch.tokens)
+                item = (batch, tokens.pin_memory() if pin else tokens)
+                while not stop.is_set():
+                    try:
+                        ready.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as e:  # handed to the loop, which raises it where it is seen
+            ready.put(e)
+
+    threading.Thread(target=produce, name="device-prefetch", daemon=True).start()
+    try:
+        while True:
+            item = ready.get()
+            if isinstance(item, BaseException):
+                raise item
+            batch, tokens = item
+            yield batch, tokens.to(device, non_blocking=True)
+    finally:
+        stop.set()

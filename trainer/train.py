@@ -41,7 +41,7 @@ from trainer.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from trainer.data import BatchSource, open_eval_splits, open_source
+from trainer.data import BatchSource, on_device, open_eval_splits, open_source
 from trainer.embedding_growth import grow_vocab, pad_optimizer_state
 from trainer.evaluate import Evaluator, eval_record
 from trainer.hf_model import (
@@ -408,7 +408,7 @@ def _run(config: TrainConfig, source: BatchSource, dist_info: Distributed, devic
     stats = StepStats()
     bar = tqdm(total=config.steps, initial=state.start_step, desc="train", unit="step",
                disable=not (dist_info.is_main and config.progress))
-    batches = source.batches(state.start_step)
+    batches = on_device(source.batches(state.start_step), device)
     for step in range(state.start_step, config.steps):
         signum = stop.agreed()
         if signum:
@@ -417,8 +417,7 @@ def _run(config: TrainConfig, source: BatchSource, dist_info: Distributed, devic
             bar.close()
             raise RunStopped(signum, step, config.out / CHECKPOINT_DIR / LATEST, dist_info.is_main)
         wait_started = time.perf_counter()
-        batch = next(batches)
-        tokens = torch.from_numpy(batch.tokens).to(device, non_blocking=True)
+        batch, tokens = next(batches)
         stats.record(time.perf_counter() - wait_started, tokens_per_step)
 
         lr = state.schedule(step)
@@ -448,6 +447,8 @@ def _run(config: TrainConfig, source: BatchSource, dist_info: Distributed, devic
                     "grad_norm": grad_norm.item(),
                     "tokens_per_s": tokens_per_s, "data_wait_share": wait_share,
                     "source_share": dict(zip(source.names, shares)),
+                    **({"max_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+                       if device.type == "cuda" else {}),
                 })
             bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
                             wait=f"{wait_share:.1%}")
