@@ -3,6 +3,8 @@
     GET    /v1/batches/{step}?rank=R&world_size=W    one step: the rank's rows (binary, see wire.py; JSON on Accept)
     GET    /v1/batches?start=S&count=N&rank=R&world_size=W[&stride=D]
                                                      steps S, S + D, ... (N of them) in one body (wire.py)
+    POST   /v1/leases {"until": U, "rank": R, "world_size": W}
+                                                     lease steps < U to a client that computes its own rows
     GET    /v1/mix                                   the schedule and the log of every change
     PUT    /v1/mix  {"weights": {...}, "start_step": optional, "by": optional, "reason": optional}
                                                      append a stage (admin token)
@@ -99,6 +101,19 @@ class Access:
     admin_token: str | None = None
     read_token: str | None = None
     anonymous_reads: bool = False
+
+
+class LeaseRequest(BaseModel):
+    until: int = Field(ge=1, le=LARGEST_STEP, description="lease every step below this one")
+    rank: int = Field(default=0, ge=0, description="the asking rank (checked against world_size; leases are on steps)")
+    world_size: int = Field(default=1, ge=1, description="ranks sharing each global batch")
+
+
+LEASE_RESPONSES: dict = {
+    **READ_ERRORS,
+    409: {"description": "`until` more than max_lookahead steps past the first unserved step", "content": _DETAIL},
+    422: {"description": "a rank or world size that does not fit the global batch", "content": _DETAIL},
+}
 
 
 class FeedbackReport(BaseModel):
@@ -209,6 +224,22 @@ def create_app(service: MixService, access: Access) -> FastAPI:
             raise HTTPException(422, f"count {count}: {count} steps of this rank's rows exceed the "
                                      f"{MAX_BODY_BYTES >> 20} MiB a response may hold; ask for at most {fits} steps per request")
         return respond(request, [start + i * stride for i in range(count)], rank, world_size, single=False)
+
+    @app.post("/v1/leases", responses=LEASE_RESPONSES)
+    def post_lease(lease: LeaseRequest, authenticated: bool = Depends(require_reader)) -> dict:
+        """Lease every step below `until` to a client that computes batches itself from the datasets
+        (`compute="local"`; read or admin token): the steps count as served from now on, so no mix change
+        reaches them, and the answer's `schedule` gives their batches exactly. Renew before reaching `until`;
+        a lease never expires."""
+        if not authenticated:
+            raise HTTPException(401, "a lease needs a token: send Authorization: Bearer <read token>",
+                                headers={"WWW-Authenticate": "Bearer"})
+        try:
+            return service.lease(lease.until, lease.rank, lease.world_size)
+        except TooFarAhead as e:
+            raise HTTPException(409, str(e)) from None
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from None
 
     @app.get("/v1/mix", dependencies=[Depends(require_reader)], responses=READ_ERRORS)
     def get_mix() -> dict:

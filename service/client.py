@@ -8,6 +8,8 @@ so that the service computes the next range while this process decodes the last,
 because a step is idempotent: the server returns the same bytes for a step every time, also after a
 restart. Batches arrive in step order, checked here (step, rank and world size of every body).
 Batches are `wire.Batch` (numpy); the trainer makes tensors of them where they go to its device.
+With `compute="local"` the client computes its rows itself from the datasets and asks the service only
+for leases on steps and the schedule (`local_compute.py`): the same bytes, no tokens over HTTP.
 `StreamDataset` wraps the client as a `torch.utils.data.IterableDataset` for DataLoader users.
 """
 
@@ -25,12 +27,14 @@ import torch
 
 from pipeline.dataset import token_dtype
 from service.errors import ServiceError
+from service.local_compute import DEFAULT_LEASE_STEPS, LocalCompute
 from service.transport import KeepAliveConnections, TransportError
 from service.wire import MAX_RANGE_STEPS, MEDIA_TYPE, Batch, WireError, decode_batch, decode_batches
 
 IN_FLIGHT = 2  # requests under way at once: one being computed by the service, one being decoded here
 RANGE_BYTES = 4 << 20  # default range size: as many steps as fit in this many body bytes ...
 DEFAULT_RANGE_STEPS = min(64, MAX_RANGE_STEPS)  # ... but at most this many (the service allows more)
+COMPUTE_MODES = ("service", "local")
 
 
 class StreamError(ServiceError, RuntimeError):
@@ -52,6 +56,8 @@ class StreamClient:
         backoff: float = 0.05,
         range_steps: Optional[int] = None,
         token: Optional[str] = None,
+        compute: str = "service",
+        lease_steps: int = DEFAULT_LEASE_STEPS,
     ):
         """Batches for steps start_step, start_step + step_stride, ... (until stop_step, exclusive).
 
@@ -60,7 +66,9 @@ class StreamClient:
         prefetch + IN_FLIGHT * range_steps steps beyond the consumer as served.
         `retry_for` is how long (seconds) one request may keep failing on connection errors or 5xx
         before the iterator raises StreamError. `token` is the service's read token (sent as a bearer
-        token), None where it allows anonymous reads.
+        token), None where it allows anonymous reads. `compute`: "service" (the service sends the rows) or
+        "local" (this process computes them under leases of `lease_steps` steps; needs a token and the
+        datasets on storage this process reads).
         """
         worker = torch.utils.data.get_worker_info()
         if worker is not None and worker.num_workers > 1 and step_stride % worker.num_workers:
@@ -70,6 +78,8 @@ class StreamClient:
                 f"{step_stride}: every worker would yield the same steps. Use service.client.StreamDataset, "
                 "which gives worker w the steps start + w, start + w + n, ..."
             )
+        if compute not in COMPUTE_MODES:
+            raise ValueError(f"compute {compute!r}: choose one of {COMPUTE_MODES}")
         if prefetch < 1 or step_stride < 1 or (range_steps is not None and not 1 <= range_steps <= MAX_RANGE_STEPS):
             raise ValueError(f"prefetch {prefetch} and step_stride {step_stride} must be >= 1, range_steps "
                              f"{range_steps} in [1, {MAX_RANGE_STEPS}]")
@@ -80,6 +90,10 @@ class StreamClient:
         self.retry_for, self.backoff = retry_for, backoff
         self._closed = threading.Event()
         self.info: dict = json.loads(self._request("/v1/status"))
+        self._local = (
+            LocalCompute(self.info, lambda path, body: self._request(path, json_body=body), rank, world_size, lease_steps)
+            if compute == "local" else None
+        )
         if range_steps is None:
             rows = max(1, self.info["global_batch"] // world_size)
             row_bytes = (self.info["seq_len"] + 1) * token_dtype(self.info["vocab_size"]).itemsize
@@ -105,7 +119,7 @@ class StreamClient:
     def _request(self, path: str, params: dict | None = None, accept: str = "application/json",
              json_body: bytes | None = None) -> bytes | bytearray:
         """The body of GET path (POST of json_body when given), retried on connection errors and 5xx;
-        StreamError on 4xx or timeout."""
+        StreamError on 4xx or timeout. Safe to retry: reads and leases are idempotent."""
         deadline, delay = time.monotonic() + self.retry_for, self.backoff
         while True:
             try:
@@ -137,6 +151,8 @@ class StreamClient:
 
     def fetch(self, step: int) -> Batch:
         """One step's batch for this rank, synchronously (with retries)."""
+        if self._local is not None:
+            return self._local.batches([step])[0]
         body = self._request(f"/v1/batches/{step}", {"rank": self.rank, "world_size": self.world_size}, MEDIA_TYPE)
         try:
             return self._checked(decode_batch(body), step)
@@ -145,6 +161,8 @@ class StreamClient:
 
     def fetch_range(self, start: int, count: int) -> list[Batch]:
         """Steps start, start + step_stride, ... (count of them) in one request (with retries)."""
+        if self._local is not None:
+            return self._local.batches([start + i * self.step_stride for i in range(count)])
         params = {"start": start, "count": count, "stride": self.step_stride, "rank": self.rank, "world_size": self.world_size}
         body = self._request("/v1/batches", params, MEDIA_TYPE)
         try:

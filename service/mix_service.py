@@ -147,16 +147,7 @@ class MixService:
         self.mixer.check_request(steps, rank, world_size)
         if steps:
             with self._lock:
-                limit = self.state.unserved_from + self.max_lookahead
-                if max(steps) >= limit:
-                    raise TooFarAhead(
-                        f"step {max(steps)} is more than {self.max_lookahead} steps past the first unserved step "
-                        f"{self.state.unserved_from}; ask for steps below {limit} (the service's --max-lookahead), "
-                        "in order, as training reaches them"
-                    )
-                if self.state.mark_served(max(steps)):
-                    self.metrics.reserved.set(self.state.reserved)
-                self.metrics.frontier.set(self.state.served)
+                self._serve_through(max(steps))
         batches = self.mixer.batches(steps, rank, world_size, dtype)
         if batches:
             rows = np.bincount(np.concatenate([b.sources for b in batches]), minlength=len(self.mixer.names))
@@ -165,6 +156,36 @@ class MixService:
                 if count:
                     self.metrics.tokens.labels(name).inc(count * row_tokens)
         return batches
+
+    def lease(self, until: int, rank: int = 0, world_size: int = 1) -> dict:
+        """Grant a lease on every step below `until`, for clients that compute batches themselves
+        (`StreamClient(compute="local")`). The steps become part of the served past exactly as if their
+        batches had been sent (durably, the reservation moving as it does for reads), so no mix change can
+        reach them: what a holder computes for them from the schedule returned is what this service would
+        serve. A lease is on steps, not on a rank: each rank's rows follow from (rank, world size), so no
+        rank can get another's rows by asking. It never expires (nothing here reads a clock); a client that
+        cannot renew stops at its bound. ValueError for a bad rank or world size, TooFarAhead past the
+        lookahead; nothing moves then."""
+        check_integer(until, "until", 1, error=ValueError)
+        self.mixer.check_request([until - 1], rank, world_size)
+        with self._lock:
+            self._serve_through(until - 1)
+            self.metrics.leases.inc()
+            return {"until": until, "schedule": self.state.schedule.to_json(), "served_frontier": self.state.served,
+                    "next_change_step": self.next_change_step()}
+
+    def _serve_through(self, last_step: int) -> None:
+        """Make steps up to `last_step` served (under the lock): refused past the lookahead."""
+        limit = self.state.unserved_from + self.max_lookahead
+        if last_step >= limit:
+            raise TooFarAhead(
+                f"step {last_step} is more than {self.max_lookahead} steps past the first unserved step "
+                f"{self.state.unserved_from}; ask for steps below {limit} (the service's --max-lookahead), "
+                "in order, as training reaches them"
+            )
+        if self.state.mark_served(last_step):
+            self.metrics.reserved.set(self.state.reserved)
+        self.metrics.frontier.set(self.state.served)
 
     def change_mix(self, weights: Mapping[str, float], start_step: int | None = None, by: str = "operator",
                    reason: str | None = None) -> Stage:

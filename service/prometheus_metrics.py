@@ -28,6 +28,8 @@ class ServiceMetrics:
             "replaymix_mix_weight", "Weight of each dataset at the served frontier", ["dataset"], registry=self.registry
         )
         self.frontier = Gauge("replaymix_served_frontier", "One more than the largest step served", registry=self.registry)
+        self.leases = Counter("replaymix_leases", "Leases granted to clients that compute batches themselves",
+                              registry=self.registry)
         self.reserved = Gauge(
             "replaymix_reserved_frontier", "Durable bound: no step at or above it was served", registry=self.registry
         )
