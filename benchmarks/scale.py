@@ -1,0 +1,208 @@
+"""How many trainer ranks one schedule service steers: simulated ranks in compute="local" mode renewing
+leases against one real service, with ratio changes under way.
+
+    python -m benchmarks.scale [--ranks 4096] [--seconds 120] [--changes 20] [--lease-steps 64] [--step-ms 20]
+
+Every rank holds a lease (`POST /v1/leases`) and "computes" one step per simulated training step, in
+lockstep as data-parallel ranks run; it renews when half its lease is used (so a rank renews every
+lease_steps / 2 steps), and never computes a step at or past its lease (a rank whose renewal is late waits, and the wait is counted). An operator's PUT
+/v1/mix lands `--changes` times, evenly spread. Everything runs on loopback: one service process and one
+load-generating process (asyncio, `--connections` keep-alive connections).
+
+Printed: leases/s sustained; lease latency at the service (p50/p99 of its own request histogram,
+from /metrics) and as the ranks saw it; the service's CPU per lease (from /proc), hence leases/s per
+core; checks that must be 0 (steps computed past a lease, rows of one step given to two ranks, changes
+that land before a leased step or later than the first step past every lease). From the per-core rate,
+the steerable ranks at a given step time: ranks = leases/s per core x (lease_steps / 2) x step seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from service.launcher import ServiceProcess, free_port
+
+READ_TOKEN, ADMIN_TOKEN = "scale-read-token", "scale-admin-token"
+
+
+@dataclass
+class Run:
+    ranks: int
+    lease_steps: int
+    step_seconds: float
+    granted: list[tuple[float, float, int]] = field(default_factory=list)  # (sent, answered, until)
+    latencies: list[float] = field(default_factory=list)
+    computed_past_lease: int = 0
+    waits: int = 0  # rank-steps spent waiting for a late renewal
+    step: int = 0  # the global training step all ranks are on
+    stop: bool = False
+
+
+def service_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def histogram_quantiles(metrics: str, route: str, quantiles: tuple[float, ...]) -> list[float]:
+    """Upper bucket bounds at the given quantiles of the service's latency histogram for `route`."""
+    buckets = []
+    for line in metrics.splitlines():
+        match = re.match(r'replaymix_request_seconds_bucket\{le="([^"]+)",route="([^"]+)"\} (\S+)', line)
+        if match and match.group(2) == route:
+            buckets.append((float(match.group(1)), float(match.group(3))))
+    total = buckets[-1][1] if buckets else 0
+    return [next((bound for bound, count in buckets if count >= q * total), float("inf")) for q in quantiles]
+
+
+async def rank_loop(rank: int, run: Run, client: httpx.AsyncClient, url: str) -> None:
+    until, renewing = 0, None
+
+    async def renew(target: int) -> int:
+        sent = time.perf_counter()
+        response = await client.post(f"{url}/v1/leases", json={"until": target, "rank": rank, "world_size": run.ranks})
+        response.raise_for_status()
+        answered = time.perf_counter()
+        granted = response.json()["until"]
+        run.granted.append((sent, answered, granted))
+        run.latencies.append(answered - sent)
+        return granted
+
+    until = await renew(run.lease_steps)
+    computed = 0  # the next step this rank computes
+    while not run.stop:
+        if renewing is None and computed >= until - run.lease_steps // 2:
+            renewing = asyncio.ensure_future(renew(computed + run.lease_steps))
+        if renewing is not None and renewing.done():
+            until, renewing = renewing.result(), None
+        while computed <= run.step and not run.stop:
+            if computed >= until:  # never compute past the lease: wait for the renewal
+                run.waits += 1
+                if renewing is None:
+                    renewing = asyncio.ensure_future(renew(computed + run.lease_steps))
+                until, renewing = await renewing, None
+                continue
+            run.computed_past_lease += computed >= until  # the check the real client's test makes too
+            computed += 1  # "compute" this rank's rows of the step
+        await asyncio.sleep(run.step_seconds / 2)
+    if renewing is not None:
+        renewing.cancel()
+
+
+async def drive(run: Run, url: str, seconds: float, changes: int, connections: int) -> list[tuple[float, float, int]]:
+    """Run the ranks for `seconds`; return each change as (sent, answered, start_step)."""
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    headers = {"Authorization": f"Bearer {READ_TOKEN}"}
+    landed = []
+    async with httpx.AsyncClient(limits=limits, headers=headers, timeout=60) as client:
+        tasks = [asyncio.ensure_future(rank_loop(rank, run, client, url)) for rank in range(run.ranks)]
+        started = time.perf_counter()
+        next_change = 1
+        while (elapsed := time.perf_counter() - started) < seconds:
+            run.step = int(elapsed / run.step_seconds)
+            if next_change <= changes and elapsed >= next_change * seconds / (changes + 1):
+                share = 0.01 * next_change
+                sent = time.perf_counter()
+                response = await client.put(f"{url}/v1/mix", json={"weights": {"old": share, "new": 1 - share}},
+                                            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+                response.raise_for_status()
+                landed.append((sent, time.perf_counter(), response.json()["stage"]["start_step"]))
+                next_change += 1
+            await asyncio.sleep(run.step_seconds / 4)
+        run.stop = True
+        await asyncio.gather(*tasks)
+    return landed
+
+
+def check_changes(run: Run, landed: list[tuple[float, float, int]]) -> int:
+    """Changes that land before a step leased before they were asked, or past the first step beyond every
+    lease granted by the time they were answered: must be 0."""
+    bad = 0
+    for sent, answered, start in landed:
+        before = max((u for _, a, u in run.granted if a <= sent), default=0)
+        by_then = max((u for s, _, u in run.granted if s <= answered), default=0)
+        bad += not before <= start <= max(by_then, before)
+    return bad
+
+
+def check_rows(ranks: int, datasets: dict[str, Path]) -> int:
+    """Rows of one step given to two ranks (or to none): the mixer's partition, checked for every rank."""
+    from pipeline.dataset import TokenDataset
+    from service.mix_schedule import MixSchedule
+    from service.mixer import Mixer, MixerConfig
+
+    mixer = Mixer({n: TokenDataset(p) for n, p in datasets.items()}, MixerConfig(seq_len=16, global_batch=ranks, seed=0),
+                  MixSchedule.constant({"old": 0.05, "new": 0.95}))
+    owner = [0] * ranks
+    for rank in range(ranks):
+        for row in mixer.rows_of(rank, ranks):
+            owner[row] += 1
+    return sum(count != 1 for count in owner)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ranks", type=int, default=4096)
+    parser.add_argument("--seconds", type=float, default=120.0)
+    parser.add_argument("--changes", type=int, default=20)
+    parser.add_argument("--lease-steps", type=int, default=64)
+    parser.add_argument("--step-ms", type=float, default=20.0, help="simulated training step time")
+    parser.add_argument("--connections", type=int, default=256)
+    args = parser.parse_args()
+    from benchmarks.train_throughput import make_dataset
+
+    with tempfile.TemporaryDirectory(prefix="replaymix-scale-") as scratch:
+        work = Path(scratch)
+        datasets = {}
+        for name, seed in (("old", 0), ("new", 0)):  # one tokenizer for both (make_dataset trains it from the seed)
+            (work / name).mkdir()
+            datasets[name] = make_dataset(work / name, vocab_size=300, tokens=200_000, seed=seed)
+        (work / "read-token").write_text(READ_TOKEN)
+        (work / "admin-token").write_text(ADMIN_TOKEN)
+        service = ServiceProcess([*(f"--dataset={n}={p}" for n, p in datasets.items()), "--seq-len=16",
+                                  f"--global-batch={args.ranks}", "--seed=0", f"--state-dir={work / 'state'}",
+                                  "--weights=old=0.05,new=0.95", f"--read-token-file={work / 'read-token'}",
+                                  f"--admin-token-file={work / 'admin-token'}", "--reserve-steps=4096",
+                                  f"--max-lookahead={1 << 20}"], free_port()).start()
+        try:
+            run = Run(args.ranks, args.lease_steps, args.step_ms / 1000)
+            cpu_before, wall_before = service_cpu_seconds(service.proc.pid), time.perf_counter()
+            landed = asyncio.run(drive(run, service.url, args.seconds, args.changes, args.connections))
+            wall = time.perf_counter() - wall_before
+            cpu = service_cpu_seconds(service.proc.pid) - cpu_before
+            metrics = httpx.get(f"{service.url}/metrics").text
+        finally:
+            service.stop()
+        p50, p99 = histogram_quantiles(metrics, "/v1/leases", (0.5, 0.99))
+        leases = len(run.granted)
+        rate = leases / wall
+        per_core = leases / cpu if cpu else float("inf")
+        seen = sorted(run.latencies)
+        print(f"{args.ranks} ranks, {wall:.0f} s, lease {args.lease_steps} steps, simulated step {args.step_ms:g} ms "
+              f"(demand {2 * args.ranks / (args.lease_steps * run.step_seconds):.0f} leases/s), {len(landed)} changes")
+        print(f"leases: {leases} ({rate:.0f}/s sustained); at the service p50 <= {p50 * 1e3:g} ms, p99 <= {p99 * 1e3:g} ms "
+              f"(histogram bucket bounds); as ranks saw it p50 {statistics.median(seen) * 1e3:.1f} ms, "
+              f"p99 {seen[int(0.99 * (len(seen) - 1))] * 1e3:.1f} ms")
+        print(f"service CPU {cpu:.1f} s = {cpu / wall:.2f} cores busy; {per_core:.0f} leases per CPU-second; "
+              f"rank-steps spent waiting for a renewal: {run.waits}")
+        print(f"checks (must be 0): steps computed past a lease {run.computed_past_lease}, rows given to two ranks or "
+              f"none {check_rows(args.ranks, datasets)}, changes not at the first step past every lease "
+              f"{check_changes(run, landed)}")
+        for step_seconds in (0.5, 1.0, 2.0):
+            print(f"one service core steers about {per_core * args.lease_steps / 2 * step_seconds:,.0f} ranks at "
+                  f"{step_seconds:g} s a step with {args.lease_steps}-step leases")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
