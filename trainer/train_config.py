@@ -55,7 +55,6 @@ class TrainConfig:
     hf_model: str | None = None  # --init-from hf:PATH: a Hugging Face folder (or Hub id)
     dtype: str = "float32"  # the weights' (and optimizer state's) dtype
     save_hf: Path | None = None  # where to write the Hugging Face folder at the end (default RUN_DIR/hf)
-    fsdp: bool = False  # shard weights, gradients and optimizer state over the ranks (FSDP2) instead of DDP
     reset_optimizer: bool = False
     extension_report: Path | None = None
     resume: bool = False
@@ -301,10 +300,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=("cpu", "cuda"), default=TrainConfig.device,
                      help="where to train; cuda needs a CUDA build of torch and a visible GPU (default %(default)s)")
     run.add_argument("--compile", action="store_true", help="torch.compile the model (default: eager)")
-    run.add_argument("--fsdp", action="store_true",
-                     help="under torchrun: shard weights, gradients and optimizer state over the ranks (FSDP2), for "
-                          "a model that does not fit one GPU with its optimizer state; checkpoints are sharded "
-                          "(default: DDP, every rank holds the whole model)")
     run.add_argument("--no-progress", action="store_true",
                      help="no progress bar: one line per evaluation and a summary at the end (default: a bar)")
     return p
@@ -399,7 +394,6 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         hf_model=hf_model,
         dtype=args.dtype,
         save_hf=args.save_hf,
-        fsdp=args.fsdp,
         reset_optimizer=args.reset_optimizer,
         extension_report=args.extension_report,
         resume=args.resume,
