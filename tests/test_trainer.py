@@ -259,6 +259,49 @@ def test_stream_source_trains_exactly_like_the_in_process_mixer(tmp_path, datase
     assert evals(tmp_path / "stream") == evals(tmp_path / "local")  # default eval sets: the service's datasets
 
 
+def _served_counters(url: str) -> tuple[float, float]:
+    """(leases granted, tokens served) from the service's /metrics: which path a trainer's rows took."""
+    import httpx
+
+    text = httpx.get(f"{url}/metrics").text
+    values = {"leases": 0.0, "tokens": 0.0}
+    for line in text.splitlines():
+        if line.startswith("replaymix_leases_total "):
+            values["leases"] += float(line.split()[-1])
+        elif line.startswith("replaymix_tokens_served_total{"):
+            values["tokens"] += float(line.split()[-1])
+    return values["leases"], values["tokens"]
+
+
+def test_compute_local_trains_bit_for_bit_like_the_http_stream(tmp_path, datasets):
+    """Issue 19: --compute local computes the rank's rows in the trainer under the service's leases; the run
+    must be the HTTP run to the bit, and its rows must really not have come over HTTP."""
+    from tests.test_service import ServiceProcess, free_port, service_args
+
+    service = ServiceProcess(service_args(datasets, tmp_path / "state", None, "en=0.75,de=0.25",
+                                          seq_len=32, global_batch=8), free_port()).start()
+    stream = SMALL + ["--stream", service.url, "--stream-token-file", str(tmp_path / "state.read-token"),
+                      "--steps", "4", "--eval-every", "2", "--max-lr", "2e-3"]
+    try:
+        train(parse_args([*stream, "--compute", "local", "--out", str(tmp_path / "local")]))
+        leases, tokens = _served_counters(service.url)
+        assert leases >= 1 and tokens == 0  # computed here, under a lease: no token crossed the wire
+        train(parse_args([*stream, "--out", str(tmp_path / "http")]))
+        assert _served_counters(service.url)[1] > 0
+    finally:
+        service.stop()
+    assert sorted(train_losses(tmp_path / "local")) == [1, 2, 3, 4]
+    assert train_losses(tmp_path / "local") == train_losses(tmp_path / "http")
+    assert evals(tmp_path / "local") == evals(tmp_path / "http")
+    assert_bitwise_equal(checkpoint_of(tmp_path / "local")["model"], checkpoint_of(tmp_path / "http")["model"], "model")
+
+
+def test_compute_local_needs_stream(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--dataset=en=x", "--compute", "local", "--out", str(tmp_path)])
+    assert "--compute local needs --stream" in capsys.readouterr().err
+
+
 def trainer_process(*args: str) -> subprocess.CompletedProcess:
     """`python -m trainer ARGS` as a user runs it: exit code and stderr as the shell sees them."""
     return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=REPO, capture_output=True, text=True,

@@ -98,7 +98,8 @@ class StreamSource:
         from service.client import StreamClient
         from service.tokens import read_token
 
-        options = {"token": read_token(config.stream_token_file, "--stream-token-file")}
+        options = {"token": read_token(config.stream_token_file, "--stream-token-file"),
+                   "compute": config.stream_compute}
         if config.stream_read_ahead is not None:
             options.update(prefetch=config.stream_read_ahead, range_steps=config.stream_read_ahead)
         # Made now for the service's status; it fetches no batch before the first is taken.

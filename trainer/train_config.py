@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+from service.client import COMPUTE_MODES
 from service.mix_schedule import ScheduleError, check_weight_names
 from trainer.hf_model import DTYPES, HF_PREFIX
 from trainer.model import MODEL_SIZES
@@ -22,6 +23,9 @@ class DataConfig:
     stream_url: str | None = None
     stream_read_ahead: int | None = None  # steps per request and decoded queue; None: the client's default
     stream_token_file: Path | None = None  # the service's read token (None: it allows anonymous reads)
+    # "service": the service sends the rows; "local": this process computes them under the service's leases
+    # (service/local_compute.py), the same bytes, so a resumed run may switch.
+    stream_compute: str = "service"
     seq_len: int = 256
     global_batch: int = 32  # sequences per step over all ranks
     micro_batch: int = 8  # sequences per forward pass on one rank; the rest is gradient accumulation
@@ -70,13 +74,13 @@ class TrainConfig:
 _FLAG_NAMES = {
     "data.datasets": "--dataset", "data.stream_url": "--stream", "data.seed": "--data-seed",
     "data.eval_datasets": "--eval-dataset", "schedule.name": "--lr-schedule", "schedule.continued": "--continue-schedule",
-    "progress": "--no-progress", "hf_model": "--init-from",
+    "progress": "--no-progress", "hf_model": "--init-from", "data.stream_compute": "--compute",
 }
 # What --resume lets change: how long, how often and how visibly the run goes on, and on what hardware,
 # but not what it computes (the micro-batch only splits the same global batch).
 RESUMABLE_FLAGS = ("--steps", "--eval-every", "--log-every", "--checkpoint-every", "--save-at", "--no-progress",
                    "--device", "--compile", "--micro-batch", "--stream", "--stream-read-ahead",
-                   "--stream-token-file", "--save-hf")
+                   "--stream-token-file", "--compute", "--save-hf")
 # How a run began; a resumed run takes what they made from its checkpoint instead.
 _START_FLAGS = ("--out", "--resume", "--overwrite", "--init-from", "--reset-optimizer", "--extension-report")
 # What only starting a run may say, with how many values each takes: a resume command leaves them out.
@@ -198,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --stream: fetch STEPS steps per request and keep STEPS ready, so about 3 x STEPS "
                           "are served ahead of training (default: ~4 MiB per request); small values make a ratio "
                           "change without start_step land sooner")
+    src.add_argument("--compute", choices=COMPUTE_MODES, default=DataConfig.stream_compute,
+                     help="with --stream: who computes this rank's rows. service: the service sends them over HTTP; "
+                          "local: this process reads the service's datasets itself (storage every node reads, a "
+                          "read token) under leases from the service, so only the schedule crosses the network; "
+                          "the same bytes either way (default %(default)s)")
     src.add_argument("--seq-len", type=int, metavar="TOKENS",
                      help=f"tokens per training sequence (default {DataConfig.seq_len}); with --stream the service "
                           "decides it")
@@ -328,6 +337,8 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
             parser.error(str(e))
     if args.stream_token_file is not None and not args.stream:
         parser.error("--stream-token-file needs --stream")
+    if args.compute != DataConfig.stream_compute and not args.stream:
+        parser.error(f"--compute {args.compute} needs --stream: in-process mixing (--dataset) computes here anyway")
     if args.stream_read_ahead is not None and (not args.stream or args.stream_read_ahead < 1):
         parser.error("--stream-read-ahead needs --stream and a positive number of steps")
     hf_model = args.init_from[len(HF_PREFIX):] if args.init_from and args.init_from.startswith(HF_PREFIX) else None
@@ -363,6 +374,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         stream_url=args.stream,
         stream_read_ahead=args.stream_read_ahead,
         stream_token_file=args.stream_token_file,
+        stream_compute=args.compute,
         seq_len=DataConfig.seq_len if args.seq_len is None else args.seq_len,
         global_batch=DataConfig.global_batch if args.global_batch is None else args.global_batch,
         micro_batch=args.micro_batch,
