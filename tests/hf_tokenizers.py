@@ -21,8 +21,10 @@ from conftest import train_spm
 
 
 def sentencepiece_folder(lines: Sequence[str], folder: Path, vocab_size: int = 400) -> Path:
+    # Llama 2's settings (spaces kept, no NFKC): the ones transformers' converter reproduces.
     model = train_spm(lines, folder.parent / f"{folder.name}-spm" / "sp", vocab_size=vocab_size, byte_fallback=True,
-                      bos_id=1, eos_id=2, unk_id=0, pad_id=-1)
+                      bos_id=1, eos_id=2, unk_id=0, pad_id=-1, normalization_rule_name="identity",
+                      remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True)
     folder.mkdir(parents=True)
     shutil.copyfile(model, folder / "tokenizer.model")
     (folder / "tokenizer_config.json").write_text(

@@ -19,7 +19,8 @@ from pipeline.tokenizer.load import load_tokenizer, vocabulary_pieces
 from pipeline.tokenizer.model_proto import TokenizerError
 from pipeline.tokenizer.report import ExtensionReport
 from pipeline.tokenizer.sample import is_heldout
-from pipeline.tokenizer.train import TokenizerTrainConfig, train_tokenizer
+from pipeline.tokenizer.train import SP_FOLDER_CONFIG, TokenizerTrainConfig, train_tokenizer
+from conftest import train_spm
 
 FOLDERS = {"sentencepiece": sentencepiece_folder, "gpt2": gpt2_folder, "llama3": llama3_folder}
 
@@ -108,12 +109,29 @@ def test_a_sentencepiece_folder_encodes_alike_with_its_model_and_its_tokenizer_j
         pytest.skip("a folder without tokenizer.model")
     model = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
     fast = Tokenizer.from_file(str(out / "tokenizer.json"))
-    lines = german_lines[:300] + english_lines[:300]
+    # Man-page text: runs of spaces, tabs, digits, accents.
+    lines = german_lines[:300] + english_lines[:300] + [f"NAME(1)      {g}\t 1984  Größe   {e}" for g, e in
+                                                        zip(german_lines[:50], english_lines[:50])]
     assert [e.ids for e in fast.encode_batch(lines, add_special_tokens=False)] == model.encode(lines)
 
 
-def test_unsupported_bases_are_refused_and_nothing_is_written(local_ray, tmp_path, corpora, english_lines):
+def test_unsupported_bases_are_refused_and_nothing_is_written(local_ray, tmp_path, corpora, english_lines,
+                                                               german_lines):
     en, de = corpora
+    # A SentencePiece model with its defaults (NFKC, runs of spaces collapsed): the tokenizer.json
+    # transformers converts would cut man-page text differently, so the extension refuses it.
+    spaced = tmp_path / "spaced"
+    spaced.mkdir()
+    lines = [f"{e}   ({i})    {g}" for i, (e, g) in enumerate(zip(english_lines, german_lines))]
+    model = train_spm(lines, tmp_path / "spm-defaults" / "sp", vocab_size=400, byte_fallback=True)
+    (spaced / "tokenizer.model").write_bytes(model.read_bytes())
+    (spaced / "tokenizer_config.json").write_text(json.dumps(SP_FOLDER_CONFIG))
+    AutoTokenizer.from_pretrained(str(spaced)).save_pretrained(str(spaced))
+    spaced_de = jsonl(tmp_path / "de-spaced.jsonl", [f"{g}    {i}  x" for i, g in enumerate(german_lines)])
+    spaced_en = jsonl(tmp_path / "en-spaced.jsonl", lines)
+    with pytest.raises(TokenizerError, match="encodes .* held-out lines differently"):
+        extend_tokenizer(ExtendConfig(base=spaced, inputs=(spaced_de,), old_inputs=(spaced_en,), new_pieces=60,
+                                      out=tmp_path / "out"))
     wordlevel = wordlevel_folder(sorted(set(" ".join(english_lines).split())), tmp_path / "wordlevel")
     out = tmp_path / "out"
     with pytest.raises(TokenizerError, match=r"wordlevel/tokenizer.json: a WordLevel model; extension supports BPE"):

@@ -293,7 +293,10 @@ def check_converted_folder(staged: StagedExtension, extended: TokenizerSpec, lin
         raise TokenizerError(
             f"{staged.path / 'tokenizer.json'}: the tokenizer.json transformers converted from the extended "
             f"tokenizer.model encodes {differing['changed']} of {differing['lines']} held-out lines differently "
-            f"(first: {differing['examples'][:1]}); not written"
+            f"(first: {differing['examples'][:1]}). Most often the model normalizes text in a way transformers' "
+            "converter does not reproduce (NFKC, runs of spaces collapsed): extension needs a folder whose "
+            "tokenizer.model and tokenizer.json agree, as Llama 2's and Mistral's do (identity normalizer, spaces "
+            "kept); nothing was written"
         )
 
 

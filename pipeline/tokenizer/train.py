@@ -4,8 +4,9 @@ Reading and sampling run on Ray Data (see `sample.py`), so the corpus can be far
 driver's memory; the tokenizer then trains on the sample, which is all it needs. Two kinds, each the
 artefact an open model ships:
 - `sentencepiece`: a SentencePiece model (BPE or unigram), written as a bare `.model` when `--out` ends
-  in `.model`, else as a Hugging Face folder in the Llama 2 layout (`tokenizer.model`, the
-  `tokenizer.json` transformers converts it to, `tokenizer_config.json`; `<s>` added before a text);
+  in `.model`, else as a Hugging Face folder in the Llama 2 layout (`tokenizer.model` trained with
+  Llama 2's settings, the `tokenizer.json` transformers converts it to, `tokenizer_config.json`; `<s>`
+  added before a text);
 - `bpe`: a byte-level BPE `tokenizer.json` in the Llama 3 layout (GPT-2's byte alphabet and
   pre-tokenizer, `<|begin_of_text|>` added before a text, `<|end_of_text|>` ending a document, both
   after the BPE vocabulary), always a folder.
@@ -39,6 +40,14 @@ MAX_SENTENCES = 3_000_000
 
 KINDS = ("sentencepiece", "bpe")
 BPE_BOS, BPE_EOS = "<|begin_of_text|>", "<|end_of_text|>"
+# A SentencePiece model for a Hugging Face folder is trained with Llama 2's settings: transformers' converter
+# writes tokenizer.json for exactly these (no NFKC, spaces kept, digits split, unknown characters as
+# bytes), so the folder's two files encode alike; with SentencePiece's defaults (NFKC, runs of spaces
+# collapsed) the converted tokenizer.json would cut text differently from the model.
+SP_FOLDER_OPTIONS = {
+    "normalization_rule_name": "identity", "remove_extra_whitespaces": False, "add_dummy_prefix": True,
+    "split_digits": True, "byte_fallback": True, "allow_whitespace_only_pieces": True,
+}
 SP_FOLDER_CONFIG = {
     "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
     "add_bos_token": True, "add_eos_token": False,
@@ -194,13 +203,11 @@ def train_tokenizer(config: TokenizerTrainConfig) -> dict:
             staged = scratch / "tokenizer"
             stage_byte_level_bpe_folder(sample.train_file, config.vocab_size, staged)
         else:
-            model = train_sentencepiece(
-                sample.train_file,
-                config.vocab_size,
-                config.model_type,
-                byte_fallback=config.byte_fallback,
-                character_coverage=config.character_coverage,
-            )
+            options = {"byte_fallback": config.byte_fallback}
+            if writes_folder(config):
+                options |= SP_FOLDER_OPTIONS
+            model = train_sentencepiece(sample.train_file, config.vocab_size, config.model_type,
+                                        character_coverage=config.character_coverage, **options)
             staged = scratch / "tokenizer.model"
             if writes_folder(config):
                 staged = scratch / "tokenizer"
