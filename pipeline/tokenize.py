@@ -185,6 +185,8 @@ class DocumentEncoder:
             self.processor = spm.SentencePieceProcessor(model_proto=settings.encoder_data)
             self.part_bytes = PART_BYTES if newlines_split_words(settings.encoder_data) else 0
         else:
+            # Ray runs one task per CPU already: tokenizers' own thread pool on top would oversubscribe them.
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
             self.encode_texts = make_encoder(settings.kind, settings.encoder_data)
 
     def _encode_sentencepiece(self, texts: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
