@@ -200,20 +200,35 @@ def test_growth_keeps_old_rows_and_the_logits_of_old_text(tmp_path, base_tokeniz
 
 def test_a_run_on_an_extended_tokenizer_grows_trains_and_exports_it(tmp_path, base_tokenizer, german_lines,
                                                                     english_lines):
+    """End to end with the real extension: `pipeline.tokenizer extend` on the model's byte-level BPE folder,
+    datasets tokenized with the extended folder, the model grown, trained in bf16 and exported."""
+    from pipeline.ray_runtime import init_ray
+    from pipeline.tokenizer.extend import ExtendConfig, extend_tokenizer as extend_for_real
+
     source = make_model_folder(tmp_path / "llama", "llama", base_tokenizer)
-    report = extend_tokenizer(base_tokenizer, tmp_path / "extended")
-    german = write_token_dataset(tmp_path / "de", german_lines[:300], report.parent, german_lines[1900:])
-    english = write_token_dataset(tmp_path / "en", english_lines[:300], report.parent, english_lines[1900:])
+    corpora = {}
+    for name, lines in (("de", german_lines[:1800]), ("en", english_lines[:1800])):
+        corpora[name] = tmp_path / f"{name}.jsonl"
+        corpora[name].write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
+    init_ray(num_cpus=1)
+    extended = tmp_path / "extended"
+    written = extend_for_real(ExtendConfig(base=base_tokenizer, inputs=(str(corpora["de"]),),
+                                           old_inputs=(str(corpora["en"]),), new_pieces=24, out=extended))
+    added = written["pieces_added"]
+    report = extended / "extension_report.json"
+    german = write_token_dataset(tmp_path / "de", german_lines[:300], extended, german_lines[1900:])
+    english = write_token_dataset(tmp_path / "en", english_lines[:300], extended, english_lines[1900:])
+    assert max(int(doc.max()) for doc in german.train.documents()) >= 300  # the new pieces are in use
     out = tmp_path / "run"
     train(parse_args(flags({"de": german.root, "en": english.root}, out, "--init-from", f"hf:{source}",
                            "--extension-report", str(report), "--steps", "3", "--eval-every", "3",
                            "--dtype", "bfloat16")))
     exported = AutoModelForCausalLM.from_pretrained(out / "hf")
-    assert exported.config.vocab_size == 300 + len(NEW_PIECES) and exported.dtype == torch.bfloat16
+    assert exported.config.vocab_size == 300 + added and exported.dtype == torch.bfloat16
     assert exported.get_input_embeddings().weight is exported.get_output_embeddings().weight
-    assert len(AutoTokenizer.from_pretrained(out / "hf")) == 300 + len(NEW_PIECES)
+    assert len(AutoTokenizer.from_pretrained(out / "hf")) == 300 + added
     assert (out / "hf" / "extension_report.json").is_file()
-    assert_folder_reproduces(out / "hf", trained_model(out), torch.randint(0, 304, (2, 16)))
+    assert_folder_reproduces(out / "hf", trained_model(out), torch.randint(0, 300 + added, (2, 16)))
 
 
 def test_a_checkpoint_of_a_hugging_face_run_continues_without_rewarming(tmp_path, datasets, base_tokenizer):
