@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Mapping
 
 from pipeline.errors import PipelineError, report_pipeline_error
 from pipeline.ray_runtime import quiet_ray_data_console, submission_id
+from pipeline.storage import is_uri
 
 # A path flag's value: one path, several (--input), or None when the flag was not given.
 PathValue = str | Path | Iterable[str | Path] | None
@@ -44,14 +45,20 @@ def new_parser(prog: str, description: str, epilog: str | None = None) -> argpar
 
 
 def add_input_flags(parser: argparse.ArgumentParser) -> None:
-    """--input, --text-field and --split, read the same way by every command (`pipeline.readers`)."""
+    """--input, --text-field, --split and --config, read the same way by every command (`pipeline.readers`)."""
     parser.add_argument("--input", nargs="+", action="extend", required=True, dest="inputs", metavar="PATH",
                         help="files, folders or globs of .jsonl (also .jsonl.gz, .jsonl.zst), .parquet, .arrow "
-                             "(what `datasets` save_to_disk writes) or .txt (one document per file); repeatable")
+                             "(what `datasets` save_to_disk writes) or .txt (one document per file), local or as "
+                             "s3://BUCKET/PREFIX/*.jsonl / gs://...; or a Hugging Face dataset, "
+                             "hf://datasets/ORG/NAME; repeatable")
     parser.add_argument("--text-field", default="text", help="the JSON field or column holding the text")
     parser.add_argument("--split", default=None, metavar="NAME",
                         help="the split to read from a `datasets` DatasetDict folder (one with dataset_dict.json "
-                             "and a folder per split); such an input needs it (default: none)")
+                             "and a folder per split) or an hf:// dataset; one with several splits needs it "
+                             "(default: none)")
+    parser.add_argument("--config", default=None, metavar="NAME",
+                        help="the configuration (subset) of an hf://datasets/ORG/NAME input, e.g. sample-10BT "
+                             "(default: the dataset's default)")
 
 
 class _DeprecatedAlias(argparse.Action):
@@ -93,7 +100,7 @@ def refuse_relative_paths_in_job(paths: Mapping[str, PathValue]) -> None:
     if job is None:
         return
     relative = [f"{flag} {path}" for flag, value in paths.items() for path in _as_list(value)
-                if not Path(path).is_absolute()]
+                if not (is_uri(path) or Path(path).is_absolute())]
     if relative:
         raise PipelineError(
             f"{', '.join(relative)}: relative path{'s' if len(relative) > 1 else ''} in Ray job {job}, whose "
@@ -110,8 +117,8 @@ def _as_list(value: PathValue) -> list[str | Path]:
     return list(value)
 
 
-def run_command(work: Callable[[], Path], paths: Mapping[str, PathValue], debug: bool = False) -> int:
-    """Run a command's `work`, which returns what it wrote; return the exit status.
+def run_command(work: Callable[[], Path | str], paths: Mapping[str, PathValue], debug: bool = False) -> int:
+    """Run a command's `work`, which returns what it wrote (a path or a URI); return the exit status.
 
     Relative `paths` are refused first under a Ray job. Ray Data's console log is kept quiet unless
     `debug`. On success the last line is `output: <absolute path>` (under `ray job submit` the only
@@ -124,5 +131,5 @@ def run_command(work: Callable[[], Path], paths: Mapping[str, PathValue], debug:
         output = work()
     except Exception as e:  # noqa: BLE001 - ours (also inside a Ray task error) become one line; a bug re-raises
         return report_pipeline_error(e, debug)
-    print(f"output: {Path(output).resolve()}", flush=True)
+    print(f"output: {output if is_uri(output) else Path(output).resolve()}", flush=True)
     return 0

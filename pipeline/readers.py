@@ -1,7 +1,8 @@
 """Input readers: raw corpora (JSONL, compressed JSONL, Parquet, Arrow, plain text) as a Ray Dataset.
 
 `select_inputs` turns files, globs and folders into the files to read (taking one split of a `datasets`
-DatasetDict folder), and `read_documents` turns them into a `ray.data.Dataset` with one row per document:
+DatasetDict folder), on local disk or in an object store (`s3://bucket/raw/*.jsonl.zst`, `gs://...`:
+see `pipeline.storage`; a URI stays a string, never a Path), and `read_documents` turns them into a `ray.data.Dataset` with one row per document:
 
     text           str    the document, valid UTF-8 (invalid bytes replaced by U+FFFD)
     source         str    the file it came from
@@ -35,7 +36,9 @@ import ray.data
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
+from pipeline import storage
 from pipeline.errors import PipelineError
+from pipeline.hf_inputs import HubInput, is_hub_input, open_hub_input, read_hub_shard
 
 # Longest suffix first, so that "x.jsonl.gz" is JSONL-gzip and not an unknown ".gz".
 FORMATS = {
@@ -49,6 +52,7 @@ FORMATS = {
 # `datasets.DatasetDict.save_to_disk` writes this index ({"splits": [...]}) beside a folder per split.
 DATASET_DICT_INDEX = "dataset_dict.json"
 DEFAULT_CHUNK_BYTES = 4 << 20
+HUB_SHARD_BYTES = 64 << 20  # what a Hub dataset's shard (a file) is taken to hold when reads are grouped
 SCHEMA = pa.schema(
     [("text", pa.string()), ("source", pa.string()), ("position", pa.int64()), ("replaced_utf8", pa.bool_())]
 )
@@ -58,9 +62,13 @@ class InputError(PipelineError, ValueError):
     """An input file is missing, unreadable or malformed; the message names the file (and line or row)."""
 
 
-def input_format(path: Path) -> str | None:
+# An input file: a local Path, or an object's URI (a string: a Path would turn s3://b/k into s3:/b/k).
+InputFile = Path | str
+
+
+def input_format(path: InputFile) -> str | None:
     """The reader format for a file name, or None when it is not a document file we read."""
-    name = path.name.lower()
+    name = os.fspath(path).rstrip("/").rsplit("/", 1)[-1].lower()
     return next((fmt for suffix, fmt in FORMATS.items() if name.endswith(suffix)), None)
 
 
@@ -68,15 +76,19 @@ def input_format(path: Path) -> str | None:
 class InputSelection:
     """The files that input patterns name, in order, and a line per pattern saying what it gave."""
 
-    files: list[Path]
+    files: list[InputFile]
     read: list[str]
     split_used: bool  # whether some pattern was a DatasetDict folder whose split was chosen
+    sizes: dict[str, int]  # str(file) -> bytes
+
+    def size(self, file: InputFile) -> int:
+        return self.sizes[str(file)]
 
     def describe(self, flag: str = "--input") -> str:
         return "\n".join(f"reading {flag} {line}" for line in self.read)
 
 
-def select_inputs(patterns: Sequence[str], split: str | None = None) -> InputSelection:
+def select_inputs(patterns: Sequence[str], split: str | None = None, config: str | None = None) -> InputSelection:
     """Files named by paths, globs (`**` allowed) and folders (searched recursively), in a stable order.
 
     Folders and globs contribute only files with a known suffix (so a `save_to_disk` folder's JSON
@@ -87,11 +99,27 @@ def select_inputs(patterns: Sequence[str], split: str | None = None) -> InputSel
     """
     if not patterns:
         raise InputError("no --input given; pass files, globs or folders of .jsonl/.parquet/.arrow/.txt")
-    files: list[Path] = []
+    files: list[InputFile] = []
     read: list[str] = []
+    sizes: dict[str, int] = {}
     split_used = False
     for pattern in patterns:
         named_directly = False
+        if is_hub_input(pattern):  # a Hub dataset: one source naming its split (pipeline/hf_inputs.py)
+            hub = open_hub_input(pattern, config, split)
+            files.append(hub.source)
+            sizes[hub.source] = 0  # unknown before reading; the job plans one read per shard instead
+            split_used = split_used or split is not None
+            read.append(f"{pattern}: split {hub.split!r}{f' of config {hub.config!r}' if hub.config else ''}, "
+                        f"{hub.num_shards} shard{'s' if hub.num_shards != 1 else ''}, streamed with datasets")
+            continue
+        if storage.is_uri(pattern):
+            found_sizes = _select_objects(pattern)
+            files.extend(found_sizes)
+            sizes.update(found_sizes)
+            read.append(f"{pattern}: {len(found_sizes)} object{'s' if len(found_sizes) != 1 else ''}, "
+                        f"{sum(found_sizes.values()) / 1e6:.1f} MB")
+            continue
         if glob.has_magic(pattern):
             matches = [Path(p) for p in sorted(glob.glob(pattern, recursive=True))]
             found = [p for p in matches if input_format(p) and not p.is_dir()]
@@ -113,14 +141,36 @@ def select_inputs(patterns: Sequence[str], split: str | None = None) -> InputSel
             split_used = split_used or bool(chosen)
         for path in found:
             check_readable(path)
+        found = [path.resolve() for path in found]
         files.extend(found)
-        size = sum(path.stat().st_size for path in found)
+        sizes.update((str(path), path.stat().st_size) for path in found)
+        size = sum(sizes[str(path)] for path in found)
         read.append(f"{pattern}: {''.join(chosen)}{len(found)} file{'s' if len(found) != 1 else ''}, "
                     f"{size / 1e6:.1f} MB")
-    return InputSelection(list(dict.fromkeys(p.resolve() for p in files)), read, split_used)
+    return InputSelection(list(dict.fromkeys(files)), read, split_used, sizes)
 
 
-def expand_inputs(patterns: Sequence[str], split: str | None = None) -> list[Path]:
+def _select_objects(pattern: str) -> dict[str, int]:
+    """The objects a URI names ({uri: size}, sorted): one object, a glob, or every input under a prefix."""
+    location = storage.parse_location(pattern)
+    if glob.has_magic(location.path):
+        found = storage.glob_files(location)
+    else:
+        size = storage.file_size(location)
+        if size is not None:
+            if input_format(pattern) is None:
+                raise InputError(f"{pattern}: unsupported input format; expected one of {', '.join(FORMATS)}")
+            return {location.uri: size}
+        found = {location.child(name).uri: size for name, size in storage.list_files(location).items()}
+        if not found:
+            raise InputError(f"{pattern}: no such object or prefix; check the bucket and path")
+    found = {uri: size for uri, size in found.items() if input_format(uri)}
+    if not found:
+        raise InputError(f"{pattern}: matched no input objects (looked for {', '.join(FORMATS)}); check the URI")
+    return found
+
+
+def expand_inputs(patterns: Sequence[str], split: str | None = None) -> list[InputFile]:
     """The files of `select_inputs`."""
     return select_inputs(patterns, split).files
 
@@ -204,10 +254,21 @@ class ReadUnit:
     size_bytes: int
 
 
-def plan_reads(files: Sequence[Path], chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[ReadUnit]:
+def _open(path: InputFile):
+    """A binary file object for a local path or an object's URI (buffered: seek, read, readline)."""
+    if storage.is_uri(path):
+        return storage.open_input(os.fspath(path))
+    return open(path, "rb")
+
+
+def plan_reads(files: Sequence[InputFile], chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[ReadUnit]:
     """Cut the files into units of about `chunk_bytes`, in file order. Opens each file's header only."""
     units: list[ReadUnit] = []
     for path in files:
+        if is_hub_input(path):
+            count = open_hub_input(path, None, None).num_shards
+            units.extend(ReadUnit(path, "hf", shard, shard + 1, HUB_SHARD_BYTES) for shard in range(count))
+            continue
         fmt = input_format(path)
         try:
             if fmt == "jsonl":
@@ -217,17 +278,21 @@ def plan_reads(files: Sequence[Path], chunk_bytes: int = DEFAULT_CHUNK_BYTES) ->
             elif fmt == "arrow":
                 units.extend(_plan_arrow(path, chunk_bytes))
             else:
-                size = path.stat().st_size
+                size = _size(path)
                 units.append(ReadUnit(str(path), fmt, 0, size, size))
         except (OSError, pa.ArrowException) as e:
             raise InputError(f"{path}: cannot read it as {fmt} ({e})") from e
     return units
 
 
-def _plan_jsonl(path: Path, chunk_bytes: int) -> Iterator[ReadUnit]:
-    size = path.stat().st_size
+def _size(path: InputFile) -> int:
+    return storage.file_size(storage.parse_location(path)) if storage.is_uri(path) else Path(path).stat().st_size
+
+
+def _plan_jsonl(path: InputFile, chunk_bytes: int) -> Iterator[ReadUnit]:
+    size = _size(path)
     start = 0
-    with open(path, "rb") as f:
+    with _open(path) as f:
         while start < size:
             f.seek(min(start + chunk_bytes, size))
             f.readline()  # finish the line the cut landed in
@@ -236,8 +301,9 @@ def _plan_jsonl(path: Path, chunk_bytes: int) -> Iterator[ReadUnit]:
             start = stop
 
 
-def _plan_parquet(path: Path, chunk_bytes: int) -> Iterator[ReadUnit]:
-    meta = pq.ParquetFile(path).metadata
+def _plan_parquet(path: InputFile, chunk_bytes: int) -> Iterator[ReadUnit]:
+    with _open(path) as f:
+        meta = pq.ParquetFile(f).metadata
     first, size = 0, 0
     for group in range(meta.num_row_groups):
         size += meta.row_group(group).total_byte_size
@@ -246,9 +312,13 @@ def _plan_parquet(path: Path, chunk_bytes: int) -> Iterator[ReadUnit]:
             first, size = group + 1, 0
 
 
-def _open_arrow(path: Path) -> pa.Table:
-    """A memory-mapped Arrow table (zero-copy); `save_to_disk` writes the IPC stream format."""
-    source = pa.memory_map(str(path))
+def _open_arrow(path: InputFile) -> pa.Table:
+    """A memory-mapped Arrow table (zero-copy; an object is read whole); `save_to_disk` writes the IPC
+    stream format."""
+    if storage.is_uri(path):
+        source = pa.BufferReader(storage.read_bytes(storage.parse_location(path)))
+    else:
+        source = pa.memory_map(str(path))
     try:
         return pa.ipc.open_file(source).read_all()
     except pa.ArrowInvalid:
@@ -256,7 +326,7 @@ def _open_arrow(path: Path) -> pa.Table:
         return pa.ipc.open_stream(source).read_all()
 
 
-def _plan_arrow(path: Path, chunk_bytes: int) -> Iterator[ReadUnit]:
+def _plan_arrow(path: InputFile, chunk_bytes: int) -> Iterator[ReadUnit]:
     table = _open_arrow(path)
     rows_per_unit = max(1, int(table.num_rows * chunk_bytes / max(table.nbytes, 1)))
     for start in range(0, table.num_rows, rows_per_unit):
@@ -283,7 +353,7 @@ def _valid_text(text: str) -> tuple[str, bool]:
 
 def _line_number(path: str, offset: int) -> int:
     """1-based line number of a byte offset; only computed to report an error."""
-    with open(path, "rb") as f:
+    with _open(path) as f:
         return f.read(offset).count(b"\n") + 1
 
 
@@ -361,7 +431,7 @@ def _jsonl_table_at_once(data: bytes, unit: ReadUnit, field: str) -> pa.Table | 
 
 
 def _read_jsonl_range(unit: ReadUnit, field: str) -> pa.Table:
-    with open(unit.path, "rb") as f:
+    with _open(unit.path) as f:
         f.seek(unit.start)
         data = f.read(unit.stop - unit.start)
     table = _jsonl_table_at_once(data, unit, field)
@@ -370,11 +440,11 @@ def _read_jsonl_range(unit: ReadUnit, field: str) -> pa.Table:
 
 def _read_jsonl_stream(unit: ReadUnit, field: str) -> Iterator[tuple[str, int, bool]]:
     if unit.format == "jsonl.gz":
-        stream = gzip.open(unit.path, "rb")
+        stream = gzip.open(_open(unit.path), "rb")
     else:
         import zstandard
 
-        stream = zstandard.ZstdDecompressor().stream_reader(open(unit.path, "rb"), closefd=True)
+        stream = zstandard.ZstdDecompressor().stream_reader(_open(unit.path), closefd=True)
     with io.BufferedReader(stream) as lines:
         for index, raw in enumerate(lines):
             if not raw.strip():
@@ -385,12 +455,12 @@ def _read_jsonl_stream(unit: ReadUnit, field: str) -> Iterator[tuple[str, int, b
 
 def _read_columnar(unit: ReadUnit, field: str) -> Iterator[tuple[str, int, bool]]:
     if unit.format == "parquet":
-        parquet = pq.ParquetFile(unit.path)
+        parquet = pq.ParquetFile(_open(unit.path))
         first_row = sum(parquet.metadata.row_group(g).num_rows for g in range(unit.start))
         names = parquet.schema_arrow.names
         column = None if field not in names else parquet.read_row_groups(range(unit.start, unit.stop), [field])
     else:
-        table = _open_arrow(Path(unit.path))
+        table = _open_arrow(unit.path)
         first_row, names = unit.start, table.column_names
         column = None if field not in names else table.select([field]).slice(unit.start, unit.stop - unit.start)
     if column is None:
@@ -410,7 +480,8 @@ def _read_columnar(unit: ReadUnit, field: str) -> Iterator[tuple[str, int, bool]
 
 
 def _read_text_file(unit: ReadUnit, field: str) -> Iterator[tuple[str, int, bool]]:
-    text, replaced = _decode(Path(unit.path).read_bytes())
+    with _open(unit.path) as f:
+        text, replaced = _decode(f.read())
     yield text, 0, replaced
 
 
@@ -428,6 +499,10 @@ def _rows_table(unit: ReadUnit, rows: Iterator[tuple[str, int, bool]]) -> pa.Tab
     )
 
 
+def _read_hub(unit: ReadUnit, field: str) -> Iterator[tuple[str, int, bool]]:
+    return read_hub_shard(unit.path, unit.start, field)
+
+
 def _by_row(read_rows):
     """A table reader from a reader of (text, position, replaced) rows."""
     return lambda unit, field: _rows_table(unit, read_rows(unit, field))
@@ -440,6 +515,7 @@ READERS = {
     "parquet": _by_row(_read_columnar),
     "arrow": _by_row(_read_columnar),
     "txt": _by_row(_read_text_file),
+    "hf": _by_row(_read_hub),
 }
 
 
@@ -447,7 +523,7 @@ def read_unit(unit: ReadUnit, text_field: str) -> pa.Table:
     """One unit's documents as a table with SCHEMA; InputError names the file on any failure."""
     try:
         return READERS[unit.format](unit, text_field)
-    except InputError:
+    except PipelineError:  # already names the input (an InputError, a store's or the Hub's error)
         raise
     except (OSError, EOFError, pa.ArrowException, ValueError) as e:
         # Damaged archives (bad gzip/zstd data, truncated files) and I/O errors surface here.
@@ -513,6 +589,15 @@ def read_documents(
     """
     units = plan_reads(expand_inputs(inputs), chunk_bytes)
     source = DocumentDatasource(units, text_field, chunk_bytes)
+    remote = any(storage.is_uri(unit.path) for unit in units)  # hf:// too: its token, endpoint, offline mode
+    runtime_env: dict = {"env_vars": storage.store_environment()}
+    if any(is_hub_input(unit.path) for unit in units):
+        # `datasets` is imported once as each worker starts, in its main thread: imported by a read
+        # thread it was at times half-initialized ("partially initialized module") when another thread
+        # of the worker imported it too. Reading text needs no torch, which it would import as well.
+        runtime_env["env_vars"]["USE_TORCH"] = "0"
+        runtime_env["worker_process_setup_hook"] = "pipeline.hf_inputs.import_datasets"
     return ray.data.read_datasource(
-        source, override_num_blocks=max(1, source.num_tasks), num_cpus=num_cpus, concurrency=concurrency
+        source, override_num_blocks=max(1, source.num_tasks), num_cpus=num_cpus, concurrency=concurrency,
+        runtime_env=runtime_env if remote else None,
     )

@@ -269,7 +269,8 @@ def open_input(path: str | Location, buffer_bytes: int = 1 << 20) -> BinaryIO:
 STORE_ENVIRONMENT = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
                      "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
                      "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_EC2_METADATA_DISABLED",
-                     "GOOGLE_APPLICATION_CREDENTIALS", "STORAGE_EMULATOR_HOST")
+                     "GOOGLE_APPLICATION_CREDENTIALS", "STORAGE_EMULATOR_HOST",
+                     "HF_TOKEN", "HF_ENDPOINT", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_DATASETS_CACHE")
 
 
 def store_environment() -> dict[str, str]:

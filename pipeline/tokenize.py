@@ -24,6 +24,7 @@ import itertools
 import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +38,8 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 from tqdm import tqdm
 
-from pipeline.dataset import ShardWriter, build_manifest, check_output_folder, commit_dataset, token_dtype
+from pipeline import storage
+from pipeline.dataset import ShardWriter, build_manifest, check_output, commit_dataset, token_dtype
 from pipeline.command import add_input_flags, add_ray_flags, new_parser, run_command
 from pipeline.ray_runtime import init_ray
 from pipeline.readers import InputError, check_split_used, read_documents, select_inputs
@@ -56,9 +58,10 @@ PART_BYTES = 2000
 class TokenizeConfig:
     inputs: list[str]
     tokenizer: Path
-    out: Path
+    out: str  # a folder, or an s3:// / gs:// prefix (a string: a Path would break the URI)
     text_field: str = "text"
-    split: str | None = None  # of a `datasets` DatasetDict input
+    split: str | None = None  # of a `datasets` DatasetDict input or an hf:// dataset
+    config: str | None = None  # of an hf:// dataset
     val_fraction: float = 0.005
     seed: int = 0
     shard_tokens: int = 1 << 26  # 128 MiB shards at uint16
@@ -257,16 +260,19 @@ def _cluster_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def _block_bytes(files: list[Path], workers: int) -> int:
+def _block_bytes(total: int, workers: int) -> int:
     """One block per worker: each task costs Ray Data tens of milliseconds beside its work, and the
     driver's writing is cheap enough not to need overlapping (German man pages, 14 MB on 2 CPUs, job /
     (2 x raw encode): one block a worker 0.60-0.66, two 0.50-0.59)."""
-    total = sum(f.stat().st_size for f in files)
     return int(np.clip(total // workers, MIN_BLOCK_BYTES, MAX_BLOCK_BYTES))
 
 
-def _staging_folder(out: Path) -> Path:
-    """A fresh staging folder beside `out`; leftovers of killed runs (dead pids) are removed first."""
+def _staging_folder(out: storage.Location) -> Path:
+    """A fresh staging folder beside `out`; leftovers of killed runs (dead pids) are removed first. For
+    a store, a local temporary folder: the upload at the commit is the store's staging."""
+    if not out.is_local:
+        return Path(tempfile.mkdtemp(prefix=f"replaymix-{out.name}.staging-"))
+    out = out.local_path
     for stale in out.parent.glob(f".{out.name}.staging-*"):
         pid = stale.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not _pid_alive(int(pid)):
@@ -289,12 +295,12 @@ def _pid_alive(pid: int) -> bool:
 
 def tokenize(config: TokenizeConfig) -> tuple[dict, TokenizeStats]:
     """Run the job; return the committed manifest and the stats. Raises InputError / DatasetError."""
-    out = Path(config.out).resolve()
-    check_output_folder(out, config.overwrite)  # fail before any work, not after it
+    out = storage.parse_location(config.out)
+    check_output(out, config.overwrite)  # fail before any work, not after it
     if not 0.0 <= config.val_fraction < 1.0:
         raise InputError(f"--val-fraction {config.val_fraction}: must be in [0, 1)")
     tokenizer = load_tokenizer(config.tokenizer)
-    selection = select_inputs(config.inputs, config.split)
+    selection = select_inputs(config.inputs, config.split, config.config)
     check_split_used(config.split, selection)
     print(selection.describe(), flush=True)
     files = selection.files
@@ -316,7 +322,7 @@ def tokenize(config: TokenizeConfig) -> tuple[dict, TokenizeStats]:
         seed=config.seed,
         val_fraction=config.val_fraction,
     )
-    chunk_bytes = config.chunk_bytes or _block_bytes(files, workers)
+    chunk_bytes = config.chunk_bytes or _block_bytes(sum(selection.sizes.values()), workers)
     documents = read_documents([str(f) for f in files], config.text_field, chunk_bytes, concurrency=workers)
     encoded = documents.map_batches(
         encode_documents,
@@ -344,7 +350,7 @@ def tokenize(config: TokenizeConfig) -> tuple[dict, TokenizeStats]:
         manifest = build_manifest(
             tokenizer_info,
             shards,
-            inputs=[{"path": str(f), "bytes": f.stat().st_size} for f in files],
+            inputs=[{"path": str(f), "bytes": selection.size(f)} for f in files],
             input_patterns=list(config.inputs),
             text_field=config.text_field,
             seed=config.seed,
@@ -354,7 +360,7 @@ def tokenize(config: TokenizeConfig) -> tuple[dict, TokenizeStats]:
             stats={k: v for k, v in asdict(stats).items() if k != "seconds"}
             | {"bytes_per_token": round(stats.bytes_per_token, 4)},
         )
-        commit_dataset(staging, out, manifest, overwrite=config.overwrite)
+        commit_dataset(staging, out.uri, manifest, overwrite=config.overwrite)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful commit
     stats.seconds = time.perf_counter() - started
@@ -389,8 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", type=Path, required=True, metavar="PATH",
                         help="a SentencePiece .model, or a Hugging Face tokenizer folder (tokenizer.json and/or "
                              "tokenizer.model with tokenizer_config.json, as save_pretrained writes it)")
-    parser.add_argument("--out", type=Path, required=True, metavar="PATH",
-                        help="the dataset folder to create (format: pipeline/FORMAT.md)")
+    parser.add_argument("--out", required=True, metavar="PATH",
+                        help="the dataset folder to create, or an s3://BUCKET/PREFIX or gs://BUCKET/PREFIX (format: "
+                             "pipeline/FORMAT.md)")
     parser.add_argument("--val-fraction", type=float, default=TokenizeConfig.val_fraction,
                         help="share of documents held out as the validation split, chosen by a hash of each "
                              "text; of N documents, 10/N holds out about 10")
@@ -418,6 +425,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TokenizeConfig, bool]
         out=args.out,
         text_field=args.text_field,
         split=args.split,
+        config=args.config,
         val_fraction=args.val_fraction,
         seed=args.seed,
         shard_tokens=args.shard_tokens,
