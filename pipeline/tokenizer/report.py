@@ -58,9 +58,14 @@ def measure(encode: Encode, unk_id: int, lines: Sequence[str]) -> TextMeasure:
     return TextMeasure(len(lines), sum(len(line.encode("utf-8")) for line in lines), tokens, unknown)
 
 
+def differing(before: Encode, after: Encode, lines: Sequence[str]) -> list[bool]:
+    """For each line, whether the two encoders give it other ids."""
+    return [a != b for a, b in zip(encode_lines(before, lines), encode_lines(after, lines))]
+
+
 def changed_lines(before: Encode, after: Encode, lines: Sequence[str], examples: int = 3) -> dict:
     """How many of `lines` get other ids from `after` than from `before`, with the first few of them."""
-    changed = [line for line, a, b in zip(lines, encode_lines(before, lines), encode_lines(after, lines)) if a != b]
+    changed = [line for line, differs in zip(lines, differing(before, after, lines)) if differs]
     return {
         "lines": len(lines),
         "changed": len(changed),
