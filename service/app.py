@@ -42,9 +42,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 
 from pipeline.dataset import token_dtype
+from pipeline.errors import PipelineError
 from service.control_laws import Feedback
 from service.mix_service import MAX_BODY_BYTES, MixConflict, MixService, NoController, NoSuchStage, TooFarAhead
-from pipeline.errors import PipelineError
 from service.prometheus_metrics import RequestMetrics
 from service.mix_schedule import ScheduleError
 from service import wire
@@ -88,11 +88,11 @@ BATCH_RESPONSES: dict = {
     409: {"description": "a step more than max_lookahead steps past the first unserved step", "content": _DETAIL},
     422: {"description": "a step past the largest, a rank or world size that does not fit the global batch, or "
                          "a range larger than one body may hold", "content": _DETAIL},
-}
-
     503: {"description": "a dataset's data is unavailable: its object store unreachable, an object changed since "
                          "the dataset was written (sha256), or the local shard cache full; nothing is served, "
                          "the detail names the object", "content": _DETAIL},
+}
+
 
 @dataclass(frozen=True)
 class Access:
@@ -184,6 +184,8 @@ def create_app(service: MixService, access: Access) -> FastAPI:
             batches: list[Batch] = service.batches(steps, rank, world_size, dtype="int64" if wants_json else wire_dtype)
         except TooFarAhead as e:
             raise HTTPException(409, str(e)) from None
+        except PipelineError as e:  # a remote dataset's store down, an object changed, the cache full
+            raise HTTPException(503, str(e)) from None
         except ValueError as e:  # a step past the largest, or a rank or world size that does not fit
             raise HTTPException(422, str(e)) from None
         if wants_json:
@@ -199,8 +201,6 @@ def create_app(service: MixService, access: Access) -> FastAPI:
     ) -> Response:
         """The rank's rows of one step: binary (see the layout in the API description) or, with
         `Accept: application/json`, JSON. The same request returns the same bytes, always."""
-        except PipelineError as e:  # a remote dataset's store down, an object changed, the cache full
-            raise HTTPException(503, str(e)) from None
         return respond(request, [step], rank, world_size, single=True)
 
     @app.get("/v1/batches", responses=BATCH_RESPONSES, dependencies=[Depends(require_reader)])
