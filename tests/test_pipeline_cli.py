@@ -58,6 +58,7 @@ def test_the_old_address_flag_still_works_and_says_it_is_deprecated(capsys):
 
 def test_tokenizer_help_describes_the_command():
     text = tokenizer_parser().format_help()
-    assert text.split("\n\n")[1].startswith("Train a SentencePiece tokenizer on a corpus, or extend one")
+    assert text.split("\n\n")[1].startswith("Train a tokenizer on a corpus, or extend one")
     assert "python -m pipeline.tokenizer extend --base en.model" in text  # its examples, as written
+    assert "python -m pipeline.tokenizer extend --base llama3-folder/" in text
     assert "parses flags into configs" not in text
