@@ -43,7 +43,8 @@ from pipeline.dataset import ShardWriter, build_manifest, check_output, commit_d
 from pipeline.command import add_input_flags, add_ray_flags, new_parser, run_command
 from pipeline.ray_runtime import init_ray
 from pipeline.readers import InputError, check_split_used, read_documents, select_inputs
-from pipeline.tokenizer.load import SENTENCEPIECE, load_tokenizer, make_encoder
+from pipeline.tokenizer.files import fetch as fetch_tokenizer
+from pipeline.tokenizer.load import SENTENCEPIECE, TokenizerSpec, load_tokenizer, make_encoder
 
 # Blocks of at least 1 MiB and at most 64 MiB; see `_block_bytes`.
 MIN_BLOCK_BYTES, MAX_BLOCK_BYTES = 1 << 20, 64 << 20
@@ -57,7 +58,7 @@ PART_BYTES = 2000
 @dataclass
 class TokenizeConfig:
     inputs: list[str]
-    tokenizer: Path
+    tokenizer: str | Path  # a .model or a tokenizer folder, local or in a store
     out: str  # a folder, or an s3:// / gs:// prefix (a string: a Path would break the URI)
     text_field: str = "text"
     split: str | None = None  # of a `datasets` DatasetDict input or an hf:// dataset
@@ -299,7 +300,12 @@ def tokenize(config: TokenizeConfig) -> tuple[dict, TokenizeStats]:
     check_output(out, config.overwrite)  # fail before any work, not after it
     if not 0.0 <= config.val_fraction < 1.0:
         raise InputError(f"--val-fraction {config.val_fraction}: must be in [0, 1)")
-    tokenizer = load_tokenizer(config.tokenizer)
+    with tempfile.TemporaryDirectory(prefix="replaymix-tokenizer-") as fetched:  # a tokenizer in a store
+        tokenizer = load_tokenizer(fetch_tokenizer(config.tokenizer, Path(fetched)))
+        return _tokenize(config, out, tokenizer)
+
+
+def _tokenize(config: TokenizeConfig, out: storage.Location, tokenizer: TokenizerSpec) -> tuple[dict, TokenizeStats]:
     selection = select_inputs(config.inputs, config.split, config.config)
     check_split_used(config.split, selection)
     print(selection.describe(), flush=True)
@@ -334,7 +340,7 @@ def tokenize(config: TokenizeConfig) -> tuple[dict, TokenizeStats]:
 
     staging = _staging_folder(out)
     try:
-        tokenizer_info = tokenizer.stage_copy(staging)
+        tokenizer_info = tokenizer.stage_copy(staging, source=str(config.tokenizer))
         writers = {
             split: ShardWriter(staging, split, dtype, config.shard_tokens) for split in ("train", "val")
         }
@@ -392,9 +398,10 @@ def _write_block(block: pa.Table, writers: dict[str, ShardWriter], stats: Tokeni
 def build_parser() -> argparse.ArgumentParser:
     parser = new_parser("python -m pipeline.tokenize", __doc__.split("\n\n")[0])
     add_input_flags(parser)
-    parser.add_argument("--tokenizer", type=Path, required=True, metavar="PATH",
+    parser.add_argument("--tokenizer", required=True, metavar="PATH",
                         help="a SentencePiece .model, or a Hugging Face tokenizer folder (tokenizer.json and/or "
-                             "tokenizer.model with tokenizer_config.json, as save_pretrained writes it)")
+                             "tokenizer.model with tokenizer_config.json, as save_pretrained writes it); local or "
+                             "in a store (s3://, gs://)")
     parser.add_argument("--out", required=True, metavar="PATH",
                         help="the dataset folder to create, or an s3://BUCKET/PREFIX or gs://BUCKET/PREFIX (format: "
                              "pipeline/FORMAT.md)")

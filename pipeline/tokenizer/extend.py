@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.atomic_file import replace_folder, write_atomically
 from pipeline.dataset import sha256_file
 from pipeline.readers import check_split_used, select_inputs
 from pipeline.tokenizer.model_proto import (
@@ -46,6 +45,7 @@ from pipeline.tokenizer.load import HUGGINGFACE, SENTENCEPIECE, SP_MODEL_NAME, T
 from pipeline.tokenizer.load import hf_auto_tokenizer, vocabulary_pieces
 from pipeline.tokenizer.pieces import check_piece_count, choose_pieces
 from pipeline.tokenizer.report import (
+    FOLDER_REPORT_NAME,
     changed_lines,
     differing,
     comparison,
@@ -56,7 +56,9 @@ from pipeline.tokenizer.report import (
     write_report,
 )
 from pipeline.tokenizer.sample import HOLDOUT_FRACTION, read_lines
-from pipeline.tokenizer.train import load_sample, refuse_existing, train_sentencepiece
+from pipeline.tokenizer.files import fetch, refuse_existing
+from pipeline.tokenizer.files import write as write_output
+from pipeline.tokenizer.train import load_sample, train_sentencepiece
 
 # Old text may lose at most this share of its bytes per token (the issue's bound).
 MAX_OLD_TEXT_LOSS = 0.01
@@ -330,60 +332,9 @@ def stage_extension(base: TokenizerSpec, new_text: Path, new_pieces: int, scratc
 def extend_tokenizer(config: ExtendConfig) -> dict:
     """Run the extend command: returns the report it wrote (beside a .model, inside a folder)."""
     started = time.perf_counter()
-    base = load_tokenizer(config.base)
-    if base.kind == HUGGINGFACE and SP_MODEL_NAME not in base.files:
-        bpe_model(json.loads((base.path / "tokenizer.json").read_text(encoding="utf-8")), base.path / "tokenizer.json")
-    check_piece_count(config.new_pieces)
-    as_folder = base.kind == HUGGINGFACE
-    report_file = report_path(config.out, folder=as_folder)
-    refuse_existing(config.out, config.overwrite)
-    new_inputs, old_inputs = (select_inputs(inputs, config.split) for inputs in (config.inputs, config.old_inputs))
-    check_split_used(config.split, new_inputs, old_inputs)
-    print(f"{new_inputs.describe('--input')}\n{old_inputs.describe('--old-input')}", flush=True)
     with tempfile.TemporaryDirectory(prefix="replaymix-extend-") as scratch_dir:
         scratch = Path(scratch_dir)
-        new, old = (
-            load_sample(selection.files, config.text_field, scratch / name, train_bytes, config.max_heldout_bytes,
-                        config.holdout_fraction, config.address, config.num_cpus)
-            # Old text is only measured, never trained on: its sample is the held-out slice alone.
-            for name, selection, train_bytes in (("new", new_inputs, config.max_sample_bytes),
-                                                 ("old", old_inputs, 0))
-        )
-        for name, sample in (("--input", new), ("--old-input", old)):
-            if sample.heldout_lines == 0:
-                raise TokenizerError(
-                    f"{name}: its held-out slice ({config.holdout_fraction:.0%} of documents by hash) is empty, "
-                    f"so bytes per token cannot be measured; give more documents ({sample.corpus_documents} now)"
-                )
-        print(new.summary())
-        staged = stage_extension(base, new.train_file, config.new_pieces, scratch)
-        new_heldout, old_heldout = read_lines(new.heldout_file), read_lines(old.heldout_file)
-        # Measure before writing: a tokenizer that moves an old id or hurts old text must never reach `out`.
-        extended = load_tokenizer(staged.path)
-        check_extended(base, extended, len(staged.new_pieces), config.out)
-        fast_vs_model = None
-        if as_folder and SP_MODEL_NAME in base.files:
-            fast_vs_model = check_converted_folder(base, staged, extended, new_heldout + old_heldout)
-        report = build_report(base, extended, staged, new_heldout, old_heldout)
-        if fast_vs_model is not None:
-            # Held-out lines on which tokenizer.json and tokenizer.model disagree, in the base and the extension.
-            report["tokenizer_json_vs_model"] = fast_vs_model
-        check_old_text(report, config.out)
-        report["extended"]["path"] = str(config.out)
-        report["sample"] = {
-            "new_train_documents": new.train_documents,
-            "new_train_bytes": new.train_bytes,
-            "new_heldout_documents": new.heldout_documents,
-            "old_heldout_documents": old.heldout_documents,
-            "holdout_fraction": config.holdout_fraction,
-        }
-        refuse_existing(config.out, config.overwrite)
-        if as_folder:
-            write_report(staged.path / report_file.name, report)
-            replace_folder(staged.path, config.out)
-        else:
-            write_atomically(config.out, staged.path.read_bytes())
-            write_report(report_file, report)
+        report = _extend(config, scratch)
     gains = report["bytes_per_token"]
     unknown = report["unknown_token_rate"]
     changed = report["old_text_changed_lines"]
@@ -396,6 +347,67 @@ def extend_tokenizer(config: ExtendConfig) -> dict:
         f"old lines with other ids {changed['changed']}/{changed['lines']}; "
         f"<unk> share new {unknown['new_text']['before']:.2%} -> {unknown['new_text']['after']:.2%}, "
         f"old {unknown['old_text']['before']:.2%} -> {unknown['old_text']['after']:.2%} "
-        f"in {time.perf_counter() - started:.1f} s; report {report_file.resolve()}"
+        f"in {time.perf_counter() - started:.1f} s; report {report['report_path']}"
     )
+    return report
+
+
+def _extend(config: ExtendConfig, scratch: Path) -> dict:
+    """The command's work, in `scratch`: returns the report it wrote."""
+    base = load_tokenizer(fetch(config.base, scratch))
+    if base.kind == HUGGINGFACE and SP_MODEL_NAME not in base.files:
+        bpe_model(json.loads((base.path / "tokenizer.json").read_text(encoding="utf-8")), base.path / "tokenizer.json")
+    check_piece_count(config.new_pieces)
+    as_folder = base.kind == HUGGINGFACE
+    report_file = report_path(config.out, folder=as_folder)
+    for output in (config.out, report_file):
+        refuse_existing(output, config.overwrite)
+    new_inputs, old_inputs = (select_inputs(inputs, config.split) for inputs in (config.inputs, config.old_inputs))
+    check_split_used(config.split, new_inputs, old_inputs)
+    print(f"{new_inputs.describe('--input')}\n{old_inputs.describe('--old-input')}", flush=True)
+    new, old = (
+        load_sample(selection, config.text_field, scratch / name, train_bytes, config.max_heldout_bytes,
+                    config.holdout_fraction, config.address, config.num_cpus)
+        # Old text is only measured, never trained on: its sample is the held-out slice alone.
+        for name, selection, train_bytes in (("new", new_inputs, config.max_sample_bytes),
+                                             ("old", old_inputs, 0))
+    )
+    for name, sample in (("--input", new), ("--old-input", old)):
+        if sample.heldout_lines == 0:
+            raise TokenizerError(
+                f"{name}: its held-out slice ({config.holdout_fraction:.0%} of documents by hash) is empty, "
+                f"so bytes per token cannot be measured; give more documents ({sample.corpus_documents} now)"
+            )
+    print(new.summary())
+    staged = stage_extension(base, new.train_file, config.new_pieces, scratch)
+    new_heldout, old_heldout = read_lines(new.heldout_file), read_lines(old.heldout_file)
+    # Measure before writing: a tokenizer that moves an old id or hurts old text must never reach `out`.
+    extended = load_tokenizer(staged.path)
+    check_extended(base, extended, len(staged.new_pieces), config.out)
+    fast_vs_model = None
+    if as_folder and SP_MODEL_NAME in base.files:
+        fast_vs_model = check_converted_folder(base, staged, extended, new_heldout + old_heldout)
+    report = build_report(base, extended, staged, new_heldout, old_heldout)
+    if fast_vs_model is not None:
+        # Held-out lines on which tokenizer.json and tokenizer.model disagree, in the base and the extension.
+        report["tokenizer_json_vs_model"] = fast_vs_model
+    check_old_text(report, config.out)
+    report["base"]["path"], report["extended"]["path"] = str(config.base), str(config.out)
+    report["sample"] = {
+        "new_train_documents": new.train_documents,
+        "new_train_bytes": new.train_bytes,
+        "new_heldout_documents": new.heldout_documents,
+        "old_heldout_documents": old.heldout_documents,
+        "holdout_fraction": config.holdout_fraction,
+    }
+    refuse_existing(config.out, config.overwrite)
+    if as_folder:
+        write_report(staged.path / FOLDER_REPORT_NAME, report)
+        write_output(staged.path, config.out)
+    else:
+        write_output(staged.path, config.out)
+        staged_report = scratch / "report.json"
+        write_report(staged_report, report)
+        write_output(staged_report, report_file)
+    report["report_path"] = str(report_file)
     return report

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from pipeline.dataset import TokenizerInfo, sha256_file
+from pipeline.storage import is_uri
 from pipeline.tokenizer.model_proto import TokenizerError, load_model_proto, processor_from_proto
 
 SENTENCEPIECE, HUGGINGFACE = "sentencepiece", "huggingface"
@@ -61,18 +62,19 @@ class TokenizerSpec:
         """`encode(texts)` -> the ids of each text, without BOS/EOS (callers add them as `add_bos` says)."""
         return make_encoder(self.kind, self.encoder_data)
 
-    def stage_copy(self, dataset_folder: Path) -> TokenizerInfo:
-        """Copy the tokenizer's files into a dataset being written; return what its manifest records."""
+    def stage_copy(self, dataset_folder: Path, source: str | None = None) -> TokenizerInfo:
+        """Copy the tokenizer's files into a dataset being written; return what its manifest records.
+        `source`: where the user's tokenizer is (a store URI when it was fetched), default its path here."""
         target = Path(dataset_folder) / DATASET_TOKENIZER_FOLDER
         target.mkdir(parents=True, exist_ok=True)
-        sources = [self.path] if self.kind == SENTENCEPIECE else [self.path / name for name in self.files]
-        for name, source in zip(self.files, sources):
-            shutil.copyfile(source, target / name)
+        copied = [self.path] if self.kind == SENTENCEPIECE else [self.path / name for name in self.files]
+        for name, original in zip(self.files, copied):
+            shutil.copyfile(original, target / name)
         return TokenizerInfo(
             kind=self.kind,
             folder=DATASET_TOKENIZER_FOLDER,
             files={name: sha256_file(target / name) for name in self.files},
-            source_path=str(self.path.resolve()),
+            source_path=source if source is not None and is_uri(source) else str(self.path.resolve()),
             vocab_size=self.vocab_size,
             eos_id=self.eos_id,
             bos_id=self.bos_id,

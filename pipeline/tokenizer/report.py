@@ -101,10 +101,17 @@ def unknown_comparison(before: TextMeasure, after: TextMeasure) -> dict:
 FOLDER_REPORT_NAME = "extension_report.json"
 
 
-def report_path(out: str | Path, folder: bool) -> Path:
+def report_path(out: str | Path, folder: bool) -> str | Path:
     """Where `extend` writes the report: inside an extended Hugging Face folder (`DIR/extension_report.json`,
     so the tokenizer and its report travel together), or beside an extended `.model`
-    (`extended.model` -> `extended.report.json`)."""
+    (`extended.model` -> `extended.report.json`). A store URI stays a string (a Path folds its `//`)."""
+    from pipeline.storage import is_uri
+
+    if is_uri(out):
+        text = str(out).rstrip("/")
+        if folder:
+            return f"{text}/{FOLDER_REPORT_NAME}"
+        return (text[: -len(".model")] if text.endswith(".model") else text) + ".report.json"
     out = Path(out)
     return out / FOLDER_REPORT_NAME if folder else out.with_name(out.stem + ".report.json")
 

@@ -22,13 +22,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import sentencepiece as spm
 
-from pipeline.atomic_file import replace_folder, write_atomically
 from pipeline.ray_runtime import init_ray
-from pipeline.readers import check_split_used, read_documents, select_inputs
+from pipeline.readers import InputSelection, check_split_used, read_documents, select_inputs
+from pipeline.tokenizer.files import refuse_existing
+from pipeline.tokenizer.files import write as write_output
 from pipeline.tokenizer.load import load_tokenizer
 from pipeline.tokenizer.model_proto import TokenizerError
 from pipeline.tokenizer.sample import HOLDOUT_FRACTION, TextSample, sample_text
@@ -57,7 +57,7 @@ SP_FOLDER_CONFIG = {
 @dataclass(frozen=True)
 class TokenizerTrainConfig:
     inputs: tuple[str, ...]
-    out: Path
+    out: str | Path  # a .model file or a folder, local or in a store (s3://, gs://)
     vocab_size: int
     kind: str = "sentencepiece"
     model_type: str = "bpe"  # of a SentencePiece model
@@ -154,15 +154,8 @@ def stage_byte_level_bpe_folder(sentences_file: Path, vocab_size: int, folder: P
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BPE_BOS, eos_token=BPE_EOS).save_pretrained(str(folder))
 
 
-def refuse_existing(path: Path, overwrite: bool) -> None:
-    """Refuse to replace an output without --overwrite. Checked before the work (so a refusal costs
-    nothing) and again just before writing (the file may have appeared while training ran)."""
-    if path.exists() and not overwrite:
-        raise TokenizerError(f"{path}: already exists; pass --overwrite to replace it or choose another --out")
-
-
 def load_sample(
-    files: Sequence[Path],
+    selection: InputSelection,
     text_field: str,
     folder: Path,
     max_train_bytes: int,
@@ -171,12 +164,13 @@ def load_sample(
     address: str | None,
     num_cpus: int | None,
 ) -> TextSample:
-    """Read the input files (see `select_inputs`) with the pipeline's readers on Ray and write the sample
-    under `folder`."""
+    """Read the inputs (see `select_inputs`: files, objects in a store, Hub datasets) with the pipeline's
+    readers on Ray and write the sample under `folder`."""
     init_ray(address, num_cpus)
-    documents = read_documents([str(path) for path in files], text_field=text_field)
-    # File sizes (known without reading) set the sampling rate; compressed inputs just sample more.
-    estimated_bytes = sum(path.stat().st_size for path in files)
+    documents = read_documents([str(path) for path in selection.files], text_field=text_field)
+    # Sizes (known without reading) set the sampling rate; compressed inputs just sample more, and a Hub
+    # dataset (size unknown) is read whole.
+    estimated_bytes = sum(selection.sizes.values())
     return sample_text(documents, folder, max_train_bytes, max_heldout_bytes, estimated_bytes, holdout_fraction)
 
 
@@ -195,7 +189,7 @@ def train_tokenizer(config: TokenizerTrainConfig) -> dict:
     print(selection.describe(), flush=True)
     with tempfile.TemporaryDirectory(prefix="replaymix-tokenizer-") as scratch:
         sample = load_sample(
-            selection.files, config.text_field, Path(scratch), config.max_sample_bytes, 0,
+            selection, config.text_field, Path(scratch), config.max_sample_bytes, 0,
             config.holdout_fraction, config.address, config.num_cpus,
         )
         scratch = Path(scratch)
@@ -216,10 +210,7 @@ def train_tokenizer(config: TokenizerTrainConfig) -> dict:
                 staged.write_bytes(model)
         vocab = load_tokenizer(staged).vocab_size
         refuse_existing(config.out, config.overwrite)
-        if staged.is_dir():
-            replace_folder(staged, config.out)
-        else:
-            write_atomically(config.out, staged.read_bytes())
+        write_output(staged, config.out)
     summary = {
         "out": str(config.out),
         "vocab_size": vocab,
