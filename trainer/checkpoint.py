@@ -4,6 +4,7 @@ Layout under RUN_DIR/checkpoints/: `latest.pt` (rewritten every --checkpoint-eve
 what --resume reads), `step-NNNNNN.pt` for each --save-at step, `final.pt` at the end. Each also records
 the run's config (which --resume holds the flags to) and its learning-rate schedule fully resolved (which
 --resume and --continue-schedule follow, whatever phase lengths their own flags would derive).
+An --fsdp run writes each as a folder of shards instead, `latest.dcp/` and so on (`trainer/fsdp.py`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest.pt"
 FINAL = "final.pt"
+SHARDED_SUFFIX = ".dcp"  # an --fsdp run's checkpoints: folders of shards (trainer/fsdp.py)
 # A Hugging Face model's tokenizer, copied here at the run's first checkpoint: the run carries what it trains with.
 TOKENIZER_DIR = "tokenizer"
 
@@ -52,6 +54,20 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def trainer_state(model: GPT | HFCausalLM, step: int, first_eval: dict[str, float] | None,
+                  run_config: dict[str, Any], schedule: dict[str, Any] | None) -> dict[str, Any]:
+    """Everything a checkpoint holds besides the weights and optimizer state (which a sharded checkpoint
+    keeps in shards beside it)."""
+    return {
+        "model_config": model.record(),  # what rebuilds the architecture: a GPTConfig, or a Hugging Face config
+        "step": step,
+        "rng": rng_state(),
+        "first_eval": first_eval,
+        "run_config": run_config,
+        "schedule": schedule,
+    }
+
+
 def save_checkpoint(
     path: Path,
     model: GPT | HFCausalLM,
@@ -66,22 +82,20 @@ def save_checkpoint(
 
     `schedule` is the run's `RunSchedule.record()`; without it the checkpoint can seed a new run with its own
     schedule but cannot be resumed or continued with --continue-schedule."""
-    payload = {
-        "model_config": model.record(),  # what rebuilds the architecture: a GPTConfig, or a Hugging Face config
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "step": step,
-        "rng": rng_state(),
-        "first_eval": first_eval,
-        "run_config": run_config,
-        "schedule": schedule,
-    }
+    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+               **trainer_state(model, step, first_eval, run_config, schedule)}
     with atomic_writer(path) as f:
         torch.save(payload, f)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A `.pt` checkpoint's payload; for a sharded checkpoint folder, everything but the model's and
+    optimizer's shards, which only a sharded model can take (`trainer.fsdp.load_sharded`)."""
     path = Path(path)
+    if path.is_dir():
+        from trainer.fsdp import load_trainer_state
+
+        return load_trainer_state(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint; check --init-from, or drop --resume to start afresh")
     try:
@@ -100,5 +114,15 @@ def model_config_of(payload: dict[str, Any]) -> GPTConfig:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    """checkpoints/latest.pt, or an --fsdp run's checkpoints/latest.dcp/ (None: neither is there)."""
     path = Path(run_dir) / CHECKPOINT_DIR / LATEST
-    return path if path.is_file() else None
+    if path.is_file():
+        return path
+    from trainer.fsdp import sharded_in_place, sharded_name
+
+    return sharded_in_place(path.with_name(sharded_name(LATEST)))
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    """A folder of shards (an --fsdp run's), not a `.pt` file."""
+    return Path(path).is_dir()

@@ -1,7 +1,9 @@
 """Validation loss on named held-out sets, and forgetting/adaptation against the run's first evaluation.
 
 Each set is scored on fixed, evenly spaced windows of its val split, so every evaluation of every run
-sees the same tokens. Under DDP the windows are split across ranks and the sums all-reduced.
+sees the same tokens. Under DDP the windows are split across ranks and the sums all-reduced. Under FSDP
+every forward pass gathers weights from all ranks, so every rank must make as many as the others
+(`lockstep`): a rank with fewer windows makes up the difference with passes whose loss it does not count.
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ class Evaluator:
         vocab_size: int,
         rank: int = 0,
         world_size: int = 1,
+        lockstep: bool = False,
     ):
         self.windows = {}
+        self.idle_passes: dict[str, tuple[int, torch.Tensor]] = {}  # name -> (uncounted passes, their input)
         for name, split in splits.items():
             windows = validation_windows(split, seq_len, batches * micro_batch, where=f"eval set {name!r}")
             if windows.max() >= vocab_size:
@@ -50,6 +54,10 @@ class Evaluator:
                     "it was tokenized with another tokenizer"
                 )
             self.windows[name] = torch.from_numpy(windows[rank::world_size])
+            if lockstep:
+                passes = -(-len(self.windows[name]) // micro_batch)
+                most = -(-len(windows[0::world_size]) // micro_batch)  # rank 0's share is never smaller
+                self.idle_passes[name] = (most - passes, torch.from_numpy(windows[:1]))
         self.micro_batch = micro_batch
         self.distributed = world_size > 1
 
@@ -67,6 +75,10 @@ class Evaluator:
                 with autocast():
                     loss = model(chunk[:, :-1], chunk[:, 1:])
                 total += torch.stack([loss.double() * len(chunk), torch.tensor(len(chunk), device=device)])
+            passes, window = self.idle_passes.get(name, (0, None))
+            for _ in range(passes):
+                with autocast():
+                    model(window[:, :-1].to(device), window[:, 1:].to(device))
             if self.distributed:
                 dist.all_reduce(total)
             losses[name] = (total[0] / total[1]).item()

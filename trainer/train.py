@@ -34,16 +34,29 @@ from trainer.checkpoint import (
     LATEST,
     TOKENIZER_DIR,
     CheckpointError,
+    is_sharded_checkpoint,
     latest_checkpoint,
     load_checkpoint,
     model_config_of,
     named_checkpoint,
     restore_rng,
     save_checkpoint,
+    trainer_state,
 )
 from trainer.data import BatchSource, on_device, open_eval_splits, open_source
 from trainer.embedding_growth import grow_vocab, pad_optimizer_state
 from trainer.evaluate import Evaluator, eval_record
+from trainer.fsdp import (
+    full_model_state,
+    full_optimizer_state,
+    global_value,
+    load_full_optimizer_state,
+    load_sharded,
+    require_world,
+    save_sharded,
+    shard_model,
+    sharded_name,
+)
 from trainer.hf_model import (
     DTYPES,
     HFCausalLM,
@@ -150,25 +163,56 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict, config: Train
         group["betas"] = (config.optim.beta1, config.optim.beta2)
 
 
-def build_state(config: TrainConfig, source: BatchSource, device: torch.device) -> TrainingState:
-    """A fresh model, a continued one (--init-from: own step count, maybe grown vocabulary), or a resumed one."""
+def build_state(config: TrainConfig, source: BatchSource, device: torch.device, world_size: int = 1) -> TrainingState:
+    """A fresh model, a continued one (--init-from: own step count, maybe grown vocabulary), or a resumed one;
+    with --fsdp sharded over the `world_size` ranks."""
     resume_path = latest_checkpoint(config.out) if config.resume else None  # there: check_run_dir made sure
     payload = load_checkpoint(resume_path or config.init_from) if (resume_path or config.init_from) else None
+    where = resume_path or config.init_from
+    sharded = where is not None and is_sharded_checkpoint(where)
+    if sharded and not (config.fsdp and resume_path is not None):
+        # Only a sharded model can take the shards; a new run from one needs the whole model first.
+        raise CheckpointError(
+            f"{where}: a sharded checkpoint (an --fsdp run's); resume that run with --fsdp under torchrun"
+            if resume_path is not None else
+            f"{where}: a sharded checkpoint (an --fsdp run's), which --init-from cannot start a new run from; "
+            "resume its run instead, or start from its Hugging Face folder (--init-from hf:RUN_DIR/hf)")
     if resume_path is not None:
         _check_resumable(resume_path, payload, config)
 
-    where = resume_path or config.init_from
     model, tokenizer_dir = _build_model(config, payload, where, resume_path is not None, source)
     cast_parameters(model, DTYPES[config.dtype])
-    model.to(device)
-    optimizer = _make_optimizer(model, config, device)
-    if payload is not None and not (config.init_from and config.reset_optimizer):
-        _load_optimizer(optimizer, payload["optimizer"], config)
+    optimizer_state = None if payload is None or (config.init_from and config.reset_optimizer) else payload.get("optimizer")
+    if config.fsdp:
+        model, optimizer = _sharded(model, optimizer_state, config, device, world_size)
+        if sharded:
+            load_sharded(where, model, optimizer)
+    else:
+        model.to(device)
+        optimizer = _make_optimizer(model, config, device)
+        if optimizer_state is not None:
+            _load_optimizer(optimizer, optimizer_state, config)
     schedule = _schedule(config, payload, resume_path or config.init_from, resumed=resume_path is not None)
     if resume_path is not None:
         restore_rng(payload["rng"])
         return TrainingState(model, optimizer, schedule, payload["step"], payload.get("first_eval"), tokenizer_dir)
     return TrainingState(model, optimizer, schedule, 0, None, tokenizer_dir)
+
+
+def _sharded(model: GPT | HFCausalLM, optimizer_state: dict | None, config: TrainConfig, device: torch.device,
+             world_size: int) -> tuple[GPT | HFCausalLM, torch.optim.Optimizer]:
+    """--fsdp: the whole model sharded over the ranks, with an optimizer over its shards holding their part of
+    a `.pt` checkpoint's optimizer state (loaded as a plain run loads it, then handed over by name)."""
+    full_state = None
+    if optimizer_state is not None:
+        plain = _make_optimizer(model, config, torch.device("cpu"))
+        _load_optimizer(plain, optimizer_state, config)
+        full_state = full_optimizer_state(model, plain)
+    shard_model(model, device, world_size)
+    optimizer = _make_optimizer(model, config, device)
+    if full_state is not None:
+        load_full_optimizer_state(model, optimizer, full_state)
+    return model, optimizer
 
 
 def _build_model(config: TrainConfig, payload: dict[str, Any] | None, where: Path | None, resumed: bool,
@@ -186,7 +230,8 @@ def _build_model(config: TrainConfig, payload: dict[str, Any] | None, where: Pat
             where = f"--init-from hf:{config.hf_model}"
         else:
             model = from_record(payload["model_config"])
-            model.load_state_dict(payload["model"])
+            if "model" in payload:  # else a sharded checkpoint's shards come once the model is sharded
+                model.load_state_dict(payload["model"])
             base_tokenizer = where.parent / TOKENIZER_DIR
         report = None if resumed else config.extension_report
         tokenizer_dir, tokenizer_size = prepare_vocabulary(model, base_tokenizer, report)
@@ -201,7 +246,8 @@ def _build_model(config: TrainConfig, payload: dict[str, Any] | None, where: Pat
     model_config = model_config_of(payload)
     # Rotary tables are derived, not learned, so a longer context just needs longer tables.
     model = GPT(replace(model_config, max_seq_len=max(model_config.max_seq_len, source.seq_len)))
-    model.load_state_dict(payload["model"])
+    if "model" in payload:  # else a sharded checkpoint's shards come once the model is sharded
+        model.load_state_dict(payload["model"])
     if config.extension_report is not None and model.config.vocab_size != source.vocab_size:
         grow_vocab(model, ExtensionReport.load(config.extension_report))
     if model.config.vocab_size != source.vocab_size:
@@ -314,6 +360,8 @@ def train(config: TrainConfig, on_step: StepHook | None = None) -> GPT:
     # The default RUN_DIR/hf is this run's own: --resume (or --overwrite) replaces it.
     check_save_dir(hf_export_dir(config), config.overwrite or (config.resume and config.save_hf is None))
     dist_info = init_distributed(config.device)
+    if config.fsdp:
+        require_world(dist_info.world_size)
     device = torch.device(f"cuda:{dist_info.local_rank}" if config.device == "cuda" else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -347,18 +395,19 @@ def _run(config: TrainConfig, source: BatchSource, dist_info: Distributed, devic
             f"global batch {source.global_batch} over {dist_info.world_size} ranks gives {rows} rows per rank, "
             f"which must be a whole multiple of --micro-batch {config.data.micro_batch}"
         )
-    state = build_state(config, source, device)
+    state = build_state(config, source, device, dist_info.world_size)
     model = state.model
     if state.start_step >= config.steps:
         if dist_info.is_main:
             _report_finished(config, state.start_step)
         return model
     evaluator = Evaluator(open_eval_splits(config.data, source), source.seq_len, config.data.eval_batches,
-                          config.data.micro_batch, model.config.vocab_size, dist_info.rank, dist_info.world_size)
+                          config.data.micro_batch, model.config.vocab_size, dist_info.rank, dist_info.world_size,
+                          lockstep=config.fsdp)
 
     autocast = autocast_for(device)
     forward: nn.Module = torch.compile(model) if config.compile else model
-    if dist_info.world_size > 1:
+    if dist_info.world_size > 1 and not config.fsdp:  # FSDP's own hooks reduce the gradients
         forward = nn.parallel.DistributedDataParallel(
             forward, device_ids=[device.index] if device.type == "cuda" else None
         )
@@ -393,9 +442,13 @@ def _run(config: TrainConfig, source: BatchSource, dist_info: Distributed, devic
             if state.tokenizer_dir is not None and state.tokenizer_dir != tokenizer_copy:
                 copy_tokenizer(state.tokenizer_dir, tokenizer_copy)  # before the checkpoint that needs it
                 state.tokenizer_dir = tokenizer_copy
-            for name in names:
+            for name in names if not config.fsdp else ():
                 save_checkpoint(config.out / CHECKPOINT_DIR / name, model, state.optimizer, step, first_eval,
                                 run_config, state.schedule.record())
+        for name in names if config.fsdp else ():  # every rank writes its shards
+            save_sharded(config.out / CHECKPOINT_DIR / sharded_name(name), model, state.optimizer,
+                         trainer_state(model, step, first_eval, run_config, state.schedule.record()),
+                         dist_info.is_main)
         if dist_info.world_size > 1:
             dist.barrier()
 
@@ -444,7 +497,7 @@ def _run(config: TrainConfig, source: BatchSource, dist_info: Distributed, devic
                 shares = (reduced[1:] / reduced[1:].sum()).tolist()
                 log.write({
                     "kind": "train", "step": done, "batch_step": step, "loss": last_loss, "lr": lr,
-                    "grad_norm": grad_norm.item(),
+                    "grad_norm": global_value(grad_norm).item(),
                     "tokens_per_s": tokens_per_s, "data_wait_share": wait_share,
                     "source_share": dict(zip(source.names, shares)),
                     **({"max_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
@@ -462,9 +515,12 @@ def _run(config: TrainConfig, source: BatchSource, dist_info: Distributed, devic
         if done % config.eval_every == 0 or names:
             stats.reset()  # evaluation and checkpoint time is not training throughput
     bar.close()
-    if isinstance(model, HFCausalLM) and dist_info.is_main:
-        exported = save_hf(model.state_dict(), model, state.tokenizer_dir, hf_export_dir(config))
-        print(f"Hugging Face folder (AutoModelForCausalLM.from_pretrained): {exported}", flush=True)
+    if isinstance(model, HFCausalLM):
+        # Under --fsdp every rank sends its shards to rank 0, which alone holds (and writes) the whole model.
+        weights = full_model_state(model) if config.fsdp else model.state_dict()
+        if dist_info.is_main:
+            exported = save_hf(weights, model, state.tokenizer_dir, hf_export_dir(config))
+            print(f"Hugging Face folder (AutoModelForCausalLM.from_pretrained): {exported}", flush=True)
     if dist_info.is_main:
         print(f"trained steps {state.start_step}..{config.steps} of {model.num_params() / 1e6:.1f}M-parameter "
               f"model: final loss {last_loss:.4f}, metrics in {config.out / 'metrics.jsonl'}", flush=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -67,6 +67,7 @@ class TrainConfig:
     device: str = "cpu"
     compile: bool = False
     progress: bool = True
+    fsdp: bool = False  # shard weights, gradients and optimizer state over the ranks (trainer/fsdp.py)
 
 
 # The flag that sets each TrainConfig field (dotted through the nested configs) where it is not simply the
@@ -99,13 +100,20 @@ def _dest(path: str) -> str:
     return flag_of(path)[2:].replace("-", "_")
 
 
-def _leaves(config: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+def _default(f: Field) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not MISSING else None
+
+
+def _leaves(config: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
+    """(dotted path, value, the field's default) of every leaf field."""
     for f in fields(config):
         value = getattr(config, f.name)
         if is_dataclass(value):
             yield from _leaves(value, f"{prefix}{f.name}.")
         else:
-            yield prefix + f.name, value
+            yield prefix + f.name, value, _default(f)
 
 
 def _jsonable(value: Any) -> Any:
@@ -123,15 +131,17 @@ def config_record(config: TrainConfig) -> dict[str, Any]:
 
 def resume_differences(recorded: Mapping[str, Any], config: TrainConfig) -> list[tuple[str, Any, Any]]:
     """(flag, checkpoint's value, given value) for each flag that defines the run and differs from the
-    `config_record` a checkpoint stored; a value the checkpoint lacks reads as None."""
+    `config_record` a checkpoint stored. A value the checkpoint lacks reads as the field's default: a flag
+    added after the checkpoint was written did then what its default does now (e.g. no --fsdp)."""
     differences = []
-    for path, value in _leaves(config):
+    for path, value, default in _leaves(config):
         flag = flag_of(path)
         if flag in RESUMABLE_FLAGS or flag in _START_FLAGS:
             continue
         stored: Any = recorded
         for part in path.split("."):
-            stored = stored.get(part) if isinstance(stored, Mapping) else None
+            stored = stored.get(part, MISSING) if isinstance(stored, Mapping) else MISSING
+        stored = _jsonable(default) if stored is MISSING else stored
         if stored != _jsonable(value):
             differences.append((flag, stored, _jsonable(value)))
     return differences
@@ -309,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=("cpu", "cuda"), default=TrainConfig.device,
                      help="where to train; cuda needs a CUDA build of torch and a visible GPU (default %(default)s)")
     run.add_argument("--compile", action="store_true", help="torch.compile the model (default: eager)")
+    run.add_argument("--fsdp", action="store_true",
+                     help="under torchrun (2+ ranks): shard the weights, gradients and AdamW state over the ranks "
+                          "(FSDP2), for a model that does not fit one device with its optimizer state; "
+                          "checkpoints become folders of shards (checkpoints/latest.dcp/), resumed with --fsdp "
+                          "(default: DDP, every rank holds the whole model)")
     run.add_argument("--no-progress", action="store_true",
                      help="no progress bar: one line per evaluation and a summary at the end (default: a bar)")
     return p
@@ -414,4 +429,5 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         device=args.device,
         compile=args.compile,
         progress=not args.no_progress,
+        fsdp=args.fsdp,
     )
