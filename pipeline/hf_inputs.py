@@ -15,10 +15,13 @@ dataset's own order on any cluster. An input is named by a source string that ca
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Iterator
 from urllib.parse import parse_qsl, urlencode
 
@@ -69,16 +72,43 @@ def _repo(uri: str) -> str:
 _LOAD_LOCK = threading.Lock()
 
 
-def import_datasets() -> None:
-    """Ray's worker set-up hook for Hub reads (see `pipeline.readers.read_documents`)."""
-    import datasets  # noqa: F401
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold back a KeyboardInterrupt that arrives in the block, and raise it once the block is done.
+
+    Ray cancels a running task by interrupting the worker's main thread (`_thread.interrupt_main`,
+    a simulated SIGINT), and Ray Data cancels every sibling read task as soon as one fails. A sibling
+    interrupted inside its first `import datasets` leaves the package's finished submodules in
+    sys.modules without the package itself; the worker is then reused by the next job, whose import
+    re-runs `datasets/__init__` against those leftovers and stops with "partially initialized module
+    'datasets' has no attribute 'utils'" (it cannot simply be imported again either: the first attempt
+    already registered its Arrow extension types). Finishing the import, then honouring the
+    cancellation, keeps every worker clean. Signal handlers belong to the main thread, where Ray runs
+    tasks; elsewhere the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield  # (None: a handler set outside Python, which could not be put back)
+        return
+    pending: list[tuple[int, FrameType | None]] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pending:
+            if callable(previous):
+                previous(*pending[0])  # Ray's own handler, or Python's default: raises KeyboardInterrupt
+            elif previous == signal.SIG_DFL:
+                raise KeyboardInterrupt
 
 
 def _load(repo: str, config: str | None):
-    """The dataset's splits as a dict of iterable datasets: streamed where it can be, else loaded. One
-    load at a time per process: Ray Data runs reads in threads, and `datasets`' first import (which
-    imports torch) must not run twice at once."""
-    with _LOAD_LOCK:
+    """The dataset's splits as a dict of iterable datasets: streamed where it can be, else loaded.
+
+    One load at a time per process (Ray Data may run reads in threads, and an import must not run twice
+    at once), and never cut short by a cancellation: see `_interrupts_deferred`. The first load imports
+    `datasets` and everything it needs to read, so later reads import nothing."""
+    with _LOAD_LOCK, _interrupts_deferred():
         return _load_once(repo, config)
 
 

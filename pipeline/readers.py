@@ -592,11 +592,10 @@ def read_documents(
     remote = any(storage.is_uri(unit.path) for unit in units)  # hf:// too: its token, endpoint, offline mode
     runtime_env: dict = {"env_vars": storage.store_environment()}
     if any(is_hub_input(unit.path) for unit in units):
-        # `datasets` is imported once as each worker starts, in its main thread: imported by a read
-        # thread it was at times half-initialized ("partially initialized module") when another thread
-        # of the worker imported it too. Reading text needs no torch, which it would import as well.
+        # Reading text needs no torch, which `datasets` would otherwise import in every read worker.
+        # (A task-level runtime_env cannot pre-import `datasets`: Ray honours `worker_process_setup_hook`
+        # only in ray.init's. How its import is kept whole: `pipeline.hf_inputs._interrupts_deferred`.)
         runtime_env["env_vars"]["USE_TORCH"] = "0"
-        runtime_env["worker_process_setup_hook"] = "pipeline.hf_inputs.import_datasets"
     return ray.data.read_datasource(
         source, override_num_blocks=max(1, source.num_tasks), num_cpus=num_cpus, concurrency=concurrency,
         runtime_env=runtime_env if remote else None,
