@@ -37,7 +37,8 @@ def average_share(run_dir: Path) -> float:
 
 
 def controller_lines(cfg: ExperimentConfig, spec: ControllerRun, runs: Mapping[Phase2Run, Path],
-                     final: Mapping[Phase2Run, Mapping[str, float]], plots: Path) -> list[str]:
+                     final: Mapping[Phase2Run, Mapping[str, float]], plots: Path, points: Mapping | None = None,
+                     judge=None) -> list[str]:
     """The section: budget and its origin, forgetting against it (final and per evaluation), German against
     the nearest fixed-ratio run, the average share, every decision, and plots/controller.png."""
     run_dir = runs[spec]
@@ -62,7 +63,8 @@ def controller_lines(cfg: ExperimentConfig, spec: ControllerRun, runs: Mapping[P
              f"- **Budget** B = {budget.value:.4g}: {budget.origin}.",
              f"- **English forgetting at the end** (step {last_step}): {forgetting:+.4f}, {within}.",
              f"- **Average English share**: {average:.1%} over its {len(shares)} training steps.",
-             *german_comparison(spec, average, final), ""]
+             *german_comparison(spec, average, final, judge),
+             *frontier_comparison(spec, final, points or {}, judge), ""]
     lines += ["Trajectory, per evaluation (share: the mean English share of the batches since the previous one):",
               "", "| step | English val | forgetting | within B | English share |", "|---|---|---|---|---|"]
     english = [r["val_loss"][OLD] for r in read_metrics(run_dir) if r["kind"] == "eval"]
@@ -77,16 +79,41 @@ def controller_lines(cfg: ExperimentConfig, spec: ControllerRun, runs: Mapping[P
 
 
 def german_comparison(spec: ControllerRun, average: float,
-                      final: Mapping[Phase2Run, Mapping[str, float]]) -> list[str]:
-    """German loss against the re-warmed fixed-ratio run whose share is nearest the controller's average."""
-    fixed = [run for run in final if run.fixed_ratio and run.rewarm]
+                      final: Mapping[Phase2Run, Mapping[str, float]], judge=None) -> list[str]:
+    """German loss against the re-warmed fixed-ratio run whose share is nearest the controller's average
+    (its seeds' mean where it has several), and whether the gap is larger than the seed spread."""
+    fixed = [run for run in final if run.recipe]
     if not fixed:
         return []
     nearest = min(fixed, key=lambda run: abs(run.replay - average))
     difference = final[spec]["de"] - final[nearest]["de"]
     verdict = f"no worse ({difference:+.3f})" if difference <= 0 else f"worse by {difference:.3f}"
+    if judge is not None and judge.spread:
+        verdict += (", larger than the seed spread" if judge.real("de", difference, final[nearest]["de"])
+                    else f", within the seed spread ({judge.spread['de']:.3f})")
     return [f"- **German**: {final[spec]['de']:.3f} against {final[nearest]['de']:.3f} for `{nearest.name}`, the "
             f"fixed run whose share ({nearest.replay:.0%}) is nearest the average: {verdict}."]
+
+
+def frontier_comparison(spec: ControllerRun, final: Mapping[Phase2Run, Mapping[str, float]], points: Mapping,
+                        judge=None) -> list[str]:
+    """German against the fixed-ratio trade-off at the controller's own English loss: the fixed runs' (English,
+    German) points joined by straight lines. A controller holding less forgetting than its budget pays German
+    for it; the fair question is whether it pays more than a fixed share would for the same English."""
+    curve = sorted((p.loss["en"], p.loss["de"], p.name) for p in points.values() if p.spec is not None and p.spec.recipe)
+    english, german = final[spec]["en"], final[spec]["de"]
+    for (en_a, de_a, name_a), (en_b, de_b, name_b) in zip(curve, curve[1:]):
+        if en_a <= english <= en_b and en_b > en_a:
+            on_curve = de_a + (de_b - de_a) * (english - en_a) / (en_b - en_a)
+            gap = german - on_curve
+            noise = ""
+            if judge is not None and judge.spread:
+                noise = (", larger than the seed spread" if judge.real("de", gap, on_curve)
+                         else f", within the seed spread ({judge.spread['de']:.3f})")
+            return [f"- **Against the fixed-ratio trade-off** at its English loss ({english:.3f}, between `{name_a}` "
+                    f"and `{name_b}`): the fixed runs reach German {on_curve:.3f} there; the controller "
+                    f"{german:.3f}, {'no worse' if gap <= 0 else 'worse'} ({gap:+.3f}{noise})."]
+    return [f"- **Against the fixed-ratio trade-off**: its English loss {english:.3f} lies outside the fixed runs' range."]
 
 
 def decision_lines(cfg: ExperimentConfig, decisions: list[dict] | None) -> list[str]:

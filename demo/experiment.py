@@ -12,6 +12,7 @@ exists, so a second invocation reuses what the first built. The run's sizes are 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import secrets
@@ -27,11 +28,15 @@ from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 from demo.controller_report import CONTROLLER_STATE_NAME
-from demo.experiment_config import REPO, ControllerRun, ExperimentConfig, Phase2Run, load_config
+from demo.experiment_config import REPO, ControllerRun, ExperimentConfig, Phase2Run, UnionRun, load_config
 from demo.experiment_report import LIVE_CHANGE_NAME, write_report
 from demo.forgetting_budget import OLD, choose_budget
 from service.launcher import ServiceDidNotStart, ServiceProcess, free_port
 from trainer.checkpoint import CHECKPOINT_DIR, FINAL, named_checkpoint
+
+
+class Refused(Exception):
+    """A reason the demo will not go on, said to the user as `error: ...` (exit 2) with what to do."""
 
 
 def banner(step: str) -> None:
@@ -138,14 +143,19 @@ def token_files(work_dir: Path) -> tuple[Path, Path]:
     return files
 
 
+def german_dataset(cfg: ExperimentConfig, spec: Phase2Run) -> Path:
+    """German tokenized with the extension, or (a run without it) with the English base tokenizer."""
+    return cfg.work_dir / "datasets" / ("de" if spec.extend_tokenizer else "de-base")
+
+
 @contextmanager
-def mixer_service(cfg: ExperimentConfig, state_dir: Path, token_file: Path, replay: float,
+def mixer_service(cfg: ExperimentConfig, spec: Phase2Run, state_dir: Path, token_file: Path,
                   extra_args: Sequence[str] = ()) -> Iterator[str]:
     """Start `python -m service` on a free loopback port; yield its URL; stop it on exit."""
-    datasets = cfg.work_dir / "datasets"
-    args = [f"--dataset=en={datasets / 'en'}", f"--dataset=de={datasets / 'de'}",
+    datasets, replay = cfg.work_dir / "datasets", spec.replay
+    args = [f"--dataset=en={datasets / 'en'}", f"--dataset=de={german_dataset(cfg, spec)}",
             f"--weights=en={replay},de={1 - replay}", f"--seq-len={cfg.seq_len}",
-            f"--global-batch={cfg.global_batch}", f"--seed={cfg.seed}", f"--state-dir={state_dir}",
+            f"--global-batch={cfg.global_batch}", f"--seed={cfg.seed + spec.seed}", f"--state-dir={state_dir}",
             f"--admin-token-file={token_file}", f"--read-token-file={token_files(cfg.work_dir)[1]}", *extra_args]
     # At the service's default log level: the log shows every request the trainer made.
     service = ServiceProcess(args, log=state_dir.with_suffix(".log"), log_level=None)
@@ -167,13 +177,17 @@ def served_frontier(url: str, read_token_file: Path) -> int:
         return int(json.load(response)["served_frontier"])
 
 
-def trainer_args(cfg: ExperimentConfig, out: Path, steps: int, eval_sets: Sequence[str]) -> list[object]:
-    """A trainer's flags common to both phases. --overwrite: a run left unfinished by an earlier invocation
-    starts afresh (its stream does too); finished runs are skipped before a trainer starts."""
+def trainer_args(cfg: ExperimentConfig, out: Path, steps: int, eval_sets: Mapping[str, Path],
+                 seed: int = 0) -> list[object]:
+    """A trainer's flags common to every run. --overwrite: a run left unfinished by an earlier invocation
+    starts afresh (its stream does too); finished runs are skipped before a trainer starts. The corpus pins
+    go into the run folder first: the report refuses a run trained on other text than its neighbours."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CORPUS_PINS_NAME).write_text(json.dumps(corpus_pins(cfg), indent=2))
     return [sys.executable, "-m", "trainer", f"--model={cfg.model}", f"--steps={steps}", f"--out={out}",
             "--overwrite", f"--micro-batch={cfg.micro_batch}", f"--eval-every={cfg.eval_every}",
-            f"--eval-batches={cfg.eval_batches}", f"--device={cfg.device}", f"--seed={cfg.seed}", "--log-every=1",
-            *(f"--eval-dataset={name}={cfg.work_dir / 'datasets' / name}" for name in eval_sets),
+            f"--eval-batches={cfg.eval_batches}", f"--device={cfg.device}", f"--seed={cfg.seed + seed}",
+            "--log-every=1", *(f"--eval-dataset={name}={path}" for name, path in eval_sets.items()),
             *cfg.extra_trainer_args]
 
 
@@ -181,14 +195,70 @@ def finished(run_dir: Path) -> bool:
     return (run_dir / CHECKPOINT_DIR / FINAL).exists()
 
 
-def build_data(cfg: ExperimentConfig, ray: RayCluster) -> None:
+CORPUS_PINS_NAME = "corpus.json"  # in the work dir: the corpora it was built from; in a run dir: its own
+
+
+def corpus_pins(cfg: ExperimentConfig) -> dict[str, dict]:
+    """Pages (JSONL lines), bytes and sha256 of each rendered corpus: what pins a report to its text."""
+    pins = {}
+    for lang in ("en", "de"):
+        path, digest, pages, size = cfg.work_dir / "corpora" / f"{lang}.jsonl", hashlib.sha256(), 0, 0
+        with open(path, "rb") as corpus:
+            for line in corpus:
+                digest.update(line)
+                pages += bool(line.strip())
+                size += len(line)
+        pins[lang] = {"pages": pages, "bytes": size, "sha256": digest.hexdigest()}
+    return pins
+
+
+def differences(then: Mapping[str, dict], now: Mapping[str, dict]) -> str:
+    return "; ".join(f"{lang}: {then.get(lang)} then, {now.get(lang)} now" for lang in sorted({*then, *now})
+                     if then.get(lang) != now.get(lang))
+
+
+def pin_corpora(cfg: ExperimentConfig) -> dict[str, dict]:
+    """Record the corpora's pins in the work dir the first time; refuse when they changed since (a corpus
+    deleted and rendered again on a machine with other man pages), since the runs already here were trained
+    on the old text and a report would compare them with runs trained on the new."""
+    pins, record = corpus_pins(cfg), cfg.work_dir / CORPUS_PINS_NAME
+    if record.exists():
+        then = json.loads(record.read_text())
+        if then != pins:
+            raise Refused(f"the corpora in {cfg.work_dir / 'corpora'} changed since this work dir's runs "
+                             f"were built ({differences(then, pins)}); runs on different text cannot be compared. "
+                             "Rerun with --fresh to rebuild everything from the new corpora")
+    record.write_text(json.dumps(pins, indent=2))
+    return pins
+
+
+def check_run_pins(cfg: ExperimentConfig, pins: Mapping[str, dict], run_dirs: Sequence[Path]) -> None:
+    """Every run of a report was trained on the pinned corpora (its own copy of the pins says so)."""
+    for run_dir in run_dirs:
+        own = run_dir / CORPUS_PINS_NAME
+        then = json.loads(own.read_text()) if own.exists() else {}
+        if then != pins:
+            raise Refused(f"{run_dir} was trained on other corpora than the work dir's "
+                             f"({differences(then, pins) or 'no corpus.json in it'}); rerun with --fresh")
+
+
+def build_data(cfg: ExperimentConfig, ray: RayCluster, runs: Sequence[Phase2Run]) -> None:
     """Corpora, tokenizers and token datasets, each step submitted as a Ray job and skipped if done."""
     corpora, tokenizers, datasets = (cfg.work_dir / d for d in ("corpora", "tokenizers", "datasets"))
-    for lang in ("en", "de"):
-        if not (corpora / f"{lang}.jsonl").exists():
+    for lang, extra in (("en", cfg.extra_old), ("de", cfg.extra_new)):
+        corpus = corpora / f"{lang}.jsonl"
+        if not corpus.exists():
+            pages = corpora / f"{lang}-manpages.jsonl"
             banner(f"rendering {cfg.pages_per_language} {lang} man pages (Ray job)")
-            ray.submit("pipeline.corpora.manpages", f"--lang={lang}", f"--out={corpora / f'{lang}.jsonl'}",
+            ray.submit("pipeline.corpora.manpages", f"--lang={lang}", f"--out={pages}",
                        f"--limit={cfg.pages_per_language}")
+            check_page_count(cfg, lang, pages)
+            with open(corpus.with_suffix(".partial"), "wb") as out:  # whole or absent: a crash leaves no half
+                for part in (pages, *([extra] if extra else [])):
+                    with open(part, "rb") as src:
+                        shutil.copyfileobj(src, out)
+            corpus.with_suffix(".partial").rename(corpus)
+            pages.unlink()
     base, extended = tokenizers / "en.model", tokenizers / "en+de.model"
     if not base.exists():
         banner(f"training the English base tokenizer ({cfg.base_vocab} pieces, Ray job)")
@@ -198,12 +268,31 @@ def build_data(cfg: ExperimentConfig, ray: RayCluster) -> None:
         banner(f"extending it with up to {cfg.new_pieces} German pieces (Ray job)")
         ray.submit("pipeline.tokenizer", "extend", f"--base={base}", f"--input={corpora / 'de.jsonl'}",
                    f"--old-input={corpora / 'en.jsonl'}", f"--new-pieces={cfg.new_pieces}", f"--out={extended}")
-    for lang, model in (("en", base), ("de", extended)):
-        if not (datasets / lang / "manifest.json").exists():
-            banner(f"tokenizing the {lang} corpus with {model.name} (Ray job)")
-            ray.submit("pipeline.tokenize", f"--input={corpora / f'{lang}.jsonl'}", f"--tokenizer={model}",
-                       f"--out={datasets / lang}", f"--seed={cfg.seed}", f"--val-fraction={cfg.val_fraction}",
+    for name, lang, model in dataset_specs(cfg, runs):
+        if not (datasets / name / "manifest.json").exists():
+            banner(f"tokenizing the {lang} corpus with {model} (Ray job)")
+            ray.submit("pipeline.tokenize", f"--input={corpora / f'{lang}.jsonl'}", f"--tokenizer={tokenizers / model}",
+                       f"--out={datasets / name}", f"--seed={cfg.seed}", f"--val-fraction={cfg.val_fraction}",
                        "--overwrite")
+
+
+def dataset_specs(cfg: ExperimentConfig, runs: Sequence[Phase2Run]) -> list[tuple[str, str, str]]:
+    """(dataset, corpus, tokenizer) of the token datasets these runs need: German with the English base
+    tokenizer only for a run without the extension."""
+    specs = [("en", "en", "en.model"), ("de", "de", "en+de.model")]
+    return specs + ([("de-base", "de", "en.model")] if any(not spec.extend_tokenizer for spec in runs) else [])
+
+
+def check_page_count(cfg: ExperimentConfig, lang: str, pages: Path) -> None:
+    """Refuse a corpus with fewer pages than the preset expects, naming the package that brings them."""
+    with open(pages, "rb") as rendered:
+        count = sum(1 for line in rendered if line.strip())
+    if count < cfg.min_pages_per_language:
+        pages.unlink()  # rendered again next time, once the pages are there
+        package = "manpages" if lang == "en" else "manpages-de"
+        raise Refused(f"only {count} {lang} man pages rendered, fewer than the "
+                         f"{cfg.min_pages_per_language} this preset expects; install {package} (`make manpages`; "
+                         f"`dpkg -s {package}` says whether it is) and rerun")
 
 
 def pretrain_english(cfg: ExperimentConfig) -> Path:
@@ -213,11 +302,38 @@ def pretrain_english(cfg: ExperimentConfig) -> Path:
         banner(f"phase 1: pretraining a {cfg.model} GPT on English for {cfg.phase1_steps} steps")
         # Evaluated on English only: German ids of the extended tokenizer do not exist in this model yet.
         # In-process mixing: the batch geometry is given here; phase 2's services decide it for their trainers.
-        run([*trainer_args(cfg, out, cfg.phase1_steps, ["en"]), f"--dataset=en={cfg.work_dir / 'datasets' / 'en'}",
+        run([*trainer_args(cfg, out, cfg.phase1_steps, {"en": cfg.work_dir / "datasets" / "en"}),
+             f"--dataset=en={cfg.work_dir / 'datasets' / 'en'}",
              f"--seq-len={cfg.seq_len}", f"--global-batch={cfg.global_batch}", *cfg.infinite_schedule_args(),
              f"--decay-steps={cfg.anneal_steps(cfg.phase1_steps)}",
              f"--save-at={cfg.phase1_anneal_start}"])
     return out
+
+
+def train_union(cfg: ExperimentConfig, union: UnionRun) -> Path:
+    """The baseline the paper measures continuing against: from scratch on English and German together."""
+    out = cfg.work_dir / "runs" / union.name
+    if not finished(out):
+        share, datasets = cfg.union_german_share, cfg.work_dir / "datasets"
+        banner(f"union baseline: a {cfg.model} GPT from scratch on English + German ({share:.1%} German) for "
+               f"{cfg.union_steps} steps, re-warmed cosine")
+        # In-process mixing, like phase 1; the extended tokenizer's vocabulary from the first step (the
+        # English dataset's ids are a prefix of it, which the mixer checks).
+        run([*trainer_args(cfg, out, cfg.union_steps, {lang: datasets / lang for lang in ("en", "de")}),
+             f"--dataset=en={datasets / 'en'}", f"--dataset=de={datasets / 'de'}",
+             f"--weights=en={1 - share:.4f},de={share:.4f}", f"--seq-len={cfg.seq_len}",
+             f"--global-batch={cfg.global_batch}", "--lr-schedule=cosine",
+             f"--warmup-steps={max(1, cfg.union_steps // 100)}", *cfg.rate_args()])
+    return out
+
+
+def phase2_schedule(cfg: ExperimentConfig, spec: Phase2Run) -> list[str]:
+    """A re-warmed cosine (its peak and warmup the run's own where it changes them), or phase 1's infinite
+    schedule as its checkpoint recorded it: the constant rate, then this run's anneal."""
+    if not spec.rewarm:
+        return ["--continue-schedule", f"--decay-steps={cfg.anneal_steps(cfg.phase2_steps)}"]
+    rates = cfg.rate_args() if spec.max_lr is None else [f"--max-lr={spec.max_lr}", f"--min-lr={spec.max_lr / 10:.3g}"]
+    return ["--lr-schedule=cosine", f"--warmup-steps={spec.warmup_steps or cfg.phase2_warmup()}", *rates]
 
 
 def controller_args(cfg: ExperimentConfig, spec: ControllerRun, earlier: Mapping[Phase2Run, Path]) -> list[str]:
@@ -237,23 +353,21 @@ def continue_on_german(cfg: ExperimentConfig, spec: Phase2Run, phase1: Path, tok
     if finished(out):
         return out
     steered = isinstance(spec, ControllerRun)
-    banner(f"phase 2: {spec.name} ({spec.replay:.0%} English replay"
+    banner(f"phase 2: {spec.name} ({spec.replay:.0%} English replay" + (f", seed {spec.seed}" if spec.seed else "")
            + (f", switched live to {spec.switch_to:.0%}" if spec.switch_to is not None else "")
            + (", then steered by the forgetting-budget controller" if steered else "")
            + (", no re-warming" if not spec.rewarm else ", re-warmed cosine") + ")")
     state_dir = cfg.work_dir / "service" / spec.name
     shutil.rmtree(state_dir, ignore_errors=True)  # a rerun of an unfinished run starts its stream afresh
     state_dir.mkdir(parents=True)
-    schedule = (["--lr-schedule=cosine", f"--warmup-steps={max(1, cfg.phase2_steps // 100)}", *cfg.rate_args()]
-                if spec.rewarm else
-                # Phase 1's infinite schedule, as its checkpoint recorded it: the constant rate, then this run's anneal.
-                ["--continue-schedule", f"--decay-steps={cfg.anneal_steps(cfg.phase2_steps)}"])
-    with mixer_service(cfg, state_dir, token_file, spec.replay,
-                       controller_args(cfg, spec, earlier) if steered else ()) as url:
-        args = [*trainer_args(cfg, out, cfg.phase2_steps, ["en", "de"]), f"--stream={url}",
+    evals = {"en": cfg.work_dir / "datasets" / "en", "de": german_dataset(cfg, spec)}
+    with mixer_service(cfg, spec, state_dir, token_file, controller_args(cfg, spec, earlier) if steered else ()) as url:
+        args = [*trainer_args(cfg, out, cfg.phase2_steps, evals, seed=spec.seed), f"--stream={url}",
                 f"--stream-token-file={token_files(cfg.work_dir)[1]}",
                 f"--init-from={phase1 / CHECKPOINT_DIR / named_checkpoint(cfg.phase1_anneal_start)}",
-                f"--extension-report={cfg.work_dir / 'tokenizers' / 'en+de.report.json'}", *schedule]
+                *([f"--extension-report={cfg.work_dir / 'tokenizers' / 'en+de.report.json'}"]
+                  if spec.extend_tokenizer else []),
+                *(["--reset-optimizer"] if spec.reset_optimizer else []), *phase2_schedule(cfg, spec)]
         if spec.switch_to is not None or steered:
             # The client reads a few steps ahead only, so a change without start_step (the operator's, or
             # the controller's after an evaluation) lands a few steps after it was made.
@@ -290,59 +404,117 @@ def change_replay_live(url: str, token_file: Path, read_token_file: Path, replay
     print(f"mix changed: {record.read_text()}", flush=True)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> ExperimentConfig:
+FINDINGS = ("headline", "all")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[ExperimentConfig, tuple[Phase2Run, ...]]:
+    """The one place the demo's flags are read: the preset, adjusted, and the phase-2 runs to train."""
     parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.splitlines()[0])
     preset = parser.add_mutually_exclusive_group()
     preset.add_argument("--quick", action="store_true", help="a few minutes: fewer pages, a smaller model, fewer steps")
     preset.add_argument("--gpu", action="store_true", help="a 125M model on a CUDA GPU, all man pages")
     parser.add_argument("--work-dir", type=Path, help="where corpora, datasets, runs and the report go")
     parser.add_argument("--fresh", action="store_true", help="delete the work dir first instead of reusing it")
+    parser.add_argument("--findings", choices=FINDINGS, default="headline",
+                        help="headline: the replay table, no re-warming, the union baseline, the live change and "
+                             "the controller run; all: also the ablations (peak rate x3, warmup length, optimizer "
+                             "reset, no tokenizer extension) (default %(default)s)")
+    parser.add_argument("--seeds", type=int, default=1, metavar="N",
+                        help="train the replay table's runs with N sample orders, for the seed spread (default 1)")
+    parser.add_argument("--extra-old", type=Path, metavar="PATH",
+                        help="a JSONL corpus (a \"text\" field per line) appended to the English man pages")
+    parser.add_argument("--extra-new", type=Path, metavar="PATH",
+                        help="a JSONL corpus appended to the German man pages")
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds {args.seeds}: give 1 or more")
+    for flag, path in (("--extra-old", args.extra_old), ("--extra-new", args.extra_new)):
+        if path is not None and not path.is_file():
+            parser.error(f"{flag} {path}: no such file")
+    if args.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--gpu: no CUDA GPU is visible to this torch "
+                         f"({torch.__version__}); run it on a GPU machine with a CUDA build of torch, or drop --gpu")
     cfg = load_config("quick" if args.quick else "gpu" if args.gpu else "default")
     if args.work_dir:
         cfg = replace(cfg, work_dir=args.work_dir.resolve())
+    cfg = replace(cfg, extra_old=args.extra_old and args.extra_old.resolve(),
+                  extra_new=args.extra_new and args.extra_new.resolve())
     if args.fresh:
         shutil.rmtree(cfg.work_dir, ignore_errors=True)
-    return cfg
+    return cfg, cfg.selected_runs(args.findings, args.seeds)
 
 
-def reusable(saved: str, settings: str) -> bool:
-    """Whether a work dir built with the `saved` settings may serve these: the same settings, or the same but
-    for runs added since (each run has a folder of its own, so those already trained stay valid)."""
-    if saved == settings:
-        return True
+def run_record(spec: Phase2Run | UnionRun) -> dict:
+    return {"kind": type(spec).__name__, **json.loads(json.dumps(asdict(spec), default=str))}
+
+
+def experiment_record(cfg: ExperimentConfig, runs: Sequence[Phase2Run]) -> dict:
+    """What experiment.json holds: the shared settings, and every run by name (those of this invocation)."""
+    settings = json.loads(json.dumps(asdict(cfg), default=str))
+    settings.pop("runs")
+    return {"settings": settings, "runs": {spec.name: run_record(spec) for spec in runs}}
+
+
+def reuse(saved: str, record: dict) -> dict:
+    """The experiment.json to write when a work dir built with `saved` serves `record`: the same settings,
+    and each run it names either new or trained exactly as asked now (each run has a folder of its own, so
+    runs added or left out since do not touch the others). Raises ValueError saying what differs."""
     try:
-        before, now = json.loads(saved), json.loads(settings)
-    except json.JSONDecodeError:  # a damaged file: nothing to say what was built there
-        return False
-    if not isinstance(before, dict):
-        return False
-    runs_before, runs_now = before.pop("runs", []), now.pop("runs")
-    return before == now and all(run in runs_now for run in runs_before)
+        before = json.loads(saved)
+    except json.JSONDecodeError:  # a damaged file: nothing says what was built there
+        raise ValueError("its experiment.json is unreadable") from None
+    if not isinstance(before, dict) or "settings" not in before:
+        raise ValueError("it was built by an earlier version of the demo")
+    changed = sorted(key for key in {*before["settings"], *record["settings"]}
+                     if before["settings"].get(key) != record["settings"].get(key))
+    if changed:
+        raise ValueError(f"its settings differ: {', '.join(changed)}")
+    for name, spec in record["runs"].items():
+        if before["runs"].get(name, spec) != spec:
+            raise ValueError(f"its run {name!r} was trained with other settings")
+    return {"settings": record["settings"], "runs": {**before["runs"], **record["runs"]}}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = parse_args(argv)
+    cfg, selected = parse_args(argv)
     started = time.monotonic()
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
-    settings, saved = json.dumps(asdict(cfg), default=str, indent=2), cfg.work_dir / "experiment.json"
-    if saved.exists() and not reusable(saved.read_text(), settings):
-        # Reusing runs trained with other settings would mix them into one report.
-        raise SystemExit(f"{cfg.work_dir} holds a demo built with other settings (see {saved}); rerun with --fresh "
-                         "to rebuild it there, or pass another --work-dir")
-    saved.write_text(settings)
+    record, saved = experiment_record(cfg, [*selected, *([cfg.union] if cfg.union else [])]), cfg.work_dir / "experiment.json"
+    if saved.exists():
+        try:
+            record = reuse(saved.read_text(), record)
+        except ValueError as why:
+            # Reusing runs trained with other settings would mix them into one report.
+            print(f"error: {cfg.work_dir} holds a demo built with other settings ({why}; see {saved}); rerun with "
+                  "--fresh to rebuild it there, or pass another --work-dir", file=sys.stderr)
+            return 2
+    saved.write_text(json.dumps(record, indent=2))
     token_file, _ = token_files(cfg.work_dir)
+    try:
+        return run_experiment(cfg, selected, token_file, started)
+    except Refused as why:
+        print(f"error: {why}", file=sys.stderr)
+        return 2
 
-    if not all((cfg.work_dir / "datasets" / lang / "manifest.json").exists() for lang in ("en", "de")):
+
+def run_experiment(cfg: ExperimentConfig, selected: Sequence[Phase2Run], token_file: Path, started: float) -> int:
+    datasets = cfg.work_dir / "datasets"
+    if not all((datasets / name / "manifest.json").exists() for name, _, _ in dataset_specs(cfg, selected)):
         banner(f"starting a local Ray head; preprocessing is submitted to it with `ray job submit` ({cfg.work_dir})")
         with RayCluster(cfg.work_dir) as ray:
-            build_data(cfg, ray)
+            build_data(cfg, ray, selected)
+    pins = pin_corpora(cfg)
     phase1 = pretrain_english(cfg)
     runs: dict[Phase2Run, Path] = {}
-    for spec in cfg.runs:  # in order: a controller run takes its budget from the runs before it
+    for spec in selected:  # in order: a controller run takes its budget from the runs before it
         runs[spec] = continue_on_german(cfg, spec, phase1, token_file, dict(runs))
-    report = write_report(cfg, phase1, runs)
+    union = train_union(cfg, cfg.union) if cfg.union else None
+    check_run_pins(cfg, pins, [phase1, *runs.values(), *([union] if union else [])])
+    report = write_report(cfg, phase1, runs, union, pins)
     print(f"\n{report.read_text()}")
-    print(f"demo done in {(time.monotonic() - started) / 60:.1f} min: {len(runs) + 1} training runs, "
+    print(f"demo done in {(time.monotonic() - started) / 60:.1f} min: {len(runs) + 1 + bool(union)} training runs, "
           f"report {report}", flush=True)
     return 0

@@ -8,7 +8,7 @@ another. What every preset shares (the runs, the seed, the default rates) is Exp
 from __future__ import annotations
 
 import runpy
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,11 +23,29 @@ class Phase2Run:
     replay: float  # share of English (old) sequences in every batch
     rewarm: bool = True  # False: continue phase 1's infinite schedule from its constant phase
     switch_to: float | None = None  # replay set live with `curl -X PUT` halfway through the run
+    # The paper's other knobs, one changed per ablation run (None / the default: the preset's recipe).
+    max_lr: float | None = None  # the re-warm's peak; its floor stays a tenth of it, as in the paper
+    warmup_steps: int | None = None  # the re-warm's length (default 1% of the phase-2 steps)
+    reset_optimizer: bool = False  # fresh AdamW state instead of the checkpoint's
+    extend_tokenizer: bool = True  # False: German tokenized with the English base tokenizer, no new rows
+    seed: int = 0  # the service's sample order (the seed spread); the weights come from the checkpoint
 
     @property
     def fixed_ratio(self) -> bool:
         """Whether every batch of the run holds `replay` English: the points of the paper's trade-off."""
         return self.switch_to is None
+
+    @property
+    def recipe(self) -> bool:
+        """The replay table's recipe (re-warmed cosine at the preset's rates, checkpoint's optimizer state,
+        extended tokenizer): the runs whose only difference is the replay share."""
+        return (self.fixed_ratio and self.rewarm and self.max_lr is None and self.warmup_steps is None
+                and not self.reset_optimizer and self.extend_tokenizer)
+
+    @property
+    def base(self) -> str:
+        """The run's name without its seed suffix: runs differing only by seed share it."""
+        return self.name.split("-seed")[0]
 
 
 @dataclass(frozen=True)
@@ -47,6 +65,16 @@ class ControllerRun(Phase2Run):
     @property
     def fixed_ratio(self) -> bool:
         return False
+
+
+@dataclass(frozen=True)
+class UnionRun:
+    """The paper's baseline: a model trained from scratch on English and German together, with the extended
+    tokenizer from the start, the paper's cosine schedule, for as many steps as phase 1 + phase 2, with the
+    German share of all tokens that the `share_from` replay run saw over both phases."""
+
+    name: str = "union-from-scratch"
+    share_from: float = 0.25  # the replay share of the run whose German share the union matches
 
 
 # Keyword-only, so the sized fields (no default: every preset gives them) keep their place in the field
@@ -80,6 +108,60 @@ class ExperimentConfig:
         ControllerRun("controller", 0.05),
     )
     extra_trainer_args: tuple[str, ...] = field(default_factory=tuple)
+    union: UnionRun | None = UnionRun()
+    # The ablations `--findings all` adds, each the replay table's recipe at `ablation_replay` with one
+    # knob changed: the re-warm's peak at these multiples of max_lr (with max_lr itself: a 10x span), a
+    # re-warm `long_warmup` times longer, the optimizer state reset, and no tokenizer extension.
+    ablation_replay: float = 0.25
+    lr_multiples: tuple[float, ...] = (1 / 3, 10 / 3)
+    long_warmup: int = 10
+    # A rendered corpus with fewer pages than this is refused (default: 90% of pages_per_language): a
+    # machine missing manpages-de once gave the demo a tenth of its German corpus without a word.
+    min_pages: int | None = None
+    # Larger local corpora (JSONL with a "text" field) appended to the rendered man pages (`--extra-old`,
+    # `--extra-new`): part of the corpus, pinned with it.
+    extra_old: Path | None = None
+    extra_new: Path | None = None
+
+    def phase2_warmup(self) -> int:
+        return max(1, self.phase2_steps // 100)
+
+    def ablation_runs(self) -> tuple[Phase2Run, ...]:
+        r = self.ablation_replay
+        tag = f"replay-{round(100 * r)}"
+        return (*(Phase2Run(f"{tag}-lr-{self.max_lr * m:.0e}", r, max_lr=float(f"{self.max_lr * m:.3g}"))
+                  for m in self.lr_multiples),
+                Phase2Run(f"{tag}-warmup-{self.long_warmup * self.phase2_warmup()}", r,
+                          warmup_steps=self.long_warmup * self.phase2_warmup()),
+                Phase2Run(f"{tag}-reset-optimizer", r, reset_optimizer=True),
+                Phase2Run(f"{tag}-no-tokenizer-extension", r, extend_tokenizer=False))
+
+    def selected_runs(self, findings: str = "headline", seeds: int = 1) -> tuple[Phase2Run, ...]:
+        """The phase-2 runs of one invocation, in training order: the headline runs, the ablations with
+        `findings="all"`, and the replay table's runs again with seeds 1..seeds-1 (the spread). The controller
+        run stays last of the headline runs' block: it takes its budget from a run before it."""
+        runs = list(self.runs)
+        if findings == "all":
+            runs += self.ablation_runs()
+        runs += [replace(spec, name=f"{spec.name}-seed{seed}", seed=seed)
+                 for seed in range(1, seeds) for spec in self.runs if spec.recipe]
+        return tuple(runs)
+
+    @property
+    def min_pages_per_language(self) -> int:
+        return self.min_pages if self.min_pages is not None else int(0.9 * self.pages_per_language)
+
+    @property
+    def union_steps(self) -> int:
+        return self.phase1_steps + self.phase2_steps
+
+    @property
+    def union_german_share(self) -> float:
+        """German's share of every token the `share_from` replay run saw, phase 1 (to its checkpoint) and
+        phase 2 together; the union sees it from its first step."""
+        assert self.union is not None
+        german = self.phase2_steps * (1 - self.union.share_from)
+        return round(german / (self.phase1_anneal_start + self.phase2_steps), 4)
 
     def rate_args(self) -> list[str]:
         """The peak and final rates of a fresh schedule (a continued one keeps its checkpoint's)."""

@@ -9,20 +9,19 @@ those figures and set beside the same figures computed from the paper's table.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from demo.controller_report import average_share, controller_lines
 from demo.experiment_config import ControllerRun, ExperimentConfig, Phase2Run
+from demo.findings import (PAPER_PILE_BEFORE, PAPER_STRONG_SHIFT, Judge, Point, findings_table, make_point,
+                           plot_losses, plot_rates, plot_tradeoff, seed_spread, union_lines)
+from demo.measures import ValSplit, flops_per_token, val_split, vocab_size
 from trainer.metrics_log import read_metrics
 from trainer.report import write_report as write_run_comparison
 
 LIVE_CHANGE_NAME = "live-mix-change.json"  # the PUT /v1/mix response of the live ratio change
 
-# The paper's 405M English Pile -> German Common Crawl table (paper-notes.md): final validation losses
-# (Pile, German) per replay share, and the Pile loss before the shift.
-PAPER_STRONG_SHIFT = {0.0: (3.56, 1.11), 0.01: (2.83, 1.12), 0.05: (2.57, 1.12), 0.10: (2.46, 1.13),
-                      0.25: (2.33, 1.16), 0.50: (2.24, 1.22)}
-PAPER_PILE_BEFORE = 2.17
 
 
 def validation_losses(run_dir: Path) -> list[dict[str, float]]:
@@ -30,29 +29,54 @@ def validation_losses(run_dir: Path) -> list[dict[str, float]]:
     return [r["val_loss"] for r in read_metrics(run_dir) if r["kind"] == "eval"]
 
 
-def write_report(cfg: ExperimentConfig, phase1: Path, runs: dict[Phase2Run, Path]) -> Path:
+def write_report(cfg: ExperimentConfig, phase1: Path, runs: dict[Phase2Run, Path], union: Path | None = None,
+                 pins: dict[str, dict] | None = None) -> Path:
     """Write cfg.work_dir/report.md and the plots beside it; return the report's path."""
     plots = cfg.work_dir / "plots"
-    write_run_comparison([phase1, *runs.values()], plots)
+    write_run_comparison([phase1, *runs.values(), *([union] if union else [])], plots)
+    datasets, corpora = cfg.work_dir / "datasets", cfg.work_dir / "corpora"
+    splits = {name: val_split(datasets / name, corpora / f"{name[:2]}.jsonl")
+              for name in ("en", "de", "de-base") if (datasets / name / "manifest.json").exists()}
+
+    def ratio(spec: Phase2Run | None) -> dict[str, float]:  # tokens per byte of the val sets a run was scored on
+        return {"en": splits["en"].tokens_per_byte,
+                "de": splits["de" if spec is None or spec.extend_tokenizer else "de-base"].tokens_per_byte}
+
+    # Runs differing only by seed make one point: their mean and range.
+    groups: dict[str, list[Phase2Run]] = {}
+    for spec in runs:
+        groups.setdefault(spec.base, []).append(spec)
+    points = {base: make_point(base, specs[0], [runs[s] for s in specs], ratio(specs[0]))
+              for base, specs in groups.items()}
+    union_point = make_point(cfg.union.name, None, [union], ratio(None)) if union and cfg.union else None
+    judge = Judge(seed_spread(list(points.values())))
     losses = {spec: validation_losses(run_dir) for spec, run_dir in runs.items()}
     start = next(iter(losses.values()))[0]  # every run's first evaluation is of the phase-1 checkpoint
     phase1_end = validation_losses(phase1)[-1]["en"]
-    final = {spec: run_losses[-1] for spec, run_losses in losses.items()}
-    rows = ["| run | English replay | lr | English val | German val | average | forgetting (EN rise) "
-            "| adaptation (DE fall) | paper EN / DE at this replay |", "|---|---|---|---|---|---|---|---|---|"]
-    for spec, loss in final.items():
-        paper = PAPER_STRONG_SHIFT.get(spec.replay)
+    final = {spec: points[spec.base].loss for spec in runs if spec.seed == 0}
+    tokens, compute = compute_spent(cfg)
+
+    rows = ["| run | English replay | what differs | English val | German val | average | EN bits/byte "
+            "| DE bits/byte | forgetting (EN rise) | adaptation (DE fall) | paper EN / DE at this replay |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for base, point in points.items():
+        spec, paper = point.spec, PAPER_STRONG_SHIFT.get(point.spec.replay)
         rows.append(
-            f"| {spec.name} | {replay_cell(spec, runs[spec])} "
-            f"| {'re-warm + cosine' if spec.rewarm else 'infinite, no re-warm'} "
-            f"| {loss['en']:.3f} | {loss['de']:.3f} | {(loss['en'] + loss['de']) / 2:.3f} "
-            f"| {loss['en'] - start['en']:+.3f} | {start['de'] - loss['de']:+.3f} "
-            f"| {f'{paper[0]:.2f} / {paper[1]:.2f}' if paper and spec.fixed_ratio else '-'} |"
+            f"| {base}{f' (x{point.seeds} seeds)' if point.seeds > 1 else ''} | {replay_cell(spec, runs[spec])} "
+            f"| {differs(cfg, spec)} | {point.cell('en')} | {point.cell('de')} | {point.average:.3f} "
+            f"| {point.bpb['en']:.3f} | {point.bpb['de']:.3f} "
+            f"| {point.loss['en'] - start['en']:+.3f} | {start['de'] - point.loss['de']:+.3f} "
+            f"| {f'{paper[0]:.2f} / {paper[1]:.2f}' if paper and spec.recipe else '-'} |"
         )
     live = next((s for s in runs if s.switch_to is not None), None)
-    # Before the body lists the plots: this section draws one.
+    table = {p.spec.replay: p for p in points.values() if p.spec.recipe}
+    # Before the body lists the plots: these sections draw them.
     steered = [line for spec in runs if isinstance(spec, ControllerRun)
-               for line in controller_lines(cfg, spec, runs, final, plots)]
+               for line in controller_lines(cfg, spec, runs, final, plots, points, judge)]
+    plot_losses(plots / "loss_over_steps.png", cfg, phase1, runs, union)
+    plot_rates(plots / "lr_over_steps.png", cfg, phase1, runs, union)
+    start_bpb = {lang: start[lang] / math.log(2) * ratio(None)[lang] for lang in ("en", "de")}
+    plot_tradeoff(plots / "tradeoff.png", [*points.values(), *([union_point] if union_point else [])], start_bpb)
     body = [
         "# replaymix demo: continual pretraining English -> German with replay",
         "",
@@ -64,14 +88,23 @@ def write_report(cfg: ExperimentConfig, phase1: Path, runs: dict[Phase2Run, Path
         f"At the phase-1 checkpoint: English val {start['en']:.3f}, German val {start['de']:.3f} "
         f"(after phase 1's own anneal, English val {phase1_end:.3f}). Forgetting and adaptation are measured "
         f"from the checkpoint. The paper's numbers (405M model, 300B tokens; Pile loss {PAPER_PILE_BEFORE} before the "
-        "shift) are "
-        "there for the shape of the trade-off, not the values.",
+        "shift) are there for the shape of the trade-off, not the values. Losses are nats per token of the run's "
+        "own tokenizer; bits per byte (loss / ln 2 x tokens / UTF-8 bytes of the whole validation split) compare "
+        "runs over different vocabularies." + (" Runs with seeds: mean (range)." if judge.spread else ""),
         "",
+        *corpus_lines(pins, splits),
         *rows,
         "",
-        *findings_lines(cfg, start, phase1_end, final),
+        *(union_lines(cfg, table, union_point, compute, tokens) if union_point and table else []),
+        *findings_table(cfg, points, start, union_point, compute, judge),
+        *spread_lines(points, judge),
+        *findings_lines(cfg, start, phase1_end, {p.spec: p.loss for p in points.values()}),
         *(live_switch_lines(runs[live], live) if live else []),
         *steered,
+        "![English and German loss over steps](plots/loss_over_steps.png)",
+        "![Learning rate over steps](plots/lr_over_steps.png)",
+        "![Forgetting vs adaptation](plots/tradeoff.png)",
+        "",
         "Plots: " + ", ".join(f"[{p.name}](plots/{p.name})" for p in sorted(plots.glob("*.png"))),
         "",
     ]
@@ -80,17 +113,74 @@ def write_report(cfg: ExperimentConfig, phase1: Path, runs: dict[Phase2Run, Path
     return report
 
 
+def differs(cfg: ExperimentConfig, spec: Phase2Run) -> str:
+    """What a run changes against the replay table's recipe (re-warmed cosine at the preset's rates)."""
+    changes = [*(["no re-warm (infinite schedule continued)"] if not spec.rewarm else []),
+               *([f"peak lr {spec.max_lr:.0e} (recipe {cfg.max_lr:.0e})"] if spec.max_lr is not None else []),
+               *([f"warmup {spec.warmup_steps} steps (recipe {cfg.phase2_warmup()})"] if spec.warmup_steps else []),
+               *(["optimizer state reset"] if spec.reset_optimizer else []),
+               *(["no tokenizer extension"] if not spec.extend_tokenizer else []),
+               *(["ratio changed live"] if spec.switch_to is not None else []),
+               *(["controller"] if isinstance(spec, ControllerRun) else [])]
+    return ", ".join(changes) or "- (re-warm + cosine)"
+
+
+def compute_spent(cfg: ExperimentConfig) -> tuple[dict[str, int], dict[str, float]]:
+    """Tokens and training FLOPs of phase 1, of one phase-2 run, and of the union baseline."""
+    datasets = cfg.work_dir / "datasets"
+    old, new = vocab_size(datasets / "en"), vocab_size(datasets / "de")
+    per_step = cfg.global_batch * cfg.seq_len
+    tokens = {"phase1": cfg.phase1_steps * per_step, "phase2": cfg.phase2_steps * per_step,
+              "union": cfg.union_steps * per_step}
+    fpt = {"phase1": flops_per_token(cfg.model, old, cfg.seq_len), "phase2": flops_per_token(cfg.model, new, cfg.seq_len),
+           "union": flops_per_token(cfg.model, new, cfg.seq_len)}
+    return tokens, {step: tokens[step] * fpt[step] for step in tokens}
+
+
+def corpus_lines(pins: dict[str, dict] | None, splits: dict[str, ValSplit]) -> list[str]:
+    """The corpora this report was built from: two machines with the same pins give the same report."""
+    if not pins:
+        return []
+    lines = ["Corpora (rendered man pages; a work dir refuses runs built from other ones):", "",
+             "| corpus | pages | bytes | sha256 | val documents | val bytes | val tokens (tokenizer) |",
+             "|---|---|---|---|---|---|---|"]
+    for lang, pin in pins.items():
+        names = [name for name in splits if name[:2] == lang]
+        lines.append(f"| {lang} | {pin['pages']} | {pin['bytes']:,} | `{pin['sha256']}` "
+                     f"| {splits[names[0]].documents} | {splits[names[0]].bytes:,} | "
+                     + ", ".join(f"{splits[n].tokens:,} ({'base' if n in ('en', 'de-base') else 'extended'})"
+                                 for n in names) + " |")
+    return lines + [""]
+
+
+def spread_lines(points: dict[str, Point], judge: Judge) -> list[str]:
+    """Which differences between neighbouring replay runs are larger than the seed spread."""
+    if not judge.spread:
+        return []
+    table = sorted((p for p in points.values() if p.spec.recipe), key=lambda p: p.spec.replay)
+    lines = ["## Seed spread", "", f"Runs of the replay table with several sample orders (the service's seed; "
+             f"the phase-1 checkpoint is shared): {judge.basis()}.", "",
+             "| from | to | English change | German change |", "|---|---|---|---|"]
+    for a, b in zip(table, table[1:]):
+        cells = []
+        for lang in ("en", "de"):
+            d = b.loss[lang] - a.loss[lang]
+            cells.append(f"{d:+.3f} {'**beyond**' if judge.real(lang, d, a.loss[lang]) else 'within'}")
+        lines.append(f"| {a.name} | {b.name} | {cells[0]} | {cells[1]} |")
+    return lines + [""]
+
+
 def findings_lines(cfg: ExperimentConfig, start: dict[str, float], phase1_end: float,
                    final: dict[Phase2Run, dict[str, float]]) -> list[str]:
     """The paper's findings, each as this run measured it and as the paper's table gives it."""
-    plain = {spec.replay: loss for spec, loss in final.items() if spec.rewarm and spec.fixed_ratio}
+    plain = {spec.replay: loss for spec, loss in final.items() if spec.recipe}
     if 0.0 not in plain:
         return []
     rise = {r: loss["en"] - start["en"] for r, loss in plain.items()}
     cost = {r: loss["de"] - plain[0.0]["de"] for r, loss in plain.items()}
     paper_rise = {r: en - PAPER_PILE_BEFORE for r, (en, _) in PAPER_STRONG_SHIFT.items()}
     paper_cost = {r: de - PAPER_STRONG_SHIFT[0.0][1] for r, (_, de) in PAPER_STRONG_SHIFT.items()}
-    lines = ["## Next to the paper", "",
+    lines = ["## Next to the paper: the replay table", "",
              f"- **Without replay the old loss rises sharply**: English +{rise[0.0]:.2f} here "
              f"(paper: Pile +{paper_rise[0.0]:.2f})."]
     for r in sorted(r for r in plain if r > 0):

@@ -2,20 +2,20 @@
 
 Real everything: a private Ray head taking `ray job submit`, SentencePiece trained and extended,
 Ray Data tokenization, a mixer service per run, trainer processes pulling over HTTP, a live
-`curl -X PUT` ratio change, a run steered by the service's forgetting-budget controller, and the report.
+`curl -X PUT` ratio change, a run steered by the service's forgetting-budget controller, the union
+baseline, every ablation (`--findings all`), two seeds of the replay table, and the report.
 """
 
 import json
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
 from demo.controller_report import CONTROLLER_STATE_NAME
 from demo.experiment import main as experiment_main
-from demo.experiment import reusable
+from demo.experiment import experiment_record, reuse
 from demo.experiment_config import ControllerRun, load_config
 from demo.experiment_report import LIVE_CHANGE_NAME
 from trainer.metrics_log import read_metrics
@@ -29,18 +29,34 @@ pytestmark = pytest.mark.skipif(
 
 def test_quick_demo_end_to_end(tmp_path):
     work = tmp_path / "demo"
-    completed = subprocess.run([sys.executable, "-m", "demo", "--quick", f"--work-dir={work}"],
-                               cwd=REPO, capture_output=True, text=True, timeout=1500)
+    completed = subprocess.run([sys.executable, "-m", "demo", "--quick", f"--work-dir={work}", "--findings=all",
+                                "--seeds=2"], cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
     cfg = load_config("quick")
+    selected = cfg.selected_runs("all", 2)
 
     report = (work / "report.md").read_text()
-    for spec in cfg.runs:
-        assert f"| {spec.name} |" in report
+    for spec in selected:
+        if spec.seed == 0:
+            assert f"| {spec.name}{' (x2 seeds)' if spec.recipe else ''} |" in report
     assert "## Next to the paper" in report and "Without replay the old loss rises" in report
     for share in ("5%", "25%", "50%"):
         assert f"**{share} replay** removes" in report
-    assert all((work / "plots" / f"val_{name}.png").stat().st_size > 0 for name in ("en", "de"))
+    for name in ("val_en", "val_de", "loss_over_steps", "lr_over_steps", "tradeoff"):
+        assert (work / "plots" / f"{name}.png").stat().st_size > 0
+
+    # Every finding of the paper is a row with a verdict; the union baseline and the seed spread are there.
+    findings = report.split("## The paper's findings, measured")[1].split("\n## ")[0]
+    for finding in ("Without replay", "A little replay", "More replay forgets less", "matches re-training on the union",
+                    "Re-warming adapts more", "higher re-warm peak", "re-warm's length", "optimizer state",
+                    "Extending the tokenizer"):
+        row = next(line for line in findings.splitlines() if finding in line)
+        assert any(f"| {verdict} |" in row for verdict in ("holds", "holds in direction only", "does not hold")), row
+    assert "## Continue, or re-train on old + new?" in report and f"| {cfg.union.name} |" in report
+    assert "## Seed spread" in report and "the seed spread (English" in report
+    pins = json.loads((work / "corpus.json").read_text())
+    assert all(f"`{pins[lang]['sha256']}`" in report for lang in ("en", "de"))
+    assert "bits/byte" in report
 
     # The controller run: its budget, its forgetting against it, the German comparison and every decision
     # with its reason, from the service's GET /v1/controller saved in the run folder.
@@ -57,7 +73,7 @@ def test_quick_demo_end_to_end(tmp_path):
 
     # Each phase-2 run received the replay share it asked for, in every batch: its first one, then the
     # operator's live change or the controller's decisions, each from the stage's first step.
-    for spec in cfg.runs:
+    for spec in selected:
         train = [r for r in read_metrics(work / "runs" / spec.name) if r["kind"] == "train"]
         assert len(train) == cfg.phase2_steps
         stages = [(0, spec.replay)]
@@ -74,26 +90,53 @@ def test_quick_demo_end_to_end(tmp_path):
             assert abs(record["source_share"]["en"] - expected) < 2 / cfg.global_batch
 
     # The vocabulary grew to the extension, and the runs started from the phase-1 checkpoint.
-    first_evals = [next(r for r in read_metrics(work / "runs" / s.name) if r["kind"] == "eval") for s in cfg.runs]
+    first_evals = [next(r for r in read_metrics(work / "runs" / s.name) if r["kind"] == "eval")
+                   for s in selected if s.extend_tokenizer]
     assert len({json.dumps(e["val_loss"], sort_keys=True) for e in first_evals}) == 1
 
-    # A second invocation reuses everything the first built.
+    # A second invocation, the headline runs only, reuses everything the first built.
     again = subprocess.run([sys.executable, "-m", "demo", "--quick", f"--work-dir={work}"],
                            cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "phase 1: pretraining" not in again.stdout
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert not any(f"=== {step}" in again.stdout for step in ("phase 1:", "phase 2:", "union baseline:"))
+
+    # A corpus rendered again with other text is refused, with the reason, before anything is compared.
+    with open(work / "corpora" / "de.jsonl", "a") as corpus:
+        corpus.write(json.dumps({"text": "Eine Seite mehr."}) + "\n")
+    refused = subprocess.run([sys.executable, "-m", "demo", "--quick", f"--work-dir={work}"],
+                             cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "error: the corpora" in refused.stderr and "--fresh" in refused.stderr
 
 
-def test_a_work_dir_built_with_other_settings_is_not_reused(tmp_path):
+def test_a_work_dir_built_with_other_settings_is_not_reused(tmp_path, capsys):
     (tmp_path / "experiment.json").write_text('{"phase1_steps": 1}')
-    with pytest.raises(SystemExit, match="other settings.*--fresh"):
-        experiment_main(["--quick", f"--work-dir={tmp_path}"])
+    assert experiment_main(["--quick", f"--work-dir={tmp_path}"]) == 2
+    assert "other settings" in capsys.readouterr().err
     assert (tmp_path / "experiment.json").read_text() == '{"phase1_steps": 1}'
 
 
-def test_a_work_dir_built_before_a_run_was_added_is_reused():
-    settings = json.dumps(asdict(load_config("quick")), default=str, indent=2)
-    before = json.loads(settings)
-    before["runs"] = before["runs"][:-1]  # the controller run was added later: the others stay valid
-    assert reusable(json.dumps(before, indent=2), settings)
-    before["phase1_steps"] += 1  # but the runs it holds must have been trained with these settings
-    assert not reusable(json.dumps(before, indent=2), settings)
+def test_runs_added_or_left_out_reuse_the_work_dir_but_a_changed_run_is_refused():
+    cfg = load_config("quick")
+    everything = experiment_record(cfg, cfg.selected_runs("all", 3))
+    headline = experiment_record(cfg, cfg.selected_runs())
+    merged = reuse(json.dumps(everything), headline)  # the headline after `--findings all --seeds 3`
+    assert merged["runs"].keys() == everything["runs"].keys()
+    assert reuse(json.dumps(headline), everything)["runs"] == everything["runs"]  # runs added since
+    changed = json.loads(json.dumps(everything))
+    changed["runs"]["replay-25-reset-optimizer"]["reset_optimizer"] = False
+    with pytest.raises(ValueError, match="replay-25-reset-optimizer"):
+        reuse(json.dumps(changed), headline | {"runs": everything["runs"]})
+    other = json.loads(json.dumps(headline))
+    other["settings"]["phase1_steps"] += 1  # the runs it holds must have been trained with these settings
+    with pytest.raises(ValueError, match="phase1_steps"):
+        reuse(json.dumps(other), headline)
+
+
+def test_the_selection_of_runs():
+    cfg = load_config("default")
+    names = [spec.name for spec in cfg.selected_runs("all", 3)]
+    assert names[:len(cfg.runs)] == [spec.name for spec in cfg.runs]  # the controller's budget run comes first
+    lrs = sorted(spec.max_lr or cfg.max_lr for spec in cfg.selected_runs("all") if spec.replay == 0.25
+                 and (spec.recipe or spec.max_lr))
+    assert len(lrs) == 3 and lrs[-1] / lrs[0] >= 10 - 1e-9
+    assert {"replay-0-seed1", "replay-50-seed2"} <= set(names) and "controller-seed1" not in names
