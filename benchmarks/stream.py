@@ -1,6 +1,7 @@
 """Throughput of the mixer against MosaicML Streaming and litdata, on English and German man pages.
 
     .venv/bin/python benchmarks/stream.py [--work data/stream-bench] [--baseline-python /tmp/benchvenv/bin/python]
+        [--only local|store] [--mosaic-python /tmp/benchvenv/bin/python]
 
 Measures, all on the same tokens (seq_len 2048, global batch 8, mix old=0.25/new=0.75), single core:
   1. tokens/s of the in-process Mixer, one step per call (`batch`) and 64 steps per call (`batches`,
@@ -10,7 +11,14 @@ Measures, all on the same tokens (seq_len 2048, global batch 8, mix old=0.25/new
      environment that has them installed (their pins are not ours); the tokens are converted into
      their formats as windows of seq_len + 1 tokens, like ours;
   3. the service's resident memory serving the same steps from a 10x larger dataset, and the time of
-     the batch at step 10**7 against step 10 (with a 100-stage schedule).
+     the batch at step 10**7 against step 10 (with a 100-stage schedule);
+  4. object storage (issue 14, `--only store` alone): both datasets tiled --store-repeat times (one
+     shard per copy, each copy's documents rotated so no two shards are equal) and put in a moto S3 server the benchmark starts on 127.0.0.1 as its own process;
+     the mixer on `TokenDataset("s3://...", cache=...)` with a warm cache against the mixer on the
+     same tokens on local disk, and cold (empty cache, timed from opening the datasets to the last of
+     --store-steps batches) against MosaicML Streaming reading the same windows from the same server
+     into an empty local folder (`benchmarks/mosaic_s3.py`, run with --mosaic-python, a separate
+     virtual environment with mosaicml-streaming and boto3; skipped, saying why, without one).
 Each figure is printed as a ratio to a baseline measured in the same run. On a shared machine the
 rates swing with other load, so each reader is timed --rounds times, our three readers interleaved
 round by round (and each baseline's rounds in its own process), and the best round of each counts.
@@ -63,6 +71,11 @@ class BenchConfig:
     rounds: int
     baseline_python: Path | None
     baseline: str | None  # internal: run one baseline in this (other) interpreter
+    only: str  # "all", "local" (sections 1-3) or "store" (section 4)
+    mosaic_python: Path
+    store_repeat: int
+    store_steps: int
+    store_rounds: int
 
 
 def parse_args() -> BenchConfig:
@@ -74,8 +87,16 @@ def parse_args() -> BenchConfig:
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per reader; the best counts")
     parser.add_argument("--baseline-python", type=Path, default=Path("/tmp/benchvenv/bin/python"))
     parser.add_argument("--baseline", choices=("mosaic", "litdata"), help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=("all", "local", "store"), default="all",
+                        help="local: the mixer, HTTP and baselines on disk; store: the object-storage rows")
+    parser.add_argument("--mosaic-python", type=Path, default=Path("/tmp/benchvenv/bin/python"),
+                        help="an interpreter with mosaicml-streaming and boto3, for the cold S3 comparison")
+    parser.add_argument("--store-repeat", type=int, default=8, help="copies (shards) of each dataset in S3")
+    parser.add_argument("--store-steps", type=int, default=150, help="steps read per cold S3 round")
+    parser.add_argument("--store-rounds", type=int, default=3, help="cold S3 rounds per reader; the best counts")
     a = parser.parse_args()
-    return BenchConfig(a.work, a.pages, a.steps, a.rounds, a.baseline_python, a.baseline)
+    return BenchConfig(a.work, a.pages, a.steps, a.rounds, a.baseline_python, a.baseline, a.only, a.mosaic_python,
+                       a.store_repeat, a.store_steps, a.store_rounds)
 
 
 # --- datasets -------------------------------------------------------------------------------------
@@ -180,14 +201,16 @@ def rate(make_batches, steps: int, warmup: int = 5) -> float:
     return steps * GLOBAL_BATCH * ROW / elapsed
 
 
-def in_process_batches(paths: dict[str, Path], chunk: int = 1):
-    """The mixer's batches in step order, computed `chunk` steps per call."""
+def in_process_batches(paths: dict[str, Path | str], chunk: int = 1, cache=None):
+    """The mixer's batches in step order, computed `chunk` steps per call; a path may be an s3:// URI,
+    read through the shard cache `cache` (a CacheConfig)."""
     from service.mixer import Mixer, MixerConfig
     from service.mix_schedule import MixSchedule
 
     import torch
 
-    mixer = Mixer({n: TokenDataset(paths[n]) for n in WEIGHTS}, MixerConfig(SEQ_LEN, GLOBAL_BATCH), MixSchedule.constant(WEIGHTS))
+    mixer = Mixer({n: TokenDataset(paths[n], cache=cache) for n in WEIGHTS}, MixerConfig(SEQ_LEN, GLOBAL_BATCH),
+                  MixSchedule.constant(WEIGHTS))
     step = 0
     while True:
         for batch in mixer.batches(list(range(step, step + chunk))):
@@ -330,6 +353,211 @@ def baseline_rate(config: BenchConfig, name: str) -> float | None:
     return json.loads(result.stdout.strip().splitlines()[-1])["tokens_per_s"]
 
 
+
+# --- object storage (issue 14) ---------------------------------------------------------------------
+
+STORE_BUCKET = "replaymix-bench"
+STORE_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+             "AWS_EC2_METADATA_DISABLED": "true"}  # never ask 169.254.169.254 for a role
+
+
+class MotoServer:
+    """moto's S3 server on a free 127.0.0.1 port, as its own process: a server thread in this process
+    would take the GIL from the reader being timed, and Mosaic's reader runs in another process anyway."""
+
+    def __init__(self, log: Path):
+        import socket
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self._log = open(log, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise SystemExit(f"benchmarks/stream.py: moto's S3 server did not start on {self.url}; see {log}")
+                time.sleep(0.1)
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.url, region_name="us-east-1",
+                            aws_access_key_id=STORE_ENV["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=STORE_ENV["AWS_SECRET_ACCESS_KEY"])
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._log.close()
+
+
+def tiled_dataset(source: Path, out: Path, repeat: int) -> Path:
+    """`source`'s train documents `repeat` times, one shard per copy (so a cold reader fetches `repeat`
+    objects per dataset, each when it first needs it), and its val split; built once per --work (the
+    folder's name carries `repeat`)."""
+    if (out / "manifest.json").exists():
+        return out
+    from pipeline.dataset import write_shard
+
+    ds = TokenDataset(source)
+    staging = out.with_name(out.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / ds.tokenizer.folder).mkdir(parents=True)  # its parent, `out`'s, too
+    for name in ds.tokenizer.files:  # the tokenizer copy, as it is in the source
+        shutil.copy(Path(ds.root) / ds.tokenizer.folder / name, staging / ds.tokenizer.folder / name)
+    documents = list(ds.train.documents())
+    # Each copy's documents rotated by a different amount: the shard cache names entries by sha256, so
+    # identical copies would be fetched once and the cold read would move a repeat-th of the bytes.
+    rotated = [documents[i * len(documents) // repeat:] + documents[:i * len(documents) // repeat] for i in range(repeat)]
+    shards = [write_shard(staging, f"train-{i:05d}", docs, ds.dtype) for i, docs in enumerate(rotated)]
+    val = [write_shard(staging, "val-00000", list(ds.val.documents()), ds.dtype)]
+    manifest = build_manifest(ds.tokenizer, {"train": shards, "val": val}, inputs=[f"{source} x {repeat}"])
+    commit_dataset(staging, out, manifest, overwrite=True)
+    return out
+
+
+def upload(client, folder: Path, prefix: str) -> str:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            client.upload_file(str(path), STORE_BUCKET, f"{prefix}/{path.relative_to(folder)}")
+    return f"s3://{STORE_BUCKET}/{prefix}"
+
+
+def cold_store_seconds(uris: dict[str, str], cache_folder: Path, steps: int) -> tuple[float, int]:
+    """Seconds from opening the S3 datasets with an empty cache to the mixer's last of `steps` batches,
+    and the shard bytes fetched."""
+    from pipeline import storage
+    from pipeline.shard_cache import CacheConfig, shared_cache
+    from service.mix_schedule import MixSchedule
+    from service.mixer import Mixer, MixerConfig
+
+    storage._FILESYSTEMS.clear()  # a new S3 client each round, as Mosaic's reader makes its own
+    started = time.perf_counter()
+    cache = CacheConfig(cache_folder, 1 << 40)
+    mixer = Mixer({n: TokenDataset(uris[n], cache=cache) for n in WEIGHTS}, MixerConfig(SEQ_LEN, GLOBAL_BATCH),
+                  MixSchedule.constant(WEIGHTS))
+    for step in range(steps):
+        assert mixer.batch(step).tokens.shape == (GLOBAL_BATCH, ROW)
+    return time.perf_counter() - started, shared_cache(cache).fetched_bytes
+
+
+def mosaic_command(config: BenchConfig, *args: str) -> list[str]:
+    # As a module from the repository root: run as a script, benchmarks/tokenize.py would shadow the
+    # standard library's tokenize in that interpreter too.
+    return [str(config.mosaic_python), "-m", "benchmarks.mosaic_s3", *args]
+
+
+def mosaic_prepare(config: BenchConfig, local: dict[str, Path], remote: str, env: dict, shard_bytes: int) -> None:
+    """Mosaic's copy: the mixer's windows of each dataset (rows of seq_len + 1 tokens, the same token
+    bytes and dtype), uncompressed MDS shards of the size of ours, under `remote` on the same server."""
+    staging = config.work / "store-mosaic"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    windows = []
+    for name, path in local.items():
+        np.save(staging / f"{name}.npy", windows_of(path))
+        windows.append(f"{name}={staging / f'{name}.npy'}")
+    result = subprocess.run(mosaic_command(config, "prepare", "--windows", *windows, "--remote", remote,
+                                           "--staging", str(staging / "mds"), "--size-limit", str(shard_bytes)),
+                            cwd=REPO, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"benchmarks/stream.py: writing Mosaic's MDS copy failed:\n{result.stderr[-3000:]}")
+
+
+def mosaic_cold_seconds(config: BenchConfig, remote: str, env: dict, local: Path) -> tuple[float, int]:
+    result = subprocess.run(mosaic_command(config, "read", "--remote", remote, "--local", str(local), "--weights",
+                                           ",".join(f"{n}={w}" for n, w in WEIGHTS.items()),
+                                           "--steps", str(config.store_steps), "--batch", str(GLOBAL_BATCH)),
+                            cwd=REPO, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"benchmarks/stream.py: Mosaic's cold read failed:\n{result.stderr[-3000:]}")
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["rows"] == config.store_steps * GLOBAL_BATCH and report["tokens"] == report["rows"] * ROW
+    return report["seconds"], report["fetched_bytes"]
+
+
+def store_rows(config: BenchConfig, paths: dict[str, Path]) -> None:
+    """Section 4: the mixer on datasets in S3, warm against local disk and cold against MosaicML Streaming."""
+    import sentencepiece  # noqa: F401  (imported before any timer, as Mosaic's reader imports first)
+
+    local = {n: tiled_dataset(paths[n], config.work / f"store-x{config.store_repeat}r" / n, config.store_repeat)
+             for n in WEIGHTS}
+    shard_bytes = max(s["tokens"] * TokenDataset(p).dtype.itemsize
+                      for p in local.values() for s in TokenDataset(p).manifest["splits"]["train"]["shards"])
+    total_bytes = sum(TokenDataset(p).train.num_tokens * TokenDataset(p).dtype.itemsize for p in local.values())
+    server = MotoServer(config.work / "moto.log")
+    saved = {name: os.environ.get(name) for name in (*STORE_ENV, "AWS_ENDPOINT_URL")}
+    os.environ.update({**STORE_ENV, "AWS_ENDPOINT_URL": server.url})  # what our reader takes its endpoint from
+    caches = config.work / "store-caches"
+    shutil.rmtree(caches, ignore_errors=True)
+    try:
+        client = server.client()
+        client.create_bucket(Bucket=STORE_BUCKET)
+        uris = {n: upload(client, local[n], f"replaymix/{n}") for n in WEIGHTS}
+        print(f"object storage: {len(WEIGHTS)} datasets x {config.store_repeat} shards of <= {shard_bytes / 2**20:.2f} "
+              f"MiB ({total_bytes / 2**20:.1f} MiB of train tokens) in moto S3 at {server.url}")
+        mosaic_env = {**os.environ, "S3_ENDPOINT_URL": server.url}
+        mosaic = config.mosaic_python.exists()
+        if mosaic:
+            mosaic_prepare(config, local, f"s3://{STORE_BUCKET}/mosaic", mosaic_env, shard_bytes)
+        else:
+            print(f"MosaicML Streaming (cold S3): skipped, no --mosaic-python at {config.mosaic_python} (make one: "
+                  "python3 -m venv /tmp/benchvenv && /tmp/benchvenv/bin/pip install mosaicml-streaming boto3)")
+        cold: dict[str, list[float]] = {"replaymix": [], "mosaic": []}
+        fetched: dict[str, int] = {}  # shard bytes each reader fetched in its last cold round
+        for round_ in tqdm(range(config.store_rounds), desc="cold S3 rounds", unit="round"):
+            seconds, fetched["replaymix"] = cold_store_seconds(uris, caches / f"cold-{round_}", config.store_steps)
+            cold["replaymix"].append(seconds)
+            if mosaic:
+                seconds, fetched["mosaic"] = mosaic_cold_seconds(config, f"s3://{STORE_BUCKET}/mosaic", mosaic_env,
+                                                                 caches / f"mosaic-{round_}")
+                cold["mosaic"].append(seconds)
+        # Warm: the last cold round's cache holds every shard; the same CacheConfig reuses its mapped shards.
+        from pipeline.shard_cache import CacheConfig
+
+        warm_cache = CacheConfig(caches / f"cold-{config.store_rounds - 1}", 1 << 40)
+        readers = {"local": lambda: in_process_batches(local), "s3 warm": lambda: in_process_batches(uris, cache=warm_cache)}
+        warm: dict[str, list[float]] = {name: [] for name in readers}
+        for _ in tqdm(range(config.rounds), desc="warm S3 rounds", unit="round"):
+            for name, make in readers.items():
+                warm[name].append(rate(make, config.steps))
+    finally:
+        server.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    tokens = config.store_steps * GLOBAL_BATCH * ROW
+    local_rate, warm_rate = max(warm["local"]), max(warm["s3 warm"])
+    ours = tokens / min(cold["replaymix"])
+    print(f"mixer, local disk                  {local_rate / 1e6:8.2f} M tokens/s")
+    print(f"mixer, S3 through a warm cache     {warm_rate / 1e6:8.2f} M tokens/s  ({warm_rate / local_rate:.2f}x local "
+          f"disk; target >= 0.8)")
+    print(f"mixer, S3 cold (empty cache)       {ours / 1e6:8.2f} M tokens/s  ({config.store_steps} steps in "
+          f"{min(cold['replaymix']):.2f} s; rounds {', '.join(f'{t:.2f}' for t in cold['replaymix'])} s; "
+          f"{fetched['replaymix'] / 2**20:.1f} MiB fetched)")
+    summary = f"summary: S3 warm/local {warm_rate / local_rate:.2f}x"
+    if cold["mosaic"]:
+        theirs = tokens / min(cold["mosaic"])
+        print(f"MosaicML Streaming, S3 cold        {theirs / 1e6:8.2f} M tokens/s  ({config.store_steps} steps in "
+              f"{min(cold['mosaic']):.2f} s; rounds {', '.join(f'{t:.2f}' for t in cold['mosaic'])} s; "
+              f"{fetched['mosaic'] / 2**20:.1f} MiB fetched); replaymix cold is {ours / theirs:.2f}x (target >= 2)")
+        summary += f", S3 cold replaymix/Mosaic {ours / theirs:.2f}x"
+    print(summary)
+
+
 def main() -> None:
     config = parse_args()
     if config.baseline:
@@ -338,6 +566,14 @@ def main() -> None:
     sizes = {name: TokenDataset(p).train.num_tokens for name, p in paths.items()}
     print(f"datasets ({made}): {sizes} tokens; seq_len {SEQ_LEN}, global batch {GLOBAL_BATCH}, mix {WEIGHTS}; "
           f"best of {config.rounds} rounds of {config.steps} steps")
+    if config.only in ("all", "local"):
+        local_rows(config, paths)
+    if config.only in ("all", "store"):
+        store_rows(config, paths)
+
+
+def local_rows(config: BenchConfig, paths: dict[str, Path]) -> None:
+    """Sections 1-3: the mixer in process and over HTTP, the baselines on local disk, memory, far steps."""
     memory: dict[str, int] = {}
     service = ServiceRun(paths, config.work, "1x")
     try:
