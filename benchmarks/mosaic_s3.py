@@ -9,7 +9,8 @@ MosaicML Streaming pins its own torch and transformers, so it lives in a separat
              uncompressed MDS dataset under REMOTE/NAME, in shards of --size-limit bytes (untimed)
     read     open the streams with an empty local cache and read --steps batches of --batch rows mixed by
              --weights (shuffled, StreamingDataset's own proportions); print {"seconds", "rows", "tokens",
-             "fetched_bytes"} as JSON, timed from opening the dataset to the last batch (imports excluded)
+             "fetched_bytes"} as JSON, timed from opening the dataset to the last batch (imports excluded).
+             Mosaic checks no hash here (its default); replaymix's reader checks each fetched shard's sha256.
 """
 
 from __future__ import annotations
