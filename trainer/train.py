@@ -78,6 +78,8 @@ from trainer.stop_request import RunStopped, StopRequest
 from trainer.train_config import RESUMABLE_FLAGS, TrainConfig, config_record, resume_differences
 
 StepHook = Callable[[int, nn.Module, Batch], None]
+# (step, path of checkpoints/latest.pt or latest.dcp/): called on every rank once a latest checkpoint is written.
+CheckpointHook = Callable[[int, Path], None]
 
 
 @dataclass(frozen=True)
@@ -348,10 +350,11 @@ class StepStats:
         return self.tokens / elapsed, self.data_wait / elapsed
 
 
-def train(config: TrainConfig, on_step: StepHook | None = None) -> GPT:
+def train(config: TrainConfig, on_step: StepHook | None = None, on_checkpoint: CheckpointHook | None = None) -> GPT:
     """Run the training described by `config`; return the trained (unwrapped) model.
 
-    `on_step(step, model, batch)` is called on every rank after each update (tests check DDP with it).
+    `on_step(step, model, batch)` is called on every rank after each update (tests check DDP with it);
+    `on_checkpoint(step, path)` on every rank after each latest checkpoint (the Ray launcher reports it).
     Raises RunStopped after the checkpoint a SIGINT or SIGTERM asked for.
     """
     require_device(config.device)
@@ -372,7 +375,7 @@ def train(config: TrainConfig, on_step: StepHook | None = None) -> GPT:
     with StopRequest(dist_info.world_size, device, announce=dist_info.is_main) as stop:
         source = open_source(config.data, dist_info.rank, dist_info.world_size)
         try:
-            return _run(config, source, dist_info, device, on_step, stop)
+            return _run(config, source, dist_info, device, on_step, on_checkpoint, stop)
         finally:
             source.close()
 
@@ -388,7 +391,7 @@ def _report_finished(config: TrainConfig, step: int) -> None:
 
 
 def _run(config: TrainConfig, source: BatchSource, dist_info: Distributed, device: torch.device,
-         on_step: StepHook | None, stop: StopRequest) -> GPT:
+         on_step: StepHook | None, on_checkpoint: CheckpointHook | None, stop: StopRequest) -> GPT:
     rows = source.global_batch // dist_info.world_size
     if source.global_batch % dist_info.world_size or rows % config.data.micro_batch:
         raise ValueError(
@@ -451,6 +454,9 @@ def _run(config: TrainConfig, source: BatchSource, dist_info: Distributed, devic
                          dist_info.is_main)
         if dist_info.world_size > 1:
             dist.barrier()
+        if on_checkpoint is not None and LATEST in names:
+            latest = sharded_name(LATEST) if config.fsdp else LATEST
+            on_checkpoint(step, config.out / CHECKPOINT_DIR / latest)
 
     if state.start_step == 0 and first_eval is None:
         evaluate(0)  # the baseline forgetting and adaptation are measured against
