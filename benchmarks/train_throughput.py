@@ -1,14 +1,15 @@
 """Training throughput and model FLOPs utilisation (MFU), with the data path against a no-data baseline.
 
-    python benchmarks/train_throughput.py --device cuda --compile            # 125M, seq 1024, bf16
-    python benchmarks/train_throughput.py --stream http://host:8000 ...      # read from the service
-    python benchmarks/train_throughput.py --model test --seq-len 128 --micro-batch 4 --steps 5   # CPU smoke
+    python -m benchmarks.train_throughput --device cuda --compile            # 125M, seq 1024, bf16
+    python -m benchmarks.train_throughput --stream http://host:8000 ...      # read from the service
+    python -m benchmarks.train_throughput --model test --seq-len 128 --micro-batch 4 --steps 5   # CPU smoke
 
-Both measurements use the trainer's own `train_step`. The baseline trains on token tensors already on
-the device; the data path pulls each step's rows from the in-process mixer (--dataset, or a small
-dataset made here when none is given) or from the mixer service (--stream). Printed: tokens/s of each,
-their ratio, the share of step time spent waiting for data, and MFU against --peak-tflops (known
-GPUs are looked up).
+Every measurement uses the trainer's own `train_step`. The baseline trains on token tensors already on
+the device; each data path feeds the step as the trainer does, through `trainer.data.on_device` (a thread
+turns the next batches into tensors, pinned on CUDA, while a step runs): the in-process mixer (--dataset,
+or a small dataset made here when none is given) always, and the mixer service too with --stream. Printed,
+a row per path: tokens/s, its ratio to the baseline, and data wait as a share of step time (the time the
+loop waited for a batch nobody had ready); and MFU against --peak-tflops (known GPUs are looked up).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.train_config import DataConfig  # noqa: E402
-from trainer.data import open_source  # noqa: E402
+from trainer.data import BatchSource, on_device, open_source  # noqa: E402
 from trainer.model import GPT, MODEL_SIZES, config_for  # noqa: E402
 from trainer.train import autocast_for, train_step  # noqa: E402
 
@@ -94,25 +95,29 @@ def main() -> int:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--dataset", metavar="PATH", help="token dataset for the data path (default: made here)")
-    p.add_argument("--stream", metavar="URL", help="read the data path from a mixer service instead")
+    p.add_argument("--stream", metavar="URL",
+                   help="also measure the path from a mixer service (allowing anonymous reads), whose geometry "
+                        "both paths then take")
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU (looked up for known GPUs)")
     args = p.parse_args()
 
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    rows = args.micro_batch * args.accumulation
+    rows, seq_len = args.micro_batch * args.accumulation, args.seq_len
     with tempfile.TemporaryDirectory() as scratch:
-        if args.stream:
-            data = DataConfig(stream_url=args.stream)
-        else:
-            path = args.dataset or make_dataset(Path(scratch), 512, tokens=rows * (args.seq_len + 1) * 8)
-            data = DataConfig(datasets={"bench": str(path)}, weights={"bench": 1.0}, seq_len=args.seq_len,
-                              global_batch=rows, micro_batch=args.micro_batch)
-        source = open_source(data, rank=0, world_size=1)
-        if source.vocab_size > args.vocab:
-            p.error(f"the data's vocabulary {source.vocab_size} exceeds --vocab {args.vocab}")
-        seq_len, rows = source.seq_len, source.global_batch
+        sources: dict[str, BatchSource] = {}
+        if args.stream:  # first: the service decides the geometry, which the in-process path then takes
+            sources["stream"] = open_source(DataConfig(stream_url=args.stream),
+                                            rank=0, world_size=1)
+            seq_len, rows = sources["stream"].seq_len, sources["stream"].global_batch
+        path = args.dataset or make_dataset(Path(scratch), 512, tokens=rows * (seq_len + 1) * 8)
+        in_process = DataConfig(datasets={"bench": str(path)}, weights={"bench": 1.0}, seq_len=seq_len,
+                                global_batch=rows, micro_batch=args.micro_batch)
+        sources = {"in-process": open_source(in_process, rank=0, world_size=1), **sources}
+        vocab = max(source.vocab_size for source in sources.values())
+        if vocab > args.vocab:
+            p.error(f"the data's vocabulary {vocab} exceeds --vocab {args.vocab}")
 
         torch.manual_seed(0)
         model = GPT(config_for(args.model, args.vocab, seq_len)).to(device)
@@ -120,27 +125,30 @@ def main() -> int:
         optimizer = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
         autocast = autocast_for(device)
 
-        resident = torch.randint(0, source.vocab_size, (rows, seq_len + 1), device=device)
-        base_tps, _ = measure(forward, optimizer, data.micro_batch, autocast, lambda: resident,
+        resident = torch.randint(0, vocab, (rows, seq_len + 1), device=device)
+        base_tps, _ = measure(forward, optimizer, args.micro_batch, autocast, lambda: resident,
                               args.steps, args.warmup, "baseline (on-device tokens)", device)
-        batches = source.batches(0)
-        data_tps, wait = measure(forward, optimizer, data.micro_batch, autocast,
-                                 lambda: next(batches).tokens.to(device, non_blocking=True),
-                                 args.steps, args.warmup, "data path", device)
-        source.close()
+        results = {}
+        for name, source in sources.items():
+            batches = on_device(source.batches(0), device)  # the trainer's own prefetching path
+            results[name] = measure(forward, optimizer, args.micro_batch, autocast, lambda: next(batches)[1],
+                                    args.steps, args.warmup, f"{name} data path", device)
+            batches.close()
+            source.close()
 
     flops = model.flops_per_token(seq_len)
     peak = args.peak_tflops
     if peak is None and device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-    mfu = f"MFU {data_tps * flops / (peak * 1e12):.1%} of {peak:.0f} TFLOP/s" if peak else "MFU n/a (give --peak-tflops)"
-    print(
-        f"{args.model} ({model.num_params() / 1e6:.1f}M params) seq {seq_len} x {rows} rows on {device}"
-        f"{' compiled' if args.compile else ''}: data path {data_tps:,.0f} tokens/s, baseline {base_tps:,.0f} "
-        f"tokens/s, ratio {data_tps / base_tps:.3f}, data wait {wait:.2%} of step time, "
-        f"{flops / 1e6:.0f} MFLOP/token, {mfu}"
-    )
+    mfu = lambda tps: f"{tps * flops / (peak * 1e12):.1%}" if peak else "n/a"
+    print(f"{args.model} ({model.num_params() / 1e6:.1f}M params) seq {seq_len} x {rows} rows on {device}"
+          f"{' compiled' if args.compile else ''}, {flops / 1e6:.0f} MFLOP/token"
+          + (f", MFU against {peak:.0f} TFLOP/s" if peak else ", MFU n/a (give --peak-tflops)"))
+    print(f"{'path':<12} {'tokens/s':>12} {'vs baseline':>12} {'data wait':>10} {'MFU':>7}")
+    print(f"{'baseline':<12} {base_tps:>12,.0f} {1:>12.3f} {'-':>10} {mfu(base_tps):>7}")
+    for name, (tps, wait) in results.items():
+        print(f"{name:<12} {tps:>12,.0f} {tps / base_tps:>12.3f} {wait:>10.2%} {mfu(tps):>7}")
     return 0
 
 
