@@ -6,6 +6,7 @@ written with the same `pipeline.dataset` functions the tokenize job uses.
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Callable, Sequence
@@ -62,6 +63,12 @@ def english_lines() -> list[str]:
 @pytest.fixture(scope="session")
 def german_lines() -> list[str]:
     return make_lines(GERMAN_WORDS, 2000, seed=2)
+
+
+def write_jsonl(path: Path, texts: Sequence[str]) -> Path:
+    """A JSONL corpus: one {"text": ...} object per line."""
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
 
 
 def train_spm(text_lines: Sequence[str], prefix: Path, vocab_size: int = 200, **options: object) -> Path:

@@ -20,7 +20,7 @@ from pipeline.tokenizer.model_proto import TokenizerError
 from pipeline.tokenizer.report import ExtensionReport
 from pipeline.tokenizer.sample import is_heldout
 from pipeline.tokenizer.train import SP_FOLDER_CONFIG, TokenizerTrainConfig, train_tokenizer
-from conftest import train_spm
+from conftest import train_spm, write_jsonl
 
 FOLDERS = {"sentencepiece": sentencepiece_folder, "gpt2": gpt2_folder, "llama3": llama3_folder}
 
@@ -32,15 +32,10 @@ def local_ray():
     ray.shutdown()
 
 
-def jsonl(path: Path, lines: list[str]) -> str:
-    path.write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def corpora(tmp_path_factory, english_lines, german_lines):
     folder = tmp_path_factory.mktemp("corpora")
-    return jsonl(folder / "en.jsonl", english_lines), jsonl(folder / "de.jsonl", german_lines)
+    return str(write_jsonl(folder / "en.jsonl", english_lines)), str(write_jsonl(folder / "de.jsonl", german_lines))
 
 
 @pytest.fixture(scope="module", params=sorted(FOLDERS))
@@ -114,8 +109,8 @@ def test_a_folder_whose_files_disagree_is_extended_and_the_disagreement_counted(
     (spaced / "tokenizer.model").write_bytes(model.read_bytes())
     (spaced / "tokenizer_config.json").write_text(json.dumps(SP_FOLDER_CONFIG))
     AutoTokenizer.from_pretrained(str(spaced)).save_pretrained(str(spaced))
-    spaced_de = jsonl(tmp_path / "de-spaced.jsonl", [f"{g}    {i}  x" for i, g in enumerate(german_lines)])
-    spaced_en = jsonl(tmp_path / "en-spaced.jsonl", lines)
+    spaced_de = str(write_jsonl(tmp_path / "de-spaced.jsonl", [f"{g}    {i}  x" for i, g in enumerate(german_lines)]))
+    spaced_en = str(write_jsonl(tmp_path / "en-spaced.jsonl", lines))
     report = extend_tokenizer(ExtendConfig(base=spaced, inputs=(spaced_de,), old_inputs=(spaced_en,), new_pieces=60,
                                            out=tmp_path / "out"))
     counted = report["tokenizer_json_vs_model"]

@@ -13,6 +13,7 @@ import pytest
 import ray
 from transformers import AutoTokenizer
 
+from conftest import write_jsonl
 from hf_tokenizers import gpt2_folder, llama3_folder, sentencepiece_folder, wordlevel_folder
 from pipeline.dataset import READABLE_FORMATS, TokenDataset, sha256_file
 from pipeline.ray_runtime import init_ray
@@ -37,11 +38,6 @@ def local_ray():
 @pytest.fixture(scope="module", params=sorted(FOLDERS))
 def hf_folder(request, tmp_path_factory, english_lines) -> Path:
     return FOLDERS[request.param](english_lines[:1500], tmp_path_factory.mktemp("hf") / request.param)
-
-
-def write_jsonl(path: Path, texts) -> Path:
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    return path
 
 
 def documents_of(tmp_path: Path, texts: list[str], tokenizer: Path, **options) -> tuple[TokenDataset, list[np.ndarray]]:

@@ -19,7 +19,7 @@ import pytest
 
 from pipeline.dataset import TokenDataset
 from service.launcher import free_port
-from test_tokenize import write_jsonl
+from conftest import write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"

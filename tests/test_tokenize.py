@@ -20,8 +20,7 @@ import sentencepiece as spm
 from pipeline.dataset import DatasetError, TokenDataset
 from pipeline.ray_runtime import init_ray
 from pipeline.tokenizer.model_proto import TokenizerError
-from pipeline.readers import InputError
-from conftest import train_spm
+from conftest import train_spm, write_jsonl
 from pipeline.tokenize import TokenizeConfig, main, newlines_split_words, tokenize
 from test_readers import write_all_formats, write_dataset_dict
 
@@ -33,11 +32,6 @@ def local_ray():
     init_ray(num_cpus=2)
     yield
     ray.shutdown()
-
-
-def write_jsonl(path: Path, texts) -> Path:
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    return path
 
 
 def decode_all(ds: TokenDataset, split: str) -> list[str]:

@@ -18,7 +18,7 @@ import ray
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
-from conftest import CYRILLIC_LETTERS, train_spm
+from conftest import CYRILLIC_LETTERS, train_spm, write_jsonl
 from pipeline.tokenizer.__main__ import main
 from pipeline.tokenizer.extend import (
     MAX_OLD_TEXT_LOSS,
@@ -172,15 +172,10 @@ def test_bpe_pieces_score_below_every_base_piece(extension):
     assert max(scores) < lowest and scores == sorted(scores, reverse=True)
 
 
-def _jsonl(path: Path, lines: list[str]) -> str:
-    path.write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def corpora(tmp_path_factory, english_lines, german_lines):
     folder = tmp_path_factory.mktemp("corpora")
-    return folder, _jsonl(folder / "en.jsonl", english_lines), _jsonl(folder / "de.jsonl", german_lines)
+    return folder, str(write_jsonl(folder / "en.jsonl", english_lines)), str(write_jsonl(folder / "de.jsonl", german_lines))
 
 
 @pytest.fixture(scope="module")
@@ -303,7 +298,7 @@ def test_bad_piece_counts_are_refused(tmp_path, english_lines, german_lines, cyr
 
 def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys, english_lines):
     (tmp_path / "base.model").write_text("not a model")
-    new = _jsonl(tmp_path / "de.jsonl", english_lines[:10])
+    new = str(write_jsonl(tmp_path / "de.jsonl", english_lines[:10]))
     code = main(["extend", "--base", str(tmp_path / "base.model"), "--input", new, "--old-input", new,
                  "--new-pieces", "10", "--out", str(tmp_path / "out.model")])
     assert code == 2
@@ -314,7 +309,7 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys, english_lin
 def test_cli_shows_a_wrong_text_field_in_one_line(tmp_path, english_lines):
     """A task error that Ray Data would report with a traceback and "please open an issue on the Ray
     project" is the one line naming file, line and flag (run in a process of its own, as a user runs it)."""
-    source = _jsonl(tmp_path / "en.jsonl", english_lines[:20])
+    source = str(write_jsonl(tmp_path / "en.jsonl", english_lines[:20]))
     command = subprocess.run([sys.executable, "-m", "pipeline.tokenizer", "train", "--input", source, "--text-field",
                               "body", "--vocab-size", "50", "--out", str(tmp_path / "en.model"), "--num-cpus", "1"],
                              cwd=REPO, capture_output=True, text=True, timeout=300)
