@@ -241,7 +241,13 @@ class StreamClient:
             raise StopIteration
         if self._thread is None:
             self._start()
-        item = self._queue.get()
+        while True:  # woken by close() too, so that no thread stays blocked here on a closed client
+            try:
+                item = self._queue.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if self._closed.is_set():
+                    raise StopIteration from None
         if item is None:
             raise StopIteration
         if isinstance(item, Exception):

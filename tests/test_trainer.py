@@ -69,6 +69,15 @@ def assert_bitwise_equal(a: object, b: object, where: str) -> None:
         assert a == b, where
 
 
+def test_no_data_thread_outlives_a_finished_run(tmp_path, datasets):
+    # A prefetch thread left running into interpreter shutdown, inside a torch call, aborted a finished run
+    # ("terminate called without an active exception", exit -6) in the demo.
+    import threading
+
+    assert main(args_for({"en": datasets["en"]}, tmp_path / "run", "--steps", "3", "--eval-every", "3")) == 0
+    assert [t.name for t in threading.enumerate() if t.name == "device-prefetch"] == []
+
+
 def test_loss_falls_on_real_text(tmp_path, datasets):
     out = tmp_path / "run"
     assert main(args_for({"en": datasets["en"]}, out, "--steps", "40", "--max-lr", "3e-3", "--eval-every", "20")) == 0

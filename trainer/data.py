@@ -155,23 +155,27 @@ def on_device(batches: Iterator[Batch], device: "torch.device", depth: int = 2) 
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def offer(item: object) -> bool:
+        """Queue an item, waiting for room; False once the loop has stopped taking them."""
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for batch in batches:
                 tokens = torch.from_numpy(batch.tokens)
-                item = (batch, tokens.pin_memory() if pin else tokens)
-                while not stop.is_set():
-                    try:
-                        ready.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer((batch, tokens.pin_memory() if pin else tokens)):
                     return
         except BaseException as e:  # handed to the loop, which raises it where it is seen
-            ready.put(e)
+            offer(e)
 
-    threading.Thread(target=produce, name="device-prefetch", daemon=True).start()
+    producer = threading.Thread(target=produce, name="device-prefetch", daemon=True)
+    producer.start()
     try:
         while True:
             item = ready.get()
@@ -181,3 +185,6 @@ def on_device(batches: Iterator[Batch], device: "torch.device", depth: int = 2) 
             yield batch, tokens.to(device, non_blocking=True)
     finally:
         stop.set()
+        # Joined, not left running: a daemon thread inside a torch call while the interpreter shuts down
+        # aborts the process ("terminate called without an active exception") after a finished run.
+        producer.join(timeout=30)

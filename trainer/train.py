@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from contextlib import closing
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -467,59 +468,60 @@ def _run(config: TrainConfig, source: BatchSource, dist_info: Distributed, devic
     stats = StepStats()
     bar = tqdm(total=config.steps, initial=state.start_step, desc="train", unit="step",
                disable=not (dist_info.is_main and config.progress))
-    batches = on_device(source.batches(state.start_step), device)
-    for step in range(state.start_step, config.steps):
-        signum = stop.agreed()
-        if signum:
-            if saved_step != step:
-                checkpoint(step, LATEST)
-            bar.close()
-            raise RunStopped(signum, step, config.out / CHECKPOINT_DIR / LATEST, dist_info.is_main)
-        wait_started = time.perf_counter()
-        batch, tokens = next(batches)
-        stats.record(time.perf_counter() - wait_started, tokens_per_step)
+    # Closed when the loop ends, however it ends: its thread must not outlive the run (see on_device).
+    with closing(on_device(source.batches(state.start_step), device)) as batches:
+        for step in range(state.start_step, config.steps):
+            signum = stop.agreed()
+            if signum:
+                if saved_step != step:
+                    checkpoint(step, LATEST)
+                bar.close()
+                raise RunStopped(signum, step, config.out / CHECKPOINT_DIR / LATEST, dist_info.is_main)
+            wait_started = time.perf_counter()
+            batch, tokens = next(batches)
+            stats.record(time.perf_counter() - wait_started, tokens_per_step)
 
-        lr = state.schedule(step)
-        for group in state.optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum, grad_norm = train_step(forward, state.optimizer, tokens, config.data.micro_batch,
-                                         config.optim.grad_clip, autocast)
-        done = step + 1
-        bar.update(1)
-        if on_step is not None:
-            on_step(done, model, batch)
+            lr = state.schedule(step)
+            for group in state.optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum, grad_norm = train_step(forward, state.optimizer, tokens, config.data.micro_batch,
+                                             config.optim.grad_clip, autocast)
+            done = step + 1
+            bar.update(1)
+            if on_step is not None:
+                on_step(done, model, batch)
 
-        if done % config.log_every == 0 or done == config.steps:
-            counts = torch.from_numpy(np.bincount(batch.sources, minlength=len(source.names)).astype(np.float64))
-            reduced = torch.cat([loss_sum.double().cpu().view(1), counts])
-            if dist_info.world_size > 1:
-                reduced = reduced.to(device)
-                dist.all_reduce(reduced)
-                reduced = reduced.cpu()
-            last_loss = reduced[0].item() / dist_info.world_size
-            tokens_per_s, wait_share = stats.summary()
-            stats.reset()
-            if log is not None:
-                shares = (reduced[1:] / reduced[1:].sum()).tolist()
-                log.write({
-                    "kind": "train", "step": done, "batch_step": step, "loss": last_loss, "lr": lr,
-                    "grad_norm": global_value(grad_norm).item(),
-                    "tokens_per_s": tokens_per_s, "data_wait_share": wait_share,
-                    "source_share": dict(zip(source.names, shares)),
-                    **({"max_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
-                       if device.type == "cuda" else {}),
-                })
-            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
-                            wait=f"{wait_share:.1%}")
-        if done % config.eval_every == 0 or done == config.steps:
-            evaluate(done)
-        names = [LATEST] if done % config.checkpoint_every == 0 or done == config.steps else []
-        names += [named_checkpoint(done)] if done in config.save_at else []
-        names += [FINAL] if done == config.steps else []
-        if names:
-            checkpoint(done, *names)
-        if done % config.eval_every == 0 or names:
-            stats.reset()  # evaluation and checkpoint time is not training throughput
+            if done % config.log_every == 0 or done == config.steps:
+                counts = torch.from_numpy(np.bincount(batch.sources, minlength=len(source.names)).astype(np.float64))
+                reduced = torch.cat([loss_sum.double().cpu().view(1), counts])
+                if dist_info.world_size > 1:
+                    reduced = reduced.to(device)
+                    dist.all_reduce(reduced)
+                    reduced = reduced.cpu()
+                last_loss = reduced[0].item() / dist_info.world_size
+                tokens_per_s, wait_share = stats.summary()
+                stats.reset()
+                if log is not None:
+                    shares = (reduced[1:] / reduced[1:].sum()).tolist()
+                    log.write({
+                        "kind": "train", "step": done, "batch_step": step, "loss": last_loss, "lr": lr,
+                        "grad_norm": global_value(grad_norm).item(),
+                        "tokens_per_s": tokens_per_s, "data_wait_share": wait_share,
+                        "source_share": dict(zip(source.names, shares)),
+                        **({"max_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+                           if device.type == "cuda" else {}),
+                    })
+                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
+                                wait=f"{wait_share:.1%}")
+            if done % config.eval_every == 0 or done == config.steps:
+                evaluate(done)
+            names = [LATEST] if done % config.checkpoint_every == 0 or done == config.steps else []
+            names += [named_checkpoint(done)] if done in config.save_at else []
+            names += [FINAL] if done == config.steps else []
+            if names:
+                checkpoint(done, *names)
+            if done % config.eval_every == 0 or names:
+                stats.reset()  # evaluation and checkpoint time is not training throughput
     bar.close()
     if isinstance(model, HFCausalLM):
         # Under --fsdp every rank sends its shards to rank 0, which alone holds (and writes) the whole model.
