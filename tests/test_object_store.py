@@ -409,8 +409,12 @@ def test_a_hub_dataset_is_an_input_with_its_splits_kept_apart(tmp_path, monkeypa
 # What Ray does to a read task when a sibling fails: it interrupts the worker's main thread (a simulated
 # SIGINT). Here the interrupt comes while `datasets` imports its loader, as it did in the flaky runs.
 INTERRUPTED_LOAD = """
-import _thread, sys
+import _thread, signal, sys
 from pipeline import hf_inputs
+
+# As in a Ray worker, whose SIGINT cancels the task; a process started in the background (a CI job under
+# `cmd &`) inherits SIGINT ignored, and an ignored interrupt is rightly never raised.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 class InterruptMidImport:
     def find_spec(self, name, path=None, target=None):
