@@ -4,8 +4,9 @@ leases against one real service, with ratio changes under way.
     python -m benchmarks.scale [--ranks 4096] [--seconds 120] [--changes 20] [--lease-steps 64] [--step-ms 20]
 
 Every rank holds a lease (`POST /v1/leases`) and "computes" one step per simulated training step, in
-lockstep as data-parallel ranks run; it renews when half its lease is used (so a rank renews every
-lease_steps / 2 steps), and never computes a step at or past its lease (a rank whose renewal is late waits, and the wait is counted). An operator's PUT
+lockstep as data-parallel ranks run; it renews as `StreamClient(compute="local")` does, when half to three
+quarters of its lease is used, staggered by rank (so a rank renews about every lease_steps / 2 steps, and the
+ranks' renewals spread over lease_steps / 4 steps), and never computes a step at or past its lease (a rank whose renewal is late waits, and the wait is counted). An operator's PUT
 /v1/mix lands `--changes` times, evenly spread. Everything runs on loopback: one service process and one
 load-generating process (asyncio, `--connections` keep-alive connections).
 
@@ -79,6 +80,8 @@ async def drive(run: Run, url: str, seconds: float, changes: int, connections: i
     until = np.zeros(run.ranks, np.int64)  # each rank's lease: it may compute steps below it
     computed = np.zeros(run.ranks, np.int64)  # each rank's next step to compute
     pending = np.zeros(run.ranks, bool)
+    # As service.local_compute renews: between half and three quarters of the lease, staggered by rank.
+    renew_margin = run.lease_steps // 2 - np.arange(run.ranks) % max(1, run.lease_steps // 4)
     landed = []
 
     # At most `connections` requests in the client at once: httpx's pool slows down quadratically with
@@ -103,7 +106,7 @@ async def drive(run: Run, url: str, seconds: float, changes: int, connections: i
         next_change = 1
         while (elapsed := time.perf_counter() - started) < seconds:
             run.step = int(elapsed / run.step_seconds)
-            due = np.flatnonzero(~pending & (computed >= until - run.lease_steps // 2))
+            due = np.flatnonzero(~pending & (computed >= until - renew_margin))
             for rank in due.tolist():
                 pending[rank] = True
                 task = asyncio.ensure_future(renew(client, rank, int(computed[rank]) + run.lease_steps))

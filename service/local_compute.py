@@ -80,6 +80,9 @@ class LocalCompute:
         self.mixer = Mixer(datasets, config, MixSchedule.from_json(info["schedule"]))
         self.mixer.check_request([0], rank, world_size)
         self.rank, self.world_size, self.lease_steps = rank, world_size, lease_steps
+        # Renew between half and three quarters of the lease, staggered by rank: ranks run in lockstep, and
+        # renewing all at the same step would hit the service with every rank's request at once.
+        self.renew_margin = lease_steps // 2 - rank % max(1, lease_steps // 4)
         self.until = 0  # every step below it is leased: computing it gives the service's bytes
         self._post = post
         self._lock = threading.Lock()
@@ -89,13 +92,13 @@ class LocalCompute:
         if not steps:
             return []
         last = max(steps)
-        if last >= self.until - self.lease_steps // 2:  # renew ahead, while leased steps remain
+        if last >= self.until - self.renew_margin:  # renew ahead, while leased steps remain
             self._renew(last)
         return self.mixer.batches(steps, self.rank, self.world_size, np.int64)
 
     def _renew(self, last: int) -> None:
         with self._lock:
-            if last < self.until - self.lease_steps // 2:
+            if last < self.until - self.renew_margin:
                 return  # another thread renewed meanwhile
             body = json.dumps({"until": last + 1 + self.lease_steps, "rank": self.rank,
                                "world_size": self.world_size}).encode()
