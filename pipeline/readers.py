@@ -38,7 +38,7 @@ from ray.data.block import BlockMetadata
 
 from pipeline import storage
 from pipeline.errors import PipelineError
-from pipeline.hf_inputs import HubInput, is_hub_input, open_hub_input, read_hub_shard
+from pipeline.hf_inputs import is_hub_input, open_hub_input, read_hub_shard
 
 # Longest suffix first, so that "x.jsonl.gz" is JSONL-gzip and not an unknown ".gz".
 FORMATS = {

@@ -26,7 +26,6 @@ from pipeline.storage import is_uri
 from pipeline.tokenizer.model_proto import TokenizerError, load_model_proto, processor_from_proto
 
 SENTENCEPIECE, HUGGINGFACE = "sentencepiece", "huggingface"
-KINDS = (SENTENCEPIECE, HUGGINGFACE)
 # The files of a Hugging Face tokenizer folder that a dataset keeps a copy of (those present).
 HF_TOKENIZER_FILES = (
     "tokenizer.json",
