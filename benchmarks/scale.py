@@ -6,12 +6,13 @@ leases against one real service, with ratio changes under way.
 Every rank holds a lease (`POST /v1/leases`) and "computes" one step per simulated training step, in
 lockstep as data-parallel ranks run; it renews as `StreamClient(compute="local")` does, when half to three
 quarters of its lease is used, staggered by rank (so a rank renews about every lease_steps / 2 steps, and the
-ranks' renewals spread over lease_steps / 4 steps), and never computes a step at or past its lease (a rank whose renewal is late waits, and the wait is counted). An operator's PUT
-/v1/mix lands `--changes` times, evenly spread. Everything runs on loopback: one service process and one
+ranks' renewals spread over lease_steps / 4 steps), and never computes a step at or past its lease (a rank whose renewal is late waits, and the wait is counted). Ranks come up as workers
+do, over `--start-seconds` (each takes its first lease when it is up; training starts when all are, as at the
+first collective). An operator's PUT /v1/mix lands `--changes` times, evenly spread. Everything runs on loopback: one service process and one
 load-generating process (asyncio, `--connections` keep-alive connections).
 
 Printed: leases/s sustained; lease latency at the service (p50/p99 of its own request histogram,
-from /metrics) and as the ranks saw it; the service's CPU per lease (from /proc), hence leases/s per
+from /metrics, over the whole run and over the steady state after start-up) and as the ranks saw it; the service's CPU per lease (from /proc), hence leases/s per
 core; checks that must be 0 (steps computed past a lease, rows of one step given to two ranks, changes
 that land before a leased step or later than the first step past every lease). From the per-core rate,
 the steerable ranks at a given step time: ranks = leases/s per core x (lease_steps / 2) x step seconds.
@@ -48,7 +49,8 @@ class Run:
     computed_past_lease: int = 0
     waits: int = 0  # rank-ticks spent waiting for a late renewal
     step: int = 0  # the global training step all ranks are on
-    stop: bool = False
+    start_seconds: float = 0.0  # ranks come up evenly over this long; training starts when all are up
+    metrics_at_start: str = ""  # the service's /metrics when training started: the steady state is after it
 
 
 def service_cpu_seconds(pid: int) -> float:
@@ -56,13 +58,21 @@ def service_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def histogram_quantiles(metrics: str, route: str, quantiles: tuple[float, ...]) -> list[float]:
-    """Upper bucket bounds at the given quantiles of the service's latency histogram for `route`."""
-    buckets = []
+def latency_buckets(metrics: str, route: str) -> dict[float, float]:
+    """The service's cumulative latency histogram for `route`: upper bound -> count."""
+    buckets = {}
     for line in metrics.splitlines():
         match = re.match(r'replaymix_request_seconds_bucket\{le="([^"]+)",route="([^"]+)"\} (\S+)', line)
         if match and match.group(2) == route:
-            buckets.append((float(match.group(1)), float(match.group(3))))
+            buckets[float(match.group(1))] = float(match.group(3))
+    return buckets
+
+
+def histogram_quantiles(metrics: str, route: str, quantiles: tuple[float, ...], since: str = "") -> list[float]:
+    """Upper bucket bounds at the given quantiles of the service's latency histogram for `route`, counting
+    only requests after the scrape `since` when one is given."""
+    before = latency_buckets(since, route)
+    buckets = [(bound, count - before.get(bound, 0)) for bound, count in sorted(latency_buckets(metrics, route).items())]
     total = buckets[-1][1] if buckets else 0
     return [next((bound for bound, count in buckets if count >= q * total), float("inf")) for q in quantiles]
 
@@ -82,6 +92,7 @@ async def drive(run: Run, url: str, seconds: float, changes: int, connections: i
     pending = np.zeros(run.ranks, bool)
     # As service.local_compute renews: between half and three quarters of the lease, staggered by rank.
     renew_margin = run.lease_steps // 2 - np.arange(run.ranks) % max(1, run.lease_steps // 4)
+    up_at = np.arange(run.ranks) * run.start_seconds / run.ranks  # when each rank's worker is up
     landed = []
 
     # At most `connections` requests in the client at once: httpx's pool slows down quadratically with
@@ -102,6 +113,15 @@ async def drive(run: Run, url: str, seconds: float, changes: int, connections: i
 
     async with httpx.AsyncClient(limits=limits, headers=headers, timeout=120) as client:
         requests: set[asyncio.Task] = set()
+        began = time.perf_counter()
+        while (elapsed := time.perf_counter() - began) < run.start_seconds:  # workers coming up: first leases
+            for rank in np.flatnonzero(~pending & (until == 0) & (up_at <= elapsed)).tolist():
+                pending[rank] = True
+                task = asyncio.ensure_future(renew(client, rank, run.lease_steps))
+                requests.add(task)
+                task.add_done_callback(requests.discard)
+            await asyncio.sleep(0.01)
+        run.metrics_at_start = (await client.get(f"{url}/metrics")).text
         started = time.perf_counter()
         next_change = 1
         while (elapsed := time.perf_counter() - started) < seconds:
@@ -171,6 +191,8 @@ def main() -> int:
     parser.add_argument("--lease-steps", type=int, default=64)
     parser.add_argument("--step-ms", type=float, default=20.0, help="simulated training step time")
     parser.add_argument("--connections", type=int, default=256)
+    parser.add_argument("--start-seconds", type=float, default=10.0,
+                        help="ranks come up evenly over this long (0: all at once); training starts when all are")
     args = parser.parse_args()
     from benchmarks.train_throughput import make_dataset
 
@@ -188,7 +210,7 @@ def main() -> int:
                                   f"--admin-token-file={work / 'admin-token'}", "--reserve-steps=4096",
                                   f"--max-lookahead={1 << 20}"], free_port()).start()
         try:
-            run = Run(args.ranks, args.lease_steps, args.step_ms / 1000)
+            run = Run(args.ranks, args.lease_steps, args.step_ms / 1000, start_seconds=args.start_seconds)
             cpu_before, wall_before = service_cpu_seconds(service.proc.pid), time.perf_counter()
             landed = asyncio.run(drive(run, service.url, args.seconds, args.changes, args.connections))
             wall = time.perf_counter() - wall_before
@@ -197,14 +219,15 @@ def main() -> int:
         finally:
             service.stop()
         p50, p99 = histogram_quantiles(metrics, "/v1/leases", (0.5, 0.99))
+        steady_p50, steady_p99 = histogram_quantiles(metrics, "/v1/leases", (0.5, 0.99), since=run.metrics_at_start)
         leases = len(run.granted)
         rate = leases / wall
         per_core = leases / cpu if cpu else float("inf")
         seen = sorted(run.latencies)
-        print(f"{args.ranks} ranks, {wall:.0f} s, lease {args.lease_steps} steps, simulated step {args.step_ms:g} ms "
+        print(f"{args.ranks} ranks up over {args.start_seconds:g} s, {wall:.0f} s in all, lease {args.lease_steps} steps, simulated step {args.step_ms:g} ms "
               f"(demand {2 * args.ranks / (args.lease_steps * run.step_seconds):.0f} leases/s), {len(landed)} changes")
         print(f"leases: {leases} ({rate:.0f}/s sustained); at the service p50 <= {p50 * 1e3:g} ms, p99 <= {p99 * 1e3:g} ms "
-              f"(histogram bucket bounds); as ranks saw it p50 {statistics.median(seen) * 1e3:.1f} ms, "
+              f"(histogram bucket bounds), after start-up p50 <= {steady_p50 * 1e3:g} ms, p99 <= {steady_p99 * 1e3:g} ms; as ranks saw it p50 {statistics.median(seen) * 1e3:.1f} ms, "
               f"p99 {seen[int(0.99 * (len(seen) - 1))] * 1e3:.1f} ms")
         print(f"service CPU {cpu:.1f} s = {cpu / wall:.2f} cores busy; {per_core:.0f} leases per CPU-second; "
               f"rank-steps spent waiting for a renewal: {run.waits} of {args.ranks * int(wall / run.step_seconds)}")
