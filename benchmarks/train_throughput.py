@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.train_config import DataConfig  # noqa: E402
 from trainer.data import BatchSource, on_device, open_source  # noqa: E402
-from trainer.model import GPT, MODEL_SIZES, config_for  # noqa: E402
+from trainer.model import MODEL_SIZES, fresh_model  # noqa: E402
 from trainer.train import autocast_for, train_step  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s), by a substring of torch.cuda.get_device_name().
@@ -120,7 +120,7 @@ def main() -> int:
             p.error(f"the data's vocabulary {vocab} exceeds --vocab {args.vocab}")
 
         torch.manual_seed(0)
-        model = GPT(config_for(args.model, args.vocab, seq_len)).to(device)
+        model = fresh_model(args.model, args.vocab, seq_len).to(device)
         forward = torch.compile(model) if args.compile else model
         optimizer = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
         autocast = autocast_for(device)

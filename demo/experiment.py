@@ -299,7 +299,7 @@ def pretrain_english(cfg: ExperimentConfig) -> Path:
     """Phase 1: English alone, infinite schedule, with a checkpoint saved just before the anneal."""
     out = cfg.work_dir / "runs" / "phase1-en"
     if not finished(out):
-        banner(f"phase 1: pretraining a {cfg.model} GPT on English for {cfg.phase1_steps} steps")
+        banner(f"phase 1: pretraining a {cfg.model} Llama on English for {cfg.phase1_steps} steps")
         # Evaluated on English only: German ids of the extended tokenizer do not exist in this model yet.
         # In-process mixing: the batch geometry is given here; phase 2's services decide it for their trainers.
         run([*trainer_args(cfg, out, cfg.phase1_steps, {"en": cfg.work_dir / "datasets" / "en"}),
@@ -315,7 +315,7 @@ def train_union(cfg: ExperimentConfig, union: UnionRun) -> Path:
     out = cfg.work_dir / "runs" / union.name
     if not finished(out):
         share, datasets = cfg.union_german_share, cfg.work_dir / "datasets"
-        banner(f"union baseline: a {cfg.model} GPT from scratch on English + German ({share:.1%} German) for "
+        banner(f"union baseline: a {cfg.model} Llama from scratch on English + German ({share:.1%} German) for "
                f"{cfg.union_steps} steps, re-warmed cosine")
         # In-process mixing, like phase 1; the extended tokenizer's vocabulary from the first step (the
         # English dataset's ids are a prefix of it, which the mixer checks).
@@ -455,6 +455,8 @@ def experiment_record(cfg: ExperimentConfig, runs: Sequence[Phase2Run]) -> dict:
     """What experiment.json holds: the shared settings, and every run by name (those of this invocation)."""
     settings = json.loads(json.dumps(asdict(cfg), default=str))
     settings.pop("runs")
+    # What `--model SIZE` builds: a work dir trained with the trainer's former own GPT is another experiment.
+    settings["architecture"] = "LlamaForCausalLM"
     return {"settings": settings, "runs": {spec.name: run_record(spec) for spec in runs}}
 
 

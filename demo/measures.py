@@ -61,13 +61,14 @@ def bits_per_byte(loss: float, split: ValSplit) -> float:
 
 @lru_cache(maxsize=None)
 def flops_per_token(model: str, vocab_size: int, seq_len: int) -> float:
-    """The trainer's own count for its GPT of this size and vocabulary, built on the meta device (no memory)."""
+    """The trainer's own count for its fresh model of this size and vocabulary, built on the meta device (no
+    memory)."""
     import torch
 
-    from trainer.model import GPT, config_for
+    from trainer.model import fresh_model
 
     with torch.device("meta"):
-        return GPT(config_for(model, vocab_size, seq_len)).flops_per_token(seq_len)
+        return fresh_model(model, vocab_size, seq_len).flops_per_token(seq_len)
 
 
 def vocab_size(dataset: Path) -> int:

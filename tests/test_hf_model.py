@@ -24,7 +24,8 @@ from transformers import (
 from pipeline.tokenizer.report import ExtensionReport
 from tests.conftest import write_token_dataset
 from tests.test_trainer import Crash, assert_bitwise_equal, checkpoint_of, crash_after, evals, train_losses
-from trainer.hf_model import HFCausalLM, from_record, grow_hf_vocab
+from trainer.embedding_growth import grow_vocab
+from trainer.hf_model import HFCausalLM, from_record
 from trainer.metrics_log import read_metrics
 from trainer.train import train
 from trainer.train_config import parse_args
@@ -177,7 +178,7 @@ def test_growth_keeps_old_rows_and_the_logits_of_old_text(tmp_path, base_tokeniz
     with torch.no_grad():
         before = model(old_text)
 
-    grow_hf_vocab(model, report)
+    grow_vocab(model, report)
     expected_rows = max(rows, report.extended_vocab_size)  # Qwen2's padding rows take the new ids
     assert model.config.vocab_size == expected_rows == model.hf.get_output_embeddings().weight.shape[0]
     assert model.tied == (family == "llama")

@@ -129,7 +129,7 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path, datasets):
     assert shares == [{"en": 0.75, "de": 0.25}] * 12
 
 
-def test_continued_run_grows_vocab_and_keeps_constant_lr(tmp_path, datasets, german_lines):
+def test_continued_run_grows_vocab_and_keeps_constant_lr(tmp_path, datasets, german_lines, capsys):
     base = tmp_path / "base"
     train(parse_args(args_for({"en": datasets["en"]}, base, "--steps", "6", "--lr-schedule", "infinite",
                               "--warmup-steps", "1", "--cooldown-steps", "2", "--decay-steps", "2",
@@ -154,24 +154,41 @@ def test_continued_run_grows_vocab_and_keeps_constant_lr(tmp_path, datasets, ger
                                   "new_pieces": new_piece_entries(extension)}))
     german = write_token_dataset(tmp_path / "de-ext", german_lines[:600], extended, german_lines[1900:])
     continued = tmp_path / "continued"
-    old_embedding = torch.load(checkpoint, weights_only=False)["model"]["embed.weight"]
+    old_embedding = torch.load(checkpoint, weights_only=False)["model"]["hf.model.embed_tokens.weight"]
 
-    # Without the report the mismatch is refused with the flag to add.
+    # Without the report the mismatch is refused with the flag to add; so are a report of another base, an
+    # export a fresh model has no tokenizer for, and a checkpoint of the trainer's former own GPT.
     assert main(args_for({"de": german.root}, continued, "--steps", "4", "--init-from", str(checkpoint))) == 2
+    assert "pass --extension-report" in capsys.readouterr().err
+    other_base = tmp_path / "other.report.json"
+    other_base.write_text(json.dumps({"base": {"vocab_size": 190}, "extended": {"vocab_size": 191},
+                                      "new_pieces": [{"id": 190, "piece": "x", "base_ids": [1]}]}))
+    assert main(args_for({"de": german.root}, continued, "--steps", "4", "--init-from", str(checkpoint),
+                         "--extension-report", str(other_base))) == 2
+    assert "base.vocab_size is 190 but the checkpoint's model has 200" in capsys.readouterr().err
+    assert main(args_for({"en": datasets["en"]}, continued, "--steps", "4", "--init-from", str(checkpoint),
+                         "--save-hf", str(tmp_path / "export"))) == 2
+    assert "a model made afresh with --model has none" in capsys.readouterr().err
+    former = torch.load(checkpoint, weights_only=False)
+    former["model_config"] = {"vocab_size": 200, "n_layer": 4, "n_head": 4, "d_model": 128}
+    torch.save(former, tmp_path / "gpt.pt")
+    assert main(args_for({"en": datasets["en"]}, continued, "--steps", "4", "--init-from", str(tmp_path / "gpt.pt"))) == 2
+    assert "former own GPT, which this trainer no longer builds" in capsys.readouterr().err
+    assert not continued.exists()  # nothing written by a refused run
 
     model = train(parse_args(args_for(
         {"en": datasets["en"], "de": german.root}, continued, "--weights", "en=1,de=3", "--steps", "4",
         "--init-from", str(checkpoint), "--extension-report", str(report), "--continue-schedule",
         "--eval-dataset", f"en={datasets['en']}", "--eval-dataset", f"de={german.root}", "--eval-every", "2",
     )))
-    assert 200 < model.config.vocab_size == new_vocab and model.lm_head.weight is model.embed.weight
+    assert 200 < model.config.vocab_size == new_vocab and model.hf.lm_head.weight is model.hf.model.embed_tokens.weight
     lrs = [r["lr"] for r in read_metrics(continued) if r["kind"] == "train"]
     assert lrs[:2] == pytest.approx([1.1e-3, 1.1e-3])  # the constant phase: no re-warming
     assert lrs[-1] < 1.1e-3  # then its own anneal
     first, last = evals(continued)[0], evals(continued)[-1]
     assert first["step"] == 0 and set(first["val_loss"]) == {"en", "de"}
     assert last["forgetting"]["en"] == pytest.approx(last["val_loss"]["en"] - first["val_loss"]["en"])
-    assert not torch.equal(model.embed.weight[:200].cpu(), old_embedding)  # it trained on
+    assert not torch.equal(model.hf.model.embed_tokens.weight[:200].cpu(), old_embedding)  # it trained on
 
 
 def test_continue_schedule_follows_the_checkpoints_schedule(tmp_path, datasets, capsys):

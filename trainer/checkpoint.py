@@ -18,7 +18,6 @@ import torch
 
 from pipeline.atomic_file import atomic_writer
 from trainer.errors import TrainerError
-from trainer.model import GPT, GPTConfig
 
 if TYPE_CHECKING:
     from trainer.hf_model import HFCausalLM
@@ -54,12 +53,12 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def trainer_state(model: GPT | HFCausalLM, step: int, first_eval: dict[str, float] | None,
+def trainer_state(model: HFCausalLM, step: int, first_eval: dict[str, float] | None,
                   run_config: dict[str, Any], schedule: dict[str, Any] | None) -> dict[str, Any]:
     """Everything a checkpoint holds besides the weights and optimizer state (which a sharded checkpoint
     keeps in shards beside it)."""
     return {
-        "model_config": model.record(),  # what rebuilds the architecture: a GPTConfig, or a Hugging Face config
+        "model_config": model.record(),  # what rebuilds the architecture: a Hugging Face config
         "step": step,
         "rng": rng_state(),
         "first_eval": first_eval,
@@ -70,7 +69,7 @@ def trainer_state(model: GPT | HFCausalLM, step: int, first_eval: dict[str, floa
 
 def save_checkpoint(
     path: Path,
-    model: GPT | HFCausalLM,
+    model: HFCausalLM,
     optimizer: torch.optim.Optimizer,
     step: int,
     first_eval: dict[str, float] | None,
@@ -107,10 +106,6 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"{path}: not a replaymix trainer checkpoint (missing {sorted(missing)})")
     return payload
-
-
-def model_config_of(payload: dict[str, Any]) -> GPTConfig:
-    return GPTConfig(**payload["model_config"])
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

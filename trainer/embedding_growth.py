@@ -7,13 +7,15 @@ which refuses a piece without one). Old rows are copied unchanged and tied weigh
 
 from __future__ import annotations
 
-from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
-from pipeline.tokenizer.report import ExtensionReport, ExtensionReportError
-from trainer.model import GPT
+from pipeline.tokenizer.report import ExtensionReport
+
+if TYPE_CHECKING:
+    from trainer.hf_model import HFCausalLM
 
 
 def grown_rows(old: torch.Tensor, report: ExtensionReport) -> torch.Tensor:
@@ -21,7 +23,7 @@ def grown_rows(old: torch.Tensor, report: ExtensionReport) -> torch.Tensor:
 
     It has max(old rows, extended vocabulary) rows: a Hugging Face model may hold more rows than its
     tokenizer has pieces (Qwen2 pads 151665 pieces to 151936 rows), and then new ids take over padding rows
-    instead of adding any. The own GPT's rows are exactly the base vocabulary."""
+    instead of adding any. A fresh model's rows are exactly its data's vocabulary."""
     new = old.new_empty(max(old.shape[0], report.extended_vocab_size), old.shape[1])
     new[: old.shape[0]] = old
     for piece in report.new_pieces:
@@ -30,23 +32,18 @@ def grown_rows(old: torch.Tensor, report: ExtensionReport) -> torch.Tensor:
 
 
 @torch.no_grad()
-def grow_vocab(model: GPT, report: ExtensionReport) -> GPT:
-    """Resize `model` in place to the extended vocabulary; returns it for chaining."""
-    config = model.config
-    if config.vocab_size != report.base_vocab_size:
-        raise ExtensionReportError(
-            f"extension report: base.vocab_size is {report.base_vocab_size} but the checkpoint's model has "
-            f"{config.vocab_size}; pass the report of the tokenizer extension made from this model's tokenizer"
-        )
-    embed = nn.Embedding(report.extended_vocab_size, config.d_model).to(model.embed.weight.device)
-    embed.weight.copy_(grown_rows(model.embed.weight, report))
-    head = nn.Linear(config.d_model, report.extended_vocab_size, bias=False).to(embed.weight.device)
-    if config.tie_embeddings:
-        head.weight = embed.weight
-    else:
-        head.weight.copy_(grown_rows(model.lm_head.weight, report))
-    model.embed, model.lm_head = embed, head
-    model.config = replace(config, vocab_size=report.extended_vocab_size)
+def grow_vocab(model: HFCausalLM, report: ExtensionReport) -> HFCausalLM:
+    """Give each new id of `report` the mean of its base segmentation's rows, in the input embedding and the
+    LM head (one tensor when tied), growing both to max(rows, extended vocabulary) rows; old rows are
+    untouched, and `config.vocab_size` follows. Returns `model` for chaining."""
+    hf = model.hf
+    embedding, head = hf.get_input_embeddings(), hf.get_output_embeddings()
+    tied = model.tied
+    embedding.weight = nn.Parameter(grown_rows(embedding.weight, report))
+    embedding.num_embeddings = embedding.weight.shape[0]
+    head.weight = embedding.weight if tied else nn.Parameter(grown_rows(head.weight, report))
+    head.out_features = head.weight.shape[0]
+    hf.config.vocab_size = embedding.weight.shape[0]
     return model
 
 

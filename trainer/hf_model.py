@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from pipeline.tokenizer.report import ExtensionReport, ExtensionReportError
-from trainer.embedding_growth import grown_rows
+from trainer.embedding_growth import grow_vocab
 from trainer.errors import TrainerError
 from trainer.lm import decay_groups, next_token_loss, training_flops_per_token
 
@@ -49,11 +49,11 @@ class HFCausalLM(nn.Module):
 
     @property
     def config(self) -> Any:
-        """The model's `PretrainedConfig`; `config.vocab_size` is the embedding's rows, as for the own GPT."""
+        """The model's `PretrainedConfig`; `config.vocab_size` is the embedding's rows."""
         return self.hf.config
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        # No attention mask: packed windows are causal over their whole length, as in the own GPT.
+        # No attention mask: packed windows are causal over their whole length (documents are separated by EOS).
         logits = self.hf(input_ids=tokens, use_cache=False).logits
         return logits if targets is None else next_token_loss(logits, targets)
 
@@ -203,22 +203,6 @@ def check_vocabularies(model: HFCausalLM, base_tokenizer: Any, base_where: str,
             "extend this model's tokenizer with `pipeline.tokenizer extend --base`")
 
 
-@torch.no_grad()
-def grow_hf_vocab(model: HFCausalLM, report: ExtensionReport) -> HFCausalLM:
-    """Give each new id of `report` the mean of its base segmentation's rows, in the input embedding and the
-    LM head (one tensor when tied), growing both to max(rows, extended vocabulary) rows; old rows are
-    untouched, and `config.vocab_size` follows."""
-    hf = model.hf
-    embedding, head = hf.get_input_embeddings(), hf.get_output_embeddings()
-    tied = model.tied
-    embedding.weight = nn.Parameter(grown_rows(embedding.weight, report))
-    embedding.num_embeddings = embedding.weight.shape[0]
-    head.weight = embedding.weight if tied else nn.Parameter(grown_rows(head.weight, report))
-    head.out_features = head.weight.shape[0]
-    hf.config.vocab_size = embedding.weight.shape[0]
-    return model
-
-
 def copy_tokenizer(source: Path, target: Path) -> None:
     """Copy the tokenizer files of `source` into `target` (created)."""
     target.mkdir(parents=True, exist_ok=True)
@@ -281,5 +265,5 @@ def prepare_vocabulary(model: HFCausalLM, base_dir: Path, report_path: Path | No
             "extension_report.json inside the folder `pipeline.tokenizer extend --base HF_FOLDER --out DIR` wrote")
     extended = load_tokenizer(extended_dir, f"the extended tokenizer beside {Path(report_path).name}")
     check_vocabularies(model, base, str(base_dir), report, extended, Path(report_path))
-    grow_hf_vocab(model, report)
+    grow_vocab(model, report)
     return extended_dir, len(extended)

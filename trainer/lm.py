@@ -1,9 +1,10 @@
-"""What the training loop needs of a language model, whichever one it is (the own GPT in `trainer/model.py`,
-or a Hugging Face causal LM behind `trainer/hf_model.py`): the shared rules, written once.
+"""The training rules of a language model, apart from any one architecture: the loss, which parameters
+decay, and the FLOPs per token that MFU divides by.
 
 The loop calls `model(tokens, targets)` for the mean cross-entropy (or `model(tokens)` for logits),
 `model.optimizer_groups(weight_decay)`, `model.flops_per_token(seq_len)`, `model.num_params()` and reads
-`model.config.vocab_size` (the embedding's rows). Both models implement those with the functions below.
+`model.config.vocab_size` (the embedding's rows); `trainer/hf_model.py`'s `HFCausalLM` implements those
+with the functions below for every family (and for the fresh Llama of `trainer/model.py`).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import os
 from contextlib import closing
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from pipeline.tokenizer.report import ExtensionReport
+from pipeline.tokenizer.report import ExtensionReport, ExtensionReportError
 from service.wire import Batch
 from trainer.checkpoint import (
     CHECKPOINT_DIR,
@@ -38,7 +38,6 @@ from trainer.checkpoint import (
     is_sharded_checkpoint,
     latest_checkpoint,
     load_checkpoint,
-    model_config_of,
     named_checkpoint,
     restore_rng,
     save_checkpoint,
@@ -73,7 +72,7 @@ from trainer.hf_model import (
 from trainer.lr_schedules import RunSchedule, build_schedule, continue_schedule
 from trainer.errors import TrainerError
 from trainer.metrics_log import METRICS_NAME, MetricsLog, read_metrics
-from trainer.model import GPT, config_for
+from trainer.model import fresh_model
 from trainer.run_dir import check_run_dir, delete_earlier_run
 from trainer.stop_request import RunStopped, StopRequest
 from trainer.train_config import RESUMABLE_FLAGS, TrainConfig, config_record, resume_differences
@@ -140,7 +139,7 @@ def init_distributed(device: str) -> Distributed:
 
 @dataclass
 class TrainingState:
-    model: GPT | HFCausalLM
+    model: HFCausalLM
     optimizer: torch.optim.Optimizer
     schedule: RunSchedule
     start_step: int
@@ -148,7 +147,7 @@ class TrainingState:
     tokenizer_dir: Path | None = None  # a Hugging Face model's tokenizer: what --save-hf writes beside it
 
 
-def _make_optimizer(model: GPT, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def _make_optimizer(model: HFCausalLM, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     return torch.optim.AdamW(
         model.optimizer_groups(config.optim.weight_decay),
         lr=0.0,  # set from the schedule before every step
@@ -184,6 +183,10 @@ def build_state(config: TrainConfig, source: BatchSource, device: torch.device, 
         _check_resumable(resume_path, payload, config)
 
     model, tokenizer_dir = _build_model(config, payload, where, resume_path is not None, source)
+    if config.save_hf is not None and tokenizer_dir is None:
+        raise TrainerError(f"--save-hf {config.save_hf}: a Hugging Face folder holds the model's tokenizer, and a "
+                           "model made afresh with --model has none (its vocabulary is its data's ids); start from "
+                           "a Hugging Face folder with --init-from hf:PATH, or drop --save-hf")
     cast_parameters(model, DTYPES[config.dtype])
     optimizer_state = None if payload is None or (config.init_from and config.reset_optimizer) else payload.get("optimizer")
     if config.fsdp:
@@ -202,8 +205,8 @@ def build_state(config: TrainConfig, source: BatchSource, device: torch.device, 
     return TrainingState(model, optimizer, schedule, 0, None, tokenizer_dir)
 
 
-def _sharded(model: GPT | HFCausalLM, optimizer_state: dict | None, config: TrainConfig, device: torch.device,
-             world_size: int) -> tuple[GPT | HFCausalLM, torch.optim.Optimizer]:
+def _sharded(model: HFCausalLM, optimizer_state: dict | None, config: TrainConfig, device: torch.device,
+             world_size: int) -> tuple[HFCausalLM, torch.optim.Optimizer]:
     """--fsdp: the whole model sharded over the ranks, with an optimizer over its shards holding their part of
     a `.pt` checkpoint's optimizer state (loaded as a plain run loads it, then handed over by name)."""
     full_state = None
@@ -219,50 +222,60 @@ def _sharded(model: GPT | HFCausalLM, optimizer_state: dict | None, config: Trai
 
 
 def _build_model(config: TrainConfig, payload: dict[str, Any] | None, where: Path | None, resumed: bool,
-                 source: BatchSource) -> tuple[GPT | HFCausalLM, Path | None]:
+                 source: BatchSource) -> tuple[HFCausalLM, Path | None]:
     """The model to train, its vocabulary grown to --extension-report's and checked against the data's,
-    and for a Hugging Face model the folder of the tokenizer it trains with."""
+    and the folder of the tokenizer it trains with: a Hugging Face folder's own (or its extension), carried
+    into the run's checkpoints; None for a fresh model, which trains on whatever ids its data has."""
     if payload is None and config.hf_model is None:
         torch.manual_seed(config.seed)
-        model = GPT(config_for(config.model, source.vocab_size, source.seq_len, tie_embeddings=not config.untied))
-        return model, None
-    if payload is None or is_hf_record(payload["model_config"]):
-        if payload is None:
-            folder = resolve_folder(config.hf_model)
-            model, base_tokenizer = load_hf_model(str(folder), config.dtype), folder
-            where = f"--init-from hf:{config.hf_model}"
-        else:
-            model = from_record(payload["model_config"])
-            if "model" in payload:  # else a sharded checkpoint's shards come once the model is sharded
-                model.load_state_dict(payload["model"])
-            base_tokenizer = where.parent / TOKENIZER_DIR
-        report = None if resumed else config.extension_report
-        tokenizer_dir, tokenizer_size = prepare_vocabulary(model, base_tokenizer, report)
-        # Fewer is fine: a tokenizer loaded with its model's config may add special tokens at the end (Qwen2's
-        # <|endoftext|>), which leaves every id of the data meaning what it did.
-        if source.vocab_size > tokenizer_size:
-            raise CheckpointError(f"{where}: the data's vocabulary is {source.vocab_size} but the model's tokenizer "
-                                  f"({tokenizer_dir}) has {tokenizer_size} pieces; the data was made with another "
-                                  "tokenizer: pass --extension-report DIR/extension_report.json of the extended "
-                                  "tokenizer it was made with, or tokenize it with the model's tokenizer")
-        return model, tokenizer_dir
-    model_config = model_config_of(payload)
-    # Rotary tables are derived, not learned, so a longer context just needs longer tables.
-    model = GPT(replace(model_config, max_seq_len=max(model_config.max_seq_len, source.seq_len)))
+        return fresh_model(config.model, source.vocab_size, source.seq_len, tie_embeddings=not config.untied), None
+    if payload is not None and not is_hf_record(payload["model_config"]):
+        raise CheckpointError(f"{where}: a checkpoint of the trainer's former own GPT, which this trainer no longer "
+                              "builds (a fresh model is a transformers Llama now); start a new run with --model SIZE")
+    if payload is None or (where.parent / TOKENIZER_DIR).is_dir():
+        return _build_hf_model(config, payload, where, resumed, source)
+    model = from_record(payload["model_config"])  # a fresh model's checkpoint: its vocabulary is its data's
     if "model" in payload:  # else a sharded checkpoint's shards come once the model is sharded
         model.load_state_dict(payload["model"])
-    if config.extension_report is not None and model.config.vocab_size != source.vocab_size:
-        grow_vocab(model, ExtensionReport.load(config.extension_report))
+    rows = model.config.vocab_size
+    if config.extension_report is not None and rows != source.vocab_size:
+        report = ExtensionReport.load(config.extension_report)
+        if report.base_vocab_size != rows:
+            raise ExtensionReportError(
+                f"{config.extension_report}: base.vocab_size is {report.base_vocab_size} but the checkpoint's model "
+                f"has {rows}; pass the report of the tokenizer extension made from this model's tokenizer")
+        grow_vocab(model, report)
     if model.config.vocab_size != source.vocab_size:
-        hint = (
-            "pass --extension-report extended.report.json from `pipeline.tokenizer extend`"
-            if model.config.vocab_size < source.vocab_size
-            else "train on data made with the checkpoint's tokenizer (or an extension of it)"
-        )
+        hint = ("pass --extension-report extended.report.json from `pipeline.tokenizer extend`"
+                if model.config.vocab_size < source.vocab_size
+                else "train on data made with the checkpoint's tokenizer (or an extension of it)")
         raise CheckpointError(
-            f"{where}: the model's vocabulary is {model.config.vocab_size} but the data's is {source.vocab_size}; {hint}"
-        )
+            f"{where}: the model's vocabulary is {model.config.vocab_size} but the data's is {source.vocab_size}; {hint}")
     return model, None
+
+
+def _build_hf_model(config: TrainConfig, payload: dict[str, Any] | None, where: Path | None, resumed: bool,
+                    source: BatchSource) -> tuple[HFCausalLM, Path]:
+    """A model that carries its tokenizer: --init-from hf:PATH, or a checkpoint of a run that started so."""
+    if payload is None:
+        folder = resolve_folder(config.hf_model)
+        model, base_tokenizer = load_hf_model(str(folder), config.dtype), folder
+        where = f"--init-from hf:{config.hf_model}"
+    else:
+        model = from_record(payload["model_config"])
+        if "model" in payload:  # else a sharded checkpoint's shards come once the model is sharded
+            model.load_state_dict(payload["model"])
+        base_tokenizer = where.parent / TOKENIZER_DIR
+    report = None if resumed else config.extension_report
+    tokenizer_dir, tokenizer_size = prepare_vocabulary(model, base_tokenizer, report)
+    # Fewer is fine: a tokenizer loaded with its model's config may add special tokens at the end (Qwen2's
+    # <|endoftext|>), which leaves every id of the data meaning what it did.
+    if source.vocab_size > tokenizer_size:
+        raise CheckpointError(f"{where}: the data's vocabulary is {source.vocab_size} but the model's tokenizer "
+                              f"({tokenizer_dir}) has {tokenizer_size} pieces; the data was made with another "
+                              "tokenizer: pass --extension-report DIR/extension_report.json of the extended "
+                              "tokenizer it was made with, or tokenize it with the model's tokenizer")
+    return model, tokenizer_dir
 
 
 def _check_resumable(path: Path, payload: dict[str, Any], config: TrainConfig) -> None:
@@ -351,7 +364,7 @@ class StepStats:
         return self.tokens / elapsed, self.data_wait / elapsed
 
 
-def train(config: TrainConfig, on_step: StepHook | None = None, on_checkpoint: CheckpointHook | None = None) -> GPT:
+def train(config: TrainConfig, on_step: StepHook | None = None, on_checkpoint: CheckpointHook | None = None) -> HFCausalLM:
     """Run the training described by `config`; return the trained (unwrapped) model.
 
     `on_step(step, model, batch)` is called on every rank after each update (tests check DDP with it);
@@ -392,7 +405,7 @@ def _report_finished(config: TrainConfig, step: int) -> None:
 
 
 def _run(config: TrainConfig, source: BatchSource, dist_info: Distributed, device: torch.device,
-         on_step: StepHook | None, on_checkpoint: CheckpointHook | None, stop: StopRequest) -> GPT:
+         on_step: StepHook | None, on_checkpoint: CheckpointHook | None, stop: StopRequest) -> HFCausalLM:
     rows = source.global_batch // dist_info.world_size
     if source.global_batch % dist_info.world_size or rows % config.data.micro_batch:
         raise ValueError(
@@ -523,7 +536,7 @@ def _run(config: TrainConfig, source: BatchSource, dist_info: Distributed, devic
             if done % config.eval_every == 0 or names:
                 stats.reset()  # evaluation and checkpoint time is not training throughput
     bar.close()
-    if isinstance(model, HFCausalLM):
+    if state.tokenizer_dir is not None:  # a model that came with its tokenizer goes back as a folder
         # Under --fsdp every rank sends its shards to rank 0, which alone holds (and writes) the whole model.
         weights = full_model_state(model) if config.fsdp else model.state_dict()
         if dist_info.is_main:

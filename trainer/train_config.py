@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     flags as typed (`resume_command`), and one spelling per flag keeps the CLIs' names comparable."""
     p = argparse.ArgumentParser(
         prog="python -m trainer",
-        description="Continue (or start) pretraining a GPT on a replay-mixed token stream.",
+        description="Continue (or start) pretraining a causal LM on a replay-mixed token stream.",
         allow_abbrev=False,
         epilog="Steps count optimizer updates: step s is the state after s updates, and the update from s to s+1 "
                "trains on the batch a mixer serves as its step s. metrics.jsonl records each update at the step it "
@@ -237,15 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = p.add_argument_group("model")
     model.add_argument("--model", choices=list(MODEL_SIZES),
-                       help=f"size of the trainer's own GPT, made afresh (default {TrainConfig.model}); not with "
-                            "--init-from hf:PATH")
+                       help=f"size of a Llama made afresh (transformers' LlamaForCausalLM; default {TrainConfig.model}); "
+                            "not with --init-from hf:PATH")
     model.add_argument("--untied", action="store_true",
                        help="separate input and output embeddings (default: tied)")
     model.add_argument("--init-from", metavar="CKPT|hf:PATH",
                        help="start from a trainer checkpoint's weights and optimizer state, or (hf:PATH) from a "
                             "Hugging Face causal LM folder saved by save_pretrained (Llama, Mistral, Qwen2 or "
                             "GPT-NeoX family; a Hub id where a network exists) with its tokenizer. Steps restart at "
-                            "0; the schedule is this run's own unless --continue-schedule (default: a fresh GPT)")
+                            "0; the schedule is this run's own unless --continue-schedule (default: a fresh --model)")
     model.add_argument("--dtype", choices=list(DTYPES), default=TrainConfig.dtype,
                        help="dtype of the weights and optimizer state; float32 trains under bf16 autocast on CUDA, "
                             "bfloat16 halves the memory (default %(default)s)")
@@ -360,7 +360,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     if args.init_from == HF_PREFIX:
         parser.error("--init-from hf:PATH: give the Hugging Face folder after hf:")
     if hf_model and args.model:
-        parser.error("--model sizes the trainer's own GPT; --init-from hf:PATH trains the model in PATH; pick one")
+        parser.error("--model sizes a fresh model; --init-from hf:PATH trains the model in PATH; pick one")
     if hf_model and args.untied:
         parser.error("--untied: a Hugging Face model's config decides whether its embeddings are tied; drop it")
     if args.save_hf and not (hf_model or args.init_from or args.resume):
