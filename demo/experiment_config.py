@@ -52,8 +52,8 @@ class Phase2Run:
 class ControllerRun(Phase2Run):
     """A phase-2 run whose English share the service's forgetting-budget controller steers from `replay`.
 
-    The budget is the English forgetting that the fixed-ratio run `budget_from` ended with, so the controller
-    is asked to match that run's forgetting with the least replay; it must be listed after that run. A
+    The budget is the most English forgetting the fixed-ratio run `budget_from` showed at any evaluation, so
+    the controller is asked to hold the bound that run held, with the least replay; it must be listed after that run. A
     subclass, not more fields of Phase2Run: the other runs' entries in experiment.json stay as they were.
     """
 

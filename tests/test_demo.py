@@ -156,3 +156,21 @@ def test_the_seed_spread_says_which_differences_exceed_it():
     rows = [line for line in lines if line.startswith(f"| {table[0].name} |") or line.startswith(f"| {table[1].name} |")]
     assert "+0.010 within" in rows[0] and "+0.190 **beyond**" in rows[1]
     assert spread_lines(points, Judge(None)) == []  # one seed: no spread to judge by
+
+
+def test_the_controller_budget_is_the_peak_forgetting_of_its_fixed_run(tmp_path):
+    """A re-warmed run forgets most near its peak learning rate; the bound it held all along is that peak,
+    not where its decay brought it back to (which it broke for most of its steps)."""
+    from demo.forgetting_budget import choose_budget
+
+    fixed = ControllerRun("controller", 0.05)
+    run_dir = tmp_path / "replay-5"
+    run_dir.mkdir()
+    losses = {0: 2.0, 50: 2.5, 100: 2.4, 300: 2.2}  # forgetting 0, +0.25 (the peak), +0.2, +0.1
+    (run_dir / "metrics.jsonl").write_text("".join(
+        json.dumps({"kind": "eval", "step": step, "val_loss": {"en": loss, "de": 5.0}}) + "\n"
+        for step, loss in losses.items()))
+    reference = next(spec for spec in load_config("default").runs if spec.name == fixed.budget_from)
+    budget = choose_budget(fixed, {reference: run_dir})
+    assert budget.value == pytest.approx(0.25) and "at step 50" in budget.origin
+    assert choose_budget(fixed, {}).value == fixed.default_budget
