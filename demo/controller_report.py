@@ -19,10 +19,9 @@ matplotlib.use("Agg")  # files only; no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 
 from demo.experiment_config import ControllerRun, ExperimentConfig, Phase2Run  # noqa: E402
-from demo.forgetting_budget import OLD, choose_budget, forgetting_trajectory  # noqa: E402
+from demo.forgetting_budget import CONTROLLER_STATE_NAME, OLD, choose_budget, forgetting_trajectory  # noqa: E402
 from trainer.metrics_log import read_metrics  # noqa: E402
 
-CONTROLLER_STATE_NAME = "controller.json"  # the service's GET /v1/controller answer at the end of the run
 SECTION_TITLE = "## Replay that steers itself"
 
 

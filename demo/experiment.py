@@ -15,6 +15,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -27,10 +28,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
-from demo.controller_report import CONTROLLER_STATE_NAME
 from demo.experiment_config import REPO, ControllerRun, ExperimentConfig, Phase2Run, UnionRun, load_config
 from demo.experiment_report import LIVE_CHANGE_NAME, write_report
-from demo.forgetting_budget import OLD, choose_budget
+from demo.forgetting_budget import CONTROLLER_STATE_NAME, OLD, choose_budget, held_budget
 from service.launcher import ServiceDidNotStart, ServiceProcess, free_port
 from trainer.checkpoint import CHECKPOINT_DIR, FINAL, named_checkpoint
 
@@ -43,13 +43,18 @@ def banner(step: str) -> None:
     print(f"\n=== {step}", flush=True)
 
 
+def echo(args: Sequence[object]) -> None:
+    """Print a command as it starts; a bearer token shows as <token>, never its value (logs get shared)."""
+    print("$ " + " ".join(re.sub(r"Bearer \S+", "Bearer <token>", str(a)) for a in args), flush=True)
+
+
 def run(args: Sequence[str], retry_if: str | None = None, **kwargs: object) -> None:
     """Run a child process with its output on our terminal; fail loudly naming the command.
 
     With `retry_if`, a failure whose output contains that text is retried once.
     """
     command = [str(a) for a in args]
-    print("$ " + " ".join(command), flush=True)
+    echo(command)
     child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              **kwargs)
     output = []
@@ -91,7 +96,7 @@ class RayCluster:
                 f"--dashboard-port={self.dashboard.rsplit(':', 1)[1]}", "--dashboard-host=127.0.0.1",
                 f"--num-cpus={os.cpu_count()}", f"--temp-dir=/tmp/ray-replaymix-{os.getpid()}",
                 "--disable-usage-stats"]
-        print("$ " + " ".join(map(str, args)), flush=True)
+        echo(args)
         self.log = open(self.work_dir / "ray-head.log", "ab")
         self.head = subprocess.Popen([str(a) for a in args], cwd=REPO, env=self.env, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
@@ -350,9 +355,15 @@ def continue_on_german(cfg: ExperimentConfig, spec: Phase2Run, phase1: Path, tok
     """Phase 2: one run on the German stream served by the mixer, English replayed at spec.replay (changed
     live, or steered by the service's controller, for the runs that say so)."""
     out = cfg.work_dir / "runs" / spec.name
+    steered = isinstance(spec, ControllerRun)
+    if finished(out) and steered and held_budget(out) not in (None, choose_budget(spec, earlier).value):
+        # Its budget comes from an earlier run, which has changed since (or its rule has): never report a
+        # controller against a budget other than the one it held.
+        print(f"{spec.name}: trained with budget {held_budget(out)}, now {choose_budget(spec, earlier).value}; "
+              "training it again", flush=True)
+        shutil.rmtree(out)
     if finished(out):
         return out
-    steered = isinstance(spec, ControllerRun)
     banner(f"phase 2: {spec.name} ({spec.replay:.0%} English replay" + (f", seed {spec.seed}" if spec.seed else "")
            + (f", switched live to {spec.switch_to:.0%}" if spec.switch_to is not None else "")
            + (", then steered by the forgetting-budget controller" if steered else "")
@@ -372,7 +383,7 @@ def continue_on_german(cfg: ExperimentConfig, spec: Phase2Run, phase1: Path, tok
             # The client reads a few steps ahead only, so a change without start_step (the operator's, or
             # the controller's after an evaluation) lands a few steps after it was made.
             args.append("--stream-read-ahead=2")
-        print("$ " + " ".join(map(str, args)), flush=True)
+        echo(args)
         trainer = subprocess.Popen([str(a) for a in args], cwd=REPO)
         if spec.switch_to is not None:
             change_replay_live(url, token_file, token_files(cfg.work_dir)[1], spec.switch_to,

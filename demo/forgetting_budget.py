@@ -14,6 +14,8 @@ first demo run did: 6.6% on average against 5%, for German 0.011 worse).
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -22,6 +24,7 @@ from demo.experiment_config import ControllerRun, Phase2Run
 from trainer.metrics_log import read_metrics
 
 OLD = "en"  # the demo's old data: the dataset whose forgetting the controller holds
+CONTROLLER_STATE_NAME = "controller.json"  # the service's GET /v1/controller answer at the end of the run
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,19 @@ def forgetting_trajectory(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], (r["val_loss"][OLD] - first) / first) for r in evals]
 
 
+def round_up(value: float) -> float:
+    """`value` to three significant digits, rounded up: the figure the service is started with is the one the
+    report shows, and rounding down would put the reference run's own peak over it."""
+    unit = 10.0 ** (math.floor(math.log10(value)) - 2)
+    return float(f"{math.ceil(value / unit - 1e-9) * unit:.3g}")
+
+
+def held_budget(run_dir: Path) -> float | None:
+    """The budget the service's controller held in a run, from its saved state (None: not saved)."""
+    state = run_dir / CONTROLLER_STATE_NAME
+    return json.loads(state.read_text())["settings"]["budget"] if state.exists() else None
+
+
 def choose_budget(spec: ControllerRun, earlier: Mapping[Phase2Run, Path]) -> Budget:
     """The budget of `spec`: the peak forgetting of its `budget_from` run among the runs before it, else
     its preset default (the service refuses a budget <= 0, and "no forgetting" cannot be a target)."""
@@ -47,7 +63,6 @@ def choose_budget(spec: ControllerRun, earlier: Mapping[Phase2Run, Path]) -> Bud
     if forgetting <= 0:
         return Budget(spec.default_budget, f"the preset default, since `{spec.budget_from}` ended with no "
                                            f"English forgetting to match ({forgetting:+.4f} at step {step})")
-    # Three significant digits: the figure the service is started with is the one the report shows.
-    return Budget(float(f"{forgetting:.3g}"), f"the most English forgetting `{spec.budget_from}` showed at any "
+    return Budget(round_up(forgetting), f"the most English forgetting `{spec.budget_from}` showed at any "
                                              f"evaluation (relative rise of its English val loss over its first "
                                              f"evaluation, at step {step}): the bound that fixed run held all along")
