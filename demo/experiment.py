@@ -356,12 +356,13 @@ def continue_on_german(cfg: ExperimentConfig, spec: Phase2Run, phase1: Path, tok
     live, or steered by the service's controller, for the runs that say so)."""
     out = cfg.work_dir / "runs" / spec.name
     steered = isinstance(spec, ControllerRun)
-    if finished(out) and steered and held_budget(out) not in (None, choose_budget(spec, earlier).value):
-        # Its budget comes from an earlier run, which has changed since (or its rule has): never report a
-        # controller against a budget other than the one it held.
-        print(f"{spec.name}: trained with budget {held_budget(out)}, now {choose_budget(spec, earlier).value}; "
-              "training it again", flush=True)
-        shutil.rmtree(out)
+    if finished(out) and steered:
+        # Its budget comes from an earlier run, which may have changed since (or its rule has): never report
+        # a controller against a budget other than the one it held.
+        held, now = held_budget(out), choose_budget(spec, earlier).value
+        if held not in (None, now):
+            print(f"{spec.name}: trained with budget {held}, now {now}; training it again", flush=True)
+            shutil.rmtree(out)
     if finished(out):
         return out
     banner(f"phase 2: {spec.name} ({spec.replay:.0%} English replay" + (f", seed {spec.seed}" if spec.seed else "")
