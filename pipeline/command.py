@@ -45,7 +45,7 @@ def new_parser(prog: str, description: str, epilog: str | None = None) -> argpar
 
 
 def add_input_flags(parser: argparse.ArgumentParser) -> None:
-    """--input, --text-field, --split and --config, read the same way by every command (`pipeline.readers`)."""
+    """--input, --text-field, --split and --config, read the same way by every command (`pipeline.input_selection`, `pipeline.readers`)."""
     parser.add_argument("--input", nargs="+", action="extend", required=True, dest="inputs", metavar="PATH",
                         help="files, folders or globs of .jsonl (also .jsonl.gz, .jsonl.zst), .parquet, .arrow "
                              "(what `datasets` save_to_disk writes) or .txt (one document per file), local or as "

@@ -42,7 +42,8 @@ from pipeline import storage
 from pipeline.dataset import ShardWriter, build_manifest, check_output, commit_dataset, token_dtype
 from pipeline.command import add_input_flags, add_ray_flags, new_parser, run_command
 from pipeline.ray_runtime import init_ray
-from pipeline.readers import InputError, check_split_used, read_documents, select_inputs
+from pipeline.input_selection import InputError, check_split_used, select_inputs
+from pipeline.readers import read_documents
 from pipeline.tokenizer.files import fetch as fetch_tokenizer
 from pipeline.tokenizer.load import SENTENCEPIECE, TokenizerSpec, load_tokenizer, make_encoder
 

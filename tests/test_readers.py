@@ -14,18 +14,8 @@ import ray
 import zstandard
 
 from pipeline.ray_runtime import init_ray
-from pipeline.readers import (
-    InputError,
-    _jsonl_rows,
-    _jsonl_table_at_once,
-    _rows_table,
-    check_split_used,
-    expand_inputs,
-    plan_reads,
-    read_documents,
-    read_unit,
-    select_inputs,
-)
+from pipeline.input_selection import InputError, check_split_used, expand_inputs, select_inputs
+from pipeline.readers import _jsonl_rows, _jsonl_table_at_once, _rows_table, plan_reads, read_documents, read_unit
 
 DOCS = [f"document {i}: " + "ünïcode words " * (i % 7 + 1) for i in range(40)]
 

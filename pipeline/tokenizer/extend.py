@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 from pipeline.dataset import sha256_file
-from pipeline.readers import check_split_used, select_inputs
+from pipeline.input_selection import check_split_used, select_inputs
 from pipeline.tokenizer.model_proto import (
     ModelProto,
     NewPiece,

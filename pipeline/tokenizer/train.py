@@ -26,7 +26,8 @@ from pathlib import Path
 import sentencepiece as spm
 
 from pipeline.ray_runtime import init_ray
-from pipeline.readers import InputSelection, check_split_used, read_documents, select_inputs
+from pipeline.input_selection import InputSelection, check_split_used, select_inputs
+from pipeline.readers import read_documents
 from pipeline.tokenizer.files import refuse_existing
 from pipeline.tokenizer.files import write as write_output
 from pipeline.tokenizer.load import load_tokenizer
