@@ -11,7 +11,7 @@ Methods (as mergekit defines them, which follows the papers):
   `task_arithmetic`), from a seeded generator.
 
 Trimming is per tensor, as mergekit does (the TIES reference trims over the whole flattened model): a tensor's
-k = round(density x its entries), at least one, entries of the largest |tau| kept.
+k = int(density x its entries), at least one (mergekit's count), entries of the largest |tau| kept.
 
 Vocabularies grown by a tokenizer extension (`pipeline.tokenizer extend`, then training with
 `--extension-report`): the embedding and head rows every model shares (the base's, or for `linear` the
@@ -64,12 +64,12 @@ class MergeError(TrainerError):
 
 
 def trim(task_vector: torch.Tensor, density: float) -> torch.Tensor:
-    """TIES' trim: the task vector with all but its k = round(density x entries) (at least one) largest
+    """TIES' trim: the task vector with all but its k = int(density x entries) (at least one) largest
     magnitudes set to zero."""
     if density >= 1:
         return task_vector
     flat = task_vector.reshape(-1)
-    k = max(1, round(density * flat.numel()))
+    k = max(1, int(density * flat.numel()))  # mergekit's count, so its users get its numbers
     kept = torch.zeros_like(flat)
     top = flat.abs().topk(k).indices
     kept[top] = flat[top]
