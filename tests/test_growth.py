@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, MixtralForCausalLM, Qwen2Config
 
-from trainer.growth import GrowSpec, GrowthError, grow, grow_folder, inserted_layers, select_trainable
+from trainer.growth import GrowSpec, active_parameters, GrowthError, grow, grow_folder, inserted_layers, select_trainable
 from trainer.hf_model import HFCausalLM
 
 torch.set_num_threads(1)
@@ -64,6 +64,8 @@ def test_upcycling_makes_a_mixtral_of_identical_experts_with_the_dense_models_lo
         assert moe.tied and moe.config.num_experts_per_tok == top_k
         assert moe.hf.model.layers[0].mlp.gate.weight.abs().sum() > 0  # a random router: it routes differently
         torch.testing.assert_close(logits(moe), logits(base), rtol=0, atol=1e-5)
+        mlp = sum(p.numel() for layer in base.hf.model.layers for p in layer.mlp.parameters())
+        assert active_parameters(moe) == base.num_params() + (top_k - 1) * mlp + 4 * experts * 32  # + routers
     # grow_folder: a folder on disk grown into one AutoModelForCausalLM loads, with the same logits.
     base.hf.save_pretrained(tmp_path / "dense")
     grow_folder(str(tmp_path / "dense"), GrowSpec.parse("experts:4,top_k:2"), str(tmp_path / "moe"), seed=1)

@@ -253,6 +253,17 @@ def grown_parameters(model: HFCausalLM, spec: GrowSpec) -> int:
     return now + c.num_hidden_layers * ((spec.experts - 1) * mlp + spec.experts * c.hidden_size)
 
 
+def active_parameters(model: HFCausalLM) -> int:
+    """Parameters a token passes through: all of a dense model's; a Mixtral's with top_k of its experts
+    (the compute an upcycled model spends per token, for a report beside its total parameter count)."""
+    total = model.num_params()
+    experts = getattr(model.config, "num_local_experts", None)
+    if not experts:
+        return total
+    per_expert = sum(p[0].numel() for layer in _layers(model) for p in layer.mlp.experts.parameters())
+    return total - (experts - model.config.num_experts_per_tok) * per_expert
+
+
 def _layers(model: HFCausalLM) -> nn.ModuleList:
     return _submodule(model.hf, BLOCK_LAYOUTS.get(model.config.model_type, ("model.layers", ()))[0])
 
