@@ -9,6 +9,8 @@ Examples:
         --new-pieces 8000 --out en+de.model      # also writes en+de.report.json
     python -m pipeline.tokenizer extend --base llama3-folder/ --input de.jsonl --old-input en.jsonl \\
         --new-pieces 8000 --out llama3+de/       # a folder, with extension_report.json inside
+    python -m pipeline.tokenizer extend --base llama3-folder/ --input de.jsonl --old-input en.jsonl \
+        --new-pieces 8000 --keep-old-encoding --out llama3+de-kept/   # English keeps its ids
 
 Both run the same under `ray job submit -- python -m pipeline.tokenizer ...` (they join the cluster).
 This module is the command line: it parses the flags into a `train.py` or `extend.py` config.
@@ -56,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sentencepiece (Llama 2, Mistral, Gemma) or bpe: byte-level BPE (Llama 3, Qwen, GPT-2)")
     train.add_argument("--model-type", choices=("bpe", "unigram"), default=TokenizerTrainConfig.model_type,
                        help="SentencePiece's algorithm (--kind sentencepiece)")
-    train.add_argument("--byte-fallback", action="store_true", help="spell unknown characters as UTF-8 bytes")
+    train.add_argument("--byte-fallback", action=argparse.BooleanOptionalAction, default=TokenizerTrainConfig.byte_fallback,
+                       help="spell characters outside the pieces as UTF-8 byte pieces, never <unk>, as Llama 2's "
+                            "and Mistral's tokenizers do (256 ids); --no-byte-fallback lets them become <unk> (default: on)")
     train.add_argument("--character-coverage", type=float, default=TokenizerTrainConfig.character_coverage,
                        help="share of the sample's characters the model must cover; the rarest rest become <unk>")
 
@@ -70,13 +74,25 @@ def build_parser() -> argparse.ArgumentParser:
     extend.add_argument("--base", type=Path, required=True, metavar="PATH",
                         help="the tokenizer to extend: a SentencePiece .model or a Hugging Face tokenizer folder "
                              "(--out is then a folder too)")
-    extend.add_argument("--old-input", nargs="+", action="extend", required=True, dest="old_inputs", metavar="PATH",
-                        help="text like the base's corpus: its held-out slice checks old text does not get worse")
+    extend.add_argument("--old-input", nargs="+", action="extend", default=[], dest="old_inputs", metavar="PATH",
+                        help="text like the base's corpus: its held-out slice checks old text does not get worse "
+                             "(required; no default)")
     extend.add_argument("--new-pieces", type=int, required=True,
                         help="append at most this many pieces; every character of the new text that the base "
                         "lacks is one of them")
     extend.add_argument("--max-heldout-bytes", type=int, default=ExtendConfig.max_heldout_bytes,
                         help="measure bytes per token on at most this much held-out text")
+    extend.add_argument("--keep-old-encoding", action="store_true",
+                        help="add no piece (SentencePiece) or merge (BPE) that changes how a sample of --old-input "
+                             "is cut, so old text keeps its ids (held-out old lines up to what the sample missed; "
+                             "the report counts them); needs --old-input")
+    extend.add_argument("--max-old-sample-bytes", type=int, default=ExtendConfig.max_old_sample_bytes,
+                        help="with --keep-old-encoding: the size of the old sample whose encoding is kept "
+                             "(documents outside the held-out slice, chosen by hash)")
+    extend.add_argument("--byte-fallback", action="store_true",
+                        help="a SentencePiece base without byte fallback gets the 256 byte pieces after every old "
+                             "id, so no character is ever <unk> (a base with it, or a byte-level BPE one, keeps "
+                             "its own)")
     return parser
 
 
@@ -91,7 +107,8 @@ def config_from_args(args: argparse.Namespace) -> TokenizerTrainConfig | ExtendC
                                     byte_fallback=args.byte_fallback,
                                     character_coverage=args.character_coverage, **common)
     return ExtendConfig(base=args.base, old_inputs=tuple(args.old_inputs), new_pieces=args.new_pieces,
-                        max_heldout_bytes=args.max_heldout_bytes, **common)
+                        max_heldout_bytes=args.max_heldout_bytes, keep_old_encoding=args.keep_old_encoding,
+                        max_old_sample_bytes=args.max_old_sample_bytes, byte_fallback=args.byte_fallback, **common)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

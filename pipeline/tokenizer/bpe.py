@@ -50,6 +50,11 @@ def bpe_model(tokenizer_json: dict, where: Path) -> dict:
     return model
 
 
+def covers_every_byte(tokenizer_json: dict) -> bool:
+    """Whether no character can be unknown: a byte-level alphabet, or byte fallback in the model."""
+    return is_byte_level(tokenizer_json) or bool(tokenizer_json["model"].get("byte_fallback"))
+
+
 def is_byte_level(tokenizer_json: dict) -> bool:
     def has_byte_level(component: dict | None) -> bool:
         if not component:
@@ -117,14 +122,21 @@ def train_donor(tokenizer_json: dict, new_text: Path, vocab_size: int):
     return json.loads(donor.to_str())["model"]
 
 
-def extend_bpe(tokenizer_json: dict, new_text: Path, new_pieces: int, where: Path) -> BpeExtension:
-    """Append up to `new_pieces` tokens (and their merges) learned on `new_text` to a BPE tokenizer.json."""
-    base_model = bpe_model(tokenizer_json, where)
+def donor_size(tokenizer_json: dict, new_pieces: int) -> int:
+    return len(tokenizer_json["model"]["vocab"]) // 8 + DONOR_OVERSHOOT * new_pieces + 256
+
+
+def extend_bpe(
+    tokenizer_json: dict, donor: dict, new_pieces: int, where: Path, blocked: frozenset[str] = frozenset()
+) -> BpeExtension:
+    """Append up to `new_pieces` tokens (and their merges) of the `donor` model (`train_donor`) to a BPE
+    tokenizer.json. `blocked` tokens are passed over (`--keep-old-encoding`: they change old text), and so
+    is every token built from one."""
+    bpe_model(tokenizer_json, where)
     extended = json.loads(json.dumps(tokenizer_json))  # a deep copy; the base stays as it was
     vocab, merges = extended["model"]["vocab"], extended["model"]["merges"]
     hold_added_token_ids(extended, where)
     next_id = first_free_id(tokenizer_json)
-    donor = train_donor(tokenizer_json, new_text, len(base_model["vocab"]) // 8 + DONOR_OVERSHOOT * new_pieces + 256)
     added: list[tuple[int, str]] = []
     skipped = 0
 
@@ -135,7 +147,7 @@ def extend_bpe(tokenizer_json: dict, new_text: Path, new_pieces: int, where: Pat
         next_id += 1
 
     if not is_byte_level(tokenizer_json):
-        single = sorted((i, t) for t, i in donor["vocab"].items() if t not in vocab and len(t) == 1)
+        single = sorted((i, t) for t, i in donor["vocab"].items() if t not in vocab and len(t) == 1 and t not in blocked)
         if len(single) > new_pieces:
             raise TokenizerError(
                 f"--new-pieces {new_pieces}: the new text has {len(single)} characters the base lacks, and "
@@ -146,7 +158,7 @@ def extend_bpe(tokenizer_json: dict, new_text: Path, new_pieces: int, where: Pat
     for merge in donor["merges"]:
         a, b = _merge_pair(merge)
         token = a + b
-        if token in vocab:
+        if token in vocab or token in blocked:
             skipped += 1
             continue
         if len(added) == new_pieces:
@@ -157,6 +169,22 @@ def extend_bpe(tokenizer_json: dict, new_text: Path, new_pieces: int, where: Pat
         add(token)
         merges.append(merge)
     return BpeExtension(extended, added, len(donor["vocab"]), skipped)
+
+
+def tokenizer_encoder(tokenizer_json: dict):
+    """A batch encoder (texts -> ids, no special tokens) of a tokenizer.json held as a dict."""
+    from pipeline.tokenizer.load import HUGGINGFACE, make_encoder
+
+    return make_encoder(HUGGINGFACE, json.dumps(tokenizer_json).encode("utf-8"))
+
+
+def vocabulary_by_id(tokenizer_json: dict) -> list[str]:
+    """Every token of a tokenizer.json (after `hold_added_token_ids`) at its id."""
+    vocab = tokenizer_json["model"]["vocab"]
+    pieces = [""] * (max(vocab.values()) + 1)
+    for token, token_id in vocab.items():
+        pieces[token_id] = token
+    return pieces
 
 
 def base_segmentation(tokenizer_json: dict, tokens: list[str]) -> list[list[int]]:

@@ -11,8 +11,16 @@ The base is a SentencePiece `.model`, or a Hugging Face tokenizer folder (`load.
      held-out text exactly as the model does.
 - A BPE `tokenizer.json` (Llama 3, Qwen, GPT-2/NeoX): new tokens after every old id and new merges after
   every old merge (`bpe.py`).
-Either way bytes per token, the `<unk>` share and the old lines whose ids changed are measured on
-held-out new and old text before anything is written; then the tokenizer and its report (`report.py`).
+Either way bytes per token, the `<unk>` share, the characters left unknown and the old lines whose ids
+changed are measured on held-out new and old text before anything is written; then the tokenizer and its
+report (`report.py`).
+
+Two choices a team extending Llama's or Mistral's tokenizer makes, as options:
+- `--keep-old-encoding`: no new piece or merge that changes how a sample of the old corpus is cut
+  (`old_encoding.py`), so old text keeps its ids and replay in the base's encoding stays exact;
+- `--byte-fallback`: a SentencePiece base without byte fallback gets the 256 byte pieces after every old
+  id (ids never move), so no character of any text is lost to `<unk>`. A base with byte fallback keeps
+  its byte pieces at their ids either way; a byte-level BPE base spells every byte already.
 """
 
 from __future__ import annotations
@@ -33,14 +41,19 @@ from pipeline.tokenizer.model_proto import (
     PieceType,
     TokenizerError,
     append_pieces,
+    byte_piece,
     check_ids_stable,
+    has_byte_fallback,
     load_model_proto,
     model_type_name,
     piece_text,
     processor_from_proto,
     verbatim_processor,
+    with_byte_fallback,
 )
-from pipeline.tokenizer.bpe import base_segmentation, bpe_model, extend_bpe
+from pipeline.tokenizer.bpe import base_segmentation, bpe_model, covers_every_byte, donor_size, extend_bpe, train_donor
+from pipeline.tokenizer.bpe import first_free_id, tokenizer_encoder, vocabulary_by_id
+from pipeline.tokenizer.old_encoding import Built, KeptEncoding, OldSample, keep_old_encoding
 from pipeline.tokenizer.load import HUGGINGFACE, SENTENCEPIECE, SP_MODEL_NAME, TokenizerSpec, load_tokenizer
 from pipeline.tokenizer.load import hf_auto_tokenizer, vocabulary_pieces
 from pipeline.tokenizer.pieces import check_piece_count, choose_pieces
@@ -52,6 +65,7 @@ from pipeline.tokenizer.report import (
     encode_lines,
     measure,
     report_path,
+    unknown_characters,
     unknown_comparison,
     write_report,
 )
@@ -79,13 +93,16 @@ _SPLITTING_RULES = (
 class ExtendConfig:
     base: Path
     inputs: tuple[str, ...]
-    old_inputs: tuple[str, ...]
+    old_inputs: tuple[str, ...]  # required; empty is refused with a message
     new_pieces: int
     out: Path
     text_field: str = "text"
     split: str | None = None  # of `datasets` DatasetDict inputs, new or old
     max_sample_bytes: int = 200_000_000
     max_heldout_bytes: int = 20_000_000
+    keep_old_encoding: bool = False  # no new piece that changes the old sample's ids
+    max_old_sample_bytes: int = 20_000_000  # the old sample --keep-old-encoding checks (it is encoded each round)
+    byte_fallback: bool = False  # add byte fallback to a SentencePiece base that lacks it
     holdout_fraction: float = HOLDOUT_FRACTION
     overwrite: bool = False
     address: str | None = None
@@ -98,9 +115,16 @@ class Extension:
 
     base: ModelProto
     model: ModelProto
-    added: list[NewPiece]
+    added: list[NewPiece]  # the donor's pieces, after `reference`'s ids
     skipped: int  # candidates dropped because the extended model would never produce them
     donor_vocab_size: int
+    reference: ModelProto | None = None  # the base with byte pieces appended, when they were; else None
+    kept: KeptEncoding | None = None  # with --keep-old-encoding
+
+    @property
+    def start(self) -> ModelProto:
+        """The model the donor's pieces are appended to: the base, or the base with byte fallback added."""
+        return self.reference if self.reference is not None else self.base
 
 
 def donor_options(base: ModelProto) -> dict:
@@ -132,9 +156,22 @@ def normalize_file(base: ModelProto, source: Path, target: Path) -> int:
     return written
 
 
-def extend_model(base: ModelProto, new_text: Path, new_pieces: int, scratch: Path) -> Extension:
-    """Train a donor on `new_text` (lines) and append up to `new_pieces` of its pieces to `base`."""
+def extend_model(
+    base: ModelProto,
+    new_text: Path,
+    new_pieces: int,
+    scratch: Path,
+    byte_fallback: bool = False,
+    old_lines: Sequence[str] | None = None,
+) -> Extension:
+    """Train a donor on `new_text` (lines) and append up to `new_pieces` of its pieces to `base`.
+
+    `byte_fallback`: a base without it first gets the 256 byte pieces (`with_byte_fallback`). `old_lines`
+    (`--keep-old-encoding`): no piece that changes how they are cut is appended (`old_encoding.py`).
+    """
     check_piece_count(new_pieces)  # before the donor's training, which is the slow part
+    reference = with_byte_fallback(base) if byte_fallback and not has_byte_fallback(base) else None
+    start = reference if reference is not None else base
     kind = model_type_name(base)
     normalized = scratch / "donor-input.txt"
     normalize_file(base, new_text, normalized)
@@ -144,21 +181,50 @@ def extend_model(base: ModelProto, new_text: Path, new_pieces: int, scratch: Pat
     )
     donor = ModelProto()
     donor.ParseFromString(donor_bytes)
-    added, skipped = choose_pieces(base, donor, new_pieces)
-    extended = append_pieces(base, added)
+    kept = None
+    if old_lines is None:
+        added, skipped = choose_pieces(start, donor, new_pieces)
+    else:
+        old_lines = list(old_lines)
+        sample = OldSample(old_lines, encode_lines(processor_from_proto(start, "base model").encode, old_lines))
+
+        def build(blocked: frozenset, limit: int) -> Built:
+            chosen = choose_pieces(start, donor, limit, blocked)
+            model = append_pieces(start, chosen[0])
+            encode = processor_from_proto(model, "extended model").encode
+            return Built(chosen, [p.piece for p in model.pieces], encode_lines(encode, old_lines))
+
+        (added, skipped), kept = keep_old_encoding(build, sample, len(start.pieces), new_pieces)
+    extended = append_pieces(start, added)
     check_ids_stable(base, extended)
-    return Extension(base, extended, added, skipped, len(donor.pieces))
+    return Extension(base, extended, added, skipped, len(donor.pieces), reference, kept)
 
 
 def new_piece_entries(extension: Extension) -> list[dict]:
-    """Each new piece with its id and its segmentation under the base (for embedding initialisation)."""
+    """Each new piece with its id and its segmentation under the base (for embedding initialisation):
+    byte pieces (when byte fallback was added) first, then the donor's pieces."""
     segmenter = verbatim_processor(extension.base)
-    first = len(extension.base.pieces)
+    first = len(extension.start.pieces)
     texts = [piece_text(extension.base, p.piece) for p in extension.added]
-    return [
+    return byte_piece_entries(extension) + [
         {"id": first + i, "piece": p.piece, "score": p.score, "base_ids": ids}
         for i, (p, ids) in enumerate(zip(extension.added, encode_lines(segmenter.encode, texts)))
     ]
+
+
+def byte_piece_entries(extension: Extension) -> list[dict]:
+    """The appended byte pieces, if any. An ASCII byte's row starts as the base's piece for that character;
+    any other byte stood for text the base lost to <unk>, so its row starts as the <unk> row."""
+    if extension.reference is None:
+        return []
+    segmenter = verbatim_processor(extension.base)
+    unk = segmenter.unk_id()
+    first = len(extension.base.pieces)
+    entries = []
+    for byte in range(256):
+        ids = segmenter.encode(chr(byte)) if byte < 0x80 else []
+        entries.append({"id": first + byte, "piece": byte_piece(byte), "score": 0.0, "base_ids": ids or [unk]})
+    return entries
 
 
 @dataclass(frozen=True)
@@ -170,6 +236,9 @@ class StagedExtension:
     donor_vocab_size: int
     skipped: int  # donor candidates not added
     base_details: dict  # what the report records of the base beyond its ids (model type, byte fallback)
+    byte_fallback: bool = False  # the extension spells every character (byte pieces, or byte-level BPE)
+    byte_fallback_added: bool = False  # byte pieces were appended for --byte-fallback
+    kept: KeptEncoding | None = None  # with --keep-old-encoding
 
 
 def files_sha256(spec: TokenizerSpec) -> dict[str, str]:
@@ -202,23 +271,33 @@ def build_report(
             "model_type": base.model_type,
             **staged.base_details,
         },
-        "extended": {"path": str(staged.path), "files_sha256": files_sha256(extended), "vocab_size": extended.vocab_size},
+        "extended": {"path": str(staged.path), "files_sha256": files_sha256(extended), "vocab_size": extended.vocab_size,
+                     "byte_fallback": staged.byte_fallback},
         "donor_vocab_size": staged.donor_vocab_size,
         "pieces_added": len(staged.new_pieces),
         "candidates_skipped": staged.skipped,
         "added_pieces_used_on_new_text": len(used),
         "bytes_per_token": {name: comparison(*pair) for name, pair in measures.items()},
         "unknown_token_rate": {name: unknown_comparison(*pair) for name, pair in measures.items()},
+        "unknown_characters": {
+            # Without byte fallback a character outside the held-out text may still be <unk>: never "none".
+            "possible": not staged.byte_fallback,
+            "byte_fallback_added": staged.byte_fallback_added,
+            **{name: unknown_characters(base_encode, base.unk_id, extended_encode, extended.unk_id, lines)
+               for name, lines in (("new_text", new_heldout), ("old_text", old_heldout))},
+        },
         "old_text_changed_lines": changed_lines(base_encode, extended_encode, old_heldout),
+        "keep_old_encoding": staged.kept.as_report() if staged.kept else None,
         "new_pieces": staged.new_pieces,
     }
 
 
-def stage_sentencepiece(base: TokenizerSpec, new_text: Path, new_pieces: int, scratch: Path) -> StagedExtension:
+def stage_sentencepiece(base: TokenizerSpec, new_text: Path, new_pieces: int, scratch: Path, byte_fallback: bool,
+                        old_lines: Sequence[str] | None) -> StagedExtension:
     """Extend the base's SentencePiece model; a folder base gets a whole folder (see `stage_folder`)."""
     model_file = base.path if base.kind == SENTENCEPIECE else base.path / SP_MODEL_NAME
-    extension = extend_model(load_model_proto(model_file), new_text, new_pieces, scratch)
-    details = {"byte_fallback": extension.base.trainer_spec.byte_fallback}
+    extension = extend_model(load_model_proto(model_file), new_text, new_pieces, scratch, byte_fallback, old_lines)
+    details = {"byte_fallback": has_byte_fallback(extension.base)}
     entries = new_piece_entries(extension)
     model_bytes = extension.model.SerializeToString()
     if base.kind == SENTENCEPIECE:
@@ -226,23 +305,46 @@ def stage_sentencepiece(base: TokenizerSpec, new_text: Path, new_pieces: int, sc
         staged.write_bytes(model_bytes)
     else:
         staged = stage_folder(base, scratch / "extended", {SP_MODEL_NAME: model_bytes}, convert=True)
-    return StagedExtension(staged, entries, extension.donor_vocab_size, extension.skipped, details)
+    return StagedExtension(staged, entries, extension.donor_vocab_size, extension.skipped, details,
+                           byte_fallback=has_byte_fallback(extension.model),
+                           byte_fallback_added=extension.reference is not None, kept=extension.kept)
 
 
-def stage_bpe(base: TokenizerSpec, new_text: Path, new_pieces: int, scratch: Path) -> StagedExtension:
+def stage_bpe(base: TokenizerSpec, new_text: Path, new_pieces: int, scratch: Path, byte_fallback: bool,
+              old_lines: Sequence[str] | None) -> StagedExtension:
     tokenizer_file = base.path / "tokenizer.json"
     tokenizer_json = json.loads(tokenizer_file.read_text(encoding="utf-8"))
     bpe_model(tokenizer_json, tokenizer_file)  # refuses other model types before the donor trains
+    every_byte = covers_every_byte(tokenizer_json)
+    if byte_fallback and not every_byte:
+        raise TokenizerError(
+            f"--byte-fallback: {tokenizer_file} is a BPE tokenizer.json that is neither byte-level nor has byte "
+            "fallback; adding it to such a file is not supported; extend without --byte-fallback"
+        )
     check_piece_count(new_pieces)
-    extension = extend_bpe(tokenizer_json, new_text, new_pieces, tokenizer_file)
+    donor = train_donor(tokenizer_json, new_text, donor_size(tokenizer_json, new_pieces))
+    kept = None
+    if old_lines is None:
+        extension = extend_bpe(tokenizer_json, donor, new_pieces, tokenizer_file)
+    else:
+        old_lines = list(old_lines)
+        sample = OldSample(old_lines, encode_lines(tokenizer_encoder(tokenizer_json), old_lines))
+
+        def build(blocked: frozenset, limit: int) -> Built:
+            tried = extend_bpe(tokenizer_json, donor, limit, tokenizer_file, blocked)
+            encode = tokenizer_encoder(tried.tokenizer_json)
+            return Built(tried, vocabulary_by_id(tried.tokenizer_json), encode_lines(encode, old_lines))
+
+        extension, kept = keep_old_encoding(build, sample, first_free_id(tokenizer_json), new_pieces)
     if not extension.added:
         raise TokenizerError("--input: the new text yields no token the base lacks; nothing to extend")
     segments = base_segmentation(tokenizer_json, [token for _, token in extension.added])
     entries = [{"id": i, "piece": token, "base_ids": ids} for (i, token), ids in zip(extension.added, segments)]
     text = json.dumps(extension.tokenizer_json, ensure_ascii=False, indent=2)
     staged = stage_folder(base, scratch / "extended", {"tokenizer.json": text.encode("utf-8")}, convert=False)
-    details = {"byte_level": bool(extension.tokenizer_json.get("pre_tokenizer"))}
-    return StagedExtension(staged, entries, extension.donor_vocab_size, extension.skipped, details)
+    details = {"byte_level": bool(extension.tokenizer_json.get("pre_tokenizer")), "byte_fallback": every_byte}
+    return StagedExtension(staged, entries, extension.donor_vocab_size, extension.skipped, details,
+                           byte_fallback=every_byte, kept=kept)
 
 
 def stage_folder(base: TokenizerSpec, target: Path, replaced: dict[str, bytes], convert: bool) -> Path:
@@ -322,33 +424,64 @@ def check_old_text(report: dict, where: Path) -> None:
         )
 
 
-def stage_extension(base: TokenizerSpec, new_text: Path, new_pieces: int, scratch: Path) -> StagedExtension:
-    """The extension that fits the base: SentencePiece (file or folder) or a BPE tokenizer.json."""
+def stage_extension(base: TokenizerSpec, new_text: Path, new_pieces: int, scratch: Path, byte_fallback: bool = False,
+                    old_lines: Sequence[str] | None = None) -> StagedExtension:
+    """The extension that fits the base: SentencePiece (file or folder) or a BPE tokenizer.json.
+    `old_lines`: the old sample whose encoding is kept (`--keep-old-encoding`)."""
     if base.kind == SENTENCEPIECE or SP_MODEL_NAME in base.files:
-        return stage_sentencepiece(base, new_text, new_pieces, scratch)
-    return stage_bpe(base, new_text, new_pieces, scratch)
+        return stage_sentencepiece(base, new_text, new_pieces, scratch, byte_fallback, old_lines)
+    return stage_bpe(base, new_text, new_pieces, scratch, byte_fallback, old_lines)
 
 
-def extend_tokenizer(config: ExtendConfig) -> dict:
-    """Run the extend command: returns the report it wrote (beside a .model, inside a folder)."""
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="replaymix-extend-") as scratch_dir:
-        scratch = Path(scratch_dir)
-        report = _extend(config, scratch)
+def check_config(config: ExtendConfig) -> None:
+    """Refuse flags that do not go together, before anything is read or written."""
+    if not config.old_inputs:
+        flag = "--keep-old-encoding needs" if config.keep_old_encoding else "give"
+        raise TokenizerError(
+            f"{flag} --old-input: text like the base's corpus, "
+            + ("whose encoding is kept" if config.keep_old_encoding else "to measure what the extension does to old text")
+            + "; nothing was written"
+        )
+    if config.keep_old_encoding and config.max_old_sample_bytes <= 0:
+        raise TokenizerError(f"--max-old-sample-bytes {config.max_old_sample_bytes}: must be positive")
+
+
+def summary_line(config: ExtendConfig, report: dict, seconds: float) -> str:
+    """The one line `extend` ends with: sizes, what new and old text gain or lose, what stays unknown."""
     gains = report["bytes_per_token"]
-    unknown = report["unknown_token_rate"]
     changed = report["old_text_changed_lines"]
-    print(
+    characters = report["unknown_characters"]
+    kept = report["keep_old_encoding"]
+    if characters["possible"]:
+        unknown = (
+            f"characters left <unk>: new {characters['new_text']['unknown_after']}/{characters['new_text']['characters']}, "
+            f"old {characters['old_text']['unknown_after']}/{characters['old_text']['characters']} of the held-out "
+            "text (no byte fallback: any character the donor did not see is <unk>; --byte-fallback adds it)"
+        )
+    else:
+        added = "byte fallback added (256 byte pieces after the old ids)" if characters["byte_fallback_added"] else "byte fallback"
+        unknown = f"no character can be <unk> ({added})"
+    keeping = (f"; --keep-old-encoding: {kept['pieces_blocked']} pieces blocked, {kept['old_sample_lines']} old "
+               f"sample lines keep their ids" if kept else "")
+    return (
         f"extended {config.base} ({report['base']['vocab_size']}) -> {config.out} "
         f"({report['extended']['vocab_size']}): {report['pieces_added']} pieces added, "
         f"{report['added_pieces_used_on_new_text']} used on held-out new text; bytes/token new "
         f"{gains['new_text']['before']} -> {gains['new_text']['after']} ({gains['new_text']['change']:+.1%}), "
         f"old {gains['old_text']['before']} -> {gains['old_text']['after']} ({gains['old_text']['change']:+.1%}); "
-        f"old lines with other ids {changed['changed']}/{changed['lines']}; "
-        f"<unk> share new {unknown['new_text']['before']:.2%} -> {unknown['new_text']['after']:.2%}, "
-        f"old {unknown['old_text']['before']:.2%} -> {unknown['old_text']['after']:.2%} "
-        f"in {time.perf_counter() - started:.1f} s; report {report['report_path']}"
+        f"held-out old lines with other ids {changed['changed']}/{changed['lines']} ({changed['share']:.2%}){keeping}; "
+        f"{unknown}; in {seconds:.1f} s; report {report['report_path']}"
     )
+
+
+def extend_tokenizer(config: ExtendConfig) -> dict:
+    """Run the extend command: returns the report it wrote (beside a .model, inside a folder)."""
+    started = time.perf_counter()
+    check_config(config)
+    with tempfile.TemporaryDirectory(prefix="replaymix-extend-") as scratch_dir:
+        scratch = Path(scratch_dir)
+        report = _extend(config, scratch)
+    print(summary_line(config, report, time.perf_counter() - started))
     return report
 
 
@@ -365,12 +498,14 @@ def _extend(config: ExtendConfig, scratch: Path) -> dict:
     new_inputs, old_inputs = (select_inputs(inputs, config.split) for inputs in (config.inputs, config.old_inputs))
     check_split_used(config.split, new_inputs, old_inputs)
     print(f"{new_inputs.describe('--input')}\n{old_inputs.describe('--old-input')}", flush=True)
+    # Old text is never trained on: its sample is the held-out slice alone, plus, with --keep-old-encoding,
+    # the sample whose encoding is kept (outside the held-out slice, which measures what it missed).
+    old_sample_bytes = config.max_old_sample_bytes if config.keep_old_encoding else 0
     new, old = (
         load_sample(selection, config.text_field, scratch / name, train_bytes, config.max_heldout_bytes,
                     config.holdout_fraction, config.address, config.num_cpus)
-        # Old text is only measured, never trained on: its sample is the held-out slice alone.
         for name, selection, train_bytes in (("new", new_inputs, config.max_sample_bytes),
-                                             ("old", old_inputs, 0))
+                                             ("old", old_inputs, old_sample_bytes))
     )
     for name, sample in (("--input", new), ("--old-input", old)):
         if sample.heldout_lines == 0:
@@ -379,7 +514,14 @@ def _extend(config: ExtendConfig, scratch: Path) -> dict:
                 f"so bytes per token cannot be measured; give more documents ({sample.corpus_documents} now)"
             )
     print(new.summary())
-    staged = stage_extension(base, new.train_file, config.new_pieces, scratch)
+    old_lines = None
+    if config.keep_old_encoding:
+        old_lines = read_lines(old.train_file)
+        if not old_lines:
+            raise TokenizerError("--keep-old-encoding: the old sample is empty (every --old-input document fell in the "
+                                 "held-out slice); give more old text")
+        print(f"old sample whose encoding is kept: {old.summary()}", flush=True)
+    staged = stage_extension(base, new.train_file, config.new_pieces, scratch, config.byte_fallback, old_lines)
     new_heldout, old_heldout = read_lines(new.heldout_file), read_lines(old.heldout_file)
     # Measure before writing: a tokenizer that moves an old id or hurts old text must never reach `out`.
     extended = load_tokenizer(staged.path)
@@ -398,6 +540,7 @@ def _extend(config: ExtendConfig, scratch: Path) -> dict:
         "new_train_bytes": new.train_bytes,
         "new_heldout_documents": new.heldout_documents,
         "old_heldout_documents": old.heldout_documents,
+        "old_sample_documents": old.train_documents,
         "holdout_fraction": config.holdout_fraction,
     }
     refuse_existing(config.out, config.overwrite)

@@ -88,6 +88,37 @@ def append_pieces(base: ModelProto, pieces: Sequence[NewPiece]) -> ModelProto:
     return extended
 
 
+def byte_piece(byte: int) -> str:
+    return f"<0x{byte:02X}>"
+
+
+def has_byte_fallback(proto: ModelProto) -> bool:
+    return proto.trainer_spec.byte_fallback
+
+
+def with_byte_fallback(base: ModelProto, where: str = "base model") -> ModelProto:
+    """A copy of `base` (which has no byte fallback) with the 256 byte pieces appended after every old id
+    and byte fallback switched on: a character outside the pieces is then spelled as its UTF-8 bytes
+    instead of `<unk>`. sentencepiece finds byte pieces by their string, wherever they stand, so no id
+    moves; only text that held `<unk>` is cut differently."""
+    taken = {p.piece for p in base.pieces}
+    clashing = [byte_piece(b) for b in range(256) if byte_piece(b) in taken]
+    if clashing:
+        raise TokenizerError(
+            f"{where}: already has pieces named like byte pieces ({', '.join(clashing[:3])}) but no byte "
+            "fallback; byte fallback cannot be added to it: extend without --byte-fallback"
+        )
+    extended = ModelProto()
+    extended.CopyFrom(base)
+    for b in range(256):
+        entry = extended.pieces.add()
+        entry.piece, entry.score, entry.type = byte_piece(b), 0.0, PieceType.BYTE
+    extended.trainer_spec.byte_fallback = True
+    extended.trainer_spec.vocab_size = len(extended.pieces)
+    processor_from_proto(extended, f"{where} with byte fallback added")  # sentencepiece's own checks
+    return extended
+
+
 def verbatim_processor(proto: ModelProto) -> spm.SentencePieceProcessor:
     """The model with normalization switched off, to segment strings that are already normalized.
 

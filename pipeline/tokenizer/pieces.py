@@ -79,10 +79,12 @@ def producible(base: ModelProto, pieces: Sequence[NewPiece]) -> list[bool]:
     return [ids == [first_new + i] for i, ids in enumerate(processor.encode(texts))]
 
 
-def choose_pieces(base: ModelProto, donor: ModelProto, limit: int) -> tuple[list[NewPiece], int]:
+def choose_pieces(
+    base: ModelProto, donor: ModelProto, limit: int, blocked: frozenset[str] = frozenset()
+) -> tuple[list[NewPiece], int]:
     """Every donor character the base lacks, then longer candidates that the extended model produces,
     `limit` pieces at most, scored for the base; returns them and how many candidates were skipped as
-    unproducible.
+    unproducible. `blocked` pieces are never chosen (`--keep-old-encoding`: they change old text).
 
     Raises TokenizerError when `limit` is not positive, exceeds the candidates the donor offers, or
     cannot hold the donor's characters.
@@ -91,11 +93,12 @@ def choose_pieces(base: ModelProto, donor: ModelProto, limit: int) -> tuple[list
     if kind not in SUPPORTED_MODEL_TYPES:
         raise TokenizerError(f"base model type is {kind!r}; extend supports {', '.join(SUPPORTED_MODEL_TYPES)}")
     check_piece_count(limit)
-    candidates = candidate_pieces(base, donor)
-    if limit > len(candidates):
+    offered = candidate_pieces(base, donor)
+    candidates = [p for p in offered if p.piece not in blocked]
+    if limit > len(offered):
         raise TokenizerError(
-            f"--new-pieces {limit}: the new corpus yields only {len(candidates)} pieces the base lacks "
-            f"(donor model of {len(donor.pieces)} pieces); pass --new-pieces {len(candidates)} or less, "
+            f"--new-pieces {limit}: the new corpus yields only {len(offered)} pieces the base lacks "
+            f"(donor model of {len(donor.pieces)} pieces); pass --new-pieces {len(offered)} or less, "
             "or give more new text"
         )
     characters = [p for p in candidates if is_character(p)]

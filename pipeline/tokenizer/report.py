@@ -7,12 +7,15 @@ of the rows of its base pieces;
 `bytes_per_token` shows the effect on held-out new text and held-out old text, and
 `unknown_token_rate` the share of their tokens that are `<unk>`, which after extending should be left
 only by characters too rare for the donor's character coverage (a byte-fallback model spells those as
-bytes instead, so its rate stays 0).
+bytes instead, so its rate stays 0). `unknown_characters` counts the held-out characters lost to `<unk>`
+and says whether any character can be (`possible`: the extension has no byte fallback), so a 0 on the
+held-out text is never read as "none ever". `keep_old_encoding` records what `--keep-old-encoding` cost.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -87,14 +90,47 @@ def comparison(before: TextMeasure, after: TextMeasure) -> dict:
     }
 
 
+def share(count: int, total: int) -> float:
+    """count / total to 6 decimals, or 3 significant digits below that: a rare <unk> shows as 1.2e-07,
+    never as 0."""
+    if not total:
+        return 0.0
+    rounded = round(count / total, 6)
+    return rounded if rounded or not count else float(f"{count / total:.3g}")
+
+
 def unknown_comparison(before: TextMeasure, after: TextMeasure) -> dict:
     """The report's `unknown_token_rate` entry for one held-out text (token counts are in its
     `bytes_per_token` entry)."""
     return {
-        "before": round(before.unknown / before.tokens, 6) if before.tokens else 0.0,
-        "after": round(after.unknown / after.tokens, 6) if after.tokens else 0.0,
+        "before": share(before.unknown, before.tokens),
+        "after": share(after.unknown, after.tokens),
         "unknown_before": before.unknown,
         "unknown_after": after.unknown,
+    }
+
+
+def unknown_character_counts(encode: Encode, unk_id: int, counts: Counter) -> Counter:
+    """Of `counts` (character -> occurrences), the characters a tokenizer cuts into <unk>. Each character is
+    encoded alone: a character the vocabulary lacks is <unk> wherever it stands."""
+    if unk_id < 0:
+        return Counter()
+    characters = sorted(counts)
+    return Counter({c: counts[c] for c, ids in zip(characters, encode_lines(encode, characters)) if unk_id in ids})
+
+
+def unknown_characters(before: Encode, before_unk: int, after: Encode, after_unk: int, lines: Sequence[str]) -> dict:
+    """The report's `unknown_characters` entry for one held-out text: characters lost to <unk> under the
+    base and the extension, and the commonest of those the extension still loses."""
+    counts = Counter(c for line in lines for c in line)
+    lost_before = unknown_character_counts(before, before_unk, counts)
+    lost_after = unknown_character_counts(after, after_unk, counts)
+    return {
+        "characters": sum(counts.values()),
+        "unknown_before": sum(lost_before.values()),
+        "unknown_after": sum(lost_after.values()),
+        "distinct_unknown_after": len(lost_after),
+        "examples_after": [c for c, _ in lost_after.most_common(10)],
     }
 
 

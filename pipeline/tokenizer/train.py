@@ -3,8 +3,10 @@
 Reading and sampling run on Ray Data (see `sample.py`), so the corpus can be far larger than the
 driver's memory; the tokenizer then trains on the sample, which is all it needs. Two kinds, each the
 artefact an open model ships:
-- `sentencepiece`: a SentencePiece model (BPE or unigram), written as a bare `.model` when `--out` ends
-  in `.model`, else as a Hugging Face folder in the Llama 2 layout (`tokenizer.model` trained with
+- `sentencepiece`: a SentencePiece model (BPE or unigram) with byte fallback unless `--no-byte-fallback`
+  (a character outside the pieces is spelled as its UTF-8 byte pieces, as Llama 2's and Mistral's
+  tokenizers do, so no text is ever lost to `<unk>`, and an extension keeps the byte pieces at their ids),
+  written as a bare `.model` when `--out` ends in `.model`, else as a Hugging Face folder in the Llama 2 layout (`tokenizer.model` trained with
   Llama 2's settings, the `tokenizer.json` transformers converts it to, `tokenizer_config.json`; `<s>`
   added before a text);
 - `bpe`: a byte-level BPE `tokenizer.json` in the Llama 3 layout (GPT-2's byte alphabet and
@@ -35,6 +37,7 @@ from pipeline.tokenizer.model_proto import TokenizerError
 from pipeline.tokenizer.sample import HOLDOUT_FRACTION, TextSample, sample_text
 
 _VOCAB_TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
+_VOCAB_TOO_LOW = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
 # SentencePiece keeps every training sentence in memory; a few million lines is plenty for 32k pieces.
 MAX_SENTENCES = 3_000_000
 
@@ -62,7 +65,9 @@ class TokenizerTrainConfig:
     vocab_size: int
     kind: str = "sentencepiece"
     model_type: str = "bpe"  # of a SentencePiece model
-    byte_fallback: bool = False
+    # Characters outside the pieces are spelled as UTF-8 byte pieces, never <unk> (as Llama 2's and Mistral's
+    # tokenizers are); it costs 256 ids.
+    byte_fallback: bool = True
     character_coverage: float = 0.9995
     text_field: str = "text"
     split: str | None = None  # of a `datasets` DatasetDict input
@@ -88,6 +93,15 @@ def train_sentencepiece(
     try:
         return _train(sentences_file, vocab_size, model_type, **options)
     except RuntimeError as e:
+        too_low = _VOCAB_TOO_LOW.search(str(e))
+        if too_low:
+            needed = int(too_low.group(2))
+            why = "256 byte pieces (byte fallback), " if options.get("byte_fallback") else ""
+            hint = ", or --no-byte-fallback" if options.get("byte_fallback") else ""
+            raise TokenizerError(
+                f"--vocab-size {vocab_size}: the model needs {why}every character of the sample and the special "
+                f"pieces, {needed} ids in all; pass --vocab-size {needed} or more{hint}"
+            ) from e
         match = _VOCAB_TOO_HIGH.search(str(e))
         if not match:
             raise TokenizerError(f"sentencepiece could not train on {sentences_file}: {e}") from e
@@ -198,9 +212,8 @@ def train_tokenizer(config: TokenizerTrainConfig) -> dict:
             staged = scratch / "tokenizer"
             stage_byte_level_bpe_folder(sample.train_file, config.vocab_size, staged)
         else:
-            options = {"byte_fallback": config.byte_fallback}
-            if writes_folder(config):
-                options |= SP_FOLDER_OPTIONS
+            options = SP_FOLDER_OPTIONS if writes_folder(config) else {}
+            options = options | {"byte_fallback": config.byte_fallback}
             model = train_sentencepiece(sample.train_file, config.vocab_size, config.model_type,
                                         character_coverage=config.character_coverage, **options)
             staged = scratch / "tokenizer.model"
@@ -217,6 +230,8 @@ def train_tokenizer(config: TokenizerTrainConfig) -> dict:
         "vocab_size": vocab,
         "kind": config.kind,
         "model_type": config.model_type if config.kind == "sentencepiece" else "bpe",
+        # Byte-level BPE covers every byte by construction.
+        "byte_fallback": config.byte_fallback if config.kind == "sentencepiece" else True,
         "sample_documents": sample.train_documents,
         "sample_lines": sample.train_lines,
         "sample_bytes": sample.train_bytes,
@@ -225,7 +240,8 @@ def train_tokenizer(config: TokenizerTrainConfig) -> dict:
         "seconds": round(time.perf_counter() - started, 1),
     }
     print(
-        f"trained {summary['kind']} {summary['model_type']} tokenizer {config.out}: {vocab} pieces from a sample of "
+        f"trained {summary['kind']} {summary['model_type']} tokenizer {config.out}: {vocab} pieces"
+        f"{'' if summary['byte_fallback'] else ' (no byte fallback: unseen characters become <unk>)'} from a sample of "
         f"{sample.train_documents}/{sample.corpus_documents} documents ({sample.train_bytes / 1e6:.1f} MB, "
         f"{sample.train_lines} lines) in {summary['seconds']} s"
     )
