@@ -12,6 +12,7 @@ import threading
 from typing import Iterator, Protocol
 
 from pipeline.dataset import TokenDataset, TokenSplit
+from pipeline.tokenizer.encoding_mix import warn_encoding_mixes
 from service.wire import Batch
 from trainer.train_config import DataConfig
 
@@ -48,6 +49,8 @@ class MixerSource:
             MixerConfig(seq_len=config.seq_len, global_batch=config.global_batch, seed=config.seed),
             MixSchedule.constant(config.weights),
         )
+        if rank == 0:  # a base-tokenized dataset beside its extension's: said once for the run, not per rank
+            warn_encoding_mixes(self.datasets)
         self.names = list(self.mixer.names)
         self.vocab_size = self.mixer.vocab_size
         self.seq_len, self.global_batch = config.seq_len, config.global_batch
