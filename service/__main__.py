@@ -9,6 +9,7 @@ import uvicorn
 
 from pipeline.dataset import TokenDataset
 from pipeline.errors import PipelineError, report_user_error
+from pipeline.tokenizer.encoding_mix import warn_encoding_mixes
 from service.app import Access, create_app
 from service.service_config import ServiceConfig, parse_args
 from service.mix_service import MixService
@@ -24,6 +25,7 @@ USER_ERRORS = (PipelineError, ServiceError, ValueError)
 def build_service(config: ServiceConfig) -> MixService:
     datasets = {name: TokenDataset(path, verify=config.verify, cache=config.cache)
                 for name, path in config.datasets.items()}
+    warn_encoding_mixes(datasets)  # a base-tokenized dataset beside its extension's: said once, at start-up
     mixer_config = MixerConfig(seq_len=config.seq_len, global_batch=config.global_batch, seed=config.seed)
     return MixService(datasets, mixer_config, config.state_dir, config.weights, reserve_steps=config.reserve_steps,
                       max_lookahead=config.max_lookahead, controller=config.controller)

@@ -100,3 +100,15 @@ def test_the_in_process_mixer_says_it_once_on_rank_zero(mix, capsys):
         MixerSource(config, rank=rank, world_size=2).close()
     err = capsys.readouterr().err
     assert err.count("warning: datasets 'en' and 'de' mix two encodings") == 1
+
+
+def test_the_service_says_it_once_at_start_up(mix, tmp_path, capsys):
+    from service.__main__ import build_service
+    from service.service_config import parse_args
+
+    _, datasets, _ = mix
+    config = parse_args([f"--dataset=en={datasets['en'].root}", f"--dataset=de={datasets['de'].root}",
+                         "--weights=en=0.5,de=0.5", "--seq-len=16", "--global-batch=4",
+                         f"--state-dir={tmp_path / 'state'}", "--allow-anonymous-reads"])
+    build_service(config).close()
+    assert capsys.readouterr().err.count("warning: datasets 'en' and 'de' mix two encodings") == 1
