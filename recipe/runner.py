@@ -1,0 +1,424 @@
+"""Run a plan: each step once, its outputs reused while its inputs and settings are unchanged.
+
+One rule decides whether a step is done (`StepRecords.state`): a step is done when its record
+(`steps/STEP.json`, written after its output is committed) holds the settings and the input content
+hashes it has now. A record that differs is refused naming what differs, or, with `--fresh`, the step is
+built again (its outputs moved aside first, never mixed). A step without a record is run: a pipeline step
+rebuilds its uncommitted output; a training step resumes, the trainer from its latest checkpoint
+(`--resume`, bit for bit) and the service from the state dir it left (never `--overwrite`, never a deleted
+state dir). So a job killed anywhere continues where it stopped when it is run again.
+
+Pipeline steps run as `python -m pipeline...` processes joined to one Ray: the cluster this job runs
+under (`ray job submit` sets $RAY_ADDRESS), `compute.ray_address`, or a local Ray this process starts.
+Services and trainers run as processes (`service/launcher.py` for the service).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+
+from recipe.argv import as_text
+from recipe.checks import LOCK, is_remote
+from recipe.errors import RecipeError
+from recipe.outcome import Choice, choose_share, outcome
+from recipe.plan import PORT_PLACEHOLDER, SECRETS, PipelineStep, Plan, Step, TrainStep, make_plan, with_port
+from service.launcher import PACKAGE_ROOT, ServiceDidNotStart, ServiceProcess, free_port
+from trainer.checkpoint import CHECKPOINT_DIR, FINAL, LATEST
+
+RECORDS = "steps"
+MODEL = "model"  # the continued model as a Hugging Face folder
+
+
+# ---------------------------------------------------------------------------------------------- the rule
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+def settings(step: Step) -> dict[str, Any]:
+    """What a step computes from, apart from its inputs' content: its config objects, without what only
+    says how it runs this time (a port, a Ray address, --overwrite or --resume)."""
+    if isinstance(step, PipelineStep):
+        return _jsonable({k: v for k, v in asdict(step.config).items()
+                          if k not in ("address", "overwrite", "num_cpus", "workers")})
+    trainer = _jsonable(asdict(step.trainer))
+    for volatile in ("resume", "overwrite", "progress"):
+        trainer.pop(volatile, None)
+    service = _jsonable({k: v for k, v in asdict(step.service).items() if k not in ("port", "log_level", "cache")})
+    return {"service": service, "trainer": trainer, "later_stages": _jsonable(step.later_stages),
+            "launcher": step.launcher, "workers": step.workers}
+
+
+def content_hash(path: str) -> str:
+    """sha256 of a file; of a token dataset its manifest (which pins every shard); of a folder its files'
+    names and contents; a remote path is pinned by its URI (its dataset's manifest pins what was read)."""
+    if is_remote(path):
+        return f"uri:{path}"
+    p = Path(path)
+    if (p / "manifest.json").is_file():
+        p = p / "manifest.json"
+    digest = hashlib.sha256()
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
+    if not files:
+        import glob
+
+        files = sorted(Path(f) for f in glob.glob(path))
+    for f in files:
+        digest.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
+        with open(f, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+class StepRecords:
+    """steps/STEP.json per finished step: the settings and input hashes it was built with."""
+
+    def __init__(self, out: Path):
+        self.folder = out / RECORDS
+
+    def path(self, step: Step) -> Path:
+        return self.folder / (step.name.replace("/", "__").replace(" ", "_") + ".json")
+
+    def current(self, step: Step) -> dict[str, Any]:
+        return {"settings": settings(step), "inputs": {p: content_hash(p) for p in step.inputs}}
+
+    def state(self, step: Step) -> tuple[str, str]:
+        """("done" | "todo" | "changed", what differs)."""
+        record = self.path(step)
+        if not record.is_file():
+            return "todo", ""
+        before, now = json.loads(record.read_text()), self.current(step)
+        differs = [f"input {p}" for p in sorted({*before["inputs"], *now["inputs"]})
+                   if before["inputs"].get(p) != now["inputs"].get(p)]
+        differs += [f"setting {k}: {before['settings'].get(k)!r} then, {now['settings'].get(k)!r} now"
+                    for k in _changed_keys(before["settings"], now["settings"])]
+        return ("changed", "; ".join(differs)) if differs else ("done", "")
+
+    def write(self, step: Step) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.path(step).with_suffix(".partial")
+        tmp.write_text(json.dumps(self.current(step), indent=2))
+        tmp.rename(self.path(step))
+
+
+def _changed_keys(before: dict, now: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted({*before, *now}):
+        a, b = before.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _changed_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
+def _lookup(tree: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+class Runner:
+    def __init__(self, plan: Plan, fresh: bool = False):
+        self.plan, self.fresh = plan, fresh
+        self.out = plan.out
+        self.records = StepRecords(self.out)
+        self.choices: dict[str, Choice | None] = {}
+        self.started = time.monotonic()
+        self.seconds: dict[str, float] = {}
+
+    # -- before anything starts
+
+    def refuse_changed(self) -> None:
+        """Every step whose inputs exist now is compared with its record before the first step runs."""
+        for step in self.plan.steps():
+            if all(is_remote(p) or Path(p).exists() for p in step.inputs):
+                self._decide(step)
+
+    def _decide(self, step: Step) -> bool:
+        """Whether `step` is done; a changed one is refused, or moved aside with --fresh."""
+        state, differs = self.records.state(step)
+        if state == "changed":
+            if not self.fresh:
+                raise RecipeError(f"step {step.name!r} was built from other inputs or settings than the recipe "
+                                  f"gives now ({differs}); rerun with --fresh to build it again, or restore them")
+            self._move_aside(step)
+            return False
+        return state == "done"
+
+    def _move_aside(self, step: Step) -> None:
+        """--fresh: a changed step's outputs go to OUTPUT/replaced/ (never deleted), its record goes."""
+        aside = self.out / "replaced" / time.strftime("%Y%m%d-%H%M%S")
+        for output in step.outputs:
+            if Path(output).exists():
+                target = aside / Path(output).relative_to(self.out)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(output, target)
+        self.records.path(step).unlink(missing_ok=True)
+        print(f"--fresh: {step.name}: its earlier outputs moved to {aside}", flush=True)
+
+    # -- the whole job
+
+    def run(self) -> Path:
+        self.prepare()
+        self.refuse_changed()
+        pending = [s for s in self.plan.pipeline if not self._decide(s)]
+        if pending:
+            with self.ray():
+                for index, step in enumerate(self.plan.pipeline, 1):
+                    self.run_pipeline_step(step, index)
+        for index, update in enumerate(self.plan.recipe.updates):
+            for pilot in self.plan.pilots[update.name]:
+                self.run_train_step(pilot)
+            if self.plan.runs[update.name] is None:  # a sweep: the pilots choose the full run's share
+                choice = self.choose(update.name)
+                if choice is None:
+                    self.write_lock()
+                    raise RecipeError(f"updates.{index}.replay.choose: no share kept forgetting within the "
+                                      f"budget and choose.otherwise is stop; see {self.out / 'report.md'}")
+                self.plan = make_plan(self.plan.recipe, self.plan.name,
+                                      {u: c.share for u, c in self.choices.items() if c})
+            else:
+                self.choices.setdefault(update.name, None)
+            self.run_train_step(self.plan.runs[update.name])
+        model = self.export_model()
+        self.write_lock()
+        from recipe.report import write_report
+
+        report = write_report(self.plan, self.choices, self.seconds)
+        print(f"recipe {self.plan.name} done in {(time.monotonic() - self.started) / 60:.1f} min: "
+              f"{len(self.plan.steps())} steps, model {model or '(no Hugging Face folder: a fresh model)'}, "
+              f"report {report}", flush=True)
+        return report
+
+    def prepare(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.write_lock()
+        secrets = self.out / SECRETS
+        secrets.mkdir(exist_ok=True, mode=0o700)
+        for name in ("admin-token", "read-token"):
+            token = secrets / name
+            if not token.exists():
+                import secrets as random_secrets
+
+                token.write_text(random_secrets.token_urlsafe(32))
+                token.chmod(0o600)
+
+    def choose(self, update: str) -> Choice | None:
+        replay = next(u for u in self.plan.recipe.updates if u.name == update).replay
+        outcomes = [outcome(p.name, p.share, p.run_dir, p.replayed, p.new) for p in self.plan.pilots[update]]
+        choice = choose_share(outcomes, replay.choose.budget, replay.choose.otherwise)
+        self.choices[update] = choice
+        print(f"sweep {update}: " + ", ".join(f"share {o.share:g} forgets {o.forgetting:.4f}, adapts "
+                                             f"{o.adaptation:.4f}" for o in outcomes), flush=True)
+        print(f"sweep {update}: chose share {choice.share:g}: {choice.reason}" if choice else
+              f"sweep {update}: no share met the budget", flush=True)
+        return choice
+
+    # -- Ray for the pipeline steps
+
+    @contextmanager
+    def ray(self) -> Iterator[None]:
+        """This process joins the Ray the pipeline steps run on: the cluster it was submitted to
+        ($RAY_ADDRESS), compute.ray_address, or a local Ray it starts (stopped when the steps are done)."""
+        import logging
+
+        import ray
+
+        from pipeline.ray_runtime import init_ray
+
+        address = self.plan.recipe.compute.ray_address or os.environ.get("RAY_ADDRESS")
+        if address:
+            print(f"pipeline steps run on the Ray cluster at {address}", flush=True)
+            init_ray(address)
+        else:
+            init_ray(None, self.plan.recipe.compute.cpus)
+            print(f"pipeline steps run on a local Ray started by this job ({ray.get_runtime_context().gcs_address})",
+                  flush=True)
+        logging.getLogger("ray").setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+    # -- one step
+
+    def run_pipeline_step(self, step: PipelineStep, index: int) -> None:
+        if self._decide(step):
+            print(f"[{index}/{len(self.plan.pipeline)}] {step.name}: done, reused", flush=True)
+            return
+        started = time.monotonic()
+        # Its output is uncommitted here (no record): a killed step's leftovers are this step's own.
+        config = replace(step.config, overwrite=Path(step.outputs[0]).exists())
+        command = PipelineStep(step.name, config, step.inputs, step.outputs).command()
+        print(f"\n=== [{index}/{len(self.plan.pipeline)}] {step.name}\n$ {as_text(command)}", flush=True)
+        # In this process, on the Ray it joined: the part's own main() parses the exact command shown, and
+        # no interpreter or Ray connection is started per step.
+        entry = step.module + (".__main__" if step.module == "pipeline.tokenizer" else "")
+        status = importlib.import_module(entry).main(command[3:])
+        if status != 0:
+            raise RecipeError(f"step {step.name!r} failed (exit {status}); its output above says why. "
+                              f"The same command by hand: {as_text(command)}")
+        self.records.write(step)
+        self.seconds[step.name] = time.monotonic() - started
+
+    def run_train_step(self, step: TrainStep) -> None:
+        if self._decide(step):
+            print(f"{step.name}: done, reused", flush=True)
+            return
+        started = time.monotonic()
+        Path(step.service.state_dir).mkdir(parents=True, exist_ok=True)  # a rerun keeps the state the service left
+        port = free_port()
+        service_config, trainer_config = with_port(step, port)
+        trainer_config = self._resumed(trainer_config)
+        service_args = [a for a in step.service_command(service_config)[3:]
+                        if not a.startswith(("--host=", "--port=", "--log-level="))]
+        service = ServiceProcess(service_args, port=port, log=Path(step.service.state_dir).with_suffix(".log"),
+                                 log_level=service_config.log_level)
+        print(f"\n=== {step.name}: {self._describe(step)}\n$ {as_text(service.command())}", flush=True)
+        try:
+            service.start()
+        except ServiceDidNotStart as e:
+            raise RecipeError(f"step {step.name!r}: the mixer service did not start: {e}") from None
+        try:
+            self._add_stages(step, service.url)
+            command = step.trainer_command(trainer_config)
+            print(f"$ {as_text(command)}", flush=True)
+            env = {**os.environ, **({"OMP_NUM_THREADS": str(step.threads), "MKL_NUM_THREADS": str(step.threads)}
+                                    if step.threads else {})}
+            child = subprocess.run(command, cwd=PACKAGE_ROOT, env=env)
+            if child.returncode != 0:
+                raise RecipeError(f"step {step.name!r}: the trainer failed (exit {child.returncode}); rerun the "
+                                  f"recipe to resume it from its latest checkpoint. Command: {as_text(command)}")
+            if step.service.controller:
+                self._save_controller(service.url, step.run_dir / "controller.json")
+        finally:
+            service.stop(grace=30)
+        self.records.write(step)
+        self.seconds[step.name] = time.monotonic() - started
+
+    @staticmethod
+    def _describe(step: TrainStep) -> str:
+        mix = ", ".join(f"{n} {w:g}" for n, w in step.service.weights.items())
+        steered = " (steered by the forgetting-budget controller)" if step.service.controller else ""
+        return f"{step.role}, {step.trainer.steps} steps, mix {mix}{steered}"
+
+    def _resumed(self, trainer):
+        """A run that left a checkpoint resumes from it; one killed before its first checkpoint starts again
+        with its partial folder moved aside (kept, never deleted)."""
+        checkpoints = trainer.out / CHECKPOINT_DIR
+        if any((checkpoints / name).exists() for name in (LATEST, FINAL, "latest.dcp", "final.dcp")):
+            print(f"{trainer.out}: resuming from its latest checkpoint", flush=True)
+            return replace(trainer, resume=True, init_from=None, hf_model=None)
+        if trainer.out.exists() and any(trainer.out.iterdir()):
+            aside = trainer.out.with_name(trainer.out.name + ".interrupted")
+            shutil.rmtree(aside, ignore_errors=True)  # the previous leftovers of this same unfinished start
+            trainer.out.rename(aside)
+            print(f"{trainer.out}: killed before its first checkpoint; its partial folder moved to {aside}",
+                  flush=True)
+        return trainer
+
+    def _admin(self) -> dict[str, str]:
+        token = (self.out / SECRETS / "admin-token").read_text().strip()
+        return {"Authorization": f"Bearer {token}"}
+
+    def _add_stages(self, step: TrainStep, url: str) -> None:
+        """The recipe's later stages, each PUT once: a restarted service already holds those it logged."""
+        if not step.later_stages:
+            return
+        logged = httpx.get(f"{url}/v1/mix", headers=self._admin(), timeout=10).json()
+        have = {s["start_step"] for s in logged.get("stages", [])}
+        for start, weights in step.later_stages:
+            if start in have:
+                continue
+            answer = httpx.put(f"{url}/v1/mix", headers=self._admin(), timeout=10,
+                               json={"weights": weights, "start_step": start, "by": "recipe",
+                                     "reason": f"stage of {step.update}'s replay.stages"})
+            if answer.status_code != 200:
+                raise RecipeError(f"step {step.name!r}: the service refused the stage at step {start}: {answer.text}")
+
+    def _save_controller(self, url: str, record: Path) -> None:
+        answer = httpx.get(f"{url}/v1/controller", headers=self._admin(), timeout=10)
+        record.write_text(answer.text)
+
+    # -- outputs
+
+    def export_model(self) -> Path | None:
+        """The last update's Hugging Face folder, copied whole into OUTPUT/model (renamed into place)."""
+        last = self.plan.runs[self.plan.recipe.updates[-1].name]
+        source = last.run_dir / "hf"
+        if not source.is_dir():
+            return None
+        target = self.out / MODEL
+        if (target / "config.json").exists() and content_hash(str(target)) == content_hash(str(source)):
+            return target
+        staging = self.out / (MODEL + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(source, staging)
+        if target.exists():
+            shutil.move(str(target), self.out / "replaced" / f"model-{time.strftime('%Y%m%d-%H%M%S')}")
+        staging.rename(target)
+        return target
+
+    def write_lock(self) -> None:
+        """recipe.lock.json: the resolved recipe (every default), each input's content hash, the sweep's
+        choices and each finished step's record: what the same batches are a function of."""
+        recipe = self.plan.recipe
+        inputs = sorted({p for s in self.plan.steps() for p in s.inputs
+                         if not p.startswith(str(self.out))})
+        lock = {"name": self.plan.name, "recipe": recipe.model_dump(mode="json"),
+                "inputs": {p: content_hash(p) if is_remote(p) or Path(p).exists() else None for p in inputs},
+                "chosen": {u: c.share if c else None for u, c in self.choices.items()},
+                "steps": {s.name: self.records.path(s).name for s in self.plan.steps()
+                          if self.records.path(s).is_file()}}
+        tmp = self.out / (LOCK + ".partial")
+        tmp.write_text(json.dumps(lock, indent=2))
+        tmp.rename(self.out / LOCK)
+
+
+def print_plan(plan: Plan) -> None:
+    """--dry-run: each step, its inputs, outputs and the exact command."""
+    print(f"recipe {plan.name}: {len(plan.steps())} steps planned, outputs in {plan.out}")
+    for index, step in enumerate(plan.steps(), 1):
+        print(f"\n[{index}] {step.name}")
+        print("    inputs:  " + "\n             ".join(step.inputs))
+        print("    outputs: " + "\n             ".join(step.outputs))
+        if isinstance(step, PipelineStep):
+            print(f"    command: {as_text(step.command())}")
+        else:
+            port = "PORT"
+            service = as_text(step.service_command()).replace(f"--port={PORT_PLACEHOLDER}", f"--port={port}")
+            trainer = as_text(step.trainer_command()).replace(f"127.0.0.1:{PORT_PLACEHOLDER}", f"127.0.0.1:{port}")
+            print(f"    service: {service}")
+            for start, weights in step.later_stages:
+                print(f"    then:    PUT /v1/mix {json.dumps({'weights': weights, 'start_step': start})}")
+            print(f"    trainer: {trainer}")
+    for update in plan.recipe.updates:
+        if plan.runs[update.name] is None:
+            choose = update.replay.choose
+            print(f"\n[then] {update.name}/train: the full run ({update.steps} steps) at the share the pilots choose: "
+                  f"the smallest whose forgetting stays within {choose.budget:g} (else: {choose.otherwise})")
+    print("\nchecked: every path, key, the model/tokenizer fit, the output folder and the Ray address; nothing "
+          "was started or written", flush=True)
