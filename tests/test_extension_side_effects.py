@@ -13,7 +13,7 @@ import sentencepiece as spm
 from tokenizers import Tokenizer
 
 from conftest import ENGLISH_WORDS, GERMAN_WORDS, make_lines, train_spm, write_jsonl
-from hf_tokenizers import gpt2_folder
+from hf_tokenizers import gpt2_folder, sentencepiece_folder
 from pipeline.tokenizer.__main__ import main
 from pipeline.tokenizer.extend import ExtendConfig, extend_tokenizer
 from pipeline.tokenizer.model_proto import TokenizerError
@@ -108,14 +108,15 @@ def mixed_corpora(tmp_path_factory, english_lines):
     return folder, str(write_jsonl(folder / "en.jsonl", english_lines)), str(write_jsonl(folder / "mixed.jsonl", new))
 
 
-@pytest.mark.parametrize("kind", ["sentencepiece", "byte-level-bpe"])
+@pytest.mark.parametrize("kind", ["sentencepiece", "sentencepiece-folder", "byte-level-bpe"])
 def test_keep_old_encoding_keeps_old_ids_and_still_compresses_new_text(local_ray, mixed_corpora, english_lines, kind):
     folder, en, new = mixed_corpora
     if kind == "sentencepiece":
         base = train_spm(english_lines, folder / kind / "en", vocab_size=120)
         outs = folder / f"{kind}-default.model", folder / f"{kind}-kept.model"
-    else:
-        base = gpt2_folder(english_lines, folder / kind, vocab_size=400)
+    else:  # a folder: its users encode with tokenizer.json, so that is the encoding kept
+        make = sentencepiece_folder if kind == "sentencepiece-folder" else gpt2_folder
+        base = make(english_lines, folder / kind, vocab_size=320 if kind == "sentencepiece-folder" else 400)
         outs = folder / f"{kind}-default", folder / f"{kind}-kept"
     reports = [
         extend_tokenizer(ExtendConfig(base=base, inputs=(new,), old_inputs=(en,), new_pieces=100, out=out,

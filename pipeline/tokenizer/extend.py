@@ -31,7 +31,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from pipeline.dataset import sha256_file
 from pipeline.input_selection import check_split_used, select_inputs
@@ -59,6 +59,7 @@ from pipeline.tokenizer.load import hf_auto_tokenizer, vocabulary_pieces
 from pipeline.tokenizer.pieces import check_piece_count, choose_pieces
 from pipeline.tokenizer.report import (
     FOLDER_REPORT_NAME,
+    Encode,
     changed_lines,
     differing,
     comparison,
@@ -163,11 +164,13 @@ def extend_model(
     scratch: Path,
     byte_fallback: bool = False,
     old_lines: Sequence[str] | None = None,
+    encoder_of: Callable[[ModelProto], Encode] | None = None,
 ) -> Extension:
     """Train a donor on `new_text` (lines) and append up to `new_pieces` of its pieces to `base`.
 
     `byte_fallback`: a base without it first gets the 256 byte pieces (`with_byte_fallback`). `old_lines`
-    (`--keep-old-encoding`): no piece that changes how they are cut is appended (`old_encoding.py`).
+    (`--keep-old-encoding`): no piece that changes how they are cut is appended (`old_encoding.py`), cut
+    by `encoder_of(model)`: the encoder the tokenizer's users get (sentencepiece's own by default).
     """
     check_piece_count(new_pieces)  # before the donor's training, which is the slow part
     reference = with_byte_fallback(base) if byte_fallback and not has_byte_fallback(base) else None
@@ -186,13 +189,13 @@ def extend_model(
         added, skipped = choose_pieces(start, donor, new_pieces)
     else:
         old_lines = list(old_lines)
-        sample = OldSample(old_lines, encode_lines(processor_from_proto(start, "base model").encode, old_lines))
+        encoder_of = encoder_of or (lambda model: processor_from_proto(model, "extended model").encode)
+        sample = OldSample(old_lines, encode_lines(encoder_of(start), old_lines))
 
         def build(blocked: frozenset, limit: int) -> Built:
             chosen = choose_pieces(start, donor, limit, blocked)
             model = append_pieces(start, chosen[0])
-            encode = processor_from_proto(model, "extended model").encode
-            return Built(chosen, [p.piece for p in model.pieces], encode_lines(encode, old_lines))
+            return Built(chosen, [p.piece for p in model.pieces], encode_lines(encoder_of(model), old_lines))
 
         (added, skipped), kept = keep_old_encoding(build, sample, len(start.pieces), new_pieces)
     extended = append_pieces(start, added)
@@ -296,7 +299,21 @@ def stage_sentencepiece(base: TokenizerSpec, new_text: Path, new_pieces: int, sc
                         old_lines: Sequence[str] | None) -> StagedExtension:
     """Extend the base's SentencePiece model; a folder base gets a whole folder (see `stage_folder`)."""
     model_file = base.path if base.kind == SENTENCEPIECE else base.path / SP_MODEL_NAME
-    extension = extend_model(load_model_proto(model_file), new_text, new_pieces, scratch, byte_fallback, old_lines)
+    encoder_of = None
+    if base.kind != SENTENCEPIECE:
+        tries = iter(range(1_000_000))
+
+        def encoder_of(model: ModelProto) -> Encode:
+            """A folder's users encode with the tokenizer.json transformers converts from the model, which
+            can cut a line otherwise than the model (see `check_converted_folder`): keep that encoding."""
+            folder = stage_folder(base, scratch / f"try-{next(tries)}", {SP_MODEL_NAME: model.SerializeToString()},
+                                  convert=True)
+            encode = load_tokenizer(folder).encoder()
+            shutil.rmtree(folder)
+            return encode
+
+    extension = extend_model(load_model_proto(model_file), new_text, new_pieces, scratch, byte_fallback, old_lines,
+                             encoder_of)
     details = {"byte_fallback": has_byte_fallback(extension.base)}
     entries = new_piece_entries(extension)
     model_bytes = extension.model.SerializeToString()
