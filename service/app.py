@@ -44,9 +44,10 @@ from pydantic import BaseModel, Field
 from pipeline.dataset import token_dtype
 from pipeline.errors import PipelineError
 from service.control_laws import Feedback
-from service.mix_service import MAX_BODY_BYTES, MixConflict, MixService, NoController, NoSuchStage, TooFarAhead
+from service.errors import ServiceError
+from service.mix_service import MAX_BODY_BYTES, MixService
 from service.prometheus_metrics import RequestMetrics
-from service.mix_schedule import ScheduleError
+from service.replica import ReplicaService
 from service import wire
 from service.wire import MAX_RANGE_STEPS, MEDIA_TYPE, Batch, batch_to_json, encode_batches
 
@@ -141,7 +142,7 @@ def _matches(credentials: HTTPAuthorizationCredentials, token: str | None) -> bo
     return token is not None and hmac.compare_digest(credentials.credentials.encode(), token.encode())
 
 
-def create_app(service: MixService, access: Access) -> FastAPI:
+def create_app(service: MixService | ReplicaService, access: Access) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
@@ -150,6 +151,12 @@ def create_app(service: MixService, access: Access) -> FastAPI:
     # The docs pages load Swagger UI and ReDoc from files shipped in the package (fastapi-offline), not a
     # CDN, so /docs and /redoc work on an air-gapped cluster.
     app = FastAPIOffline(title="replaymix mixer", version="1", lifespan=lifespan, description=API_DESCRIPTION)
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, error: ServiceError) -> JSONResponse:
+        """Every refusal of the service answers by its error's own status: one mapping for every endpoint."""
+        return JSONResponse({"detail": str(error)}, status_code=error.http_status)
+
     app.add_middleware(RequestMetrics, metrics=service.metrics)
     bearer = HTTPBearer(auto_error=False)
     wire_dtype = token_dtype(service.vocab_size)
@@ -175,6 +182,12 @@ def create_app(service: MixService, access: Access) -> FastAPI:
             raise HTTPException(403, "wrong read token")
         return True
 
+    async def require_token(request: Request, authenticated: bool = Depends(require_reader)) -> None:
+        """Leases and feedback change what the service records: a token, even where anonymous reads are allowed."""
+        if not authenticated:
+            raise HTTPException(401, f"{request.url.path} needs a token: send Authorization: Bearer <read token>",
+                                headers={"WWW-Authenticate": "Bearer"})
+
     def who(request: Request, by: str) -> str:
         return f"{by} ({request.client.host if request.client else 'unknown address'})"
 
@@ -183,8 +196,8 @@ def create_app(service: MixService, access: Access) -> FastAPI:
         try:
             # The binary path gets tokens at the wire's width straight from the maps: no int64 detour.
             batches: list[Batch] = service.batches(steps, rank, world_size, dtype="int64" if wants_json else wire_dtype)
-        except TooFarAhead as e:
-            raise HTTPException(409, str(e)) from None
+        except ServiceError:
+            raise  # mapped by its status, below
         except PipelineError as e:  # a remote dataset's store down, an object changed, the cache full
             raise HTTPException(503, str(e)) from None
         except ValueError as e:  # a step past the largest, or a rank or world size that does not fit
@@ -226,22 +239,19 @@ def create_app(service: MixService, access: Access) -> FastAPI:
                                      f"{MAX_BODY_BYTES >> 20} MiB a response may hold; ask for at most {fits} steps per request")
         return respond(request, [start + i * stride for i in range(count)], rank, world_size, single=False)
 
-    @app.post("/v1/leases", responses=LEASE_RESPONSES)
-    async def post_lease(lease: LeaseRequest, authenticated: bool = Depends(require_reader)) -> dict:
+    @app.post("/v1/leases", responses=LEASE_RESPONSES, dependencies=[Depends(require_token)])
+    async def post_lease(lease: LeaseRequest) -> dict:
         """Lease every step below `until` to a client that computes batches itself from the datasets
         (`compute="local"`; read or admin token): the steps count as served from now on, so no mix change
         reaches them, and the answer's `schedule` gives their batches exactly. Renew before reaching `until`;
         a lease never expires. On the event loop, not a worker thread: a lease is about a millisecond of
         CPU (a durable write only when the reservation moves, every --reserve-steps steps), and with
         thousands of ranks the queue for the thread pool, not the work, was the latency."""
-        if not authenticated:
-            raise HTTPException(401, "a lease needs a token: send Authorization: Bearer <read token>",
-                                headers={"WWW-Authenticate": "Bearer"})
         try:
             return service.lease(lease.until, lease.rank, lease.world_size)
-        except TooFarAhead as e:
-            raise HTTPException(409, str(e)) from None
-        except ValueError as e:
+        except ServiceError:
+            raise
+        except ValueError as e:  # a rank or world size that does not fit
             raise HTTPException(422, str(e)) from None
 
     @app.get("/v1/mix", dependencies=[Depends(require_reader)], responses=READ_ERRORS)
@@ -255,12 +265,7 @@ def create_app(service: MixService, access: Access) -> FastAPI:
         """Append a stage to the schedule (admin token): from `start_step` on (default: `next_change_step`,
         past every step served and every stage scheduled) datasets are drawn at `weights`. Recorded in the
         log, durably, before the answer."""
-        try:
-            stage = service.change_mix(change.weights, change.start_step, who(request, change.by), change.reason)
-        except ScheduleError as e:
-            raise HTTPException(422, str(e)) from None
-        except MixConflict as e:
-            raise HTTPException(409, str(e)) from None
+        stage = service.change_mix(change.weights, change.start_step, who(request, change.by), change.reason)
         return {"stage": stage.to_json(), **service.mix()}
 
     @app.delete("/v1/mix/stages/{start_step}", dependencies=[Depends(require_admin)],
@@ -273,12 +278,7 @@ def create_app(service: MixService, access: Access) -> FastAPI:
     ) -> dict:
         """Withdraw the stage that starts at `start_step` (admin token), allowed only while no step at or
         past it may have been served; recorded in the log."""
-        try:
-            stage = service.cancel_stage(start_step, who(request, by), reason)
-        except NoSuchStage as e:
-            raise HTTPException(404, str(e)) from None
-        except MixConflict as e:
-            raise HTTPException(409, str(e)) from None
+        stage = service.cancel_stage(start_step, who(request, by), reason)
         return {"cancelled": stage.to_json(), **service.mix()}
 
     @app.get("/v1/status", responses=READ_ERRORS)
@@ -288,41 +288,29 @@ def create_app(service: MixService, access: Access) -> FastAPI:
         current weights and the schedule."""
         return service.status(include_paths=authenticated)
 
-    @app.post("/v1/feedback", responses={**READ_ERRORS, 409: CONFLICT_FEEDBACK, 422: INVALID_FEEDBACK})
-    def post_feedback(request: Request, report: FeedbackReport, authenticated: bool = Depends(require_reader)) -> dict:
+    @app.post("/v1/feedback", responses={**READ_ERRORS, 409: CONFLICT_FEEDBACK, 422: INVALID_FEEDBACK},
+              dependencies=[Depends(require_token)])
+    def post_feedback(request: Request, report: FeedbackReport) -> dict:
         """A trainer's validation losses at an evaluation step (read or admin token). Recorded in the log
         and folded into the controller, whose decision, if any, is appended as a stage; answered with that
         stage (or null) and the controller's state. Trainers send it when /v1/status says feedback.wanted."""
-        if not authenticated:
-            raise HTTPException(401, "feedback needs a token: send Authorization: Bearer <read token>",
-                                headers={"WWW-Authenticate": "Bearer"})
-        try:
-            return service.feedback(Feedback(report.step, report.losses, report.source_losses), who(request, "trainer"))
-        except ScheduleError as e:
-            raise HTTPException(422, str(e)) from None
-        except (MixConflict, NoController) as e:
-            raise HTTPException(409, str(e)) from None
+        return service.feedback(Feedback(report.step, report.losses, report.source_losses), who(request, "trainer"))
 
     @app.get("/v1/controller", dependencies=[Depends(require_reader)], responses={**READ_ERRORS, 409: NO_CONTROLLER})
     def get_controller() -> dict:
         """The controller's law, settings, state, every observation and every decision with its reason."""
-        try:
-            return service.controller_state()
-        except NoController as e:
-            raise HTTPException(409, str(e)) from None
+        return service.controller_state()
 
     @app.put("/v1/controller", dependencies=[Depends(require_admin)], responses={**CHANGE_ERRORS, 409: NO_CONTROLLER})
     def put_controller(request: Request, change: ControllerChange) -> dict:
         """Resume or suspend the controller (admin token); an operator's change of the mix suspends it."""
-        try:
-            return service.set_controller(change.enabled, who(request, change.by))
-        except NoController as e:
-            raise HTTPException(409, str(e)) from None
+        return service.set_controller(change.enabled, who(request, change.by))
 
     @app.get("/healthz")
     def healthz() -> dict:
-        """Liveness: answers while the service runs (no token needed)."""
-        return {"ok": True, "served_frontier": service.frontier}
+        """Liveness: answers while the service runs (no token needed); a replica names its owner."""
+        replica = {"replica_of": service.owner_url} if isinstance(service, ReplicaService) else {}
+        return {"ok": True, "served_frontier": service.frontier, **replica}
 
     @app.get("/metrics", responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
     def metrics() -> Response:

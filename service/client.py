@@ -21,7 +21,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -44,7 +44,7 @@ class StreamError(ServiceError, RuntimeError):
 class StreamClient:
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         rank: int = 0,
         world_size: int = 1,
         start_step: int = 0,
@@ -60,6 +60,9 @@ class StreamClient:
         lease_steps: int = DEFAULT_LEASE_STEPS,
     ):
         """Batches for steps start_step, start_step + step_stride, ... (until stop_step, exclusive).
+
+        `url`: the service, or several replicas of it (a list, or comma-separated): every replica serves the
+        same bytes for a step, so when one stops answering the client goes on at the next, at the same step.
 
         Steps are requested `range_steps` at a time (default: what fits in RANGE_BYTES, at most
         DEFAULT_RANGE_STEPS) and up to `prefetch` of them wait decoded, so the service counts up to about
@@ -84,7 +87,6 @@ class StreamClient:
             raise ValueError(f"prefetch {prefetch} and step_stride {step_stride} must be >= 1, range_steps "
                              f"{range_steps} in [1, {MAX_RANGE_STEPS}]")
         self._http = KeepAliveConnections(url, timeout, token)
-        self.url = self._http.url
         self.rank, self.world_size = rank, world_size
         self.next_step, self.stop_step, self.step_stride = start_step, stop_step, step_stride
         self.retry_for, self.backoff = retry_for, backoff
@@ -102,6 +104,11 @@ class StreamClient:
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self._jobs: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """The service URL requests go to now (of several: the one that answered last)."""
+        return self._http.url
 
     def seek(self, step: int) -> None:
         """Start at `step` instead of start_step; only before the first batch is taken."""

@@ -10,4 +10,9 @@ ServiceDidNotStart. Each is defined once, in the module that raises it. `python 
 
 
 class ServiceError(Exception):
-    """The service, its state or a request to it cannot go on; the message names what and why."""
+    """The service, its state or a request to it cannot go on; the message names what and why.
+
+    `http_status` is what the HTTP API answers when a request raises it (app.py maps every ServiceError
+    by it, in one handler, so no endpoint can answer one differently)."""
+
+    http_status = 500

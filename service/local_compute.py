@@ -38,6 +38,8 @@ class LocalComputeError(ServiceError, RuntimeError):
     """The client cannot compute batches itself: datasets unreachable or not the service's, or a lease
     that could not be renewed."""
 
+    http_status = 503  # a replica past its lease while no owner answers: the client retries
+
 
 class LocalCompute:
     """The service's mixer, rebuilt in this process, computing only leased steps.
@@ -87,14 +89,17 @@ class LocalCompute:
         self._post = post
         self._lock = threading.Lock()
 
-    def batches(self, steps: Sequence[int]) -> list[Batch]:
-        """The rank's batches of `steps`, renewing the lease first where it falls short."""
+    def batches(self, steps: Sequence[int], rank: int | None = None, world_size: int | None = None,
+                dtype: np.dtype = np.int64) -> list[Batch]:
+        """The rank's batches of `steps` (this client's rank, or any: a replica serves every rank), renewing
+        the lease first where it falls short."""
         if not steps:
             return []
         last = max(steps)
         if last >= self.until - self.renew_margin:  # renew ahead, while leased steps remain
             self._renew(last)
-        return self.mixer.batches(steps, self.rank, self.world_size, np.int64)
+        return self.mixer.batches(steps, self.rank if rank is None else rank,
+                                  self.world_size if world_size is None else world_size, dtype)
 
     def _renew(self, last: int) -> None:
         with self._lock:

@@ -11,7 +11,8 @@
 starts at `start_step`; the service allows it only while no step at or past it was served). Two more ops
 leave the schedule as it is and record what a controller decides from (`controller.py`): `feedback` (a
 trainer's validation losses at a step, in `data`) and `controller` (a controller set up, suspended or
-resumed, in `data`). Entries are never rewritten: the effective schedule is `replay(entries)`, so who changed what and when is always
+resumed, in `data`), and `owner` (a new owner took the state over from one whose lease expired: its
+fence, see ownership.py). Entries are never rewritten: the effective schedule is `replay(entries)`, so who changed what and when is always
 on record. An entry may carry a `reason` (free text). Each line is appended and fsynced before the
 change is acknowledged; a last line without its newline is a write a crash cut short, never
 acknowledged, and is dropped when the log is opened. Any other unreadable line is damage, refused
@@ -21,18 +22,17 @@ with its line number.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Optional, Sequence
 
 from service.integers import is_integer
 from service.mix_schedule import MixSchedule, ScheduleError, Stage
+from service.state_store import StateStore
 
 LOG_FILE = "mix_log.jsonl"
 SCHEDULE_OPS = ("stage", "cancel")  # the ops that change the schedule
-RECORD_OPS = ("feedback", "controller")  # the ops that only record, with their payload in `data`
+RECORD_OPS = ("feedback", "controller", "owner")  # the ops that only record, with their payload in `data`
 OPS = SCHEDULE_OPS + RECORD_OPS
 
 
@@ -101,28 +101,31 @@ def applied(schedule: MixSchedule, entry: LogEntry) -> MixSchedule:
 
 
 class MixLog:
-    """The log file of one state dir. Not thread-safe: the service calls it under its lock."""
+    """The log of one state (`mix_log.jsonl` in its store). Not thread-safe: the service calls it under its lock."""
 
-    def __init__(self, path: Path, entries: list[LogEntry]):
-        self.path, self.entries = path, entries
+    def __init__(self, store: StateStore, entries: list[LogEntry]):
+        self.store, self.entries = store, entries
+        self.path = store.where(LOG_FILE)
         self.schedule = replay(entries)
 
     @classmethod
-    def create(cls, path: Path, first: Stage, by: str) -> "MixLog":
+    def create(cls, store: StateStore, first: Stage, by: str) -> "MixLog":
         log = cls.__new__(cls)
-        log.path, log.entries = Path(path), []
+        log.store, log.path, log.entries = store, store.where(LOG_FILE), []
+        store.replace(LOG_FILE, b"")  # a log left by a creation that died before identity.json starts over
         log._write(LogEntry(0, now(), by, "stage", stage=first), MixSchedule([first]))
         return log
 
     @classmethod
-    def open(cls, path: Path) -> "MixLog":
+    def open(cls, store: StateStore) -> "MixLog":
         """Read the log, dropping a torn last line (a crash mid-append); ScheduleError on damage."""
-        raw = Path(path).read_bytes()
+        path = store.where(LOG_FILE)
+        raw = store.read(LOG_FILE)
+        if raw is None:
+            raise ScheduleError(f"{path}: missing; restore it from a backup")
         complete, _, torn = raw.rpartition(b"\n")
-        if torn:
-            with open(path, "r+b") as f:  # never acknowledged: drop it so the next append starts clean
-                f.truncate(len(complete) + (1 if complete else 0))
-                os.fsync(f.fileno())
+        if torn:  # never acknowledged: drop it so the next append starts clean
+            store.replace(LOG_FILE, complete + (b"\n" if complete else b""))
         entries = []
         for number, line in enumerate(complete.split(b"\n") if complete else [], start=1):
             try:
@@ -131,7 +134,7 @@ class MixLog:
                 raise ScheduleError(f"{path}:{number}: not JSON ({e})") from None
             entries.append(LogEntry.from_json(data, f"{path}:{number}"))
         try:
-            return cls(Path(path), entries)
+            return cls(store, entries)
         except ScheduleError as e:
             raise ScheduleError(f"{path}: {e}") from None
 
@@ -145,9 +148,6 @@ class MixLog:
         return schedule
 
     def _write(self, entry: LogEntry, schedule: MixSchedule) -> None:
-        with open(self.path, "ab") as f:
-            f.write(json.dumps(entry.to_json(), sort_keys=True).encode() + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
+        self.store.append(LOG_FILE, json.dumps(entry.to_json(), sort_keys=True).encode() + b"\n")
         self.entries.append(entry)
         self.schedule = schedule

@@ -26,6 +26,8 @@ WEIGHT_UNITS = 10_000
 class ScheduleError(ServiceError, ValueError):
     """A stage or schedule is invalid; the message says which field and why."""
 
+    http_status = 422
+
 
 def quantize_weights(weights: Mapping[str, float]) -> dict[str, int]:
     """Integer units summing to WEIGHT_UNITS, by largest remainder, keyed in name order.

@@ -17,7 +17,7 @@ import hashlib
 import math
 import threading
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -29,26 +29,37 @@ from service.control_laws import Feedback, make_law
 from service.controller import Controller
 from service.integers import check_integer
 from service.mix_schedule import MixSchedule, ScheduleError, Stage, check_weight_names
-from service.state import StateDir, StateError
+from service.ownership import DEFAULT_LEASE_SECONDS, acquire
+from service.state import StateDir, check_identity
+from service.state_store import StateError, StateStore, Superseded, open_store
 from service.wire import Batch
 
+FENCE_ATTEMPTS = 5
 MAX_BODY_BYTES = 64 << 20  # one response body; bounds the memory a single request can make the service hold
 
 
 class MixConflict(ServiceError):
     """A mix change that would rewrite served steps or an already scheduled stage (HTTP 409)."""
 
+    http_status = 409
+
 
 class NoSuchStage(ServiceError):
     """A cancel names a start step at which no stage starts (HTTP 404)."""
+
+    http_status = 404
 
 
 class NoController(ServiceError):
     """Feedback or a controller request to a service that runs no controller (HTTP 409)."""
 
+    http_status = 409
+
 
 class TooFarAhead(ServiceError):
     """A read past the served frontier by more than the lookahead allows (HTTP 409)."""
+
+    http_status = 409
 
 
 def inputs_identity(datasets: Mapping[str, TokenDataset], config: MixerConfig) -> dict:
@@ -74,35 +85,66 @@ class MixService:
     beyond a StreamClient's read-ahead).
     """
 
-    def __init__(self, datasets: Mapping[str, TokenDataset], config: MixerConfig, state_dir: Path,
+    def __init__(self, datasets: Mapping[str, TokenDataset], config: MixerConfig, state_dir: str | Path,
                  initial: Mapping[str, float] | None = None, reserve_steps: int = 256,
                  max_lookahead: int | None = None, created_by: str = "python -m service --weights",
-                 controller: tuple[str, dict] | None = None):
+                 controller: tuple[str, dict] | None = None, address: str = "", standby: bool = False,
+                 lease_seconds: float = DEFAULT_LEASE_SECONDS, on_lost: Callable[[str], None] | None = None,
+                 waiting: Callable[[str], None] | None = None):
+        """`state_dir`: a folder or `s3://bucket/prefix`, owned by this service from here to `close()`
+        (ownership.py): a live owner is refused, naming it, unless `standby`, which waits for it to end.
+        `address` is where this service serves, told to whoever is refused. `on_lost` is called if an
+        object-store lease is taken away (the caller must stop serving)."""
         identity = inputs_identity(datasets, config)
-        state = StateDir.open(state_dir, identity, reserve_steps)
-        if state is None and initial is None:
-            raise StateError(f"{state_dir}: no state here yet; give the initial mix (--weights) to start one")
+        store = open_store(state_dir)
+        # Checked before waiting or writing anything: a standby for another run's state is refused now.
+        exists = check_identity(store, identity)
+        if not exists and initial is None:
+            raise StateError(f"{store.uri}: no state here yet; give the initial mix (--weights) to start one")
         first = Stage(0, dict(initial)) if initial is not None else None
-        # Validate the mix against the datasets before anything is written to the state dir.
-        self.mixer = Mixer(datasets, config, state.schedule if state is not None else MixSchedule([first]))
-        if state is None:
-            state = StateDir.create(state_dir, identity, first, created_by, reserve_steps)
-        elif first is not None and first != state.schedule.stages[0]:
-            raise StateError(
-                f"{state_dir}: the initial mix given ({first.weights}) differs from the one this state dir started "
-                f"with ({state.schedule.stages[0].weights}); the state dir's log decides the mix. Give the original "
-                "--weights or omit them, and change the mix with PUT /v1/mix"
-            )
-        self.state, self.identity = state, identity
-        if max_lookahead is None:
-            max_lookahead = max(1024, 4 * reserve_steps)
-        self.max_lookahead = check_integer(max_lookahead, "max_lookahead", 1, error=StateError)
-        self.metrics = ServiceMetrics(self.mixer.names)
-        self._lock = threading.Lock()
-        self.controller = self._open_controller(controller, state_dir)
+        if first is not None:  # the mix checked against the datasets before anything is written
+            Mixer(datasets, config, MixSchedule([first]))
+        self.ownership = acquire(store, address, standby=standby, lease_seconds=lease_seconds, on_lost=on_lost,
+                                 waiting=waiting)
+        try:
+            state = self._open_state(store, identity, first, created_by, reserve_steps)
+            self.mixer = Mixer(datasets, config, state.schedule)
+            self.state, self.identity = state, identity
+            if max_lookahead is None:
+                max_lookahead = max(1024, 4 * reserve_steps)
+            self.max_lookahead = check_integer(max_lookahead, "max_lookahead", 1, error=StateError)
+            self.metrics = ServiceMetrics(self.mixer.names)
+            self._lock = threading.Lock()
+            self.controller = self._open_controller(controller, store.uri)
+        except BaseException:
+            self.ownership.release()
+            raise
         self._update_mix_metrics()
 
-    def _open_controller(self, asked: tuple[str, dict] | None, state_dir: Path) -> Controller | None:
+    def _open_state(self, store: StateStore, identity: dict, first: Stage | None, created_by: str,
+                    reserve_steps: int) -> StateDir:
+        """The owned state: resumed (fenced first if the previous owner may still run), or created."""
+        for _ in range(FENCE_ATTEMPTS):
+            state = StateDir.open(store, identity, reserve_steps)
+            if state is None:
+                return StateDir.create(store, identity, first, created_by, reserve_steps)
+            if first is not None and first != state.schedule.stages[0]:
+                raise StateError(
+                    f"{store.uri}: the initial mix given ({first.weights}) differs from the one this state dir started "
+                    f"with ({state.schedule.stages[0].weights}); the state dir's log decides the mix. Give the original "
+                    "--weights or omit them, and change the mix with PUT /v1/mix"
+                )
+            if not self.ownership.took_over:
+                return state
+            try:
+                state.fence(self.ownership.owner.describe())
+                return state
+            except Superseded:
+                continue  # the old owner wrote once more before the fence: read it all again
+        raise StateError(f"{store.uri}: the previous owner kept writing through {FENCE_ATTEMPTS} attempts to fence it; "
+                         "stop it, then start this service again")
+
+    def _open_controller(self, asked: tuple[str, dict] | None, state_dir: str) -> Controller | None:
         """The log's controller, continued from its logged state; or the one asked for, set up in the log.
         A controller other than the log's is refused: the log decides, as it does for the mix."""
         logged = Controller.from_log(self.state.log.entries)
@@ -329,9 +371,15 @@ class MixService:
             self.metrics.set_control(self.controller.law.state(), self.controller.enabled)
 
     def close(self) -> None:
-        """Record exactly what was served (a clean shutdown), so a restart accepts changes from there."""
+        """Record exactly what was served (a clean shutdown), so a restart accepts changes from there, and
+        hand the state on: a standby takes over at once."""
         with self._lock:
-            self.state.close()
+            try:
+                self.state.close()
+            except Superseded:
+                pass  # another process owns the state now: what it holds stays as it wrote it
+            finally:
+                self.ownership.release()
 
     def status(self, include_paths: bool = False) -> dict:
         """The service's state for /v1/status; dataset paths on the server's disk only when asked

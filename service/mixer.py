@@ -33,6 +33,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from pipeline.dataset import TokenDataset, TokenSplit
+from service.errors import ServiceError
 from service.integers import check_integer
 from service.permutation import ROUNDS, permutation_key, permute_many, round_keys
 from service.mix_schedule import MixSchedule, check_weight_names
@@ -44,6 +45,10 @@ MAX_DATASETS = 255  # a row's source is one uint8
 # batch: a state dir written under another rule is refused rather than served differently.
 # 1: Megatron's greedy rule, datasets in the order given; 2: Tijdeman's rule, datasets in name order.
 MIX_RULE = 2
+
+
+class MixError(ServiceError, ValueError):
+    """Datasets that cannot be mixed as configured: none, too many, or one shorter than a sequence."""
 
 
 def canonical_names(names: Iterable[str]) -> tuple[str, ...]:
@@ -104,9 +109,9 @@ class Mixer:
 
     def __init__(self, datasets: Mapping[str, TokenDataset], config: MixerConfig, schedule: MixSchedule):
         if not datasets:
-            raise ValueError("datasets: none given; a mix needs at least one dataset")
+            raise MixError("datasets: none given; a mix needs at least one dataset")
         if len(datasets) > MAX_DATASETS:
-            raise ValueError(f"datasets: {len(datasets)} given; at most {MAX_DATASETS} fit a uint8 source id")
+            raise MixError(f"datasets: {len(datasets)} given; at most {MAX_DATASETS} fit a uint8 source id")
         self.names: tuple[str, ...] = canonical_names(datasets)
         self.datasets = {name: datasets[name] for name in self.names}
         self.config = config
@@ -118,7 +123,7 @@ class Mixer:
         )
         for name, count in zip(self.names, self.windows):
             if count < 1:
-                raise ValueError(
+                raise MixError(
                     f"dataset {name!r} ({self.datasets[name].root}): its train split has "
                     f"{self.datasets[name].train.num_tokens} tokens, fewer than seq_len + 1 = "
                     f"{config.seq_len + 1}; use a shorter --seq-len or a larger dataset"

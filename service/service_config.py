@@ -20,8 +20,10 @@ class ServiceConfig:
     seq_len: int
     global_batch: int
     seed: int
-    state_dir: Path
+    state_dir: str  # a local folder or s3://BUCKET/PREFIX: never a Path, which breaks URIs
     reserve_steps: int = 256
+    standby: bool = False  # wait for the state's owner to end, then take over
+    lease_seconds: float = 10.0  # an object-store state's ownership lease (ownership.py)
     host: str = "127.0.0.1"
     port: int = 8000
     admin_token_file: Path | None = None
@@ -36,6 +38,23 @@ class ServiceConfig:
     cache: CacheConfig | None = None  # where remote datasets' shards are cached; None: CacheConfig.default()
 
 
+@dataclass(frozen=True)
+class ReplicaConfig:
+    """A read replica (`--replica-of`): serves batches beside the owner, owns no state (service/replica.py)."""
+
+    owner_urls: tuple[str, ...]  # the owner and its standbys: requests go to whichever answers
+    dataset_paths: dict[str, str]  # where this node reads a dataset, where not where the owner says
+    lease_steps: int = 256
+    host: str = "127.0.0.1"
+    port: int = 8000
+    admin_token_file: Path | None = None
+    read_token_file: Path | None = None
+    allow_anonymous_reads: bool = False
+    ssl_keyfile: Path | None = None
+    ssl_certfile: Path | None = None
+    log_level: str = "info"
+
+
 def _pairs(text: str, what: str) -> list[tuple[str, str]]:
     pairs = []
     for item in filter(None, (part.strip() for part in text.split(","))):
@@ -46,23 +65,39 @@ def _pairs(text: str, what: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def parse_args(argv: Sequence[str] | None = None) -> ServiceConfig:
+def parse_args(argv: Sequence[str] | None = None) -> ServiceConfig | ReplicaConfig:
     parser = argparse.ArgumentParser(
         prog="python -m service",
         description="Serve replay-mixed training batches over HTTP; the mix can be changed while training runs.",
     )
-    parser.add_argument("--dataset", action="append", required=True, metavar="NAME=PATH",
+    parser.add_argument("--dataset", action="append", default=[], metavar="NAME=PATH",
                         help="a token dataset made by pipeline.tokenize: a folder, or s3://BUCKET/PREFIX or "
                              "gs://BUCKET/PREFIX read through --cache-dir (repeat for each dataset)")
     parser.add_argument("--weights", metavar="NAME=W,...",
                         help="initial mix of a new --state-dir, e.g. old=0.05,new=0.95 (normalised to sum 1; name "
                              "every dataset, 0 leaves one out). On an existing state dir it may be omitted, and if "
                              "given must equal the mix the state dir started with: its log decides the mix")
-    parser.add_argument("--seq-len", type=int, required=True)
-    parser.add_argument("--global-batch", type=int, required=True, help="rows per step over all ranks")
+    parser.add_argument("--seq-len", type=int)
+    parser.add_argument("--global-batch", type=int, help="rows per step over all ranks")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--state-dir", type=Path, required=True,
-                        help="where the schedule and served frontier are kept (reuse it to resume)")
+    parser.add_argument("--state-dir",
+                        help="where the schedule and served frontier are kept (reuse it to resume): a folder, or "
+                             "s3://BUCKET/PREFIX so that the record of what was trained on survives this machine. One "
+                             "process owns it; a second is refused with the owner's address")
+    parser.add_argument("--standby", action="store_true",
+                        help="wait while another service owns --state-dir, and take over (and start serving) when it "
+                             "ends: at once on a folder's lock, within --lease-seconds on an object store")
+    parser.add_argument("--lease-seconds", type=float, default=10.0, metavar="S",
+                        help="s3:// state: the owner renews its lease every S/3 seconds, and a standby takes over S "
+                             "seconds after the last renewal it saw (default 10)")
+    replica = parser.add_argument_group("read replica (serves batches beside the owner; see service/replica.py)")
+    replica.add_argument("--replica-of", metavar="URL[,URL...]",
+                         help="serve batches for the service at URL (and its standbys: the next URL when one fails) "
+                              "under its leases, with the same API; owns no state. --dataset NAME=PATH only where this "
+                              "node reads a dataset elsewhere than the owner says; no --state-dir, --weights, "
+                              "--controller or --standby")
+    replica.add_argument("--lease-steps", type=int, default=256, metavar="K",
+                         help="a replica leases K steps ahead of its furthest reader at a time (default 256)")
     parser.add_argument("--reserve-steps", type=int, default=256, metavar="K",
                         help="persist the served frontier K steps ahead at a time (default 256): serving needs an "
                              "fsync once per K steps; after a kill -9 a mix change lands up to K steps later")
@@ -103,6 +138,22 @@ def parse_args(argv: Sequence[str] | None = None) -> ServiceConfig:
                              "shards")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
+    if args.replica_of is None:
+        missing = [flag for flag, value in (("--dataset", args.dataset), ("--seq-len", args.seq_len),
+                                            ("--global-batch", args.global_batch), ("--state-dir", args.state_dir))
+                   if not value]
+        if missing:
+            parser.error(f"the following arguments are required: {', '.join(missing)} (or --replica-of URL)")
+    else:
+        owned = [flag for flag, value in (("--state-dir", args.state_dir), ("--weights", args.weights),
+                                          ("--controller", args.controller), ("--standby", args.standby),
+                                          ("--seq-len", args.seq_len), ("--global-batch", args.global_batch))
+                 if value]
+        if owned:
+            parser.error(f"--replica-of: {', '.join(owned)} belong to the owner; a replica takes its schedule, "
+                         "geometry and state from it")
+        if args.lease_steps < 1:
+            parser.error(f"--lease-steps {args.lease_steps}: must be >= 1")
     if args.reserve_steps < 1:
         parser.error(f"--reserve-steps {args.reserve_steps}: must be >= 1 (1 persists every new step)")
 
@@ -115,6 +166,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ServiceConfig:
         if name in datasets:
             parser.error(f"--dataset {name}: given twice")
         datasets[name] = path if is_uri(path) else str(Path(path))
+    if not args.lease_seconds > 0:
+        parser.error(f"--lease-seconds {args.lease_seconds}: must be > 0")
     if args.max_lookahead is not None and args.max_lookahead < 1:
         parser.error(f"--max-lookahead {args.max_lookahead}: must be >= 1")
     if args.read_token_file is None and not args.allow_anonymous_reads and args.admin_token_file is None:
@@ -122,6 +175,13 @@ def parse_args(argv: Sequence[str] | None = None) -> ServiceConfig:
                      "--allow-anonymous-reads on a machine only you can reach")
     if (args.ssl_keyfile is None) != (args.ssl_certfile is None):
         parser.error("--ssl-keyfile and --ssl-certfile go together: give both to serve HTTPS, or neither")
+    if args.replica_of is not None:
+        return ReplicaConfig(
+            owner_urls=tuple(url.strip() for url in args.replica_of.split(",") if url.strip()),
+            dataset_paths=datasets, lease_steps=args.lease_steps, host=args.host, port=args.port,
+            admin_token_file=args.admin_token_file, read_token_file=args.read_token_file,
+            allow_anonymous_reads=args.allow_anonymous_reads, ssl_keyfile=args.ssl_keyfile,
+            ssl_certfile=args.ssl_certfile, log_level=args.log_level)
     controller = None
     if args.controller == "forgetting-budget":
         if args.old is None or args.budget is None:
@@ -144,8 +204,10 @@ def parse_args(argv: Sequence[str] | None = None) -> ServiceConfig:
         seq_len=args.seq_len,
         global_batch=args.global_batch,
         seed=args.seed,
-        state_dir=args.state_dir,
+        state_dir=args.state_dir if is_uri(args.state_dir) else str(Path(args.state_dir)),
         reserve_steps=args.reserve_steps,
+        standby=args.standby,
+        lease_seconds=args.lease_seconds,
         host=args.host,
         port=args.port,
         admin_token_file=args.admin_token_file,

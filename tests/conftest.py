@@ -11,12 +11,15 @@ import random
 from pathlib import Path
 from typing import Callable, Sequence
 
+import boto3
 import numpy as np
 import pytest
 import sentencepiece as spm
+from moto.server import ThreadedMotoServer
 
 from pipeline.dataset import TokenDataset, build_manifest, commit_dataset, token_dtype, write_shard
 from pipeline.tokenizer.load import load_tokenizer
+from service.launcher import free_port
 
 ENGLISH_WORDS = (
     "the manual page describes how the command reads its input file and writes the result to standard "
@@ -125,3 +128,54 @@ def token_dataset_factory(tmp_path: Path) -> Callable[..., TokenDataset]:
         return write_token_dataset(tmp_path / name, documents, model_path, val_documents)
 
     return factory
+
+
+# --- an object store: moto's S3 server on 127.0.0.1 -----------------------------------------------
+
+BUCKET = "replaymix-test"
+
+
+class S3Server:
+    """moto's S3 server on a free loopback port, with this process's environment pointed at it."""
+
+    def __init__(self) -> None:
+        self.port = free_port()  # service.launcher: the one way to pick a loopback port
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "S3Server":
+        self.server.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def client(self):
+        return boto3.client("s3", endpoint_url=self.url, region_name="us-east-1")
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+          "AWS_EC2_METADATA_DISABLED": "true"}  # never ask 169.254.169.254 for a role
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    server = S3Server().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """The session's server, a fresh bucket's worth of state, and the environment set for this test only."""
+    for name, value in {**S3_ENV, "AWS_ENDPOINT_URL": s3_server.url}.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    client = s3_server.client()
+    client.create_bucket(Bucket=BUCKET)
+    yield client
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+        for item in page.get("Contents", []):
+            client.delete_object(Bucket=BUCKET, Key=item["Key"])
+    client.delete_bucket(Bucket=BUCKET)

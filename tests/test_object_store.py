@@ -8,77 +8,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
-import boto3
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from moto.server import ThreadedMotoServer
 
-from conftest import write_token_dataset
+from conftest import BUCKET, S3_ENV, S3Server, write_token_dataset
 from pipeline import storage
 from pipeline.dataset import DatasetError, TokenDataset
 from pipeline.shard_cache import CacheConfig, CacheError, ShardCache
 from service.app import Access, create_app
 from service.mix_schedule import MixSchedule
 from service.mixer import Mixer, MixerConfig
-
-BUCKET = "replaymix-test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class S3Server:
-    """moto's S3 server on a free loopback port, with this process's environment pointed at it."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> "S3Server":
-        self.server.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.stop()
-
-    def client(self):
-        return boto3.client("s3", endpoint_url=self.url, region_name="us-east-1")
-
-
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-          "AWS_EC2_METADATA_DISABLED": "true"}  # never ask 169.254.169.254 for a role
-
-
-@pytest.fixture(scope="session")
-def s3_server():
-    server = S3Server().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def s3(s3_server, monkeypatch):
-    """The session's server, a fresh bucket's worth of state, and the environment set for this test only."""
-    for name, value in {**S3_ENV, "AWS_ENDPOINT_URL": s3_server.url}.items():
-        monkeypatch.setenv(name, value)
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
-        monkeypatch.delenv(name, raising=False)
-    client = s3_server.client()
-    client.create_bucket(Bucket=BUCKET)
-    yield client
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
-        for item in page.get("Contents", []):
-            client.delete_object(Bucket=BUCKET, Key=item["Key"])
-    client.delete_bucket(Bucket=BUCKET)
-
 
 def upload_folder(client, folder: Path, prefix: str) -> str:
     for path in sorted(folder.rglob("*")):

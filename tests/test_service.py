@@ -352,6 +352,7 @@ def test_state_dir_refuses_a_damaged_frontier_or_log_and_drops_a_torn_last_entry
     service = MixService(datasets, config, tmp_path / "state")
     assert [s.start_step for s in service.state.schedule.stages] == [0, 10] and log.read_bytes().endswith(b"}\n")
     service.change_mix({"old": 1, "new": 1})  # and the next append starts on a clean line
+    service.close()  # one owner at a time, in one process too
     assert len(MixService(datasets, config, tmp_path / "state").state.log.entries) == 3
     intact = log.read_bytes()
     log.write_bytes(intact.replace(b'"op": "stage"', b'"op": "stage?"', 1))
