@@ -7,19 +7,22 @@ local Ray; every claim is checked against sentencepiece or tokenizers themselves
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 import sentencepiece as spm
 from tokenizers import Tokenizer
+from transformers import AutoTokenizer
 
 from conftest import ENGLISH_WORDS, GERMAN_WORDS, make_lines, train_spm, write_jsonl
 from hf_tokenizers import gpt2_folder, sentencepiece_folder
 from pipeline.tokenizer.__main__ import main
 from pipeline.tokenizer.extend import ExtendConfig, extend_tokenizer
+from pipeline.tokenizer.load import load_tokenizer
 from pipeline.tokenizer.model_proto import TokenizerError
-from pipeline.tokenizer.report import ExtensionReport
+from pipeline.tokenizer.report import ExtensionReport, lost_characters
 from pipeline.tokenizer.sample import is_heldout
-from pipeline.tokenizer.train import TokenizerTrainConfig, train_sentencepiece, train_tokenizer
+from pipeline.tokenizer.train import SP_FOLDER_CONFIG, TokenizerTrainConfig, train_sentencepiece, train_tokenizer
 from test_hf_extend import local_ray  # noqa: F401 - the module's local Ray
 from test_tokenize import assert_one_error_line
 
@@ -157,3 +160,20 @@ def test_a_vocabulary_too_small_for_byte_fallback_names_the_size_and_the_switch(
                                              r"every character .* \d+ ids in all; pass --vocab-size \d+ or more, "
                                              "or --no-byte-fallback"):
         train_sentencepiece(tmp_path / "en.txt", 100, "bpe", byte_fallback=True)
+
+
+def test_a_sentencepiece_folder_without_byte_fallback_is_refused_and_its_losses_counted(tmp_path, english_lines):
+    """transformers converts such a model to a tokenizer.json that drops unknown characters without a trace."""
+    with pytest.raises(TokenizerError, match="--no-byte-fallback for a Hugging Face folder: transformers converts"):
+        train_tokenizer(TokenizerTrainConfig(inputs=("x.jsonl",), out=tmp_path / "folder", vocab_size=300,
+                                             byte_fallback=False))
+    assert not (tmp_path / "folder").exists()
+    folder = tmp_path / "lossy"
+    folder.mkdir()
+    (folder / "tokenizer.model").write_bytes(train_spm(english_lines, tmp_path / "sp" / "en", vocab_size=100).read_bytes())
+    (folder / "tokenizer_config.json").write_text(json.dumps(SP_FOLDER_CONFIG))
+    AutoTokenizer.from_pretrained(str(folder)).save_pretrained(str(folder))
+    spec = load_tokenizer(folder)
+    assert spec.encoder()([UNSEEN]) != [] and spec.decoder()(spec.encoder()([UNSEEN])) == [""]  # gone, no <unk>
+    counts = Counter(f"the {UNSEEN} manual")
+    assert lost_characters(spec, counts) == Counter({c: 1 for c in UNSEEN})

@@ -286,7 +286,7 @@ def build_report(
             # Without byte fallback a character outside the held-out text may still be <unk>: never "none".
             "possible": not staged.byte_fallback,
             "byte_fallback_added": staged.byte_fallback_added,
-            **{name: unknown_characters(base_encode, base.unk_id, extended_encode, extended.unk_id, lines)
+            **{name: unknown_characters(base, extended, lines)
                for name, lines in (("new_text", new_heldout), ("old_text", old_heldout))},
         },
         "old_text_changed_lines": changed_lines(base_encode, extended_encode, old_heldout),

@@ -61,6 +61,18 @@ class TokenizerSpec:
         """`encode(texts)` -> the ids of each text, without BOS/EOS (callers add them as `add_bos` says)."""
         return make_encoder(self.kind, self.encoder_data)
 
+    def decoder(self) -> Callable[[Sequence[list[int]]], list[str]]:
+        """`decode(ids_of_texts)` -> each text (special tokens kept), for checking what encoding lost."""
+        if self.kind == SENTENCEPIECE:
+            import sentencepiece as spm
+
+            processor = spm.SentencePieceProcessor(model_proto=self.encoder_data)
+            return lambda ids: processor.decode([list(i) for i in ids])
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_str(self.encoder_data.decode("utf-8"))
+        return lambda ids: tokenizer.decode_batch([list(i) for i in ids], skip_special_tokens=False)
+
     def stage_copy(self, dataset_folder: Path, source: str | None = None) -> TokenizerInfo:
         """Copy the tokenizer's files into a dataset being written; return what its manifest records.
         `source`: where the user's tokenizer is (a store URI when it was fetched), default its path here."""

@@ -8,7 +8,7 @@ of the rows of its base pieces;
 `unknown_token_rate` the share of their tokens that are `<unk>`, which after extending should be left
 only by characters too rare for the donor's character coverage (a byte-fallback model spells those as
 bytes instead, so its rate stays 0). `unknown_characters` counts the held-out characters lost to `<unk>`
-and says whether any character can be (`possible`: the extension has no byte fallback), so a 0 on the
+(or dropped without one) and says whether any character can be (`possible`: the extension has no byte fallback), so a 0 on the
 held-out text is never read as "none ever". `keep_old_encoding` records what `--keep-old-encoding` cost.
 """
 
@@ -18,10 +18,13 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from pipeline.atomic_file import write_atomically
 from pipeline.tokenizer.model_proto import TokenizerError
+
+if TYPE_CHECKING:
+    from pipeline.tokenizer.load import TokenizerSpec
 
 # Lines are encoded in batches: one call per line is slow, one huge string slower still.
 ENCODE_BATCH = 4096
@@ -110,21 +113,25 @@ def unknown_comparison(before: TextMeasure, after: TextMeasure) -> dict:
     }
 
 
-def unknown_character_counts(encode: Encode, unk_id: int, counts: Counter) -> Counter:
-    """Of `counts` (character -> occurrences), the characters a tokenizer cuts into <unk>. Each character is
-    encoded alone: a character the vocabulary lacks is <unk> wherever it stands."""
-    if unk_id < 0:
-        return Counter()
-    characters = sorted(counts)
-    return Counter({c: counts[c] for c, ids in zip(characters, encode_lines(encode, characters)) if unk_id in ids})
+def lost_characters(spec: "TokenizerSpec", counts: Counter) -> Counter:
+    """Of `counts` (character -> occurrences), the characters a tokenizer loses: cut into <unk>, or into
+    nothing that decodes back to text (a `tokenizers` BPE without an unk token drops what it cannot spell,
+    as transformers' conversion of a SentencePiece model without byte fallback does). Each character is
+    encoded alone: a character the vocabulary lacks is lost wherever it stands."""
+    characters = [c for c in sorted(counts) if not c.isspace()]
+    ids = encode_lines(spec.encoder(), characters)
+    decoded = spec.decoder()(ids) if characters else []
+    return Counter({
+        c: counts[c] for c, cut, text in zip(characters, ids, decoded)
+        if (spec.unk_id >= 0 and spec.unk_id in cut) or not text.strip()
+    })
 
 
-def unknown_characters(before: Encode, before_unk: int, after: Encode, after_unk: int, lines: Sequence[str]) -> dict:
-    """The report's `unknown_characters` entry for one held-out text: characters lost to <unk> under the
-    base and the extension, and the commonest of those the extension still loses."""
+def unknown_characters(base: "TokenizerSpec", extended: "TokenizerSpec", lines: Sequence[str]) -> dict:
+    """The report's `unknown_characters` entry for one held-out text: characters lost (see `lost_characters`)
+    under the base and the extension, and the commonest of those the extension still loses."""
     counts = Counter(c for line in lines for c in line)
-    lost_before = unknown_character_counts(before, before_unk, counts)
-    lost_after = unknown_character_counts(after, after_unk, counts)
+    lost_before, lost_after = lost_characters(base, counts), lost_characters(extended, counts)
     return {
         "characters": sum(counts.values()),
         "unknown_before": sum(lost_before.values()),

@@ -197,6 +197,12 @@ def train_tokenizer(config: TokenizerTrainConfig) -> dict:
         raise TokenizerError(f"--kind {config.kind}: choose one of {', '.join(KINDS)}")
     if config.kind == "bpe" and Path(config.out).suffix == ".model":
         raise TokenizerError(f"--out {config.out}: a byte-level BPE tokenizer is a folder; give a folder path")
+    if config.kind == "sentencepiece" and writes_folder(config) and not config.byte_fallback:
+        raise TokenizerError(
+            f"--out {config.out}: --no-byte-fallback for a Hugging Face folder: transformers converts the model to a "
+            "tokenizer.json with byte fallback but no byte pieces, which drops every character outside the pieces "
+            "without a trace (not even <unk>); keep byte fallback, or write a bare .model"
+        )
     refuse_existing(config.out, config.overwrite)
     started = time.perf_counter()
     selection = select_inputs(config.inputs, config.split)
