@@ -35,6 +35,7 @@ IN_FLIGHT = 2  # requests under way at once: one being computed by the service, 
 RANGE_BYTES = 4 << 20  # default range size: as many steps as fit in this many body bytes ...
 DEFAULT_RANGE_STEPS = min(64, MAX_RANGE_STEPS)  # ... but at most this many (the service allows more)
 COMPUTE_MODES = ("service", "local")
+EARLY_RENEWAL_PATIENCE_S = 2.0  # how long a lease renewal ahead of the bound may try (see LocalCompute)
 
 
 class StreamError(ServiceError, RuntimeError):
@@ -93,7 +94,8 @@ class StreamClient:
         self._closed = threading.Event()
         self.info: dict = json.loads(self._request("/v1/status"))
         self._local = (
-            LocalCompute(self.info, lambda path, body: self._request(path, json_body=body), rank, world_size, lease_steps)
+            LocalCompute(self.info, lambda path, body, must: self._request(
+                path, json_body=body, retry_for=None if must else EARLY_RENEWAL_PATIENCE_S), rank, world_size, lease_steps)
             if compute == "local" else None
         )
         if range_steps is None:
@@ -124,10 +126,12 @@ class StreamClient:
         self._thread.start()
 
     def _request(self, path: str, params: dict | None = None, accept: str = "application/json",
-             json_body: bytes | None = None) -> bytes | bytearray:
-        """The body of GET path (POST of json_body when given), retried on connection errors and 5xx;
-        StreamError on 4xx or timeout. Safe to retry: reads and leases are idempotent."""
-        deadline, delay = time.monotonic() + self.retry_for, self.backoff
+             json_body: bytes | None = None, retry_for: float | None = None) -> bytes | bytearray:
+        """The body of GET path (POST of json_body when given), retried on connection errors and 5xx for
+        `retry_for` seconds (default: the client's); StreamError on 4xx or timeout. Safe to retry: reads and
+        leases are idempotent."""
+        retry_for = self.retry_for if retry_for is None else retry_for
+        deadline, delay = time.monotonic() + retry_for, self.backoff
         while True:
             try:
                 status, body = self._http.request(path, params, accept, json_body)
@@ -137,7 +141,7 @@ class StreamClient:
             except TransportError as e:
                 problem = str(e)
             if self._closed.is_set() or time.monotonic() + delay > deadline:
-                raise StreamError(f"GET {self.url}{path} failed for {self.retry_for:.0f} s; last error: {problem}")
+                raise StreamError(f"GET {self.url}{path} failed for {retry_for:.0f} s; last error: {problem}")
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
         if status >= 400:

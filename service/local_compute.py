@@ -44,11 +44,11 @@ class LocalComputeError(ServiceError, RuntimeError):
 class LocalCompute:
     """The service's mixer, rebuilt in this process, computing only leased steps.
 
-    `post(path, body)` sends a JSON body to the service and returns the answer's bytes (with the client's
-    retries); `info` is the service's /v1/status as an authenticated caller sees it.
+    `post(path, body, must)` sends a JSON body to the service and returns the answer's bytes (with the
+    client's retries: all of them when `must`, a couple of seconds' worth otherwise); `info` is the service's /v1/status as an authenticated caller sees it.
     """
 
-    def __init__(self, info: dict, post: Callable[[str, bytes], bytes], rank: int, world_size: int,
+    def __init__(self, info: dict, post: Callable[[str, bytes, bool], bytes], rank: int, world_size: int,
                  lease_steps: int = DEFAULT_LEASE_STEPS):
         if info.get("mix_rule") != MIX_RULE:
             raise LocalComputeError(
@@ -108,7 +108,9 @@ class LocalCompute:
             body = json.dumps({"until": last + 1 + self.lease_steps, "rank": self.rank,
                                "world_size": self.world_size}).encode()
             try:
-                answer = json.loads(self._post("/v1/leases", body))
+                # An early renewal tries briefly (`must` False): while leased steps remain, an owner being
+                # replaced must not stall training; at the bound it waits as long as the caller allows.
+                answer = json.loads(self._post("/v1/leases", body, last >= self.until))
             except ServiceError as e:
                 if last < self.until:
                     return  # early renewal failed: the steps asked for are still leased; try again later

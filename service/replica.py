@@ -75,7 +75,7 @@ class ReplicaService:
                 info["datasets"][name]["path"] = path
         # Checks the manifests against the owner's and the mix rule, and opens the datasets.
         self._leases = LocalCompute(
-            info, lambda path, body: self._send(self._owner, path, json_body=body, patience=RENEWAL_PATIENCE_S),
+            info, lambda path, body, must: self._send(self._owner, path, json_body=body, patience=RENEWAL_PATIENCE_S),
             rank=0, world_size=1, lease_steps=lease_steps)
         self.mixer = self._leases.mixer
         self.metrics = ServiceMetrics(self.mixer.names)
