@@ -12,9 +12,9 @@ from trainer.stop_request import RunStopped
 from trainer.train_config import parse_args, resume_command
 from trainer.train import train
 
-# A damaged dataset or extension report, a refused or unreachable stream, an unusable checkpoint, and the
-# ValueErrors of the model's and schedule's own checks, all stop the run with one line.
-USER_ERRORS = (PipelineError, ServiceError, TrainerError, ConnectionError, ValueError)
+# A damaged dataset or extension report, a refused or unreachable stream, an unusable checkpoint or flags
+# that do not fit: the user's to fix, so one line. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (PipelineError, ServiceError, TrainerError, ConnectionError)
 
 
 def how_to_resume(argv: Sequence[str]) -> str:

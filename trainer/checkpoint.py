@@ -4,7 +4,9 @@ Layout under RUN_DIR/checkpoints/: `latest.pt` (rewritten every --checkpoint-eve
 what --resume reads), `step-NNNNNN.pt` for each --save-at step, `final.pt` at the end. Each also records
 the run's config (which --resume holds the flags to) and its learning-rate schedule fully resolved (which
 --resume and --continue-schedule follow, whatever phase lengths their own flags would derive).
-An --fsdp run writes each as a folder of shards instead, `latest.dcp/` and so on (`trainer/fsdp.py`).
+An --fsdp run writes each as a folder of shards instead, `latest.dcp/` and so on: what such a folder is
+named and holds besides the shards (`trainer.pt`), and how to find a whole one, are here; writing and
+loading the shards is `trainer/fsdp.py`'s.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest.pt"
 FINAL = "final.pt"
 SHARDED_SUFFIX = ".dcp"  # an --fsdp run's checkpoints: folders of shards (trainer/fsdp.py)
+# What a sharded checkpoint holds besides the shards (written by rank 0).
+TRAINER_STATE = "trainer.pt"
 # A Hugging Face model's tokenizer, copied here at the run's first checkpoint: the run carries what it trains with.
 TOKENIZER_DIR = "tokenizer"
 
@@ -92,9 +96,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     optimizer's shards, which only a sharded model can take (`trainer.fsdp.load_sharded`)."""
     path = Path(path)
     if path.is_dir():
-        from trainer.fsdp import load_trainer_state
-
-        return load_trainer_state(path)
+        return _load_trainer_state(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint; check --init-from, or drop --resume to start afresh")
     try:
@@ -113,11 +115,32 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     path = Path(run_dir) / CHECKPOINT_DIR / LATEST
     if path.is_file():
         return path
-    from trainer.fsdp import sharded_in_place, sharded_name
-
-    return sharded_in_place(path.with_name(sharded_name(LATEST)))
+    return _sharded_in_place(path.with_name(sharded_name(LATEST)))
 
 
 def is_sharded_checkpoint(path: Path) -> bool:
     """A folder of shards (an --fsdp run's), not a `.pt` file."""
     return Path(path).is_dir()
+
+
+def sharded_name(name: str) -> str:
+    """latest.pt -> latest.dcp: the folder a sharded run writes where a plain run writes the file."""
+    return name.removesuffix(".pt") + SHARDED_SUFFIX
+
+
+def _sharded_in_place(path: Path) -> Path | None:
+    """The complete sharded checkpoint named `path`: itself, or the one a crash left set aside mid-replace."""
+    for candidate in (path, path.with_name(path.name + ".old")):
+        if (candidate / TRAINER_STATE).is_file() and (candidate / ".metadata").is_file():
+            return candidate
+    return None
+
+
+def _load_trainer_state(path: Path) -> dict[str, Any]:
+    """What a sharded checkpoint holds besides the shards, as a `.pt` checkpoint's payload without "model"
+    and "optimizer" (those are loaded into the sharded model by `load_sharded`)."""
+    try:
+        # Our own file: the RNG states are numpy objects, which weights_only loading rejects.
+        return torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(f"{path / TRAINER_STATE}: not a readable sharded checkpoint ({type(e).__name__}: {e})") from e

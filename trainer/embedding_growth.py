@@ -7,15 +7,10 @@ which refuses a piece without one). Old rows are copied unchanged and tied weigh
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn as nn
 
 from pipeline.tokenizer.report import ExtensionReport
-
-if TYPE_CHECKING:
-    from trainer.hf_model import HFCausalLM
 
 
 def grown_rows(old: torch.Tensor, report: ExtensionReport) -> torch.Tensor:
@@ -32,13 +27,14 @@ def grown_rows(old: torch.Tensor, report: ExtensionReport) -> torch.Tensor:
 
 
 @torch.no_grad()
-def grow_vocab(model: HFCausalLM, report: ExtensionReport) -> HFCausalLM:
+def grow_vocab(model: nn.Module, report: ExtensionReport) -> nn.Module:
     """Give each new id of `report` the mean of its base segmentation's rows, in the input embedding and the
     LM head (one tensor when tied), growing both to max(rows, extended vocabulary) rows; old rows are
-    untouched, and `config.vocab_size` follows. Returns `model` for chaining."""
+    untouched, and `config.vocab_size` follows. `model` is a `trainer.hf_model.HFCausalLM` (which uses
+    this module, so it is not named here); returns it for chaining."""
     hf = model.hf
     embedding, head = hf.get_input_embeddings(), hf.get_output_embeddings()
-    tied = model.tied
+    tied = head.weight is embedding.weight
     embedding.weight = nn.Parameter(grown_rows(embedding.weight, report))
     embedding.num_embeddings = embedding.weight.shape[0]
     head.weight = embedding.weight if tied else nn.Parameter(grown_rows(head.weight, report))

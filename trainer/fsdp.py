@@ -27,12 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from trainer.checkpoint import SHARDED_SUFFIX, CheckpointError
+from trainer.checkpoint import TRAINER_STATE, CheckpointError
 from trainer.errors import TrainerError
-
-# What a sharded checkpoint holds besides the shards (written by rank 0).
-TRAINER_STATE = "trainer.pt"
-
 
 def require_world(world_size: int) -> None:
     """--fsdp shards over the ranks of a process group; one process has nothing to shard over."""
@@ -137,24 +133,6 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def sharded_in_place(path: Path) -> Path | None:
-    """The complete sharded checkpoint named `path`: itself, or the one a crash left set aside mid-replace."""
-    for candidate in (path, path.with_name(path.name + ".old")):
-        if (candidate / TRAINER_STATE).is_file() and (candidate / ".metadata").is_file():
-            return candidate
-    return None
-
-
-def load_trainer_state(path: Path) -> dict[str, Any]:
-    """What a sharded checkpoint holds besides the shards, as a `.pt` checkpoint's payload without "model"
-    and "optimizer" (those are loaded into the sharded model by `load_sharded`)."""
-    try:
-        # Our own file: the RNG states are numpy objects, which weights_only loading rejects.
-        return torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"{path / TRAINER_STATE}: not a readable sharded checkpoint ({type(e).__name__}: {e})") from e
-
-
 def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Load the shards of `path` into the sharded model and its optimizer (every rank calls this)."""
     import torch.distributed.checkpoint as dcp
@@ -169,8 +147,3 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer)
     except Exception as e:  # DCP raises CheckpointException and others for missing or foreign shards
         raise CheckpointError(f"{path}: cannot load its shards ({type(e).__name__}: {str(e).splitlines()[0]})") from e
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-
-
-def sharded_name(name: str) -> str:
-    """latest.pt -> latest.dcp: the folder a sharded run writes where a plain run writes the file."""
-    return name.removesuffix(".pt") + SHARDED_SUFFIX

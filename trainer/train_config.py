@@ -1,36 +1,64 @@
-"""The trainer's configuration: plain dataclasses, and the one place that turns CLI flags into them."""
+"""The trainer's configuration: plain dataclasses, and the one place that turns CLI flags into them.
+
+Each field's flag policy lives beside it, as field metadata (`_flag`): the CLI flag that sets it where that is
+not the field's name in kebab case, whether --resume may change it (`Resume`), and which flag of a mixer
+service decides it instead under --stream. Renaming a field carries its policy along.
+"""
 
 from __future__ import annotations
 
 import argparse
+import enum
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence, get_type_hints
 
 from service.client import COMPUTE_MODES
 from service.mix_schedule import ScheduleError, check_weight_names
+from service.name_values import name_values, number_list
 from trainer.hf_model import DTYPES, HF_PREFIX
 from trainer.model import MODEL_SIZES
 from trainer.lr_schedules import SCHEDULES, ScheduleConfig
+
+
+class Resume(enum.Enum):
+    """What --resume does with a flag."""
+
+    SAME = "same"  # defines what the run computes: a resume must give the value its checkpoint recorded
+    MAY_CHANGE = "may change"  # how long, how often and how visibly the run goes on, and on what hardware
+    HOW_IT_BEGAN = "how it began"  # a resumed run takes what these made from its checkpoint instead
+    START_ONLY = "start only"  # as HOW_IT_BEGAN, and only starting a run may say it: a resume command drops it
+
+
+def _flag(default: Any = MISSING, *, default_factory: Any = MISSING, flag: str | None = None,
+          resume: Resume = Resume.SAME, service: str | None = None) -> Any:
+    """A config field with its flag policy: `flag` where the CLI flag is not the field's name in kebab case,
+    `resume`, and `service`, the flag of a mixer service that decides the value under --stream."""
+    return field(default=default, default_factory=default_factory,
+                 metadata={"flag": flag, "resume": resume, "service": service})
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Where batches come from: datasets mixed in-process at constant weights, or a mixer service."""
 
-    datasets: dict[str, str] = field(default_factory=dict)  # name -> dataset folder
-    weights: dict[str, float] = field(default_factory=dict)
-    stream_url: str | None = None
-    stream_read_ahead: int | None = None  # steps per request and decoded queue; None: the client's default
-    stream_token_file: Path | None = None  # the service's read token (None: it allows anonymous reads)
+    datasets: dict[str, str] = _flag(default_factory=dict, flag="--dataset")  # name -> dataset folder
+    weights: dict[str, float] = _flag(default_factory=dict, service="--weights")
+    stream_url: str | None = _flag(None, flag="--stream", resume=Resume.MAY_CHANGE)
+    # steps per request and decoded queue; None: the client's default
+    stream_read_ahead: int | None = _flag(None, resume=Resume.MAY_CHANGE)
+    # the service's read token (None: it allows anonymous reads)
+    stream_token_file: Path | None = _flag(None, resume=Resume.MAY_CHANGE)
     # "service": the service sends the rows; "local": this process computes them under the service's leases
     # (service/local_compute.py), the same bytes, so a resumed run may switch.
-    stream_compute: str = "service"
-    seq_len: int = 256
-    global_batch: int = 32  # sequences per step over all ranks
-    micro_batch: int = 8  # sequences per forward pass on one rank; the rest is gradient accumulation
-    seed: int = 0
-    eval_datasets: dict[str, str] = field(default_factory=dict)  # default: the training datasets
+    stream_compute: str = _flag("service", flag="--compute", resume=Resume.MAY_CHANGE)
+    seq_len: int = _flag(256, service="--seq-len")
+    global_batch: int = _flag(32, service="--global-batch")  # sequences per step over all ranks
+    # sequences per forward pass on one rank; the rest is gradient accumulation (it only splits the same
+    # global batch, so a resume may change it)
+    micro_batch: int = _flag(8, resume=Resume.MAY_CHANGE)
+    seed: int = _flag(0, flag="--data-seed", service="--seed")
+    eval_datasets: dict[str, str] = _flag(default_factory=dict, flag="--eval-dataset")  # default: the training datasets
     eval_batches: int = 4  # micro-batches of each validation set per evaluation
 
 
@@ -44,60 +72,50 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    out: Path
+    out: Path = _flag(resume=Resume.HOW_IT_BEGAN)
     data: DataConfig
-    schedule: ScheduleConfig
+    # ScheduleConfig (trainer/lr_schedules.py) knows no CLI: the flags of its fields that are not their kebab names.
+    schedule: ScheduleConfig = field(metadata={"flags": {"name": "--lr-schedule", "continued": "--continue-schedule"}})
     optim: OptimConfig = OptimConfig()
     model: str = "test"
     untied: bool = False
-    steps: int = 100
-    eval_every: int = 50
-    log_every: int = 1
-    checkpoint_every: int = 100
-    save_at: tuple[int, ...] = ()
-    init_from: Path | None = None  # a trainer checkpoint
-    hf_model: str | None = None  # --init-from hf:PATH: a Hugging Face folder (or Hub id)
+    steps: int = _flag(100, resume=Resume.MAY_CHANGE)
+    eval_every: int = _flag(50, resume=Resume.MAY_CHANGE)
+    log_every: int = _flag(1, resume=Resume.MAY_CHANGE)
+    checkpoint_every: int = _flag(100, resume=Resume.MAY_CHANGE)
+    save_at: tuple[int, ...] = _flag((), resume=Resume.MAY_CHANGE)
+    init_from: Path | None = _flag(None, resume=Resume.START_ONLY)  # a trainer checkpoint
+    # --init-from hf:PATH: a Hugging Face folder (or Hub id)
+    hf_model: str | None = _flag(None, flag="--init-from", resume=Resume.START_ONLY)
     dtype: str = "float32"  # the weights' (and optimizer state's) dtype
-    save_hf: Path | None = None  # where to write the Hugging Face folder at the end (default RUN_DIR/hf)
-    reset_optimizer: bool = False
-    extension_report: Path | None = None
-    resume: bool = False
-    overwrite: bool = False  # start afresh in an --out that holds an earlier run, deleting it
+    # where to write the Hugging Face folder at the end (default RUN_DIR/hf)
+    save_hf: Path | None = _flag(None, resume=Resume.MAY_CHANGE)
+    reset_optimizer: bool = _flag(False, resume=Resume.HOW_IT_BEGAN)
+    extension_report: Path | None = _flag(None, resume=Resume.HOW_IT_BEGAN)
+    resume: bool = _flag(False, resume=Resume.HOW_IT_BEGAN)
+    # start afresh in an --out that holds an earlier run, deleting it
+    overwrite: bool = _flag(False, resume=Resume.START_ONLY)
     seed: int = 0  # model initialisation
-    device: str = "cpu"
-    compile: bool = False
-    progress: bool = True
+    device: str = _flag("cpu", resume=Resume.MAY_CHANGE)
+    compile: bool = _flag(False, resume=Resume.MAY_CHANGE)
+    progress: bool = _flag(True, flag="--no-progress", resume=Resume.MAY_CHANGE)
     fsdp: bool = False  # shard weights, gradients and optimizer state over the ranks (trainer/fsdp.py)
 
 
-# The flag that sets each TrainConfig field (dotted through the nested configs) where it is not simply the
-# field's name in kebab case; the Adam betas have no flag.
-_FLAG_NAMES = {
-    "data.datasets": "--dataset", "data.stream_url": "--stream", "data.seed": "--data-seed",
-    "data.eval_datasets": "--eval-dataset", "schedule.name": "--lr-schedule", "schedule.continued": "--continue-schedule",
-    "progress": "--no-progress", "hf_model": "--init-from", "data.stream_compute": "--compute",
-}
-# What --resume lets change: how long, how often and how visibly the run goes on, and on what hardware,
-# but not what it computes (the micro-batch only splits the same global batch).
-RESUMABLE_FLAGS = ("--steps", "--eval-every", "--log-every", "--checkpoint-every", "--save-at", "--no-progress",
-                   "--device", "--compile", "--micro-batch", "--stream", "--stream-read-ahead",
-                   "--stream-token-file", "--compute", "--save-hf")
-# How a run began; a resumed run takes what they made from its checkpoint instead.
-_START_FLAGS = ("--out", "--resume", "--overwrite", "--init-from", "--reset-optimizer", "--extension-report")
-# What only starting a run may say, with how many values each takes: a resume command leaves them out.
-_NOT_ON_RESUME = {"--init-from": 1, "--overwrite": 0}
-# The batch geometry and mix that a mixer service decides for its readers, with the service's flag for each.
-_SERVICE_DECIDES = {"--weights": "--weights", "--seq-len": "--seq-len", "--global-batch": "--global-batch",
-                    "--data-seed": "--seed"}
+@dataclass(frozen=True)
+class FlagPolicy:
+    """One leaf field of TrainConfig, dotted through the nested configs (e.g. "data.seq_len"), with its policy."""
 
+    path: str
+    flag: str
+    resume: Resume
+    service: str | None
+    default: Any
 
-def flag_of(path: str) -> str:
-    """The CLI flag of a dotted TrainConfig field, e.g. "data.seq_len" -> "--seq-len"."""
-    return _FLAG_NAMES.get(path, "--" + path.rpartition(".")[2].replace("_", "-"))
-
-
-def _dest(path: str) -> str:
-    return flag_of(path)[2:].replace("-", "_")
+    @property
+    def dest(self) -> str:
+        """The argparse attribute of the flag."""
+        return self.flag[2:].replace("-", "_")
 
 
 def _default(f: Field) -> Any:
@@ -106,14 +124,26 @@ def _default(f: Field) -> Any:
     return f.default_factory() if f.default_factory is not MISSING else None
 
 
-def _leaves(config: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
-    """(dotted path, value, the field's default) of every leaf field."""
-    for f in fields(config):
-        value = getattr(config, f.name)
-        if is_dataclass(value):
-            yield from _leaves(value, f"{prefix}{f.name}.")
-        else:
-            yield prefix + f.name, value, _default(f)
+def _policies(cls: type, prefix: str = "", flags: Mapping[str, str] | None = None) -> Iterator[FlagPolicy]:
+    """The policy of every leaf field of `cls`, in field order; `flags`: flags a nesting field names for them."""
+    types = get_type_hints(cls)
+    for f in fields(cls):
+        if is_dataclass(types[f.name]):
+            yield from _policies(types[f.name], f"{prefix}{f.name}.", f.metadata.get("flags"))
+            continue
+        flag = f.metadata.get("flag") or (flags or {}).get(f.name) or "--" + f.name.replace("_", "-")
+        yield FlagPolicy(prefix + f.name, flag, f.metadata.get("resume", Resume.SAME), f.metadata.get("service"),
+                         _default(f))
+
+
+POLICIES: tuple[FlagPolicy, ...] = tuple(_policies(TrainConfig))
+_BY_PATH = {policy.path: policy for policy in POLICIES}
+RESUMABLE_FLAGS = tuple(dict.fromkeys(p.flag for p in POLICIES if p.resume is Resume.MAY_CHANGE))
+
+
+def flag_of(path: str) -> str:
+    """The CLI flag of a dotted TrainConfig field, e.g. "data.seq_len" -> "--seq-len"."""
+    return _BY_PATH[path].flag
 
 
 def _jsonable(value: Any) -> Any:
@@ -134,17 +164,22 @@ def resume_differences(recorded: Mapping[str, Any], config: TrainConfig) -> list
     `config_record` a checkpoint stored. A value the checkpoint lacks reads as the field's default: a flag
     added after the checkpoint was written did then what its default does now (e.g. no --fsdp)."""
     differences = []
-    for path, value, default in _leaves(config):
-        flag = flag_of(path)
-        if flag in RESUMABLE_FLAGS or flag in _START_FLAGS:
+    for policy in POLICIES:
+        if policy.resume is not Resume.SAME:
             continue
+        value: Any = config
         stored: Any = recorded
-        for part in path.split("."):
+        for part in policy.path.split("."):
+            value = getattr(value, part)
             stored = stored.get(part, MISSING) if isinstance(stored, Mapping) else MISSING
-        stored = _jsonable(default) if stored is MISSING else stored
+        stored = _jsonable(policy.default) if stored is MISSING else stored
         if stored != _jsonable(value):
-            differences.append((flag, stored, _jsonable(value)))
+            differences.append((policy.flag, stored, _jsonable(value)))
     return differences
+
+
+# What only starting a run may say, with how many values each takes (none for a switch).
+_NOT_ON_RESUME = {p.flag: 0 if isinstance(p.default, bool) else 1 for p in POLICIES if p.resume is Resume.START_ONLY}
 
 
 def resume_command(argv: Sequence[str]) -> list[str]:
@@ -165,24 +200,6 @@ def resume_command(argv: Sequence[str]) -> list[str]:
     return kept if "--resume" in kept else [*kept, "--resume"]
 
 
-def _pairs(text: str, flag: str) -> tuple[str, str]:
-    name, sep, value = text.partition("=")
-    if not sep or not name or not value:
-        raise argparse.ArgumentTypeError(f"{flag} {text!r}: expected NAME=VALUE")
-    return name, value
-
-
-def _weights(text: str) -> dict[str, float]:
-    weights = {}
-    for item in text.split(","):
-        name, value = _pairs(item, "--weights")
-        try:
-            weights[name] = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--weights {item!r}: {value!r} is not a number") from None
-    return weights
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Every flag with its help and default. Abbreviations are off: a resume command is rebuilt from the
     flags as typed (`resume_command`), and one spelling per flag keeps the CLIs' names comparable."""
@@ -200,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--dataset", action="append", default=[], metavar="NAME=PATH",
                      help="a token dataset (from `python -m pipeline.tokenize`) to mix in-process; repeat for each "
                           "(default: none; give this or --stream)")
-    src.add_argument("--weights", type=_weights, metavar="NAME=W,...",
+    src.add_argument("--weights", type=lambda text: number_list(text, "--weights"), metavar="NAME=W,...",
                      help="in-process mixing weights, one per --dataset name (default: equal); with --stream the "
                           "service's schedule decides them")
     src.add_argument("--stream", metavar="URL",
@@ -333,18 +350,18 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        datasets = dict(_pairs(d, "--dataset") for d in args.dataset)
-        eval_datasets = dict(_pairs(d, "--eval-dataset") for d in args.eval_dataset)
+        datasets = name_values(args.dataset, "--dataset", "PATH")
+        eval_datasets = name_values(args.eval_dataset, "--eval-dataset", "PATH")
     except argparse.ArgumentTypeError as e:
         parser.error(str(e))
     if bool(datasets) == bool(args.stream):
         parser.error("give either --dataset NAME=PATH (one or more) or --stream URL, not both or neither")
     if args.stream:
         # Left unset unless given, so that a value the service would silently override is refused instead.
-        given = [flag for flag in _SERVICE_DECIDES if getattr(args, flag[2:].replace("-", "_")) is not None]
+        given = [p for p in POLICIES if p.service is not None and getattr(args, p.dest) is not None]
         if given:
-            parser.error(f"{', '.join(given)}: with --stream the mixer service decides these (its "
-                         f"{', '.join(_SERVICE_DECIDES[flag] for flag in given)}); drop them here")
+            parser.error(f"{', '.join(p.flag for p in given)}: with --stream the mixer service decides these (its "
+                         f"{', '.join(p.service for p in given)}); drop them here")
     if args.weights and datasets:
         try:
             check_weight_names(args.weights, datasets, "--weights")
@@ -372,9 +389,9 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     if args.lr_start_step is not None:
         parser.error("--lr-start-step was replaced by --continue-schedule, which takes the step and the whole "
                      "schedule from the --init-from checkpoint")
-    schedule_paths = [f"schedule.{f.name}" for f in fields(ScheduleConfig) if f.name != "continued"]
-    schedule = {path.partition(".")[2]: getattr(args, _dest(path))
-                for path in schedule_paths if getattr(args, _dest(path)) is not None}
+    schedule_flags = [p for p in POLICIES if p.path.startswith("schedule.") and p.path != "schedule.continued"]
+    schedule = {p.path.partition(".")[2]: getattr(args, p.dest)
+                for p in schedule_flags if getattr(args, p.dest) is not None}
     if args.continue_schedule:
         if not ((args.init_from and not hf_model) or args.resume):
             parser.error("--continue-schedule continues the schedule of a trainer checkpoint; give it with "
