@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="spell characters outside the pieces as UTF-8 byte pieces, never <unk>, as Llama 2's "
                             "and Mistral's tokenizers do (256 ids); --no-byte-fallback lets them become <unk> (default: on)")
     train.add_argument("--character-coverage", type=float, default=TokenizerTrainConfig.character_coverage,
-                       help="share of the sample's characters the model must cover; the rarest rest become <unk>")
+                       help="share of the sample's characters the model must cover; the rarest rest are spelled as "
+                            "bytes (<unk> with --no-byte-fallback)")
 
     extend = commands.add_parser("extend", help="append pieces learned on a new corpus to an existing tokenizer",
                                  description="Append pieces learned on a new corpus to an existing tokenizer "
