@@ -11,6 +11,7 @@ from pipeline.shard_cache import CacheConfig, default_cache_dir, DEFAULT_CACHE_B
 from pipeline.storage import is_uri
 from service.control_laws import LAWS
 from service.mix_schedule import check_weight_names, quantize_weights
+from service.name_values import name_values, number_list
 
 
 @dataclass(frozen=True)
@@ -53,16 +54,6 @@ class ReplicaConfig:
     ssl_keyfile: Path | None = None
     ssl_certfile: Path | None = None
     log_level: str = "info"
-
-
-def _pairs(text: str, what: str) -> list[tuple[str, str]]:
-    pairs = []
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, sep, value = item.partition("=")
-        if not sep or not name or not value:
-            raise argparse.ArgumentTypeError(f"{what}: {item!r} is not NAME=VALUE")
-        pairs.append((name, value))
-    return pairs
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ServiceConfig | ReplicaConfig:
@@ -157,15 +148,11 @@ def parse_args(argv: Sequence[str] | None = None) -> ServiceConfig | ReplicaConf
     if args.reserve_steps < 1:
         parser.error(f"--reserve-steps {args.reserve_steps}: must be >= 1 (1 persists every new step)")
 
-    datasets: dict[str, Path] = {}
-    for entry in args.dataset:
-        try:
-            [(name, path)] = _pairs(entry, "--dataset")
-        except (argparse.ArgumentTypeError, ValueError):
-            parser.error(f"--dataset {entry!r}: expected NAME=PATH, e.g. --dataset old=/data/en")
-        if name in datasets:
-            parser.error(f"--dataset {name}: given twice")
-        datasets[name] = path if is_uri(path) else str(Path(path))
+    try:
+        named = name_values(args.dataset, "--dataset", "PATH")
+    except argparse.ArgumentTypeError as e:
+        parser.error(str(e))
+    datasets = {name: path if is_uri(path) else str(Path(path)) for name, path in named.items()}
     if not args.lease_seconds > 0:
         parser.error(f"--lease-seconds {args.lease_seconds}: must be > 0")
     if args.max_lookahead is not None and args.max_lookahead < 1:
@@ -193,7 +180,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServiceConfig | ReplicaConf
     weights = None
     if args.weights is not None:
         try:
-            weights = {name: float(value) for name, value in _pairs(args.weights, "--weights")}
+            weights = number_list(args.weights, "--weights")
             check_weight_names(weights, datasets, "--weights")
             quantize_weights(weights)
         except (argparse.ArgumentTypeError, ValueError) as e:
