@@ -243,7 +243,7 @@ class MixService:
         with self._lock:
             first, last = self.state.unserved_from, self.state.schedule.stages[-1]
             if start_step is None:
-                start_step = max(first, last.start_step + 1)
+                start_step = self.next_change_step()
             elif start_step < first:
                 raise MixConflict(
                     f"start_step {start_step} may already have been served (steps before {first} may have "
@@ -264,8 +264,7 @@ class MixService:
             return self._append_stage(Stage(start_step, stage.weights), by, reason)
 
     def _append_stage(self, stage: Stage, by: str, reason: str | None, data: dict | None = None) -> Stage:
-        self.mixer.set_schedule(self.state.log.append("stage", by, stage=stage, reason=reason, data=data))
-        self._update_mix_metrics()
+        self._log_change("stage", by, stage=stage, reason=reason, data=data)
         return stage
 
     def _suspend_controller(self, by: str) -> None:
@@ -346,12 +345,20 @@ class MixService:
                     f"{self.state.unserved_from} may have been served); it stays in the log. Append a new stage instead"
                 )
             self._suspend_controller(by)
-            self.mixer.set_schedule(self.state.log.append("cancel", by, start_step=start_step, reason=reason))
-            self._update_mix_metrics()
+            self._log_change("cancel", by, start_step=start_step, reason=reason)
             return stage
 
+    def _log_change(self, op: str, by: str, **entry) -> None:
+        """A schedule change, durably in the log, then in force for the mixer and its metrics."""
+        self.mixer.set_schedule(self.state.log.append(op, by, **entry))
+        self._update_mix_metrics()
+
     def mix(self) -> dict:
-        """The schedule, its log and the frontiers (the body of GET and PUT /v1/mix)."""
+        """The schedule, its log and the frontiers (the body of GET and PUT /v1/mix).
+
+        Read without the lock, safely: a change replaces the schedule object whole (never mutates it) and
+        only appends to the log's list, so a reader sees a consistent schedule, a log at least as long as
+        it, and frontiers that only grow; at worst it misses a change made while it reads."""
         state = self.state
         return {"schedule": state.schedule.to_json(), "log": [entry.to_json() for entry in state.log.entries],
                 "served_frontier": state.served, "reserved": state.reserved, "next_change_step": self.next_change_step()}
