@@ -1,11 +1,28 @@
 """Model growth (trainer/growth.py): block expansion and sparse upcycling of tiny random models built here,
-whose logits must be the base's; what --train new-blocks trains."""
+whose logits must be the base's; grown runs of the trainer (--grow, --train): what trains, exact resume, and
+a grown checkpoint refused without its growth."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Callable
+
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, MixtralForCausalLM, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MixtralForCausalLM,
+    Qwen2Config,
+)
+
+from tests.test_hf_model import base_tokenizer, datasets, extend_tokenizer, flags, make_model_folder  # noqa: F401
+from tests.test_trainer import Crash, assert_bitwise_equal, checkpoint_of, crash_after, train_losses
+from trainer.__main__ import main as trainer_main
+from trainer.train import train
+from trainer.train_config import parse_args, resume_command
 
 from trainer.growth import GrowSpec, active_parameters, GrowthError, grow, grow_folder, inserted_layers, select_trainable
 from trainer.hf_model import HFCausalLM
@@ -104,3 +121,74 @@ def test_new_blocks_mode_needs_blocks_and_freezes_the_rest():
     grown(TOKENS[:, :-1], TOKENS[:, 1:]).backward()
     grad = grown.hf.model.embed_tokens.weight.grad
     assert grad[:90].abs().sum() == 0
+
+
+# ---- grown runs of the trainer ----------------------------------------------------------------------------
+
+RUN = ["--steps", "4", "--checkpoint-every", "2", "--eval-every", "4", "--max-lr", "3e-3", "--weight-decay", "0.1"]
+
+
+@pytest.fixture
+def llama_folder(tmp_path, base_tokenizer) -> Path:
+    return make_model_folder(tmp_path / "llama", "llama", base_tokenizer)
+
+
+def snapshots(into: list) -> Callable:
+    def hook(done: int, model, batch) -> None:
+        into.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    return hook
+
+
+def test_new_blocks_trains_only_the_inserted_blocks_and_new_token_rows(tmp_path, datasets, base_tokenizer,
+                                                                       llama_folder):
+    report = extend_tokenizer(base_tokenizer, tmp_path / "extended")
+    states: list = []
+    train(parse_args(flags(datasets, tmp_path / "run", "--init-from", f"hf:{llama_folder}", "--grow", "blocks:2",
+                           "--train", "new-blocks", "--extension-report", str(report), *RUN)),
+          on_step=snapshots(states))
+    first, last = states[0], states[-1]
+    rows = len(AutoTokenizer.from_pretrained(base_tokenizer))
+    changed = {k for k in first if not torch.equal(first[k], last[k])}
+    assert changed == {k for k in first if ".layers.1." in k or ".layers.3." in k} | {"hf.model.embed_tokens.weight",
+                                                                                      "hf.lm_head.weight"}
+    embedding = "hf.model.embed_tokens.weight"
+    assert torch.equal(first[embedding][:rows], last[embedding][:rows])  # old rows as they were
+    assert not torch.equal(first[embedding][rows:], last[embedding][rows:])
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf")
+    assert saved.config.num_hidden_layers == 4 and saved.config.replaymix_growth["new_layers"] == [1, 3]
+
+
+@pytest.mark.parametrize("grow_text", ["blocks:1", "experts:4,top_k:2"])
+def test_a_grown_run_resumes_bit_for_bit_and_not_without_its_growth(tmp_path, datasets, llama_folder, grow_text,
+                                                                     capsys):
+    common = ["--init-from", f"hf:{llama_folder}", "--grow", grow_text, *RUN]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    train(parse_args(flags(datasets, straight, *common)))
+    with pytest.raises(Crash):
+        train(parse_args(flags(datasets, stopped, *common)), on_step=crash_after(3))
+    resume = [*resume_command(flags(datasets, stopped, *common))]
+    without_growth = [a for a in resume if a not in ("--grow", grow_text)]
+    assert trainer_main(without_growth) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--grow: checkpoint" in err
+    train(parse_args(resume))
+    assert train_losses(stopped) == train_losses(straight)
+    for name in ("model", "optimizer"):
+        assert_bitwise_equal(checkpoint_of(stopped)[name], checkpoint_of(straight)[name], name)
+    record = checkpoint_of(straight)["model_config"]["config"]["replaymix_growth"]
+    assert record["grow"] == grow_text
+    exported = AutoModelForCausalLM.from_pretrained(straight / "hf")
+    assert type(exported).__name__ == ("MixtralForCausalLM" if "experts" in grow_text else "LlamaForCausalLM")
+
+
+def test_grow_and_train_flags_are_checked(tmp_path, datasets, llama_folder, capsys):
+    for extra, reason in ((["--train", "new-blocks"], "--train new-blocks needs --grow blocks:N"),
+                          (["--grow", "blocks:2"], "--grow grows the model a run continues"),
+                          (["--grow", "blocks:x"], "expected blocks:N")):
+        with pytest.raises(SystemExit) as refused:
+            parse_args(flags(datasets, tmp_path / "r", *extra))
+        assert refused.value.code == 2 and reason in capsys.readouterr().err
+    status = trainer_main(flags(datasets, tmp_path / "r3", "--init-from", f"hf:{llama_folder}", "--grow", "blocks:3"))
+    assert status == 2 and "cannot be spread evenly" in capsys.readouterr().err
+    assert not (tmp_path / "r3" / "checkpoints").exists()

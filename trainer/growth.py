@@ -31,7 +31,6 @@ import torch.nn as nn
 
 from trainer.errors import TrainerError
 from trainer.hf_model import HFCausalLM
-from trainer.lm import decay_groups
 
 GROWTH_KEY = "replaymix_growth"
 TRAIN_MODES = ("all", "new-blocks")
@@ -317,7 +316,7 @@ def _vocab_weights(model: HFCausalLM) -> list[nn.Parameter]:
 def select_trainable(model: HFCausalLM, mode: str) -> None:
     """--train: `all` trains every parameter; `new-blocks` only the blocks --grow blocks:N inserted and the
     embedding (and untied head) rows of new tokens: the other rows' gradients are zeroed by a hook, so with
-    no weight decay on them (`optimizer_groups`) AdamW leaves them exactly as they are."""
+    no weight decay on them (`undecayed_held_rows`) AdamW leaves them exactly as they are."""
     if mode not in TRAIN_MODES:
         raise GrowthError(f"--train {mode!r}: choose one of {', '.join(TRAIN_MODES)}")
     if mode == "all":
@@ -348,13 +347,13 @@ def _keep_rows_from(first: int) -> Callable[[torch.Tensor], torch.Tensor]:
     return hook
 
 
-def optimizer_groups(model: HFCausalLM, weight_decay: float, mode: str) -> list[dict]:
-    """AdamW's groups (`trainer.lm.decay_groups`); under --train new-blocks the embedding and head are not
-    decayed, since decay would move the rows whose gradients are held at zero."""
-    groups = decay_groups(model, weight_decay)
-    if mode == "new-blocks":
-        vocab = {id(w) for w in _vocab_weights(model)}
-        groups[0]["params"] = [p for p in groups[0]["params"] if id(p) not in vocab]
-        groups[1]["params"] = groups[1]["params"] + _vocab_weights(model)
-    return groups
-
+def undecayed_held_rows(model: HFCausalLM, groups: list[dict], mode: str) -> list[dict]:
+    """AdamW's groups (decay first, then no decay, as `HFCausalLM.optimizer_groups` makes them); under --train
+    new-blocks the embedding and head move to the no-decay group, since decay would move the rows whose
+    gradients are held at zero."""
+    if mode != "new-blocks":
+        return groups
+    vocab = _vocab_weights(model)
+    held = {id(w) for w in vocab}
+    return [{**groups[0], "params": [p for p in groups[0]["params"] if id(p) not in held]},
+            {**groups[1], "params": [p for p in groups[1]["params"] if id(p) not in held] + vocab}]

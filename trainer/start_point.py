@@ -28,6 +28,7 @@ from trainer.data import BatchSource
 from trainer.embedding_growth import grow_vocab, pad_optimizer_state
 from trainer.errors import TrainerError
 from trainer.fsdp import full_optimizer_state, load_full_optimizer_state, load_sharded, shard_model
+from trainer.growth import GrowSpec, grow, select_trainable, undecayed_held_rows
 from trainer.hf_model import (
     DTYPES,
     HFCausalLM,
@@ -106,12 +107,16 @@ def build_state(config: TrainConfig, source: BatchSource, device: torch.device, 
         _check_resumable(start, config)
 
     model, tokenizer_dir = _build_model(config, start, source)
+    grown = config.grow is not None and not start.resumed  # a resumed run's checkpoint holds the grown model
+    if grown:
+        model = _grown(model, config, world_size)
+    select_trainable(model, config.train)
     if config.save_hf is not None and tokenizer_dir is None:
         raise TrainerError(f"--save-hf {config.save_hf}: a Hugging Face folder holds the model's tokenizer, and a "
                            "model made afresh with --model has none (its vocabulary is its data's ids); start from "
                            "a Hugging Face folder with --init-from hf:PATH, or drop --save-hf")
     cast_parameters(model, DTYPES[config.dtype])
-    keep_optimizer = start.payload is not None and not (config.init_from and config.reset_optimizer)
+    keep_optimizer = start.payload is not None and not (config.init_from and config.reset_optimizer) and not grown
     optimizer_state = start.payload.get("optimizer") if keep_optimizer else None
     if config.fsdp:
         model, optimizer = _sharded(model, optimizer_state, config, device, world_size)
@@ -130,6 +135,14 @@ def build_state(config: TrainConfig, source: BatchSource, device: torch.device, 
                          tokenizer_dir)
 
 
+def _grown(model: HFCausalLM, config: TrainConfig, world_size: int) -> HFCausalLM:
+    """--grow: the model grown before the first step (trainer/growth.py), refused if its training state will
+    not fit the device; the rows of the tokens --extension-report added are the ones --train new-blocks trains."""
+    new_rows = ExtensionReport.load(config.extension_report).base_vocab_size if config.extension_report else None
+    return grow(model, GrowSpec.parse(config.grow), seed=config.seed, new_token_rows_from=new_rows,
+                device=config.device, world_size=world_size if config.fsdp else 1)
+
+
 def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
     """Weights to `dtype`, buffers as they are (rotary tables keep their float32 precision)."""
     for param in model.parameters():
@@ -138,7 +151,7 @@ def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
 
 def _make_optimizer(model: HFCausalLM, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     return torch.optim.AdamW(
-        model.optimizer_groups(config.optim.weight_decay),
+        undecayed_held_rows(model, model.optimizer_groups(config.optim.weight_decay), config.train),
         lr=0.0,  # set from the schedule before every step
         betas=(config.optim.beta1, config.optim.beta2),
         fused=device.type == "cuda",

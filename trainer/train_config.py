@@ -16,6 +16,7 @@ from typing import Any, Iterator, Mapping, Sequence, get_type_hints
 from service.client import COMPUTE_MODES
 from service.mix_schedule import ScheduleError, check_weight_names
 from service.name_values import name_values, number_list
+from trainer.growth import TRAIN_MODES, GrowSpec, GrowthError
 from trainer.hf_model import DTYPES, HF_PREFIX
 from trainer.model import MODEL_SIZES
 from trainer.lr_schedules import SCHEDULES, ScheduleConfig
@@ -100,6 +101,10 @@ class TrainConfig:
     compile: bool = _flag(False, resume=Resume.MAY_CHANGE)
     progress: bool = _flag(True, flag="--no-progress", resume=Resume.MAY_CHANGE)
     fsdp: bool = False  # shard weights, gradients and optimizer state over the ranks (trainer/fsdp.py)
+    # --grow blocks:N | experts:E,top_k:K at the start of a continued run (trainer/growth.py); a resume gives it
+    # again, so a grown checkpoint is never resumed as another model
+    grow: str | None = None
+    train: str = "all"  # which parameters train: all, or new-blocks (those --grow blocks:N inserted)
 
 
 @dataclass(frozen=True)
@@ -277,6 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "extended tokenizer; for a Hugging Face model the extension_report.json inside the "
                             "extended tokenizer folder, which becomes the run's tokenizer (default: none, the "
                             "vocabulary stays)")
+    model.add_argument("--grow", metavar="blocks:N|experts:E,top_k:K",
+                       help="with --init-from: grow the model before the first step so that it computes what it did. "
+                            "blocks:N inserts N identity blocks as LLaMA Pro (one after every layers/N-th layer, N "
+                            "dividing the layers); experts:E,top_k:K upcycles every MLP of a Llama or Mistral into E "
+                            "copies behind a router (a Mixtral). The optimizer starts afresh; the checkpoints record "
+                            "the growth, and --resume gives --grow again (default: no growth)")
+    model.add_argument("--train", choices=TRAIN_MODES, default=TrainConfig.train,
+                       help="which parameters train: all, or new-blocks, only the blocks --grow blocks:N inserts and "
+                            "the embedding rows of the tokens --extension-report adds (default %(default)s)")
 
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--steps", type=int, default=TrainConfig.steps,
@@ -386,6 +400,19 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         parser.error("--resume continues this run; --init-from starts a new one from a checkpoint; pick one")
     if args.resume and args.overwrite:
         parser.error("--resume continues the run in --out; --overwrite deletes it to start afresh; pick one")
+    grow = None
+    if args.grow is not None:
+        try:
+            grow = GrowSpec.parse(args.grow)
+        except GrowthError as e:
+            parser.error(str(e))
+        if not (args.init_from or args.resume):
+            parser.error("--grow grows the model a run continues: give --init-from CKPT|hf:PATH")
+    if args.train == "new-blocks" and (grow is None or grow.kind != "blocks"):
+        parser.error("--train new-blocks needs --grow blocks:N: it trains the blocks that inserts")
+    if args.train == "new-blocks" and args.fsdp:
+        parser.error("--train new-blocks is not supported with --fsdp yet (the new tokens' rows are held by a "
+                     "gradient hook FSDP's sharded parameters do not run); use --train all, or DDP")
     if args.lr_start_step is not None:
         parser.error("--lr-start-step was replaced by --continue-schedule, which takes the step and the whole "
                      "schedule from the --init-from checkpoint")
@@ -447,4 +474,6 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         compile=args.compile,
         progress=not args.no_progress,
         fsdp=args.fsdp,
+        grow=None if grow is None else str(grow),
+        train=args.train,
     )
