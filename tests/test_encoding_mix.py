@@ -11,7 +11,8 @@ import pytest
 
 from conftest import ENGLISH_WORDS, GERMAN_WORDS, make_lines, train_spm, write_token_dataset
 from pipeline.tokenizer.encoding_mix import find_encoding_mixes, warn_encoding_mixes
-from pipeline.tokenizer.extend import StagedExtension, build_report, extend_model, new_piece_entries
+from pipeline.tokenizer.extend import StagedExtension, build_report
+from pipeline.tokenizer.sentencepiece_extension import extend_model, new_piece_entries
 from pipeline.tokenizer.load import load_tokenizer
 from pipeline.tokenizer.model_proto import load_model_proto
 from pipeline.tokenizer.report import report_path, write_report

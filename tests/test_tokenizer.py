@@ -26,10 +26,9 @@ from pipeline.tokenizer.extend import (
     StagedExtension,
     build_report,
     check_old_text,
-    extend_model,
     extend_tokenizer,
-    new_piece_entries,
 )
+from pipeline.tokenizer.sentencepiece_extension import extend_model, new_piece_entries
 from pipeline.tokenizer.load import load_tokenizer
 from pipeline.tokenizer.model_proto import TokenizerError, append_pieces, check_ids_stable, load_model_proto
 from pipeline.tokenizer.report import ExtensionReport
