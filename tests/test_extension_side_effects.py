@@ -168,6 +168,9 @@ def test_a_sentencepiece_folder_without_byte_fallback_is_refused_and_its_losses_
         train_tokenizer(TokenizerTrainConfig(inputs=("x.jsonl",), out=tmp_path / "folder", vocab_size=300,
                                              byte_fallback=False))
     assert not (tmp_path / "folder").exists()
+    with pytest.raises(TokenizerError, match="--no-byte-fallback: a byte-level BPE tokenizer spells every byte"):
+        train_tokenizer(TokenizerTrainConfig(inputs=("x.jsonl",), out=tmp_path / "folder", vocab_size=300,
+                                             kind="bpe", byte_fallback=False))
     folder = tmp_path / "lossy"
     folder.mkdir()
     (folder / "tokenizer.model").write_bytes(train_spm(english_lines, tmp_path / "sp" / "en", vocab_size=100).read_bytes())

@@ -197,6 +197,9 @@ def train_tokenizer(config: TokenizerTrainConfig) -> dict:
         raise TokenizerError(f"--kind {config.kind}: choose one of {', '.join(KINDS)}")
     if config.kind == "bpe" and Path(config.out).suffix == ".model":
         raise TokenizerError(f"--out {config.out}: a byte-level BPE tokenizer is a folder; give a folder path")
+    if config.kind == "bpe" and not config.byte_fallback:
+        raise TokenizerError("--no-byte-fallback: a byte-level BPE tokenizer spells every byte by construction; the "
+                             "flag is for --kind sentencepiece")
     if config.kind == "sentencepiece" and writes_folder(config) and not config.byte_fallback:
         raise TokenizerError(
             f"--out {config.out}: --no-byte-fallback for a Hugging Face folder: transformers converts the model to a "
