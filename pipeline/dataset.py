@@ -13,18 +13,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from pipeline.atomic_file import replace_folder, write_atomically
 from pipeline import storage
-from pipeline.errors import PipelineError
+from pipeline.errors import DatasetError
+from pipeline.file_digest import sha256_file
+from pipeline.shard_cache import CacheConfig, ShardCache, shared_cache
 
-if TYPE_CHECKING:
-    from pipeline.shard_cache import CacheConfig, ShardCache
 
 FORMAT_VERSION = "replaymix.tokens/2"
 # Format 1 differs only in how the manifest records the tokenizer (a SentencePiece .model at the root).
@@ -34,10 +37,6 @@ SPLITS = ("train", "val")
 INDEX_DTYPE = np.dtype("<u8")
 
 
-class DatasetError(PipelineError):
-    """A dataset on disk is missing, damaged or inconsistent; the message names the file."""
-
-
 # The two token widths, on disk and on the wire alike: the one authority for how tokens are stored.
 TOKEN_DTYPES = (np.dtype("<u2"), np.dtype("<u4"))
 
@@ -45,14 +44,6 @@ TOKEN_DTYPES = (np.dtype("<u2"), np.dtype("<u4"))
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 when every id fits, else uint32: half the disk and page cache for vocabularies <= 65536."""
     return TOKEN_DTYPES[0] if vocab_size <= 1 << 16 else TOKEN_DTYPES[1]
-
-
-def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -211,6 +202,39 @@ def build_manifest(
 WRITING_MARKER = ".replaymix-writing"
 
 
+@contextmanager
+def staged_dataset(out: storage.Location) -> Iterator[Path]:
+    """A fresh folder to build the dataset for `out` in, then handed to `commit_dataset`; removed however the
+    job ends (after a commit it is gone already). For a local `out`, a folder beside it (so the commit is a
+    rename) named by this process's id, so that the next job removes a killed one's leftovers; for a store,
+    a local temporary folder (the upload at the commit is the store's staging)."""
+    if out.is_local:
+        folder = out.local_path
+        for stale in folder.parent.glob(f".{folder.name}.staging-*"):
+            pid = stale.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
+        staging = folder.parent / f".{folder.name}.staging-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    else:
+        staging = Path(tempfile.mkdtemp(prefix=f"replaymix-{out.name}.staging-"))
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def commit_dataset(staging: Path, out: str | os.PathLike, manifest: dict, overwrite: bool = False) -> None:
     """Make the finished `staging` folder the dataset at `out` (a folder, or s3:// / gs:// prefix),
     writing the manifest last: a dataset exists if and only if its manifest does, so a job killed
@@ -305,7 +329,7 @@ class _LocalFiles:
 class _RemoteFiles:
     """A remote dataset's files, through the local shard cache: fetched on first use, sha256 checked."""
 
-    def __init__(self, location: storage.Location, cache: "ShardCache"):
+    def __init__(self, location: storage.Location, cache: ShardCache):
         self.location, self.cache = location, cache
 
     def tokens(self, name: str, size: int, sha256: str, dtype: np.dtype) -> np.ndarray:
@@ -347,14 +371,19 @@ class TokenSplit:
         size = (s.documents + 1) * INDEX_DTYPE.itemsize
         return np.fromfile(self._files.path(s.index, size, s.index_sha256), dtype=INDEX_DTYPE, count=s.documents + 1)
 
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For token positions of the split's stream: the shard holding each (an empty shard never does),
+        and the position's offset within that shard."""
+        shard = np.searchsorted(self._starts, positions, side="right") - 1
+        return shard, positions - self._starts[shard]
+
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) of the split's stream, crossing shard boundaries as needed."""
         if start < 0 or length < 0 or start + length > self.num_tokens:
             raise IndexError(f"tokens [{start}, {start + length}) outside the split's {self.num_tokens} tokens")
         if length == 0:
             return np.zeros(0, dtype=self.dtype)
-        shard = int(np.searchsorted(self._starts, start, side="right")) - 1
-        offset = start - int(self._starts[shard])
+        shard, offset = map(int, self.locate(np.int64(start)))
         first = self.shard_tokens(shard)[offset : offset + length]
         if len(first) == length:
             return first
@@ -385,39 +414,36 @@ class TokenDataset:
     remote shards are kept; every dataset opened with the same one shares its bound.
     """
 
-    def __init__(self, path: str | os.PathLike, verify: str = "size", cache: "CacheConfig | None" = None):
+    def __init__(self, path: str | os.PathLike, verify: str = "size", cache: CacheConfig | None = None):
         self.location = storage.parse_location(path)
         manifest_location = self.location.child(MANIFEST_NAME)
         if self.location.is_local:
             self.root: Path | str = Path(path)
             self._files: _LocalFiles | _RemoteFiles = _LocalFiles(self.root)
         else:
-            from pipeline.shard_cache import CacheConfig, shared_cache
-
             self.root = self.location.uri
             self._files = _RemoteFiles(self.location, shared_cache(cache or CacheConfig.default()))
-        manifest_path = f"{self.root}/{MANIFEST_NAME}" if not self.location.is_local else self.root / MANIFEST_NAME
         try:
             self.manifest_bytes = storage.read_bytes(manifest_location)
         except (FileNotFoundError, NotADirectoryError, storage.MissingObject) as e:
             raise DatasetError(
-                f"{manifest_path}: no manifest, so {self.root} is not a finished dataset "
+                f"{manifest_location}: no manifest, so {self.root} is not a finished dataset "
                 "(a job that did not complete leaves none); run `python -m pipeline.tokenize` to make it"
                 + (f" ({e})" if isinstance(e, storage.MissingObject) and "bucket" in str(e) else "")
             ) from e
         try:
             self.manifest = json.loads(self.manifest_bytes)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DatasetError(f"{manifest_path}: not valid JSON ({e}); re-run the tokenize job") from e
+            raise DatasetError(f"{manifest_location}: not valid JSON ({e}); re-run the tokenize job") from e
         if self.manifest.get("format") not in READABLE_FORMATS:
             raise DatasetError(
-                f"{manifest_path}: format {self.manifest.get('format')!r}, expected one of {READABLE_FORMATS}; "
+                f"{manifest_location}: format {self.manifest.get('format')!r}, expected one of {READABLE_FORMATS}; "
                 "re-run the tokenize job with this version of replaymix"
             )
         try:
             self.tokenizer = TokenizerInfo.from_manifest(self.manifest["tokenizer"], self.manifest["format"])
         except (KeyError, TypeError) as e:
-            raise DatasetError(f"{manifest_path}: the tokenizer entry is malformed ({e}); re-run the tokenize job") from e
+            raise DatasetError(f"{manifest_location}: the tokenizer entry is malformed ({e}); re-run the tokenize job") from e
         self.dtype = np.dtype(self.manifest["dtype"]).newbyteorder("<")
         if verify != "none":
             self.verify(full=verify == "full")
@@ -448,10 +474,6 @@ class TokenDataset:
 
     def _fetch_tokenizer(self) -> Path:
         """The remote tokenizer copy as a local folder, named by its files' hashes (so shared and reused)."""
-        import shutil
-
-        from pipeline.atomic_file import write_atomically
-
         key = hashlib.sha256(json.dumps(self.tokenizer.files, sort_keys=True).encode()).hexdigest()
         folder = self._files.cache.folder / "tokenizers" / key
         for name, sha256 in self.tokenizer.files.items():
@@ -474,18 +496,15 @@ class TokenDataset:
         """Check files against the manifest; raise DatasetError naming the first bad file. A remote
         dataset is listed once and its sizes checked; its sha256s are checked as shards are fetched."""
         sizes = self._file_sizes()
-        for name, sha256 in self.tokenizer.files.items():
+        for name, sha256 in self.tokenizer.files.items():  # the manifest records no size of these
             relative = f"{self.tokenizer.folder}/{name}" if self.tokenizer.folder else name
-            if sizes(relative) is None:
-                raise DatasetError(f"{self.root}/{relative}: missing; the dataset's tokenizer copy is gone")
-            if full and self.location.is_local and sha256_file(self.root / relative) != sha256:
-                raise DatasetError(f"{self.root / relative}: sha256 differs from the manifest")
+            self._verify_file(relative, None, sha256, full, sizes, what="tokenizer file")
         for split in SPLITS:
             entry = self.manifest["splits"][split]
             shards = entry["shards"]
             if sum(s["tokens"] for s in shards) != entry["tokens"]:
                 raise DatasetError(
-                    f"{self.root}/{MANIFEST_NAME}: splits.{split}.tokens = {entry['tokens']} but its "
+                    f"{self.location.child(MANIFEST_NAME)}: splits.{split}.tokens = {entry['tokens']} but its "
                     f"shards add up to {sum(s['tokens'] for s in shards)}; the manifest is inconsistent"
                 )
             for s in shards:
@@ -500,18 +519,20 @@ class TokenDataset:
             return lambda name: (self.root / name).stat().st_size if (self.root / name).is_file() else None
         return storage.list_files(self.location).get
 
-    def _verify_file(self, name: str, size: int, sha256: str, full: bool, sizes) -> None:
-        path = f"{self.root}/{name}"
+    def _verify_file(self, name: str, size: int | None, sha256: str, full: bool, sizes, what: str = "shard file") -> None:
+        """One file against the manifest: there, of `size` bytes (None: not recorded), and with `full` (local
+        files only) of its sha256."""
+        path = self.location.child(name).uri
         actual = sizes(name)
         if actual is None:
-            raise DatasetError(f"{path}: shard file missing; re-run the tokenize job")
-        if actual != size:
+            raise DatasetError(f"{path}: {what} missing; re-run the tokenize job")
+        if size is not None and actual != size:
             raise DatasetError(
-                f"{path}: {actual} bytes on disk but the manifest implies {size}; the shard is truncated "
+                f"{path}: {actual} bytes on disk but the manifest implies {size}; the {what} is truncated "
                 "or the manifest is wrong; re-run the tokenize job"
             )
-        if full and self.location.is_local and sha256_file(self.root / name) != sha256:
-            raise DatasetError(f"{path}: sha256 differs from the manifest; the shard is damaged")
+        if full and self.location.is_local and sha256_file(Path(path)) != sha256:
+            raise DatasetError(f"{path}: sha256 differs from the manifest; the {what} is damaged")
 
     def __repr__(self) -> str:
         return (

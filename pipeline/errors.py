@@ -36,6 +36,11 @@ class PipelineError(Exception):
         return type(self), (self.message,)
 
 
+class DatasetError(PipelineError):
+    """A dataset on disk or in a store is missing, damaged or inconsistent; the message names the file.
+    Raised by its reader (`pipeline.dataset`) and its shard cache (`pipeline.shard_cache`) alike."""
+
+
 def report_user_error(error: BaseException) -> int:
     """Print a user's mistake as the one line `error: <message>`; return the exit status, 2."""
     print(f"error: {error}", file=sys.stderr)

@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import storage
-from pipeline.dataset import DatasetError, sha256_file
-from pipeline.errors import PipelineError
+from pipeline.errors import DatasetError, PipelineError
+from pipeline.file_digest import sha256_file
 
 DEFAULT_CACHE_BYTES = 64 << 30
 PART_BYTES = 8 << 20  # one ranged read

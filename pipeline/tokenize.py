@@ -12,7 +12,7 @@ returning the block's tokens as one flat Arrow array with per-document offsets. 
 (`pipeline.dataset.ShardWriter`), cut by token count: the same inputs, tokenizer and seed give
 byte-identical shards on any number of workers or blocks. Only the driver touches `--out`, so a cluster
 needs no shared output storage. The dataset is built in a staging folder and renamed into place with its
-manifest (`pipeline.dataset.commit_dataset`).
+manifest (`pipeline.dataset.staged_dataset`, `commit_dataset`: whole or absent).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import functools
 import hashlib
 import itertools
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ from sentencepiece import sentencepiece_model_pb2
 from tqdm import tqdm
 
 from pipeline import storage
-from pipeline.dataset import ShardWriter, build_manifest, check_output, commit_dataset, token_dtype
+from pipeline.dataset import ShardWriter, build_manifest, check_output, commit_dataset, staged_dataset, token_dtype
 from pipeline.command import add_input_flags, add_ray_flags, new_parser, run_command
 from pipeline.ray_runtime import init_ray
 from pipeline.input_selection import InputError, check_split_used, select_inputs
@@ -269,32 +268,6 @@ def _block_bytes(total: int, workers: int) -> int:
     return int(np.clip(total // workers, MIN_BLOCK_BYTES, MAX_BLOCK_BYTES))
 
 
-def _staging_folder(out: storage.Location) -> Path:
-    """A fresh staging folder beside `out`; leftovers of killed runs (dead pids) are removed first. For
-    a store, a local temporary folder: the upload at the commit is the store's staging."""
-    if not out.is_local:
-        return Path(tempfile.mkdtemp(prefix=f"replaymix-{out.name}.staging-"))
-    out = out.local_path
-    for stale in out.parent.glob(f".{out.name}.staging-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    staging = out.parent / f".{out.name}.staging-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    return staging
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def tokenize(config: TokenizeConfig) -> tuple[dict, TokenizeStats]:
     """Run the job; return the committed manifest and the stats. Raises InputError / DatasetError."""
     out = storage.parse_location(config.out)
@@ -339,8 +312,7 @@ def _tokenize(config: TokenizeConfig, out: storage.Location, tokenizer: Tokenize
         compute=ray.data.TaskPoolStrategy(size=workers),  # the reads' cap, so the two fuse into one task
     )
 
-    staging = _staging_folder(out)
-    try:
+    with staged_dataset(out) as staging:
         tokenizer_info = tokenizer.stage_copy(staging, source=str(config.tokenizer))
         writers = {
             split: ShardWriter(staging, split, dtype, config.shard_tokens) for split in ("train", "val")
@@ -368,8 +340,6 @@ def _tokenize(config: TokenizeConfig, out: storage.Location, tokenizer: Tokenize
             | {"bytes_per_token": round(stats.bytes_per_token, 4)},
         )
         commit_dataset(staging, out.uri, manifest, overwrite=config.overwrite)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful commit
     stats.seconds = time.perf_counter() - started
     return manifest, stats
 
