@@ -70,7 +70,7 @@ class MixerConfig:
 
 @dataclass(frozen=True)
 class _Period:
-    """One period of the greedy rule for integer weights `units` (summing to `length`)."""
+    """One period of Tijdeman's rule for integer weights `units` (summing to `length`)."""
 
     units: np.ndarray  # (datasets,) int64
     length: int
@@ -146,13 +146,13 @@ class Mixer:
             if units not in self._periods:
                 self._periods[units] = _Period.build(units)
             periods.append(self._periods[units])
-        starts = np.zeros((len(periods), len(self.names)), dtype=np.int64)
+        stage_counts = np.zeros((len(periods), len(self.names)), dtype=np.int64)
         for i in range(1, len(periods)):
             length = (schedule.stages[i].start_step - schedule.stages[i - 1].start_step) * self.config.global_batch
-            starts[i] = starts[i - 1] + periods[i - 1].counts(length)
+            stage_counts[i] = stage_counts[i - 1] + periods[i - 1].counts(length)
         # One assignment, so a thread computing a batch never sees a half-updated schedule.
-        first_steps = np.array([stage.start_step for stage in schedule.stages], dtype=np.int64)
-        self._plan = _Plan(schedule, first_steps, tuple(periods), starts)
+        starts = np.array([stage.start_step for stage in schedule.stages], dtype=np.int64)
+        self._plan = _Plan(schedule, starts, tuple(periods), stage_counts)
 
     @property
     def schedule(self) -> MixSchedule:
@@ -289,19 +289,18 @@ class _WindowReader:
     """Copies one dataset's windows out of its memory-mapped shards.
 
     Plain ndarray views of the maps skip np.memmap's per-slice bookkeeping, which cost more than the
-    copy itself for a 2049-token row; a window crossing a shard boundary goes through TokenSplit.read.
+    copy itself for a 2049-token row; the split says which shard holds a window (`TokenSplit.locate`), and
+    a window crossing a shard boundary goes through TokenSplit.read.
     """
 
     def __init__(self, split: TokenSplit, seq_len: int):
         self.split, self.seq_len = split, seq_len
-        self.starts = np.cumsum([0] + [s.tokens for s in split.shards], dtype=np.int64)
 
     def read_into(self, out: np.ndarray, rows: np.ndarray, windows: np.ndarray) -> None:
         """out[rows[i]] = the tokens of window windows[i]."""
         length = self.seq_len + 1
         starts = windows * self.seq_len
-        shard_of = np.searchsorted(self.starts, starts, side="right") - 1
-        offsets = starts - self.starts[shard_of]
+        shard_of, offsets = self.split.locate(starts)
         # Asked of the split per call, not kept: a remote dataset's shard is fetched by its first read and
         # may leave the bounded cache later (see pipeline/shard_cache.py).
         shards = {shard: self.split.shard_tokens(shard).view(np.ndarray) for shard in set(shard_of.tolist())}
