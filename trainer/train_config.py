@@ -225,8 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--weights", type=lambda text: number_list(text, "--weights"), metavar="NAME=W,...",
                      help="in-process mixing weights, one per --dataset name (default: equal); with --stream the "
                           "service's schedule decides them")
-    src.add_argument("--stream", metavar="URL",
-                     help="pull batches from a mixer service (`python -m service`) instead (default: none)")
+    src.add_argument("--stream", metavar="URL[,URL...]",
+                     help="pull batches from a mixer service (`python -m service`) instead (default: none); several "
+                          "URLs (its replicas, or with --compute local its owner and standbys): the next when one fails")
     src.add_argument("--stream-token-file", type=Path, metavar="PATH",
                      help="with --stream: file holding the service's read token (its --read-token-file); omit it only "
                           "for a service started with --allow-anonymous-reads (default: none)")
