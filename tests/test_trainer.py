@@ -496,15 +496,22 @@ def test_with_stream_the_flags_the_service_decides_are_refused(tmp_path, capsys)
     assert (data.seq_len, data.global_batch, data.seed, data.weights) == (256, 32, 0, {"en": 1.0, "de": 1.0})
 
 
-def test_an_empty_val_split_names_both_ways_to_get_one(tmp_path, token_dataset_factory, english_model,
-                                                       english_lines, capsys):
+def test_an_empty_val_split_trains_without_evaluation_and_names_both_ways_to_get_one(
+        tmp_path, token_dataset_factory, english_model, english_lines, capsys):
     """Issue 18: a small corpus tokenized at the default --val-fraction has no val split; the trainer must
-    say how to get one: --eval-dataset here, or the tokenize job's --val-fraction."""
+    say how to get one: --eval-dataset here, or the tokenize job's --val-fraction. Issue 26: and train on,
+    without evaluation, saying so once."""
     no_val = token_dataset_factory("en", english_lines[:100], english_model)
-    assert main(args_for({"en": no_val.root}, tmp_path / "run", "--steps", "2")) == 2
-    err = capsys.readouterr().err
-    assert f"the val split of {no_val.root} holds 0 tokens" in err
-    assert "--eval-dataset NAME=PATH" in err and "`python -m pipeline.tokenize --val-fraction`" in err
+    assert main(args_for({"en": no_val.root}, tmp_path / "run", "--steps", "2", "--eval-every", "1")) == 0
+    out = capsys.readouterr().out
+    assert out.count(f"the val split of {no_val.root} is empty") == 1
+    assert "--eval-dataset NAME=PATH" in out and "`python -m pipeline.tokenize --val-fraction`" in out
+    assert out.count("no evaluation in this run") == 1
+    assert evals(tmp_path / "run") == [] and len(train_losses(tmp_path / "run")) == 2
+    # A set given for evaluation must be scorable: refused, as before.
+    assert main(args_for({"en": no_val.root}, tmp_path / "run2", "--steps", "2",
+                         f"--eval-dataset=held={no_val.root}")) == 2
+    assert f"the val split of {no_val.root} holds 0 tokens" in capsys.readouterr().err
 
 
 def test_no_progress_prints_a_line_per_evaluation(tmp_path, datasets, capsys):

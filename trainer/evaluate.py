@@ -1,7 +1,8 @@
 """Validation loss on named held-out sets, and forgetting/adaptation against the run's first evaluation.
 
 Each set is scored on fixed, evenly spaced windows of its val split, so every evaluation of every run
-sees the same tokens. Under DDP the windows are split across ranks and the sums all-reduced. Under FSDP
+sees the same tokens. A training dataset whose val split is empty (tokenized with --val-fraction 0, or a
+small corpus) is left out of evaluation, which the run says once at its start (`skipped`). Under DDP the windows are split across ranks and the sums all-reduced. Under FSDP
 every forward pass gathers weights from all ranks, so every rank must make as many as the others
 (`lockstep`): a rank with fewer windows makes up the difference with passes whose loss it does not count.
 """
@@ -43,10 +44,16 @@ class Evaluator:
         rank: int = 0,
         world_size: int = 1,
         lockstep: bool = False,
+        skip_empty: bool = False,
     ):
+        """`skip_empty`: leave out sets whose val split holds no token (the training datasets' own, which a
+        run may lack) instead of refusing them (a set given for evaluation must have one)."""
         self.windows = {}
         self.idle_passes: dict[str, tuple[int, torch.Tensor]] = {}  # name -> (uncounted passes, their input)
+        self.skipped = {name: split.root for name, split in splits.items() if skip_empty and split.num_tokens == 0}
         for name, split in splits.items():
+            if name in self.skipped:
+                continue
             windows = validation_windows(split, seq_len, batches * micro_batch, where=f"eval set {name!r}")
             if windows.max() >= vocab_size:
                 raise DatasetError(

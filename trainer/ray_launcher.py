@@ -209,10 +209,10 @@ def parse(argv: Sequence[str]) -> tuple[RayConfig, list[str]]:
     """(launcher config, the trainer's flags): the launcher's flags come before `--`, the trainer's after."""
     argv = list(argv)
     parser = build_parser()
-    if "--" not in argv:
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])  # first: --help prints the usage and exits 0 without trainer flags
+    if split == len(argv):
         parser.error("give the trainer's flags after `--`, e.g. -- --dataset en=datasets/en --out runs/en")
-    split = argv.index("--")
-    args = parser.parse_args(argv[:split])
     return RayConfig(num_workers=args.num_workers, use_gpu=args.use_gpu, storage_path=args.storage_path,
                      name=args.name, max_failures=args.max_failures, keep_checkpoints=args.keep_checkpoints), argv[split + 1:]
 

@@ -275,6 +275,20 @@ def _export_hf(config: TrainConfig, state: TrainingState, dist_info: Distributed
         print(f"Hugging Face folder (AutoModelForCausalLM.from_pretrained): {exported}", flush=True)
 
 
+def _say_what_is_not_evaluated(config: TrainConfig, evaluator: Evaluator) -> None:
+    """Once, at the start: evaluation switched off, or sets left out for want of a val split."""
+    if not config.eval_every:
+        print("no evaluation in this run (--eval-every 0): metrics.jsonl gets no validation loss, forgetting or "
+              "adaptation", flush=True)
+        return
+    for name, root in evaluator.skipped.items():
+        print(f"eval set {name!r} is not evaluated: the val split of {root} is empty; give a held-out set with "
+              "--eval-dataset NAME=PATH, or tokenize the dataset again with a larger `python -m pipeline.tokenize "
+              "--val-fraction`", flush=True)
+    if evaluator.skipped and not evaluator.windows:
+        print("no evaluation in this run: no dataset has a val split", flush=True)
+
+
 class RunMetrics:
     """What the run measures, each when it is due: a train record every --log-every steps and at the last
     (loss and source shares reduced over the ranks), an evaluation every --eval-every steps, at the last, and
@@ -286,9 +300,14 @@ class RunMetrics:
         self.config, self.source, self.model = config, source, state.model
         self.dist, self.device, self.autocast = dist_info, device, autocast
         # Made first: eval sets that cannot be scored refuse the run before the earlier one is deleted below.
-        self.evaluator = Evaluator(open_eval_splits(config.data, source), source.seq_len, config.data.eval_batches,
-                                   config.data.micro_batch, state.model.config.vocab_size, dist_info.rank,
-                                   dist_info.world_size, lockstep=config.fsdp)
+        # --eval-every 0 evaluates nothing; training datasets without a val split are left out.
+        splits = open_eval_splits(config.data, source) if config.eval_every else {}
+        self.evaluator = Evaluator(splits, source.seq_len, config.data.eval_batches, config.data.micro_batch,
+                                   state.model.config.vocab_size, dist_info.rank, dist_info.world_size,
+                                   lockstep=config.fsdp, skip_empty=not config.data.eval_datasets)
+        self.evaluating = bool(self.evaluator.windows)
+        if dist_info.is_main:
+            _say_what_is_not_evaluated(config, self.evaluator)
         self.log = None
         if dist_info.is_main:
             if config.overwrite:  # only now that the run has started: a run that fails to start deletes nothing
@@ -305,11 +324,11 @@ class RunMetrics:
         return step % self.config.log_every == 0 or step == self.config.steps
 
     def eval_due(self, step: int) -> bool:
-        return step % self.config.eval_every == 0 or step == self.config.steps
+        return self.evaluating and (step % self.config.eval_every == 0 or step == self.config.steps)
 
     def start(self, step: int) -> None:
         """At the run's start step: the baseline evaluation, unless a resumed run measured it already."""
-        if step == 0 and self.first_eval is None:
+        if step == 0 and self.first_eval is None and self.evaluating:
             self.evaluate(0)
 
     def next_batch(self, batches: Iterator[tuple[Batch, torch.Tensor]]) -> tuple[Batch, torch.Tensor]:

@@ -337,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="start afresh in a RUN_DIR that holds an earlier run, deleting its metrics.jsonl and "
                           "checkpoints/ (default: such a RUN_DIR is refused)")
     run.add_argument("--eval-every", type=int, default=TrainConfig.eval_every, metavar="STEPS",
-                     help="evaluate every STEPS steps, and at step 0 and the last (default %(default)s)")
+                     help="evaluate every STEPS steps, and at step 0 and the last; 0: no evaluation, said once at "
+                          "the start (default %(default)s)")
     run.add_argument("--log-every", type=int, default=TrainConfig.log_every, metavar="STEPS",
                      help="write a train record to metrics.jsonl every STEPS steps, and at the last (default "
                           "%(default)s)")
@@ -446,10 +447,12 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     if not args.stream and data.global_batch % data.micro_batch:
         parser.error(f"--global-batch {data.global_batch} is not a multiple of --micro-batch {data.micro_batch}")
     for flag, value in (("--steps", args.steps), ("--seq-len", data.seq_len), ("--micro-batch", data.micro_batch),
-                        ("--eval-every", args.eval_every), ("--log-every", args.log_every),
-                        ("--checkpoint-every", args.checkpoint_every), ("--eval-batches", args.eval_batches)):
+                        ("--log-every", args.log_every), ("--checkpoint-every", args.checkpoint_every),
+                        ("--eval-batches", args.eval_batches)):
         if value <= 0:
             parser.error(f"{flag} must be positive, got {value}")
+    if args.eval_every < 0:
+        parser.error(f"--eval-every must be positive, or 0 for no evaluation, got {args.eval_every}")
     return TrainConfig(
         out=args.out,
         data=data,
