@@ -35,8 +35,9 @@ from service.launcher import ServiceDidNotStart, ServiceProcess, free_port
 from trainer.checkpoint import CHECKPOINT_DIR, FINAL, named_checkpoint
 
 
-class Refused(Exception):
-    """A reason the demo will not go on, said to the user as `error: ...` (exit 2) with what to do."""
+class DemoError(Exception):
+    """Why the demo stopped, the one way it fails: a refusal (with what to do) or a step that failed (naming
+    it); said to the user as one `error: ...` line, exit 2."""
 
 
 def banner(step: str) -> None:
@@ -66,7 +67,7 @@ def run(args: Sequence[str], retry_if: str | None = None, **kwargs: object) -> N
     if retry_if is not None and retry_if in "".join(output):
         print(f"retrying once: the failure was {retry_if!r}", flush=True)
         return run(args, **kwargs)
-    raise SystemExit(f"step failed (exit {child.returncode}): {' '.join(command)}")
+    raise DemoError(f"step failed (exit {child.returncode}): {' '.join(command)}")
 
 
 class RayCluster:
@@ -112,14 +113,14 @@ class RayCluster:
         deadline = time.monotonic() + timeout_s
         while True:
             if self.head.poll() is not None:
-                raise SystemExit(f"the Ray head exited (code {self.head.returncode}); see {self.log.name}")
+                raise DemoError(f"the Ray head exited (code {self.head.returncode}); see {self.log.name}")
             probe = subprocess.run([str(self.ray), "job", "submit", "--no-wait", f"--address={self.dashboard}",
                                     "--", "true"], env=self.env, capture_output=True, text=True)
             if probe.returncode == 0:
                 print(f"Ray head up, dashboard {self.dashboard}, log {self.log.name}", flush=True)
                 return
             if time.monotonic() > deadline:
-                raise SystemExit(f"the Ray job agent did not come up in {timeout_s:.0f} s: {probe.stderr[-500:]}")
+                raise DemoError(f"the Ray job agent did not come up in {timeout_s:.0f} s: {probe.stderr[-500:]}")
             time.sleep(2)
 
     def __exit__(self, *exc: object) -> None:
@@ -167,7 +168,7 @@ def mixer_service(cfg: ExperimentConfig, spec: Phase2Run, state_dir: Path, token
     try:
         service.start()
     except ServiceDidNotStart as error:
-        raise SystemExit(f"the mixer service did not start: {error}") from None
+        raise DemoError(f"the mixer service did not start: {error}") from None
     try:
         print(f"mixer service up at {service.url} (replay {replay:.0%}), log {service.log}", flush=True)
         yield service.url
@@ -230,7 +231,7 @@ def pin_corpora(cfg: ExperimentConfig) -> dict[str, dict]:
     if record.exists():
         then = json.loads(record.read_text())
         if then != pins:
-            raise Refused(f"the corpora in {cfg.work_dir / 'corpora'} changed since this work dir's runs "
+            raise DemoError(f"the corpora in {cfg.work_dir / 'corpora'} changed since this work dir's runs "
                              f"were built ({differences(then, pins)}); runs on different text cannot be compared. "
                              "Rerun with --fresh to rebuild everything from the new corpora")
     record.write_text(json.dumps(pins, indent=2))
@@ -243,7 +244,7 @@ def check_run_pins(cfg: ExperimentConfig, pins: Mapping[str, dict], run_dirs: Se
         own = run_dir / CORPUS_PINS_NAME
         then = json.loads(own.read_text()) if own.exists() else {}
         if then != pins:
-            raise Refused(f"{run_dir} was trained on other corpora than the work dir's "
+            raise DemoError(f"{run_dir} was trained on other corpora than the work dir's "
                              f"({differences(then, pins) or 'no corpus.json in it'}); rerun with --fresh")
 
 
@@ -295,7 +296,7 @@ def check_page_count(cfg: ExperimentConfig, lang: str, pages: Path) -> None:
     if count < cfg.min_pages_per_language:
         pages.unlink()  # rendered again next time, once the pages are there
         package = "manpages" if lang == "en" else "manpages-de"
-        raise Refused(f"only {count} {lang} man pages rendered, fewer than the "
+        raise DemoError(f"only {count} {lang} man pages rendered, fewer than the "
                          f"{cfg.min_pages_per_language} this preset expects; install {package} (`make manpages`; "
                          f"`dpkg -s {package}` says whether it is) and rerun")
 
@@ -391,7 +392,7 @@ def continue_on_german(cfg: ExperimentConfig, spec: Phase2Run, phase1: Path, tok
                                at_step=cfg.phase2_steps // 2, trainer=trainer,
                                record=out / LIVE_CHANGE_NAME)
         if trainer.wait() != 0:
-            raise SystemExit(f"phase-2 run {spec.name} failed (exit {trainer.returncode})")
+            raise DemoError(f"phase-2 run {spec.name} failed (exit {trainer.returncode})")
         if steered:  # its state, observations and decisions live in the service: keep them for the report
             curl("GET", f"{url}/v1/controller", token_files(cfg.work_dir)[1], out / CONTROLLER_STATE_NAME)
     return out
@@ -497,19 +498,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
     record, saved = experiment_record(cfg, [*selected, *([cfg.union] if cfg.union else [])]), cfg.work_dir / "experiment.json"
-    if saved.exists():
-        try:
-            record = reuse(saved.read_text(), record)
-        except ValueError as why:
-            # Reusing runs trained with other settings would mix them into one report.
-            print(f"error: {cfg.work_dir} holds a demo built with other settings ({why}; see {saved}); rerun with "
-                  "--fresh to rebuild it there, or pass another --work-dir", file=sys.stderr)
-            return 2
-    saved.write_text(json.dumps(record, indent=2))
-    token_file, _ = token_files(cfg.work_dir)
     try:
+        if saved.exists():
+            try:
+                record = reuse(saved.read_text(), record)
+            except ValueError as why:
+                # Reusing runs trained with other settings would mix them into one report.
+                raise DemoError(f"{cfg.work_dir} holds a demo built with other settings ({why}; see {saved}); rerun "
+                                "with --fresh to rebuild it there, or pass another --work-dir") from None
+        saved.write_text(json.dumps(record, indent=2))
+        token_file, _ = token_files(cfg.work_dir)
         return run_experiment(cfg, selected, token_file, started)
-    except Refused as why:
+    except DemoError as why:
         print(f"error: {why}", file=sys.stderr)
         return 2
 

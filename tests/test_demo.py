@@ -178,3 +178,12 @@ def test_the_controller_budget_is_the_peak_forgetting_of_its_fixed_run(tmp_path)
     assert choose_budget(fixed, {}).value == fixed.default_budget
     # Three digits for the service's flag and the report, rounded up: the reference run's peak stays within.
     assert [round_up(v) for v in (0.2723, 0.272, 0.0101, 1.234)] == [0.273, 0.272, 0.0101, 1.24]
+
+
+def test_a_failed_step_is_the_same_one_error_as_a_refusal():
+    """One way to fail: a step that fails raises the DemoError a refusal raises, which main says as one
+    `error:` line with exit 2 (no SystemExit from deep inside the demo)."""
+    from demo.experiment import DemoError, run
+
+    with pytest.raises(DemoError, match=r"step failed \(exit 3\)"):
+        run([sys.executable, "-c", "raise SystemExit(3)"])
