@@ -159,16 +159,17 @@ def test_new_blocks_trains_only_the_inserted_blocks_and_new_token_rows(tmp_path,
     assert saved.config.num_hidden_layers == 4 and saved.config.replaymix_growth["new_layers"] == [1, 3]
 
 
-@pytest.mark.parametrize("grow_text", ["blocks:1", "experts:4,top_k:2"])
+@pytest.mark.parametrize("grow_text, train_flags", [("blocks:1", ["--train", "new-blocks"]),
+                                                   ("experts:4,top_k:2", [])])
 def test_a_grown_run_resumes_bit_for_bit_and_not_without_its_growth(tmp_path, datasets, llama_folder, grow_text,
-                                                                     capsys):
-    common = ["--init-from", f"hf:{llama_folder}", "--grow", grow_text, *RUN]
+                                                                     train_flags, capsys):
+    common = ["--init-from", f"hf:{llama_folder}", "--grow", grow_text, *train_flags, *RUN]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     train(parse_args(flags(datasets, straight, *common)))
     with pytest.raises(Crash):
         train(parse_args(flags(datasets, stopped, *common)), on_step=crash_after(3))
     resume = [*resume_command(flags(datasets, stopped, *common))]
-    without_growth = [a for a in resume if a not in ("--grow", grow_text)]
+    without_growth = [a for a in resume if a not in ("--grow", grow_text, *train_flags)]
     assert trainer_main(without_growth) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--grow: checkpoint" in err
