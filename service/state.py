@@ -139,7 +139,8 @@ class StateDir:
         """A new state in `store`, its log starting with `first` (asked for by `by`). A log or frontier left
         by a creation that died before identity.json is replaced."""
         _check_reserve_steps(reserve_steps)
-        store.read(LOG_FILE), store.read(FRONTIER_FILE)  # their versions, for the conditional replaces below
+        for name in (LOG_FILE, FRONTIER_FILE):
+            store.read(name)  # its version (or absence), which the conditional replaces below are checked against
         state = cls(store, MixLog.create(store, first, by), 0, 0, 0, reserve_steps)
         state._write_frontier(0)
         store.create(IDENTITY_FILE, _json_bytes(identity))  # last: a store without it is not a state yet
