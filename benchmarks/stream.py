@@ -48,7 +48,6 @@ import os  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
 
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -56,26 +55,12 @@ from tqdm import tqdm  # noqa: E402
 from pipeline.dataset import TokenDataset, build_manifest, commit_dataset, token_dtype, write_shard  # noqa: E402
 from pipeline.tokenizer.load import load_tokenizer  # noqa: E402
 from service.launcher import ServiceProcess  # noqa: E402
+from benchmarks.stream_common import (  # noqa: E402
+    GLOBAL_BATCH, ROW, SEQ_LEN, WEIGHTS, BenchConfig, in_process_batches, rate, windows_of,
+)
 
-SEQ_LEN, GLOBAL_BATCH, WEIGHTS = 2048, 8, {"old": 0.25, "new": 0.75}
-ROW = SEQ_LEN + 1
 CHUNK_STEPS = 64  # steps per Mixer.batches call in the chunked in-process figure
 PIPELINE_MODULES = ("pipeline.corpora.manpages", "pipeline.tokenizer", "pipeline.tokenize")
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    work: Path
-    pages: int
-    steps: int
-    rounds: int
-    baseline_python: Path | None
-    baseline: str | None  # internal: run one baseline in this (other) interpreter
-    only: str  # "all", "local" (sections 1-3) or "store" (section 4)
-    mosaic_python: Path
-    store_repeat: int
-    store_steps: int
-    store_rounds: int
 
 
 def parse_args() -> BenchConfig:
@@ -185,43 +170,6 @@ def build_datasets(config: BenchConfig) -> tuple[dict[str, Path], str]:
 
 
 # --- readers ----------------------------------------------------------------------------------------
-
-
-def rate(make_batches, steps: int, warmup: int = 5) -> float:
-    """Tokens per second over `steps` batches of GLOBAL_BATCH rows, after a short warm-up."""
-    batches = make_batches()
-    for _ in range(warmup):
-        next(batches)
-    started = time.perf_counter()
-    for _ in range(steps):
-        tokens = next(batches)
-        assert tokens.shape == (GLOBAL_BATCH, ROW)
-    elapsed = time.perf_counter() - started
-    batches.close()  # a client's generator closes its client
-    return steps * GLOBAL_BATCH * ROW / elapsed
-
-
-def in_process_batches(paths: dict[str, Path | str], chunk: int = 1, cache=None):
-    """The mixer's batches in step order, computed `chunk` steps per call; a path may be an s3:// URI,
-    read through the shard cache `cache` (a CacheConfig)."""
-    from service.mixer import Mixer, MixerConfig
-    from service.mix_schedule import MixSchedule
-
-    import torch
-
-    mixer = Mixer({n: TokenDataset(paths[n], cache=cache) for n in WEIGHTS}, MixerConfig(SEQ_LEN, GLOBAL_BATCH),
-                  MixSchedule.constant(WEIGHTS))
-    step = 0
-    while True:
-        for batch in mixer.batches(list(range(step, step + chunk))):
-            yield torch.from_numpy(batch.tokens)
-        step += chunk
-
-
-def windows_of(path: Path) -> np.ndarray:
-    split = TokenDataset(path).train
-    count = (split.num_tokens - 1) // SEQ_LEN
-    return np.stack([split.read(w * SEQ_LEN, ROW) for w in range(count)])
 
 
 def mosaic_batches(paths: dict[str, Path], work: Path):
@@ -351,7 +299,6 @@ def baseline_rate(config: BenchConfig, name: str) -> float | None:
         print(f"{name}: failed ({result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode})")
         return None
     return json.loads(result.stdout.strip().splitlines()[-1])["tokens_per_s"]
-
 
 
 def main() -> None:

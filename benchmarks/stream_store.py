@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks.stream import GLOBAL_BATCH, REPO, ROW, SEQ_LEN, WEIGHTS, BenchConfig, in_process_batches, rate, windows_of
+from benchmarks.stream_common import GLOBAL_BATCH, REPO, ROW, SEQ_LEN, WEIGHTS, BenchConfig, in_process_batches, rate, windows_of
 from pipeline.dataset import TokenDataset, build_manifest, commit_dataset
 
 STORE_BUCKET = "replaymix-bench"
