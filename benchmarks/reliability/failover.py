@@ -9,7 +9,8 @@ replicas (`StreamClient([A, B])`), one rank computing its own rows under leases 
 (`compute="local"`), and operators changing the ratio through the replicas. The main thread kills the
 current owner with SIGKILL at random moments; the standby takes over, and the killed one comes back as the
 next standby. Once (with `--store s3`) the killed owner's local disk (its shard cache, its log) is deleted
-before it comes back: the state lives in the store. At the end an uninterrupted single service given the
+before it comes back: the state lives in the store. Each kill waits until the standby is up and watching,
+as a deployment keeps one ready. At the end an uninterrupted single service given the
 final schedule serves every step again, and every batch a rank received must equal it.
 
 Figures: kills survived, batches compared and different (0), changes acknowledged and lost (0), the
@@ -46,6 +47,7 @@ from service import launcher
 from service.launcher import LOOPBACK, free_port
 
 BUCKET = "replaymix-failover"
+WAITING = "waiting to take it over"  # what a standby says once it watches the owner
 
 
 @dataclass(eq=False)  # threads are hashed (threading keeps them in weak sets)
@@ -150,8 +152,18 @@ def run_failover(work: Path, kills: int, store: str, lease_seconds: float, seed:
             process.args.append("--standby")
         return process
 
+    def start_standby(i: int) -> ServiceProcess:
+        """A standby, returned once it watches the owner (a deployment keeps one ready: the next kill waits)."""
+        log = work / f"disk-{i}" / "service.log"
+        before = log.read_text().count(WAITING) if log.exists() else 0
+        process = owner_process(i, True).start(wait=False)
+        deadline = time.monotonic() + 120
+        while log.read_text().count(WAITING) == before and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return process
+
     rng, result, stop = random.Random(seed), FailoverResult(), threading.Event()
-    owners = [owner_process(0, False).start(), owner_process(1, True).start(wait=False)]
+    owners = [owner_process(0, False).start(), start_standby(1)]
     owner_urls = ",".join(f"http://{LOOPBACK}:{port}" for port in ports)
     replicas = [launcher.ServiceProcess([f"--replica-of={owner_urls}", f"--read-token-file={work / 'read-token'}",
                                 f"--admin-token-file={work / 'admin-token'}", "--lease-steps=64"],
@@ -176,7 +188,7 @@ def run_failover(work: Path, kills: int, store: str, lease_seconds: float, seed:
             if emulator is not None and kill == kills // 2:
                 shutil.rmtree(work / f"disk-{current}")  # the dead owner's machine comes back with a blank disk
                 result.disks_lost += 1
-            owners[current] = owner_process(current, True).start(wait=False)
+            owners[current] = start_standby(current)
             current = successor
         target = min(r.last_step for r in ranks) + 20
         while min(r.last_step for r in ranks) < target and all(r.is_alive() for r in ranks):
