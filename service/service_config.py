@@ -73,13 +73,13 @@ def parse_args(argv: Sequence[str] | None = None) -> ServiceConfig | ReplicaConf
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--state-dir",
                         help="where the schedule and served frontier are kept (reuse it to resume): a folder, or "
-                             "s3://BUCKET/PREFIX so that the record of what was trained on survives this machine. One "
-                             "process owns it; a second is refused with the owner's address")
+                             "s3://BUCKET/PREFIX or gs://BUCKET/PREFIX so that the record of what was trained on "
+                             "survives this machine. One process owns it; a second is refused with the owner's address")
     parser.add_argument("--standby", action="store_true",
                         help="wait while another service owns --state-dir, and take over (and start serving) when it "
                              "ends: at once on a folder's lock, within --lease-seconds on an object store")
     parser.add_argument("--lease-seconds", type=float, default=10.0, metavar="S",
-                        help="s3:// state: the owner renews its lease every S/3 seconds, and a standby takes over S "
+                        help="s3:// or gs:// state: the owner renews its lease every S/3 seconds, and a standby takes over S "
                              "seconds after the last renewal it saw (default 10)")
     replica = parser.add_argument_group("read replica (serves batches beside the owner; see service/replica.py)")
     replica.add_argument("--replica-of", metavar="URL[,URL...]",

