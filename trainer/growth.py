@@ -140,6 +140,11 @@ def inserted_layers(layers: int, blocks: int) -> list[int]:
     return list(range(stride - 1, layers + blocks, stride))
 
 
+def _attention(model: HFCausalLM) -> str:
+    """The attention kernel the base was built with (sdpa unless chosen otherwise): the grown model keeps it."""
+    return getattr(model.config, "_attn_implementation", None) or "sdpa"
+
+
 def _check_divides(layers: int, blocks: int) -> None:
     if layers % blocks:
         divisors = [str(d) for d in range(1, layers + 1) if layers % d == 0]
@@ -167,7 +172,7 @@ def expand_blocks(model: HFCausalLM, blocks: int) -> HFCausalLM:
     if isinstance(getattr(config, "layer_types", None), list):
         config.layer_types = [model.config.layer_types[i] for i in sources]
     dtype = next(model.parameters()).dtype
-    grown = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    grown = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=_attention(model))
     state = model.hf.state_dict()
     prefix = layers_path + "."
     renamed = {k: v for k, v in state.items() if not k.startswith(prefix)}
@@ -217,7 +222,7 @@ def upcycle_experts(model: HFCausalLM, experts: int, top_k: int, seed: int = 0) 
     _check_upcyclable(dense, what)
     dtype = next(model.parameters()).dtype
     moe = AutoModelForCausalLM.from_config(_mixtral_config(dense, experts, top_k), dtype=dtype,
-                                           attn_implementation="sdpa")
+                                           attn_implementation=_attention(model))
     source = model.hf
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
