@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="run")
     run = commands.add_parser("run", help="plan the recipe and run every step not done yet",
                               description="Plan the recipe, check it, and run every step whose outputs are not "
-                                          "there yet (a killed job continues where it stopped).", allow_abbrev=False)
+                                          "there yet (a killed job continues where it stopped).", allow_abbrev=False,
+                              epilog="Every key of a recipe, with its default: python -m recipe --help")
     run.add_argument("recipe", type=Path, help="the recipe file (YAML)")
     run.add_argument("--dry-run", action="store_true",
                      help="print each step, its inputs, outputs and exact command; check everything; run nothing")

@@ -182,8 +182,8 @@ class Runner:
     # -- the whole job
 
     def run(self) -> Path:
+        self.refuse_changed()  # before anything is written: a refused job leaves the folder as it was
         self.prepare()
-        self.refuse_changed()
         pending = [s for s in self.plan.pipeline if not self._decide(s)]
         if pending:
             with self.ray():
@@ -349,7 +349,7 @@ class Runner:
         if not step.later_stages:
             return
         logged = httpx.get(f"{url}/v1/mix", headers=self._admin(), timeout=10).json()
-        have = {s["start_step"] for s in logged.get("stages", [])}
+        have = {stage["start_step"] for stage in logged["schedule"]}
         for start, weights in step.later_stages:
             if start in have:
                 continue

@@ -195,11 +195,12 @@ def test_the_readmes_recipe_extends_sweeps_chooses_and_exports(finished):
 @pytest.mark.slow
 def test_a_killed_job_continues_to_the_same_weights(finished, recipe_file):
     reference = load_file(finished / "model" / "model.safetensors")
-    # Training again in the same folder (its tokenizer and datasets reused): the runs' outputs leave.
-    for gone in ("runs", "service", "model"):
-        subprocess.run(["rm", "-rf", str(finished / gone)], check=True)
-    for record in (finished / "steps").glob("de__*.json"):
-        record.unlink()
+    # One pilot and the full run train again in the same folder (the rest reused): their outputs leave.
+    for run in ("pilot-0.25", "train"):
+        for gone in (finished / "runs" / "de" / run, finished / "service" / "de" / run,
+                     finished / "steps" / f"de__{run}.json"):
+            subprocess.run(["rm", "-rf", str(gone)], check=True)
+    subprocess.run(["rm", "-rf", str(finished / "model")], check=True)
     run_job(recipe_file, kill_when=finished / "runs" / "de" / "pilot-0.25" / "checkpoints" / "latest.pt")
     assert not (finished / "steps" / "de__pilot-0.25.json").exists()  # killed inside the pilot
     run_job(recipe_file, kill_when=finished / "runs" / "de" / "train" / "checkpoints" / "latest.pt")
@@ -238,6 +239,36 @@ output: {tmp_path / 'out'}
     assert more.service.weights == {"en": 0.033333, "de": 0.033333, "code": 0.033333, "more": 0.9}
     assert more.later_stages == ((2, {"en": 0.1, "de": 0.1, "code": 0.1, "more": 0.7}),)
     assert {"en-base", "de-base", "code-base"} <= set(more.trainer.data.eval_datasets)
+
+
+def test_a_step_whose_input_or_setting_changed_is_refused_naming_it_or_moved_aside_with_fresh(workspace, tmp_path):
+    from recipe.errors import RecipeError
+    from recipe.plan import PipelineStep
+    from recipe.runner import Runner, StepRecords
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", ["one document", "another"])
+    out = tmp_path / "out"
+    (out / "datasets" / "c").mkdir(parents=True)
+    config = TokenizeConfig(inputs=[str(corpus)], tokenizer=str(workspace / "tokenizer"), out=str(out / "datasets" / "c"))
+    step = PipelineStep("tokenize c", config, (str(corpus), str(workspace / "tokenizer")), (config.out,))
+    records = StepRecords(out)
+    records.write(step)
+    assert records.state(step) == ("done", "")
+    # A setting that only says how the step runs this time is not a change.
+    assert records.state(replace(step, config=replace(config, overwrite=True, num_cpus=7)))[0] == "done"
+    write_jsonl(corpus, ["one document", "another, edited"])
+    state, differs = records.state(step)
+    assert state == "changed" and f"input {corpus}" in differs
+    runner = Runner.__new__(Runner)
+    runner.out, runner.records, runner.fresh = out, records, False
+    with pytest.raises(RecipeError, match="--fresh"):
+        runner._decide(step)
+    assert (out / "datasets" / "c").exists()  # refused: nothing moved
+    runner.fresh = True
+    assert runner._decide(step) is False
+    assert not (out / "datasets" / "c").exists() and list((out / "replaced").rglob("datasets/c"))
+    records.write(step)
+    assert records.state(replace(step, config=replace(config, val_fraction=0.5)))[1].startswith("setting val_fraction")
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -352,7 +383,8 @@ def test_the_recipe_submitted_with_ray_job_submit_as_the_readme_says(workspace, 
     shared.mkdir()
     write(shared / "recipe.yaml",
           f"name: submitted\nmodel: hf:{workspace / 'models' / 'base'}\nold: {{en: {workspace / 'data' / 'en-sample.jsonl'}}}\n"
-          f"updates:\n  - name: de\n    new: {{de: {workspace / 'data' / 'de.jsonl'}}}\n    replay: {{share: 0.25}}\n"
+          f"updates:\n  - name: de\n    new: {{de: {workspace / 'data' / 'de.jsonl'}}}\n"
+          "    replay: {stages: [{at: 0, share: 0.25}, {at: 1, share: 0.5}]}\n"
           "    steps: 2\ndata: {seq_len: 32, global_batch: 8, micro_batch: 4}\nevaluation: {every: 2, batches: 1}\n"
           f"compute: {{threads: 1}}\noutput: {shared / 'out'}\n")
     env = cluster_environment(tmp_path)
@@ -384,3 +416,6 @@ def test_the_recipe_submitted_with_ray_job_submit_as_the_readme_says(workspace, 
         shutil.rmtree(temp_dir, ignore_errors=True)
     assert (shared / "out" / "model" / "config.json").is_file()
     assert (shared / "out" / "runs" / "de" / "train" / "checkpoints" / "final.pt").is_file()
+    # The recipe's second stage is a stage of the run's mix log, put there by the runner before training.
+    log = [json.loads(line) for line in (shared / "out" / "service" / "de" / "train" / "mix_log.jsonl").open()]
+    assert any("recipe" in e.get("by", "") and e["stage"]["start_step"] == 1 for e in log if "stage" in e), log
