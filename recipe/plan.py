@@ -27,7 +27,8 @@ from recipe.argv import extend_argv, service_argv, tokenize_argv, trainer_argv
 from recipe.errors import RecipeError
 from recipe.schema import Corpus, Recipe, Update
 from service.service_config import ServiceConfig
-from trainer.lr_schedules import ScheduleConfig
+from trainer.checkpoint import CHECKPOINT_DIR, FINAL, named_checkpoint
+from trainer.lr_schedules import ScheduleConfig, build_schedule
 from trainer.train_config import DataConfig, OptimConfig, TrainConfig
 
 BASE = "base"  # the tag of the model's own tokenizer
@@ -165,7 +166,8 @@ def make_plan(recipe: Recipe, name: str, chosen: dict[str, float] | None = None)
         if tag != BASE:
             eval_sets |= {f"{n}-{BASE}": evals[n, BASE] for n in earlier}
         mix = {n: datasets[n, tag] for n in {**earlier, **update.new}}
-        context = _RunContext(recipe, out, update, index, start, report, mix, eval_sets, earlier)
+        continued = index + 1 < len(recipe.updates) and recipe.updates[index + 1].schedule.kind == "continue"
+        context = _RunContext(recipe, out, update, index, start, report, mix, eval_sets, earlier, continued)
         replay = update.replay
         plan.pilots[update.name] = [context.step(f"pilot-{s:g}", "pilot", s) for s in (replay.sweep or [])]
         share = chosen.get(update.name) if chosen else None
@@ -173,7 +175,10 @@ def make_plan(recipe: Recipe, name: str, chosen: dict[str, float] | None = None)
             plan.runs[update.name] = None
         else:
             plan.runs[update.name] = context.step("train", "train", share)
-        start = ("checkpoint", out / "runs" / update.name / "train" / "checkpoints" / "final.pt")
+        # The next update continues this one's model: its final one, or (schedule: continue) the one saved
+        # where this run's final decay begins, so that it goes on at the constant rate, not re-warmed.
+        checkpoints = out / "runs" / update.name / "train" / CHECKPOINT_DIR
+        start = ("checkpoint", checkpoints / (named_checkpoint(context.anneal_start()) if continued else FINAL))
         earlier |= update.new
     return plan
 
@@ -199,6 +204,18 @@ class _RunContext:
     mix: dict[str, str]
     eval_sets: dict[str, str]
     earlier: dict[str, Corpus]
+    continued_next: bool  # the next update continues this one's schedule: keep the checkpoint before the decay
+
+    def anneal_start(self) -> int:
+        """The step where the full run's final decay begins (its schedule's own rule for the length)."""
+        schedule = build_schedule(self._schedule(self.update.steps), self.update.steps) \
+            if self.update.schedule.kind != "continue" else None
+        decay = getattr(schedule, "anneal_steps", None) or getattr(schedule, "decay_steps", None)
+        if schedule is None or decay is None:
+            raise RecipeError(f"updates.{self.index + 1}.schedule.kind: continue goes on at the constant rate of the "
+                              f"previous update's infinite or wsd schedule; updates.{self.index}.schedule.kind is "
+                              f"{self.update.schedule.kind}, which has none: make it infinite or wsd")
+        return self.update.steps - decay
 
     def weights(self, share: float) -> dict[str, float]:
         old = {n: c.weight for n, c in self.earlier.items()}
@@ -240,6 +257,7 @@ class _RunContext:
             schedule=self._schedule(steps),
             optim=OptimConfig(),
             steps=steps, eval_every=every, log_every=1, checkpoint_every=recipe.training.checkpoint_every,
+            save_at=(self.anneal_start(),) if self.continued_next and role == "train" else (),
             init_from=self.start[1], hf_model=self.start[0][3:] if self.start[1] is None and recipe.is_hf else None,
             model=recipe.model if not recipe.is_hf else TrainConfig.model,
             dtype=recipe.training.dtype, extension_report=self.report, seed=recipe.training.seed,

@@ -109,7 +109,7 @@ class StepRecords:
         before, now = json.loads(record.read_text()), self.current(step)
         differs = [f"input {p}" for p in sorted({*before["inputs"], *now["inputs"]})
                    if before["inputs"].get(p) != now["inputs"].get(p)]
-        differs += [f"setting {k}: {before['settings'].get(k)!r} then, {now['settings'].get(k)!r} now"
+        differs += [f"setting {k}: {_lookup(before['settings'], k)!r} then, {_lookup(now['settings'], k)!r} now"
                     for k in _changed_keys(before["settings"], now["settings"])]
         return ("changed", "; ".join(differs)) if differs else ("done", "")
 

@@ -114,7 +114,7 @@ class Replay(Strict):
 class Schedule(Strict):
     kind: Literal["cosine", "infinite", "wsd", "continue"] = Field(
         "cosine", description="cosine: re-warmed and re-decayed; infinite or wsd: the paper's schedule that needs no "
-                              "re-warm later; continue: the previous update's schedule, not re-warmed")
+                              "re-warm later; continue: the previous update's infinite or wsd schedule at its constant rate, from its checkpoint before the final decay, not re-warmed")
     max_lr: float = Field(3e-4, gt=0, description="peak learning rate")
     min_lr: float = Field(3e-5, ge=0, description="final learning rate")
     warmup_steps: int | None = Field(None, ge=0, description="re-warm length (default 1% of the steps)")

@@ -231,7 +231,10 @@ output: {tmp_path / 'out'}
     plan = make_plan(recipe, name)
     de, code, more = (plan.runs[u] for u in ("de", "code", "more"))
     assert de.trainer.hf_model and de.trainer.extension_report.name == "extension_report.json"
-    assert code.trainer.init_from == de.run_dir / "checkpoints" / "final.pt" and code.trainer.hf_model is None
+    # Continuing without re-warming starts from the checkpoint kept where the first run's decay begins.
+    assert de.trainer.save_at == (8,) and code.trainer.hf_model is None
+    assert code.trainer.init_from == de.run_dir / "checkpoints" / "step-000008.pt"
+    assert more.trainer.init_from == code.run_dir / "checkpoints" / "final.pt"
     assert code.trainer.schedule.continued and code.trainer.schedule.decay_steps == 2
     # Every earlier corpus replayed, in the encoding of the tokenizer extended by the first update.
     assert set(code.service.datasets) == {"en", "de", "code"} and "datasets/en.de" in code.service.datasets["en"]
@@ -269,6 +272,26 @@ def test_a_step_whose_input_or_setting_changed_is_refused_naming_it_or_moved_asi
     assert not (out / "datasets" / "c").exists() and list((out / "replaced").rglob("datasets/c"))
     records.write(step)
     assert records.state(replace(step, config=replace(config, val_fraction=0.5)))[1].startswith("setting val_fraction")
+
+
+def test_a_sweep_plans_its_full_run_once_chosen_fixed_or_handed_to_the_controller(workspace, tmp_path):
+    data = workspace / "data"
+    text = f"""\
+model: hf:{workspace / 'models' / 'base'}
+old: {{en: {data / 'en-sample.jsonl'}}}
+updates:
+  - {{name: de, new: {{de: {data / 'de.jsonl'}}}, steps: 10,
+     replay: {{sweep: [0, 0.05, 0.25], pilot_steps: 4, choose: {{budget: 0.03}}, then: THEN}}}}
+output: {tmp_path / 'out'}
+"""
+    recipe, name = load_recipe(write(tmp_path / "fixed.yaml", text.replace("THEN", "fixed")))
+    before = make_plan(recipe, name)
+    assert [p.share for p in before.pilots["de"]] == [0, 0.05, 0.25] and before.runs["de"] is None
+    assert {p.trainer.steps for p in before.pilots["de"]} == {4}
+    assert make_plan(recipe, name, {"de": 0.05}).runs["de"].service.weights == {"en": 0.05, "de": 0.95}
+    recipe, name = load_recipe(write(tmp_path / "steered.yaml", text.replace("THEN", "controller")))
+    steered = make_plan(recipe, name, {"de": 0.05}).runs["de"].service
+    assert steered.weights == {"en": 0.05, "de": 0.95} and steered.controller[1]["budget"] == 0.03
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -381,12 +404,23 @@ def test_the_recipe_submitted_with_ray_job_submit_as_the_readme_says(workspace, 
 
     shared = workspace / "shared"
     shared.mkdir()
-    write(shared / "recipe.yaml",
-          f"name: submitted\nmodel: hf:{workspace / 'models' / 'base'}\nold: {{en: {workspace / 'data' / 'en-sample.jsonl'}}}\n"
-          f"updates:\n  - name: de\n    new: {{de: {workspace / 'data' / 'de.jsonl'}}}\n"
-          "    replay: {stages: [{at: 0, share: 0.25}, {at: 1, share: 0.5}]}\n"
-          "    steps: 2\ndata: {seq_len: 32, global_batch: 8, micro_batch: 4}\nevaluation: {every: 2, batches: 1}\n"
-          f"compute: {{threads: 1}}\noutput: {shared / 'out'}\n")
+    data = workspace / "data"
+    # Two updates: replay by stages, then a forgetting budget held by the controller, continuing the first
+    # update's schedule without re-warming.
+    write(shared / "recipe.yaml", f"""\
+name: submitted
+model: hf:{workspace / 'models' / 'base'}
+old: {{en: {data / 'en-sample.jsonl'}}}
+updates:
+  - {{name: de, new: {{de: {data / 'de.jsonl'}}}, steps: 4, schedule: {{kind: infinite}},
+     replay: {{stages: [{{at: 0, share: 0.25}}, {{at: 1, share: 0.5}}]}}}}
+  - {{name: more, new: {{more: {data / 'de-heldout.jsonl'}}}, steps: 2, schedule: {{kind: continue, decay_steps: 1}},
+     replay: {{budget: 0.02, old: en}}}}
+data: {{seq_len: 32, global_batch: 8, micro_batch: 4}}
+evaluation: {{every: 2, batches: 1}}
+compute: {{threads: 1}}
+output: {shared / 'out'}
+""")
     env = cluster_environment(tmp_path)
     dashboard = free_port()
     temp_dir = f"/tmp/rayrecipe{os.getpid()}"  # short: Ray's socket paths must fit in 107 bytes
@@ -415,7 +449,8 @@ def test_the_recipe_submitted_with_ray_job_submit_as_the_readme_says(workspace, 
 
         shutil.rmtree(temp_dir, ignore_errors=True)
     assert (shared / "out" / "model" / "config.json").is_file()
-    assert (shared / "out" / "runs" / "de" / "train" / "checkpoints" / "final.pt").is_file()
+    assert (shared / "out" / "runs" / "more" / "train" / "controller.json").is_file()
+    assert "## Each corpus after every update" in (shared / "out" / "report.md").read_text()
     # The recipe's second stage is a stage of the run's mix log, put there by the runner before training.
     log = [json.loads(line) for line in (shared / "out" / "service" / "de" / "train" / "mix_log.jsonl").open()]
     assert any("recipe" in e.get("by", "") and e["stage"]["start_step"] == 1 for e in log if "stage" in e), log
