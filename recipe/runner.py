@@ -67,25 +67,40 @@ def settings(step: Step) -> dict[str, Any]:
             "launcher": step.launcher, "workers": step.workers}
 
 
+# Each file's sha256 by (path, size, mtime): a rerun does not read a model of many GB again to learn that
+# it did not change. A file rewritten in place keeps neither its size and mtime both, in practice.
+_FILE_HASHES: dict[str, list] = {}
+
+
+def _file_hash(f: Path) -> str:
+    stat = f.stat()
+    key, seen = str(f.resolve()), _FILE_HASHES.get(str(f.resolve()))
+    if seen and seen[:2] == [stat.st_size, stat.st_mtime_ns]:
+        return seen[2]
+    digest = hashlib.sha256()
+    with open(f, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    _FILE_HASHES[key] = [stat.st_size, stat.st_mtime_ns, digest.hexdigest()]
+    return digest.hexdigest()
+
+
 def content_hash(path: str) -> str:
-    """sha256 of a file; of a token dataset its manifest (which pins every shard); of a folder its files'
-    names and contents; a remote path is pinned by its URI (its dataset's manifest pins what was read)."""
+    """sha256 of a file; of a token dataset its manifest (which pins every shard); of a folder (or glob) its
+    files' names and sha256s; a remote path is pinned by its URI (its dataset's manifest pins what was read)."""
     if is_remote(path):
         return f"uri:{path}"
     p = Path(path)
     if (p / "manifest.json").is_file():
         p = p / "manifest.json"
-    digest = hashlib.sha256()
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
-    if not files:
-        import glob
+    if p.is_file():
+        return _file_hash(p)
+    import glob
 
-        files = sorted(Path(f) for f in glob.glob(path))
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else sorted(Path(f) for f in glob.glob(path))
+    digest = hashlib.sha256()
     for f in files:
-        digest.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
-        with open(f, "rb") as stream:
-            for block in iter(lambda: stream.read(1 << 20), b""):
-                digest.update(block)
+        digest.update(f"{f.relative_to(p) if p.is_dir() else f.name}\0{_file_hash(f)}\n".encode())
     return digest.hexdigest()
 
 
@@ -94,6 +109,9 @@ class StepRecords:
 
     def __init__(self, out: Path):
         self.folder = out / RECORDS
+        self.hashes = self.folder / "file-hashes.json"
+        if self.hashes.is_file():
+            _FILE_HASHES.update(json.loads(self.hashes.read_text()))
 
     def path(self, step: Step) -> Path:
         return self.folder / (step.name.replace("/", "__").replace(" ", "_") + ".json")
@@ -118,6 +136,9 @@ class StepRecords:
         tmp = self.path(step).with_suffix(".partial")
         tmp.write_text(json.dumps(self.current(step), indent=2))
         tmp.rename(self.path(step))
+        hashes = self.hashes.with_suffix(".partial")
+        hashes.write_text(json.dumps(_FILE_HASHES))
+        hashes.rename(self.hashes)
 
 
 def _changed_keys(before: dict, now: dict, prefix: str = "") -> list[str]:
