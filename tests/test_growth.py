@@ -83,6 +83,8 @@ def test_upcycling_makes_a_mixtral_of_identical_experts_with_the_dense_models_lo
         torch.testing.assert_close(logits(moe), logits(base), rtol=0, atol=1e-5)
         mlp = sum(p.numel() for layer in base.hf.model.layers for p in layer.mlp.parameters())
         assert active_parameters(moe) == base.num_params() + (top_k - 1) * mlp + 4 * experts * 32  # + routers
+        # The compute a token spends: top_k copies of each MLP and the routers (6 FLOPs a weight in training).
+        assert moe.flops_per_token(16) == base.flops_per_token(16) + 6 * ((top_k - 1) * mlp + 4 * experts * 32)
     # grow_folder: a folder on disk grown into one AutoModelForCausalLM loads, with the same logits.
     base.hf.save_pretrained(tmp_path / "dense")
     grow_folder(str(tmp_path / "dense"), GrowSpec.parse("experts:4,top_k:2"), str(tmp_path / "moe"), seed=1)

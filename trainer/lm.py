@@ -33,8 +33,15 @@ def training_flops_per_token(model: nn.Module, input_embedding: torch.Tensor, ou
                              n_layer: int, d_model: int, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward): 6N for the weights plus attention's
     12 * layers * d_model * seq (the PaLM appendix B count used for MFU). The input embedding is a lookup,
-    not a matmul; a tied output head still multiplies, so it counts although it is the same tensor."""
+    not a matmul; a tied output head still multiplies, so it counts although it is the same tensor. A
+    mixture of experts keeps its experts' matrices stacked (3-D, one per expert) and a token passes through
+    top_k of them, so those count for top_k / experts (the config's num_experts_per_tok / num_local_experts)."""
     matmul_params = sum(p.numel() for p in model.parameters() if p.dim() == 2 and p is not input_embedding)
     if output_weight is input_embedding:
         matmul_params += output_weight.numel()
+    config = getattr(model, "config", None)
+    experts = getattr(config, "num_local_experts", 0)
+    if experts:
+        stacked = sum(p.numel() for p in model.parameters() if p.dim() == 3)
+        matmul_params += stacked * config.num_experts_per_tok / experts
     return 6.0 * matmul_params + 12.0 * n_layer * d_model * seq_len
