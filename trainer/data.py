@@ -7,6 +7,7 @@ rank, world size) alone, so a resumed run asks for its next step and gets the by
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 from typing import Iterator, Protocol
@@ -20,6 +21,7 @@ from trainer.train_config import DataConfig
 class BatchSource(Protocol):
     names: list[str]
     vocab_size: int
+    eos_id: int  # ends every document of every dataset (service/vocabulary.py): where documents start
     seq_len: int
     global_batch: int
 
@@ -28,6 +30,8 @@ class BatchSource(Protocol):
     def validation_splits(self) -> dict[str, TokenSplit]: ...
 
     def report_losses(self, step: int, losses: dict[str, float]) -> None: ...
+
+    def mix_changes(self) -> list[dict]: ...
 
     def close(self) -> None: ...
 
@@ -52,9 +56,11 @@ class MixerSource:
         if rank == 0:  # a base-tokenized dataset beside its extension's: said once for the run, not per rank
             warn_encoding_mixes(self.datasets)
         self.names = list(self.mixer.names)
-        self.vocab_size = self.mixer.vocab_size
+        self.vocab_size, self.eos_id = self.mixer.vocab_size, self.mixer.eos_id
         self.seq_len, self.global_batch = config.seq_len, config.global_batch
         self.rank, self.world_size, self.prefetch = rank, world_size, prefetch
+        self.weights = {name: weight / sum(config.weights.values()) for name, weight in config.weights.items()}
+        self._weights_told = False
         self._stop = threading.Event()
 
     def batches(self, start_step: int) -> Iterator[Batch]:
@@ -90,6 +96,13 @@ class MixerSource:
     def report_losses(self, step: int, losses: dict[str, float]) -> None:
         """Constant weights in-process: nobody steers them."""
 
+    def mix_changes(self) -> list[dict]:
+        """The mix's changes not returned before, as the service's log entries: in-process, the constant
+        --weights, once."""
+        told, self._weights_told = self._weights_told, True
+        return [] if told else [{"op": "stage", "by": "--weights",
+                                 "stage": {"start_step": 0, "weights": dict(self.weights)}}]
+
     def close(self) -> None:
         self._stop.set()
 
@@ -109,8 +122,9 @@ class StreamSource:
         self._client = StreamClient(config.stream_url, rank=rank, world_size=world_size, **options)
         self.info = self._client.info
         self.names = list(self.info["datasets"])
-        self.vocab_size = int(self.info["vocab_size"])
+        self.vocab_size, self.eos_id = int(self.info["vocab_size"]), int(self.info["eos_id"])
         self.seq_len, self.global_batch = int(self.info["seq_len"]), int(self.info["global_batch"])
+        self._mix_seq = -1  # the last mix log entry mix_changes returned
 
     def batches(self, start_step: int) -> Iterator[Batch]:
         self._client.seek(start_step)
@@ -128,6 +142,15 @@ class StreamSource:
             known = {name: loss for name, loss in losses.items() if name in self.names}
             if known:
                 self._client.send_feedback(step, known)
+
+    def mix_changes(self) -> list[dict]:
+        """The service's mix log entries (stages an operator or its controller added, with the reason;
+        cancellations) not returned before, from GET /v1/mix."""
+        # The client has no public call for /v1/mix; its _request gives the retries and the token.
+        log = json.loads(self._client._request("/v1/mix"))["log"]
+        new = [entry for entry in log if entry["seq"] > self._mix_seq]
+        self._mix_seq = max([self._mix_seq, *(entry["seq"] for entry in new)])
+        return new
 
     def close(self) -> None:
         self._client.close()

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from pipeline.tokenizer.report import ExtensionReport, ExtensionReportError
+from trainer.document_mask import DocumentMasking
 from trainer.embedding_growth import grow_vocab
 from trainer.errors import TrainerError
 from trainer.lm import decay_groups, next_token_loss, training_flops_per_token
@@ -46,6 +47,9 @@ class HFCausalLM(nn.Module):
     def __init__(self, hf: nn.Module):
         super().__init__()
         self.hf = hf
+        # --document-masking / --eod-mask-loss (trainer/document_mask.py), set by the loop: training and
+        # evaluation alike see the row's documents kept apart. None: a row is causal over its whole length.
+        self.documents: DocumentMasking | None = None
 
     @property
     def config(self) -> Any:
@@ -53,9 +57,14 @@ class HFCausalLM(nn.Module):
         return self.hf.config
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        # No attention mask: packed windows are causal over their whole length (documents are separated by EOS).
-        logits = self.hf(input_ids=tokens, use_cache=False).logits
-        return logits if targets is None else next_token_loss(logits, targets)
+        # Never an attention mask: without document masking a packed window is causal over its whole length;
+        # with it, positions restarting at each document are what makes transformers build the block mask.
+        documents = self.documents
+        position_ids = None if documents is None else documents.position_ids(tokens)
+        logits = self.hf(input_ids=tokens, position_ids=position_ids, use_cache=False).logits
+        if targets is None:
+            return logits
+        return next_token_loss(logits, targets if documents is None else documents.loss_targets(tokens, targets))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

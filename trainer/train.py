@@ -30,6 +30,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from service.wire import Batch
+from trainer.activation_checkpointing import enable_activation_checkpointing
 from trainer.checkpoint import (
     CHECKPOINT_DIR,
     FINAL,
@@ -40,7 +41,9 @@ from trainer.checkpoint import (
     sharded_name,
     trainer_state,
 )
+from trainer.dashboards import Dashboards
 from trainer.data import BatchSource, on_device, open_eval_splits, open_source
+from trainer.document_mask import DocumentMasking
 from trainer.errors import TrainerError
 from trainer.evaluate import Evaluator, eval_record
 from trainer.fsdp import full_model_state, global_value, require_world, save_sharded
@@ -52,6 +55,7 @@ from trainer.stop_request import RunStopped, StopRequest
 from trainer.train_config import TrainConfig, config_record
 
 StepHook = Callable[[int, nn.Module, Batch], None]
+MIX_POLL_SECONDS = 10.0  # with --log-to, how often a service is asked for its mix's changes (GET /v1/mix)
 # (step, path of checkpoints/latest.pt or latest.dcp/): called on every rank once a latest checkpoint is written.
 CheckpointHook = Callable[[int, Path], None]
 
@@ -216,6 +220,7 @@ def _run(config: TrainConfig, source: BatchSource, dist_info: Distributed, devic
     _check_batch_split(source.global_batch, dist_info.world_size, config.data.micro_batch)
     state = build_state(config, source, device, dist_info.world_size)
     model = state.model
+    _configure_compute(model, config, source.eos_id)
     if state.start_step >= config.steps:
         if dist_info.is_main:
             _report_finished(config, state.start_step)
@@ -251,6 +256,23 @@ def _run(config: TrainConfig, source: BatchSource, dist_info: Distributed, devic
         print(f"trained steps {state.start_step}..{config.steps} of {model.num_params() / 1e6:.1f}M-parameter "
               f"model: final loss {metrics.last_loss:.4f}, metrics in {config.out / METRICS_NAME}", flush=True)
     return model
+
+
+def _configure_compute(model: HFCausalLM, config: TrainConfig, eos_id: int) -> None:
+    """--attention's kernel; the documents of a row kept apart (--document-masking) or their boundary's
+    prediction untrained (--eod-mask-loss), for training and evaluation alike; each block's activations
+    recomputed in the backward pass (--activation-checkpointing)."""
+    if model.config._attn_implementation != config.attention:
+        try:
+            model.hf.set_attn_implementation(config.attention)
+        except (ImportError, ValueError) as e:
+            raise TrainerError(f"--attention {config.attention}: transformers cannot use it here "
+                               f"({str(e).splitlines()[0]}); use --attention sdpa") from e
+    if config.document_masking or config.eod_mask_loss:
+        model.documents = DocumentMasking(eos_id, keep_apart=config.document_masking,
+                                          mask_boundary_loss=config.eod_mask_loss)
+    if config.activation_checkpointing:
+        enable_activation_checkpointing(model)
 
 
 def _wrapped(model: HFCausalLM, config: TrainConfig, dist_info: Distributed, device: torch.device) -> nn.Module:
@@ -313,7 +335,16 @@ class RunMetrics:
             if config.overwrite:  # only now that the run has started: a run that fails to start deletes nothing
                 delete_earlier_run(config.out)
             self.log = MetricsLog(config.out, resume_step=state.start_step if config.resume else None)
+        # --log-to: every record also charted, and the mix's changes as they are learnt of (trainer/dashboards.py).
+        self.dashboards = None
+        if dist_info.is_main and config.log_to:
+            self.dashboards = Dashboards(config.log_to, config.out, config_record(config),
+                                         resume_step=state.start_step if config.resume else None)
+        self.mix_polled = -math.inf  # when the source's mix changes were last asked for
         self.first_eval = state.first_eval
+        # With --document-masking or --eod-mask-loss every record says how its losses were computed.
+        documents = state.model.documents
+        self.loss_terms = {} if documents is None else documents.record()
         self.last_loss = float("nan")
         self.tokens_per_step = source.global_batch * source.seq_len
         self.stats = StepStats()
@@ -355,7 +386,7 @@ class RunMetrics:
         self.first_eval = self.first_eval or losses
         if self.log is None:
             return
-        self.log.write(eval_record(step, losses, self.first_eval))
+        self._write({**eval_record(step, losses, self.first_eval), **self.loss_terms})
         self.source.report_losses(step, losses)
         # One line per evaluation, also without the bar: a long run shows how it goes.
         train_loss = "" if math.isnan(self.last_loss) else f"train loss {self.last_loss:.4f}, "
@@ -375,19 +406,32 @@ class RunMetrics:
         self.stats.reset()
         if self.log is not None:
             shares = (reduced[1:] / reduced[1:].sum()).tolist()
-            self.log.write({
+            self._write({
                 "kind": "train", "step": step, "batch_step": step - 1, "loss": self.last_loss, "lr": lr,
                 "grad_norm": global_value(grad_norm).item(),
                 "tokens_per_s": tokens_per_s, "data_wait_share": wait_share,
                 "source_share": dict(zip(names, shares)),
+                **self.loss_terms,
                 **({"max_memory_gib": torch.cuda.max_memory_allocated(self.device) / 2**30}
                    if self.device.type == "cuda" else {}),
             })
         self.bar.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
                              wait=f"{wait_share:.1%}")
 
+    def _write(self, record: dict) -> None:
+        """A record to metrics.jsonl (rank 0) and the dashboards, with the mix changes learnt of by then."""
+        self.log.write(record)
+        if self.dashboards is None:
+            return
+        if time.monotonic() - self.mix_polled >= MIX_POLL_SECONDS or record["step"] == self.config.steps:
+            self.mix_polled = time.monotonic()
+            self.dashboards.mix_changes(record["step"], self.source.mix_changes())
+        self.dashboards.record(record)
+
     def close(self) -> None:
         self.bar.close()
+        if self.dashboards is not None:
+            self.dashboards.close()
 
 
 class Checkpointer:

@@ -16,6 +16,9 @@ from typing import Any, Iterator, Mapping, Sequence, get_type_hints
 from service.client import COMPUTE_MODES
 from service.mix_schedule import ScheduleError, check_weight_names
 from service.name_values import name_values, number_list
+from trainer.dashboards import parse_loggers
+from trainer.document_mask import check_attention
+from trainer.errors import TrainerError
 from trainer.growth import TRAIN_MODES, GrowSpec, GrowthError
 from trainer.hf_model import DTYPES, HF_PREFIX
 from trainer.model import MODEL_SIZES
@@ -105,6 +108,14 @@ class TrainConfig:
     # again, so a grown checkpoint is never resumed as another model
     grow: str | None = None
     train: str = "all"  # which parameters train: all, or new-blocks (those --grow blocks:N inserted)
+    # trainer/document_mask.py: positions restart and attention stays inside each document of a row
+    document_masking: bool = False
+    eod_mask_loss: bool = False  # the prediction made at an EOS (the next document's first token) is not trained
+    # transformers' attn_implementation: the same function, computed by another kernel
+    attention: str = _flag("sdpa", resume=Resume.MAY_CHANGE)
+    # recompute each decoder block's activations in the backward pass: the same losses, less memory
+    activation_checkpointing: bool = _flag(False, resume=Resume.MAY_CHANGE)
+    log_to: tuple[str, ...] = _flag((), resume=Resume.MAY_CHANGE)  # dashboards (trainer/dashboards.py)
 
 
 @dataclass(frozen=True)
@@ -293,6 +304,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="which parameters train: all, or new-blocks, only the blocks --grow blocks:N inserts and "
                             "the embedding rows of the tokens --extension-report adds (default %(default)s)")
 
+    docs = p.add_argument_group("documents in a packed row (trainer/document_mask.py)")
+    docs.add_argument("--document-masking", action="store_true",
+                      help="keep the documents of a row apart: positions restart at 0 and attention stays inside "
+                           "each document, found from the row's EOS tokens (transformers' packed-sequence path; "
+                           "a row of one document computes as without it). Costs the causal kernel's fast path "
+                           "(see benchmarks/README.md). Off by default: a continued model keeps the attention it "
+                           "was pretrained with unless you know it was pretrained with document masking (Llama 3 "
+                           "was, Llama 2 was not) (default: causal over the whole row)")
+    docs.add_argument("--eod-mask-loss", action="store_true",
+                      help="do not train the prediction made at an EOS, the next document's first token (Megatron's "
+                           "eod_mask_loss); metrics.jsonl says so on every record (default: every token is trained)")
+    docs.add_argument("--attention", choices=("sdpa", "eager", "flex_attention", "flash_attention_2"),
+                      default=TrainConfig.attention,
+                      help="transformers' attention implementation; flex_attention trains only on a GPU, "
+                           "flash_attention_2 needs the flash-attn package and cannot take --document-masking "
+                           "(default %(default)s)")
+
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--steps", type=int, default=TrainConfig.steps,
                      help="optimizer updates in the whole run (default %(default)s)")
@@ -357,6 +385,16 @@ def build_parser() -> argparse.ArgumentParser:
                           "(FSDP2), for a model that does not fit one device with its optimizer state; "
                           "checkpoints become folders of shards (checkpoints/latest.dcp/), resumed with --fsdp "
                           "(default: DDP, every rank holds the whole model)")
+    run.add_argument("--activation-checkpointing", action="store_true",
+                     help="keep only each decoder block's input for the backward pass and recompute the rest there "
+                          "(with or without --fsdp): activation memory of one block instead of all, for about one "
+                          "more forward pass per step (~1.3x step time; benchmarks/README.md); the same losses "
+                          "(default: keep every activation)")
+    run.add_argument("--log-to", action="append", default=[], metavar="tensorboard,wandb",
+                     help="also chart every metrics.jsonl record, the replay share in force at each step and (with "
+                          "--stream) the service's mix changes: TensorBoard event files in RUN_DIR/tensorboard, "
+                          "W&B offline files in RUN_DIR/wandb (WANDB_MODE=online to upload); needs the dashboards "
+                          "extra (default: metrics.jsonl only)")
     run.add_argument("--no-progress", action="store_true",
                      help="no progress bar: one line per evaluation and a summary at the end (default: a bar)")
     return p
@@ -415,6 +453,15 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     if args.train == "new-blocks" and args.fsdp:
         parser.error("--train new-blocks is not supported with --fsdp yet (the new tokens' rows are held by a "
                      "gradient hook FSDP's sharded parameters do not run); use --train all, or DDP")
+    if args.document_masking:
+        try:
+            check_attention(args.attention)
+        except TrainerError as e:
+            parser.error(str(e))
+    try:
+        log_to = parse_loggers(",".join(args.log_to)) if args.log_to else ()
+    except TrainerError as e:
+        parser.error(str(e))
     if args.lr_start_step is not None:
         parser.error("--lr-start-step was replaced by --continue-schedule, which takes the step and the whole "
                      "schedule from the --init-from checkpoint")
@@ -480,4 +527,9 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         fsdp=args.fsdp,
         grow=None if grow is None else str(grow),
         train=args.train,
+        document_masking=args.document_masking,
+        eod_mask_loss=args.eod_mask_loss,
+        attention=args.attention,
+        activation_checkpointing=args.activation_checkpointing,
+        log_to=log_to,
     )
