@@ -19,9 +19,9 @@ from service.mixer import MixerConfig
 from service.errors import ServiceError
 from service.tokens import read_token
 
-# A damaged dataset, an unusable state dir or token file, or inputs the mixer refuses (its checks raise
-# ValueError) stop the start with one line.
-USER_ERRORS = (PipelineError, ServiceError, ValueError)
+# A damaged dataset, an unusable or owned state, a token file, or inputs the mixer refuses (MixError) stop
+# the start with one line; anything else is a bug and keeps its traceback.
+USER_ERRORS = (PipelineError, ServiceError)
 
 
 def build_service(config: ServiceConfig) -> MixService:

@@ -34,6 +34,40 @@ def test_a_bug_in_the_trainer_cli_keeps_its_traceback(tmp_path):
     assert "error: invalid literal" not in result.stderr
 
 
+# The same for the service's and the Ray launcher's command lines.
+SERVICE_WITH_A_BUG = """
+import sys
+import service.__main__ as cli
+
+def build_service(config):
+    return int("a bug: not a number")
+
+cli.build_service = build_service
+sys.exit(cli.main(sys.argv[1:]))
+"""
+RAY_LAUNCHER_WITH_A_BUG = """
+import sys
+import trainer.ray_launcher as cli
+
+def launch(*args):
+    return int("a bug: not a number")
+
+cli.launch = launch
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_bug_in_the_service_and_ray_launcher_clis_keeps_its_traceback(tmp_path):
+    for program, args in ((SERVICE_WITH_A_BUG, ["--dataset", f"en={tmp_path}", "--seq-len=8", "--global-batch=2",
+                                                 f"--state-dir={tmp_path / 'state'}", "--allow-anonymous-reads"]),
+                          (RAY_LAUNCHER_WITH_A_BUG, ["--num-workers=1", "--", "--dataset", f"en={tmp_path}", "--out", str(tmp_path)])):
+        result = subprocess.run([sys.executable, "-c", program, *args], cwd=REPO, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 1, result.stderr
+        assert "Traceback (most recent call last)" in result.stderr
+        assert "ValueError: invalid literal for int()" in result.stderr and "error: " not in result.stderr
+
+
 def test_a_users_mistake_is_one_error_line(tmp_path, capsys, token_dataset_factory, english_model, english_lines):
     # Schedule phases that do not fit --steps: the schedule's own check raises a ValueError, which the
     # trainer hands on as its TrainerError, naming the flags.

@@ -217,6 +217,14 @@ def parse(argv: Sequence[str]) -> tuple[RayConfig, list[str]]:
                      name=args.name, max_failures=args.max_failures, keep_checkpoints=args.keep_checkpoints), argv[split + 1:]
 
 
+def _training_failed() -> tuple[type, ...]:
+    """Ray Train's "the run failed" errors (Train v2 raises its own class, v1 the base trainer's)."""
+    import ray.train
+    from ray.train.base_trainer import TrainingFailedError
+
+    return (ray.train.TrainingFailedError, TrainingFailedError)
+
+
 def main(argv: Sequence[str] | None = None, on_step: Callable | None = None) -> int:
     from pipeline.errors import report_user_error
     from trainer.__main__ import USER_ERRORS
@@ -226,7 +234,7 @@ def main(argv: Sequence[str] | None = None, on_step: Callable | None = None) -> 
         result = launch(ray_config, trainer_argv, on_step)
     except USER_ERRORS as e:
         return report_user_error(e)
-    except Exception as e:  # Ray's TrainingFailedError: the run failed more than --max-failures times
+    except _training_failed() as e:  # the run failed more than --max-failures times; anything else is a bug
         print(f"error: the run failed on Ray Train: {type(e).__name__}: {e}",
               file=sys.stderr, flush=True)
         return 1
