@@ -2,8 +2,11 @@
 trainer (`python -m trainer --init-from hf:...`, bf16 weights, torch.compile, SDPA attention), fed in-process
 and by the HTTP stream; the data wait share; that a resume after a kill reproduces the next 10 steps'
 losses; peak memory. One table at the end. Targets: MFU >= 45% at 1B on an H100/H200, data wait < 1%.
+Issue 26's rows: the ~125M in-process again with --document-masking (step-time cost of the block mask) and
+the ~1.1B in-process again with --activation-checkpointing (peak memory and step-time cost), each to read
+against its size's plain in-process row.
 
-    benchmarks/gpu_check.sh              # on a CUDA machine, under 8 minutes on one H100/H200
+    benchmarks/gpu_check.sh              # on a CUDA machine, about 10 minutes on one H100/H200 (not run yet)
     benchmarks/gpu_check.sh --dry-run    # tiny models on the CPU: the same path end to end, in about a minute
 
 Everything is made here: random-weight models from configs (`save_pretrained`), a word-level tokenizer
@@ -51,6 +54,9 @@ GPU_SIZES = (
     Size("125M", 768, 12, 12, 12, 2048, 2048, 32, 16, 40),
     Size("1.1B", 2048, 22, 32, 4, 5632, 2048, 16, 8, 30),  # the TinyLlama shape
 )
+# Issue 26: a size's in-process run again with one flag, to read against its plain in-process row.
+VARIANTS = {0: ("in-process +doc-masking", "--document-masking"),
+            1: ("in-process +act-ckpt", "--activation-checkpointing")}
 DRY_SIZES = (Size("tiny-a", 64, 2, 4, 2, 128, 64, 8, 4, 12), Size("tiny-b", 96, 2, 4, 4, 192, 64, 8, 4, 12))
 
 
@@ -186,10 +192,12 @@ def main() -> int:
                       "--log-every", "1", "--checkpoint-every", str(size.steps), "--no-progress",
                       "--max-lr", "3e-4", "--warmup-steps", "2"]
             flops = flops_per_token(model_dir, size.seq_len)
-            for path in ("in-process", "stream"):
+            variant = VARIANTS.get(sizes.index(size))
+            for path in ("in-process", "stream", *([variant[0]] if variant else [])):
                 run = work / f"run-{size.name}-{path}"
-                if path == "in-process":
-                    run_trainer([*common, "--dataset", f"data={data}", "--seq-len", str(size.seq_len),
+                if path != "stream":
+                    flags = [variant[1]] if path != "in-process" else []
+                    run_trainer([*common, *flags, "--dataset", f"data={data}", "--seq-len", str(size.seq_len),
                                  "--global-batch", str(size.global_batch), "--out", str(run)], work / f"{run.name}.log")
                 else:
                     token = work / "read-token"

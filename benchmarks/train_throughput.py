@@ -10,6 +10,13 @@ turns the next batches into tensors, pinned on CUDA, while a step runs): the in-
 or a small dataset made here when none is given) always, and the mixer service too with --stream. Printed,
 a row per path: tokens/s, its ratio to the baseline, and data wait as a share of step time (the time the
 loop waited for a batch nobody had ready); and MFU against --peak-tflops (known GPUs are looked up).
+
+    python -m benchmarks.train_throughput --model test --seq-len 1024 --micro-batch 4 --document-masking
+
+--document-masking adds a line: the step time with the documents of each row kept apart
+(trainer/document_mask.py, transformers' packed-sequence masks) over the step time without, on the
+in-process data path, measured in --rounds alternated rounds (a shared machine slows both alike); with
+--doc-tokens, the made-up dataset's documents are that long (default 1000 tokens).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.train_config import DataConfig  # noqa: E402
 from trainer.data import BatchSource, on_device, open_source  # noqa: E402
+from trainer.document_mask import DocumentMasking  # noqa: E402
 from trainer.model import MODEL_SIZES, fresh_model  # noqa: E402
 from trainer.train import autocast_for, train_step  # noqa: E402
 
@@ -35,7 +43,7 @@ from trainer.train import autocast_for, train_step  # noqa: E402
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
 
 
-def make_dataset(folder: Path, vocab_size: int, tokens: int, seed: int = 0) -> Path:
+def make_dataset(folder: Path, vocab_size: int, tokens: int, seed: int = 0, doc_tokens: int = 1000) -> Path:
     """A token dataset of random documents, written through pipeline.dataset with a real SentencePiece model."""
     import sentencepiece as spm
 
@@ -52,7 +60,7 @@ def make_dataset(folder: Path, vocab_size: int, tokens: int, seed: int = 0) -> P
     staging.mkdir()
     info = load_tokenizer(folder / "bench.model").stage_copy(staging)
     dtype = token_dtype(info.vocab_size)
-    docs = [rng.integers(3, info.vocab_size, size=1000).astype(dtype) for _ in range(tokens // 1000)]
+    docs = [rng.integers(3, info.vocab_size, size=doc_tokens).astype(dtype) for _ in range(tokens // doc_tokens)]
     for doc in docs:
         doc[-1] = info.eos_id
     shards = {split: [write_shard(staging, f"{split}-00000", docs, dtype)] for split in ("train", "val")}
@@ -78,6 +86,25 @@ def measure(model, optimizer, micro_batch, autocast, next_tokens, steps: int, wa
     return tokens / elapsed, waited / elapsed
 
 
+def document_masking_cost(model, forward, optimizer, args, autocast, source: BatchSource, device) -> list[float]:
+    """Step time with the documents kept apart over step time without, on the same batches: each round
+    measures both, one after the other, so that a machine shared with other work slows both alike."""
+    batches = on_device(source.batches(0), device)
+    masking = DocumentMasking(source.eos_id)
+    ratios = []
+    for round_ in range(args.rounds):
+        seconds = {}
+        for documents in (None, masking):
+            model.documents = documents
+            tps, _ = measure(forward, optimizer, args.micro_batch, autocast, lambda: next(batches)[1], args.steps,
+                             1, f"round {round_ + 1}: {'document-masked' if documents else 'causal'}", device)
+            seconds[documents is not None] = 1 / tps
+        ratios.append(seconds[True] / seconds[False])
+    model.documents = None
+    batches.close()
+    return ratios
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -99,6 +126,10 @@ def main() -> int:
                    help="also measure the path from a mixer service (allowing anonymous reads), whose geometry "
                         "both paths then take")
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU (looked up for known GPUs)")
+    p.add_argument("--document-masking", action="store_true",
+                   help="also measure the in-process path with --document-masking (SDPA)")
+    p.add_argument("--doc-tokens", type=int, default=1000, help="document length of the made-up dataset")
+    p.add_argument("--rounds", type=int, default=3, help="alternated rounds of the --document-masking comparison")
     args = p.parse_args()
 
     device = torch.device(args.device)
@@ -111,7 +142,8 @@ def main() -> int:
             sources["stream"] = open_source(DataConfig(stream_url=args.stream),
                                             rank=0, world_size=1)
             seq_len, rows = sources["stream"].seq_len, sources["stream"].global_batch
-        path = args.dataset or make_dataset(Path(scratch), 512, tokens=rows * (seq_len + 1) * 8)
+        path = args.dataset or make_dataset(Path(scratch), 512, tokens=rows * (seq_len + 1) * 8,
+                                            doc_tokens=args.doc_tokens)
         in_process = DataConfig(datasets={"bench": str(path)}, weights={"bench": 1.0}, seq_len=seq_len,
                                 global_batch=rows, micro_batch=args.micro_batch)
         sources = {"in-process": open_source(in_process, rank=0, world_size=1), **sources}
@@ -134,6 +166,11 @@ def main() -> int:
             results[name] = measure(forward, optimizer, args.micro_batch, autocast, lambda: next(batches)[1],
                                     args.steps, args.warmup, f"{name} data path", device)
             batches.close()
+        masking_ratios = []
+        if args.document_masking:
+            masking_ratios = document_masking_cost(model, forward, optimizer, args, autocast, sources["in-process"],
+                                                   device)
+        for source in sources.values():
             source.close()
 
     flops = model.flops_per_token(seq_len)
@@ -149,6 +186,10 @@ def main() -> int:
     print(f"{'baseline':<12} {base_tps:>12,.0f} {1:>12.3f} {'-':>10} {mfu(base_tps):>7}")
     for name, (tps, wait) in results.items():
         print(f"{name:<12} {tps:>12,.0f} {tps / base_tps:>12.3f} {wait:>10.2%} {mfu(tps):>7}")
+    if masking_ratios:
+        print(f"--document-masking: step time x{np.median(masking_ratios):.3f} of the causal step's (median of "
+              f"{len(masking_ratios)} alternated rounds: {', '.join(f'{r:.3f}' for r in masking_ratios)}; "
+              f"{args.doc_tokens}-token documents in rows of {seq_len}, in-process data)")
     return 0
 
 

@@ -388,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--activation-checkpointing", action="store_true",
                      help="keep only each decoder block's input for the backward pass and recompute the rest there "
                           "(with or without --fsdp): activation memory of one block instead of all, for about one "
-                          "more forward pass per step (~1.3x step time; benchmarks/README.md); the same losses "
+                          "more forward pass per step (x1.16 step time, x0.49 activations at 125m on the CPU; "
+                          "benchmarks/README.md); the same losses "
                           "(default: keep every activation)")
     run.add_argument("--log-to", action="append", default=[], metavar="tensorboard,wandb",
                      help="also chart every metrics.jsonl record, the replay share in force at each step and (with "
