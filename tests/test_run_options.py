@@ -23,7 +23,8 @@ def test_eval_every_0_trains_without_evaluation_said_once(tmp_path, token_datase
     assert [r["kind"] for r in records] == ["train", "train"]
 
 
-@pytest.mark.parametrize("module", ["trainer.__main__", "trainer.ray_launcher", "trainer.report", "trainer.merge"])
+@pytest.mark.parametrize("module", ["trainer.__main__", "trainer.ray_launcher", "trainer.report", "trainer.merge",
+                                    "trainer.downstream"])
 def test_help_exits_0(module, capsys):
     import importlib
 

@@ -6,6 +6,7 @@ Each metrics.jsonl record becomes scalars at its step, under these names in both
     replay/share/NAME         the share of the step's rows that came from dataset NAME (the batch's sources):
                               the replay share in force at each step, whatever decided it
     eval/loss/NAME, eval/forgetting/NAME, eval/adaptation/NAME
+    downstream/TASK/METRIC    with --downstream-tasks (trainer/downstream.py)
 
 and with --stream, each change of the service's mix as it is learnt of (a stage an operator or the service's
 controller added; the controller's reason included): mix/weight/NAME, mix/start_step, and a text line
@@ -57,6 +58,9 @@ def scalars(record: Mapping[str, Any]) -> dict[str, float]:
             if key in record:
                 out[f"train/{key}"] = float(record[key])
         out.update({f"replay/share/{name}": float(share) for name, share in record["source_share"].items()})
+    elif record["kind"] == "downstream":
+        out.update({f"downstream/{task}/{metric}": float(value) for task, metrics in record["scores"].items()
+                    for metric, value in metrics.items()})
     elif record["kind"] == "eval":
         for key, chart in (("val_loss", "eval/loss"), ("forgetting", "eval/forgetting"),
                            ("adaptation", "eval/adaptation")):

@@ -2,7 +2,8 @@
 
 Writes DIR/train_loss.png, DIR/lr.png, DIR/val_<set>.png (one per validation set) and DIR/report.md
 with, per run, the final training loss, the final loss of each validation set and its change since
-the run's first evaluation (+ is forgetting, - is adaptation), throughput and data wait.
+the run's first evaluation (+ is forgetting, - is adaptation), throughput and data wait; and, for runs
+with --downstream-tasks, each task's metrics at the start and the end and their difference.
 """
 
 from __future__ import annotations
@@ -73,11 +74,31 @@ def write_report(run_dirs: Sequence[Path], out: Path) -> Path:
     body = (
         "# Run comparison\n\n"
         "Δ: change of a validation loss since the run's first evaluation (step 0): + is forgetting, - is adaptation.\n\n"
-        + "\n".join(lines) + "\n\n" + "\n".join(f"![{p}]({p})" for p in plots) + "\n"
+        + "\n".join(lines) + "\n\n" + _downstream_table(run_dirs) + "\n".join(f"![{p}]({p})" for p in plots) + "\n"
     )
     report = out / "report.md"
     report.write_text(body)
     return report
+
+
+def _downstream_table(run_dirs: Sequence[Path]) -> str:
+    """Runs with --downstream-tasks: each task's metrics at the run's first and last downstream evaluation."""
+    lines = []
+    for run_dir in run_dirs:
+        scored = [r for r in read_metrics(run_dir) if r["kind"] == "downstream"]
+        if len(scored) < 2:
+            continue
+        first, last = scored[0], scored[-1]
+        for task, metrics in last["scores"].items():
+            for metric, value in metrics.items():
+                before = first["scores"].get(task, {}).get(metric)
+                change = "-" if before is None else f"{value - before:+.4f}"
+                lines.append(f"| {run_dir.name} | {task} | {metric} | {'-' if before is None else f'{before:.4f}'} "
+                             f"(step {first['step']}) | {value:.4f} (step {last['step']}) | {change} |")
+    if not lines:
+        return ""
+    return ("## Downstream tasks (lm-evaluation-harness)\n\n| run | task | metric | before | after | Δ |\n"
+            "|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

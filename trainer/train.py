@@ -44,6 +44,7 @@ from trainer.checkpoint import (
 from trainer.dashboards import Dashboards
 from trainer.data import BatchSource, on_device, open_eval_splits, open_source
 from trainer.document_mask import DocumentMasking
+from trainer.downstream import RunDownstream
 from trainer.errors import TrainerError
 from trainer.evaluate import Evaluator, eval_record
 from trainer.fsdp import full_model_state, global_value, require_world, save_sharded
@@ -330,11 +331,19 @@ class RunMetrics:
         self.evaluating = bool(self.evaluator.windows)
         if dist_info.is_main:
             _say_what_is_not_evaluated(config, self.evaluator)
+        # --downstream-tasks: checked (tasks known, a tokenizer) before anything is deleted; scored by rank 0.
+        self.downstream = None
+        if dist_info.is_main and config.downstream_tasks:
+            self.downstream = RunDownstream(config.downstream_tasks, config.downstream_include,
+                                            config.downstream_limit, state.tokenizer_dir)
         self.log = None
         if dist_info.is_main:
             if config.overwrite:  # only now that the run has started: a run that fails to start deletes nothing
                 delete_earlier_run(config.out)
             self.log = MetricsLog(config.out, resume_step=state.start_step if config.resume else None)
+            if self.downstream is not None and config.resume:
+                scored = [r["scores"] for r in read_metrics(config.out) if r["kind"] == "downstream"]
+                self.downstream.first = scored[0] if scored else None
         # --log-to: every record also charted, and the mix's changes as they are learnt of (trainer/dashboards.py).
         self.dashboards = None
         if dist_info.is_main and config.log_to:
@@ -361,6 +370,8 @@ class RunMetrics:
         """At the run's start step: the baseline evaluation, unless a resumed run measured it already."""
         if step == 0 and self.first_eval is None and self.evaluating:
             self.evaluate(0)
+        if step == 0 and self.downstream is not None and self.downstream.first is None:
+            self.score_downstream(0)
 
     def next_batch(self, batches: Iterator[tuple[Batch, torch.Tensor]]) -> tuple[Batch, torch.Tensor]:
         """The next batch, its wait counted as data wait."""
@@ -377,6 +388,8 @@ class RunMetrics:
         if self.eval_due(step):
             self.evaluate(step)
             self.restart_clock()  # evaluation time is not training throughput
+        if step == self.config.steps and self.downstream is not None:
+            self.score_downstream(step)
 
     def restart_clock(self) -> None:
         self.stats.reset()
@@ -392,6 +405,14 @@ class RunMetrics:
         train_loss = "" if math.isnan(self.last_loss) else f"train loss {self.last_loss:.4f}, "
         tqdm.write(f"step {step}/{self.config.steps}: {train_loss}val loss "
                    + ", ".join(f"{name} {loss:.4f}" for name, loss in losses.items()), file=sys.stdout)
+
+    def score_downstream(self, step: int) -> None:
+        """Rank 0: the --downstream-tasks of the model at `step`, with their change since the run's start."""
+        record = self.downstream.record(self.model, self.device, step)
+        self._write(record)
+        tqdm.write(f"step {step}/{self.config.steps}: downstream " + ", ".join(
+            f"{task} {metric} {value:.4f} ({record['change'][task][metric]:+.4f})"
+            for task, metrics in record["scores"].items() for metric, value in metrics.items()), file=sys.stdout)
 
     def _log_train(self, step: int, batch: Batch, loss_sum: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> None:
         names = self.source.names

@@ -116,6 +116,10 @@ class TrainConfig:
     # recompute each decoder block's activations in the backward pass: the same losses, less memory
     activation_checkpointing: bool = _flag(False, resume=Resume.MAY_CHANGE)
     log_to: tuple[str, ...] = _flag((), resume=Resume.MAY_CHANGE)  # dashboards (trainer/dashboards.py)
+    # lm-evaluation-harness tasks scored at the run's start and end (trainer/downstream.py)
+    downstream_tasks: tuple[str, ...] = _flag((), resume=Resume.MAY_CHANGE)
+    downstream_include: Path | None = _flag(None, resume=Resume.MAY_CHANGE)  # a folder of one's own task YAMLs
+    downstream_limit: int | None = _flag(None, resume=Resume.MAY_CHANGE)  # documents per task (None: all)
 
 
 @dataclass(frozen=True)
@@ -396,6 +400,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "--stream) the service's mix changes: TensorBoard event files in RUN_DIR/tensorboard, "
                           "W&B offline files in RUN_DIR/wandb (WANDB_MODE=online to upload); needs the dashboards "
                           "extra (default: metrics.jsonl only)")
+    run.add_argument("--downstream-tasks", action="append", default=[], metavar="T1,T2",
+                     help="with a Hugging Face model: score these lm-evaluation-harness tasks (multiple_choice or "
+                          "loglikelihood) at the run's start and end, on rank 0; metrics.jsonl and trainer.report "
+                          "give each task's change. Needs the downstream extra; not with --fsdp (default: none)")
+    run.add_argument("--downstream-include", type=Path, metavar="DIR",
+                     help="a folder of your own harness task YAML files (default: the harness's own tasks only)")
+    run.add_argument("--downstream-limit", type=int, metavar="N",
+                     help="score only the first N documents of each downstream task (default: all)")
     run.add_argument("--no-progress", action="store_true",
                      help="no progress bar: one line per evaluation and a summary at the end (default: a bar)")
     return p
@@ -463,6 +475,12 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         log_to = parse_loggers(",".join(args.log_to)) if args.log_to else ()
     except TrainerError as e:
         parser.error(str(e))
+    downstream_tasks = tuple(task.strip() for text in args.downstream_tasks for task in text.split(",") if task.strip())
+    if (args.downstream_include or args.downstream_limit) and not downstream_tasks:
+        parser.error("--downstream-include and --downstream-limit need --downstream-tasks")
+    if args.downstream_tasks and args.fsdp:
+        parser.error("--downstream-tasks is not supported with --fsdp yet (rank 0 alone scores the tasks, and a "
+                     "sharded model needs every rank); score RUN_DIR/hf afterwards with python -m trainer.downstream")
     if args.lr_start_step is not None:
         parser.error("--lr-start-step was replaced by --continue-schedule, which takes the step and the whole "
                      "schedule from the --init-from checkpoint")
@@ -533,4 +551,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         attention=args.attention,
         activation_checkpointing=args.activation_checkpointing,
         log_to=log_to,
+        downstream_tasks=downstream_tasks,
+        downstream_include=args.downstream_include,
+        downstream_limit=args.downstream_limit,
     )
