@@ -148,6 +148,10 @@ class StreamClient:
             raise StreamError(f"GET {self.url}{path} {params or ''}: HTTP {status}: {bytes(body[:500]).decode(errors='replace')}")
         return body
 
+    def mix(self) -> dict:
+        """GET /v1/mix: the schedule, the log of every change (who, when, why) and the frontiers."""
+        return json.loads(self._request("/v1/mix"))
+
     def send_feedback(self, step: int, losses: dict[str, float]) -> dict | None:
         """POST /v1/feedback: the validation losses of the model after `step` updates, for the controller.
         Returns its answer, or None when the service already had feedback for this step (a retried POST

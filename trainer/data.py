@@ -7,7 +7,6 @@ rank, world size) alone, so a resumed run asks for its next step and gets the by
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
 from typing import Iterator, Protocol
@@ -146,8 +145,7 @@ class StreamSource:
     def mix_changes(self) -> list[dict]:
         """The service's mix log entries (stages an operator or its controller added, with the reason;
         cancellations) not returned before, from GET /v1/mix."""
-        # The client has no public call for /v1/mix; its _request gives the retries and the token.
-        log = json.loads(self._client._request("/v1/mix"))["log"]
+        log = self._client.mix()["log"]
         new = [entry for entry in log if entry["seq"] > self._mix_seq]
         self._mix_seq = max([self._mix_seq, *(entry["seq"] for entry in new)])
         return new
