@@ -183,6 +183,9 @@ def test_a_grown_run_resumes_bit_for_bit_and_not_without_its_growth(tmp_path, da
     assert record["grow"] == grow_text
     exported = AutoModelForCausalLM.from_pretrained(straight / "hf")
     assert type(exported).__name__ == ("MixtralForCausalLM" if "experts" in grow_text else "LlamaForCausalLM")
+    if "experts" in grow_text:  # an upcycled model's export is a model a later update continues
+        train(parse_args(flags(datasets, tmp_path / "continued", "--init-from", f"hf:{straight / 'hf'}", *RUN)))
+        assert train_losses(tmp_path / "continued")
 
 
 def test_grow_and_train_flags_are_checked(tmp_path, datasets, llama_folder, capsys):

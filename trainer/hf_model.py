@@ -27,7 +27,8 @@ from trainer.lm import decay_groups, next_token_loss, training_flops_per_token
 
 # model_type -> the families the trainer has been tested with: decoder-only, rotary or learned positions,
 # one input embedding and one LM head. Others may well work; they are refused until tested.
-SUPPORTED_MODEL_TYPES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gpt_neox": "GPT-NeoX"}
+SUPPORTED_MODEL_TYPES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gpt_neox": "GPT-NeoX",
+                         "mixtral": "Mixtral"}  # Mixtral: an upcycled model's export (trainer/growth.py) continues
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The files of a tokenizer folder that travel with the model (those present), the extension report included.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
