@@ -40,7 +40,10 @@ def extend_argv(c: ExtendConfig) -> list[str]:
     argv = ["extend", f"--base={c.base}", *(f"--input={i}" for i in c.inputs),
             *(f"--old-input={i}" for i in c.old_inputs), f"--new-pieces={c.new_pieces}", f"--out={c.out}",
             f"--text-field={c.text_field}", f"--max-sample-bytes={c.max_sample_bytes}",
-            f"--max-heldout-bytes={c.max_heldout_bytes}", f"--holdout-fraction={c.holdout_fraction!r}"]
+            f"--max-heldout-bytes={c.max_heldout_bytes}", f"--holdout-fraction={c.holdout_fraction!r}",
+            f"--max-old-sample-bytes={c.max_old_sample_bytes}"]
+    argv += [flag for flag, on in (("--keep-old-encoding", c.keep_old_encoding), ("--byte-fallback", c.byte_fallback))
+             if on]
     optional = {"--split": c.split, "--address": c.address, "--num-cpus": c.num_cpus}
     argv += [f"{flag}={value}" for flag, value in optional.items() if value is not None]
     return argv + (["--overwrite"] if c.overwrite else [])

@@ -54,6 +54,8 @@ def test_each_parts_config_round_trips_through_its_own_parser():
     extend = ExtendConfig(base=Path("/tok"), inputs=("/de.jsonl",), old_inputs=("/en.jsonl",), new_pieces=40,
                           out=Path("/tok+de"), num_cpus=2)
     assert config_from_args(tokenizer_parser().parse_args(extend_argv(extend))) == extend
+    kept = replace(extend, keep_old_encoding=True, byte_fallback=True, max_old_sample_bytes=1 << 20)
+    assert config_from_args(tokenizer_parser().parse_args(extend_argv(kept))) == kept
     # Typed as the service's parser types it (the state dir is a Path or, with URIs, a string).
     minimal = parse_service(["--dataset=en=/d/en", "--seq-len=1", "--global-batch=1", "--state-dir=/state",
                              "--allow-anonymous-reads"])
