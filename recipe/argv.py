@@ -54,7 +54,9 @@ def service_argv(c: ServiceConfig) -> list[str]:
     argv = [*(f"--dataset={name}={path}" for name, path in c.datasets.items()), f"--seq-len={c.seq_len}",
             f"--global-batch={c.global_batch}", f"--seed={c.seed}", f"--state-dir={c.state_dir}",
             f"--reserve-steps={c.reserve_steps}", f"--host={c.host}", f"--port={c.port}", f"--verify={c.verify}",
-            f"--log-level={c.log_level}"]
+            f"--log-level={c.log_level}", f"--lease-seconds={c.lease_seconds!r}"]
+    if c.standby:
+        argv.append("--standby")
     if c.weights is not None:
         argv.append("--weights=" + ",".join(f"{name}={w!r}" for name, w in c.weights.items()))
     optional = {"--admin-token-file": c.admin_token_file, "--read-token-file": c.read_token_file,

@@ -60,7 +60,8 @@ def test_each_parts_config_round_trips_through_its_own_parser():
     minimal = parse_service(["--dataset=en=/d/en", "--seq-len=1", "--global-batch=1", "--state-dir=/state",
                              "--allow-anonymous-reads"])
     service = replace(minimal, datasets={"en": "/d/en", "de": "s3://b/de"}, weights={"en": 0.05, "de": 0.95},
-                      seq_len=32, global_batch=8, seed=3, port=1234, allow_anonymous_reads=False,
+                      seq_len=32, global_batch=8, seed=3, port=1234, allow_anonymous_reads=False, standby=True,
+                      lease_seconds=2.5, state_dir="s3://b/runs/state",
                       admin_token_file=Path("/a"), read_token_file=Path("/r"), cache=CacheConfig(Path("/c"), 1 << 30),
                       controller=("forgetting-budget", {"old": "en", "budget": 0.02, "min_share": 0.0,
                                                         "max_share": 0.5, "interval": 5}))
