@@ -2,7 +2,8 @@
 
 - `PipelineStep`: `pipeline.tokenizer extend` (an `ExtendConfig`) or `pipeline.tokenize` (a `TokenizeConfig`).
 - `TrainStep`: a mixer service (`ServiceConfig`) and a trainer (`TrainConfig`) pulling from it: a sweep's
-  pilot or an update's full run.
+  pilot or an update's full run (a step with no service is a trainer mixing its datasets in process: the
+  demo's pretraining and union runs).
 
 Every step declares its inputs (what its outputs depend on, content-hashed by the runner) and outputs,
 and its command comes from `recipe.argv`, the one renderer per part. Where things go in the output folder:
@@ -61,7 +62,7 @@ class TrainStep:
     update: str
     role: str  # "pilot" or "train"
     share: float | None  # the fixed replayed share (None: stages or a controller decide it)
-    service: ServiceConfig
+    service: ServiceConfig | None  # None: the trainer mixes its `data.datasets` in process
     trainer: TrainConfig
     later_stages: tuple[tuple[int, dict[str, float]], ...]  # (start step, weights) PUT once the service is up
     launcher: str
@@ -71,6 +72,7 @@ class TrainStep:
     new: tuple[str, ...]
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+    about: str = ""  # what the run is, printed as it starts (default: its role, steps and mix)
 
     @property
     def run_dir(self) -> Path:
