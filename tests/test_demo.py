@@ -187,3 +187,36 @@ def test_a_failed_step_is_the_same_one_error_as_a_refusal():
 
     with pytest.raises(DemoError, match=r"step failed \(exit 3\)"):
         run([sys.executable, "-c", "raise SystemExit(3)"])
+
+
+def test_the_demo_runs_the_recipes_typed_steps_each_command_parsed_back_by_its_part(tmp_path):
+    """The demo's steps are the recipe's (recipe/plan.py), run by the recipe's StepRunner: each holds its
+    part's config, and the command it stands for (recipe/argv.py) reads back to that config. Phase 2 replays
+    English in the extended encoding and scores it in the base one too; phase 1 trains on the base one."""
+    from dataclasses import replace
+
+    from demo.steps import phase1_step, phase2_step, pipeline_steps, union_step
+    from pipeline.tokenize import TokenizeConfig
+    from pipeline.tokenize import parse_args as tokenize_parse
+    from pipeline.tokenizer.__main__ import build_parser as tokenizer_parser, config_from_args
+    from recipe.argv import extend_argv, service_argv, tokenize_argv, trainer_argv
+    from service.service_config import parse_args as service_parse
+    from trainer.train_config import parse_args as trainer_parse
+
+    cfg = replace(load_config("quick"), work_dir=tmp_path)
+    selected = cfg.selected_runs("all", 2)
+    trains = [phase1_step(cfg), union_step(cfg), *(phase2_step(cfg, spec, 0.05) for spec in selected)]
+    for step in trains:
+        assert trainer_parse(trainer_argv(step.trainer)) == step.trainer, step.name
+        assert step.service is None or service_parse(service_argv(step.service)) == step.service, step.name
+    for step in pipeline_steps(cfg, selected):
+        parsed = (tokenize_parse(tokenize_argv(step.config))[0] if isinstance(step.config, TokenizeConfig) else
+                  config_from_args(tokenizer_parser().parse_args(extend_argv(step.config))))
+        assert parsed == step.config, step.name
+    assert phase1_step(cfg).trainer.data.datasets == {"en": str(tmp_path / "datasets" / "en-base")}
+    replayed = phase2_step(cfg, selected[1])
+    assert replayed.service.datasets["en"] == str(tmp_path / "datasets" / "en")
+    assert replayed.trainer.data.eval_datasets["en-base"] == str(tmp_path / "datasets" / "en-base")
+    plain = phase2_step(cfg, next(spec for spec in selected if not spec.extend_tokenizer))
+    assert plain.service.datasets == {"en": str(tmp_path / "datasets" / "en-base"),
+                                      "de": str(tmp_path / "datasets" / "de-base")}
