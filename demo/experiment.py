@@ -1,18 +1,17 @@
 """The main job: the paper's English -> German continual-pretraining experiment, end to end.
 
-`python -m demo [--quick | --gpu]` (or `make demo`) drives the whole system as a user with
-a cluster would: a local Ray head rendering the man pages and training the base tokenizer as jobs
-submitted by `ray job submit` (the inputs a recipe starts from), then the recipe's steps: the tokenizer
+`python -m demo [--quick | --gpu]` (or `make demo`) drives the whole system as a user would: Ray Data
+rendering the man pages and training the base tokenizer (the inputs a recipe starts from), the tokenizer
 extension and the token datasets, the mixer service over HTTP, trainer processes pulling from it, a live
 ratio change by `curl -X PUT`, a run whose ratio the service's forgetting-budget controller steers, and a
 report comparing the runs with the paper's findings.
 
 Its steps are the recipe's typed steps (`demo/steps.py`), run by the recipe's runner
 (`recipe.runner.StepRunner`): one way of running steps, with one reuse rule (a step's record in
-WORK_DIR/steps/), trainers resumed from their latest checkpoint and services on the state dir they left.
-What the demo adds on top is its own: the runs it compares (the replay table, the ablations, the union
-baseline, seeds), the operator's live change, the controller's budget, the corpus pins and the report.
-The run's sizes are a preset of `demo/config/` (see demo/experiment_config.py).
+WORK_DIR/steps/), the pipeline's on one Ray, trainers resumed from their latest checkpoint and services
+on the state dir they left. What the demo adds on top is its own: the runs it compares (the replay table,
+the ablations, the union baseline, seeds), the operator's live change, the controller's budget, the corpus
+pins and the report. The run's sizes are a preset of `demo/config/` (see demo/experiment_config.py).
 """
 
 from __future__ import annotations
@@ -20,15 +19,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import ExitStack
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -36,11 +34,11 @@ from typing import Callable, Mapping, Sequence
 from demo.experiment_config import REPO, ControllerRun, ExperimentConfig, Phase2Run, UnionRun, load_config
 from demo.experiment_report import LIVE_CHANGE_NAME, write_report
 from demo.forgetting_budget import choose_budget, held_budget
-from demo.steps import ADMIN_TOKEN, BASE_TOKENIZER, READ_TOKEN, phase1_step, phase2_step, pipeline_steps, union_step
+from demo.steps import (ADMIN_TOKEN, READ_TOKEN, base_tokenizer_step, phase1_step, phase2_step, pipeline_steps,
+                        render_step, union_step)
 from recipe.errors import RecipeError
 from recipe.plan import TrainStep
 from recipe.runner import StepRunner
-from service.launcher import free_port
 
 
 class DemoError(Exception):
@@ -48,103 +46,19 @@ class DemoError(Exception):
     it); said to the user as one `error: ...` line, exit 2."""
 
 
-def banner(step: str) -> None:
-    print(f"\n=== {step}", flush=True)
-
-
 def echo(args: Sequence[object]) -> None:
     """Print a command as it starts; a bearer token shows as <token>, never its value (logs get shared)."""
     print("$ " + " ".join(re.sub(r"Bearer \S+", "Bearer <token>", str(a)) for a in args), flush=True)
 
 
-def run(args: Sequence[str], retry_if: str | None = None, **kwargs: object) -> None:
-    """Run a child process with its output on our terminal; fail loudly naming the command.
-
-    With `retry_if`, a failure whose output contains that text is retried once.
-    """
+def run(args: Sequence[str]) -> None:
+    """Run a command an operator would type (curl), its output on our terminal; fail naming the command.
+    The demo's steps are not run this way: the recipe's runner runs them."""
     command = [str(a) for a in args]
     echo(command)
-    child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             **kwargs)
-    output = []
-    for line in child.stdout:
-        sys.stdout.write(line)
-        output.append(line)
-    if child.wait() == 0:
-        return
-    if retry_if is not None and retry_if in "".join(output):
-        print(f"retrying once: the failure was {retry_if!r}", flush=True)
-        return run(args, **kwargs)
-    raise DemoError(f"step failed (exit {child.returncode}): {' '.join(command)}")
-
-
-class RayCluster:
-    """A local `ray start --head`, to which every preprocessing step is submitted as a Ray job.
-
-    The head runs with `--block` in its own process group, so stopping it stops this cluster alone
-    (`ray stop` would end every Ray on the machine). Ray's token authentication stays on, with a token
-    of this work dir's own.
-    """
-
-    def __init__(self, work_dir: Path):
-        self.work_dir = work_dir
-        self.dashboard = f"http://127.0.0.1:{free_port()}"
-        self.ray = Path(sys.executable).with_name("ray")
-        token = work_dir / "ray-auth-token"
-        if not token.exists():
-            token.write_text(secrets.token_hex(32))
-            token.chmod(0o600)
-        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-
-    def __enter__(self) -> "RayCluster":
-        # Every listening port is chosen free, so this head can run beside other Ray clusters on the machine.
-        ports = {flag: free_port() for flag in ("port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                "metrics-export-port", "runtime-env-agent-port", "node-manager-port",
-                                                "object-manager-port", "ray-client-server-port")}
-        args = [self.ray, "start", "--head", "--block", *(f"--{flag}={port}" for flag, port in ports.items()),
-                f"--dashboard-port={self.dashboard.rsplit(':', 1)[1]}", "--dashboard-host=127.0.0.1",
-                f"--num-cpus={os.cpu_count()}", f"--temp-dir=/tmp/ray-replaymix-{os.getpid()}",
-                "--disable-usage-stats"]
-        echo(args)
-        self.log = open(self.work_dir / "ray-head.log", "ab")
-        self.head = subprocess.Popen([str(a) for a in args], cwd=REPO, env=self.env, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            self._wait_for_job_agent()
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def _wait_for_job_agent(self, timeout_s: float = 180) -> None:
-        """The head answers before its job agent takes submissions: submit a no-op job until one is taken."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.head.poll() is not None:
-                raise DemoError(f"the Ray head exited (code {self.head.returncode}); see {self.log.name}")
-            probe = subprocess.run([str(self.ray), "job", "submit", "--no-wait", f"--address={self.dashboard}",
-                                    "--", "true"], env=self.env, capture_output=True, text=True)
-            if probe.returncode == 0:
-                print(f"Ray head up, dashboard {self.dashboard}, log {self.log.name}", flush=True)
-                return
-            if time.monotonic() > deadline:
-                raise DemoError(f"the Ray job agent did not come up in {timeout_s:.0f} s: {probe.stderr[-500:]}")
-            time.sleep(2)
-
-    def __exit__(self, *exc: object) -> None:
-        os.killpg(self.head.pid, signal.SIGTERM)
-        try:
-            self.head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.head.pid, signal.SIGKILL)
-        self.log.close()
-
-    def submit(self, module: str, *args: object) -> None:
-        runtime_env = {"excludes": [".venv", "runs", "data", ".git", "**/__pycache__", ".pytest_cache", ".hypothesis"]}
-        run([self.ray, "job", "submit", f"--address={self.dashboard}", f"--working-dir={REPO}",
-             f"--runtime-env-json={json.dumps(runtime_env)}", "--", sys.executable, "-m", module, *args],
-            # Ray 2.60 sometimes loses a just-uploaded working-dir package; a resubmission uploads it again.
-            retry_if="Failed to download runtime_env file package", env=self.env)
+    child = subprocess.run(command, cwd=REPO)
+    if child.returncode != 0:
+        raise DemoError(f"step failed (exit {child.returncode}): {' '.join(command)}")
 
 
 def token_files(work_dir: Path) -> tuple[Path, Path]:
@@ -211,46 +125,38 @@ def check_run_pins(cfg: ExperimentConfig, pins: Mapping[str, dict], run_dirs: Se
                              f"({differences(then, pins) or 'no corpus.json in it'}); rerun with --fresh")
 
 
-def inputs_missing(cfg: ExperimentConfig) -> bool:
-    return not all((cfg.work_dir / path).exists() for path in ("corpora/en.jsonl", "corpora/de.jsonl",
-                                                                f"tokenizers/{BASE_TOKENIZER}"))
-
-
-def build_inputs(cfg: ExperimentConfig, ray: RayCluster) -> None:
-    """What a recipe starts from, made here: the corpora and the English base tokenizer, each a Ray job,
-    skipped if done."""
-    corpora, tokenizers = cfg.work_dir / "corpora", cfg.work_dir / "tokenizers"
-    for lang, extra in (("en", cfg.extra_old), ("de", cfg.extra_new)):
-        corpus = corpora / f"{lang}.jsonl"
-        if not corpus.exists():
-            pages = corpora / f"{lang}-manpages.jsonl"
-            banner(f"rendering {cfg.pages_per_language} {lang} man pages (Ray job)")
-            ray.submit("pipeline.corpora.manpages", f"--lang={lang}", f"--out={pages}",
-                       f"--limit={cfg.pages_per_language}")
-            check_page_count(cfg, lang, pages)
-            with open(corpus.with_suffix(".partial"), "wb") as out:  # whole or absent: a crash leaves no half
-                for part in (pages, *([extra] if extra else [])):
-                    with open(part, "rb") as src:
-                        shutil.copyfileobj(src, out)
-            corpus.with_suffix(".partial").rename(corpus)
-            pages.unlink()
-    base = tokenizers / BASE_TOKENIZER
-    if not base.exists():
-        banner(f"training the English base tokenizer ({cfg.base_vocab} pieces, Ray job)")
-        ray.submit("pipeline.tokenizer", "train", f"--input={corpora / 'en.jsonl'}",
-                   f"--vocab-size={cfg.base_vocab}", "--model-type=bpe", f"--out={base}")
-
-
 def check_page_count(cfg: ExperimentConfig, lang: str, pages: Path) -> None:
     """Refuse a corpus with fewer pages than the preset expects, naming the package that brings them."""
     with open(pages, "rb") as rendered:
         count = sum(1 for line in rendered if line.strip())
     if count < cfg.min_pages_per_language:
-        pages.unlink()  # rendered again next time, once the pages are there
         package = "manpages" if lang == "en" else "manpages-de"
         raise DemoError(f"only {count} {lang} man pages rendered, fewer than the "
                          f"{cfg.min_pages_per_language} this preset expects; install {package} (`make manpages`; "
                          f"`dpkg -s {package}` says whether it is) and rerun")
+
+
+def make_corpora(cfg: ExperimentConfig, runner: StepRunner, on_ray: Callable[[], None]) -> None:
+    """corpora/LANG.jsonl: the rendered man pages (a step), checked for their count, with the extra corpus
+    appended; written whole or not at all."""
+    for lang, extra in (("en", cfg.extra_old), ("de", cfg.extra_new)):
+        corpus = cfg.work_dir / "corpora" / f"{lang}.jsonl"
+        if corpus.exists():
+            continue
+        step = render_step(cfg, lang)
+        on_ray()
+        runner.run_pipeline_step(step)
+        pages = Path(step.outputs[0])
+        try:
+            check_page_count(cfg, lang, pages)
+        except DemoError:
+            runner.move_aside(step)  # rendered again next time, once the pages are there
+            raise
+        with open(corpus.with_suffix(".partial"), "wb") as out:  # whole or absent: a crash leaves no half
+            for part in (pages, *([extra] if extra else [])):
+                with open(part, "rb") as src:
+                    shutil.copyfileobj(src, out)
+        corpus.with_suffix(".partial").rename(corpus)
 
 
 def curl(method: str, url: str, token_file: Path, record: Path, body: dict | None = None) -> None:
@@ -382,18 +288,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_experiment(cfg: ExperimentConfig, selected: Sequence[Phase2Run], token_file: Path, started: float) -> int:
-    if inputs_missing(cfg):
-        banner(f"starting a local Ray head; rendering and the base tokenizer are submitted to it with "
-               f"`ray job submit` ({cfg.work_dir})")
-        with RayCluster(cfg.work_dir) as ray:
-            build_inputs(cfg, ray)
-    pins = pin_corpora(cfg)  # before any step: a changed corpus is refused with the demo's own reason
     runner = StepRunner(cfg.work_dir)
-    pipeline = pipeline_steps(cfg, selected)
-    if not all(runner.done(step) for step in pipeline):
-        with runner.ray(None, None):
-            for index, step in enumerate(pipeline, 1):
-                runner.run_pipeline_step(step, f"[{index}/{len(pipeline)}] ")
+    with ExitStack() as ray:
+        joined = False
+
+        def on_ray() -> None:  # the pipeline steps' Ray, started once and only when a step has to run
+            nonlocal joined
+            if not joined:
+                ray.enter_context(runner.ray(None, None))
+                joined = True
+
+        make_corpora(cfg, runner, on_ray)
+        pins = pin_corpora(cfg)  # before the steps that read the corpora: a changed one is refused here
+        pipeline = [base_tokenizer_step(cfg), *pipeline_steps(cfg, selected)]
+        for index, step in enumerate(pipeline, 1):
+            if not runner.done(step):
+                on_ray()
+            runner.run_pipeline_step(step, f"[{index}/{len(pipeline)}] ")
     phase1 = train(runner, phase1_step(cfg), pins)
     runs: dict[Phase2Run, Path] = {}
     for spec in selected:  # in order: a controller run takes its budget from the runs before it

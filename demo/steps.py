@@ -1,7 +1,8 @@
 """The demo's runs as the recipe's typed steps (`recipe/plan.py`), run by the recipe's `StepRunner`.
 
-The tokenizer extension and the token datasets are `PipelineStep`s holding the pipeline's `ExtendConfig`
-and `TokenizeConfig`; phase 1, each phase-2 run and the union baseline are `TrainStep`s holding the
+The man pages rendered and the base tokenizer trained (what a recipe starts from, made here), the tokenizer
+extension and the token datasets are `PipelineStep`s holding the pipeline's `ManpagesConfig`,
+`TokenizerTrainConfig`, `ExtendConfig` and `TokenizeConfig`; phase 1, each phase-2 run and the union baseline are `TrainStep`s holding the
 trainer's `TrainConfig` and (phase 2) the service's `ServiceConfig`. Their commands come from the one
 renderer per part (`recipe/argv.py`) and `demo/experiment.py` runs them with `recipe.runner.StepRunner`:
 the recipe's reuse rule (records in WORK_DIR/steps/), trainers resumed, services on the state dir they left.
@@ -21,9 +22,11 @@ from typing import Sequence
 
 from demo.experiment_config import ControllerRun, ExperimentConfig, Phase2Run
 from demo.forgetting_budget import BASE_ENCODING, OLD
+from pipeline.corpora.manpages import ManpagesConfig
 from pipeline.shard_cache import CacheConfig
 from pipeline.tokenize import TokenizeConfig
 from pipeline.tokenizer.extend import ExtendConfig
+from pipeline.tokenizer.train import TokenizerTrainConfig
 from recipe.argv import trainer_argv
 from recipe.plan import PORT_PLACEHOLDER, PipelineStep, TrainStep
 from service.service_config import ServiceConfig
@@ -34,6 +37,23 @@ from trainer.train_config import DataConfig, TrainConfig, parse_args
 BASE_TOKENIZER, EXTENDED_TOKENIZER = "en.model", "en+de.model"
 EXTENSION_REPORT = "en+de.report.json"  # written beside the extended model by `pipeline.tokenizer extend`
 ADMIN_TOKEN, READ_TOKEN = "admin-token", "read-token"  # in the work dir, private
+
+
+def render_step(cfg: ExperimentConfig, lang: str) -> PipelineStep:
+    """The `lang` man pages rendered to corpora/LANG-manpages.jsonl, which the demo turns into its corpus
+    (corpora/LANG.jsonl, with --extra-old/--extra-new appended). No inputs hashed: the installed pages are
+    many files, and the rendered text is pinned by the demo itself (`corpus.json`)."""
+    config = ManpagesConfig(lang=lang, out=cfg.work_dir / "corpora" / f"{lang}-manpages.jsonl",
+                            limit=cfg.pages_per_language)
+    return PipelineStep(f"rendering {cfg.pages_per_language} {lang} man pages", config, (), (str(config.out),))
+
+
+def base_tokenizer_step(cfg: ExperimentConfig) -> PipelineStep:
+    """The English BPE tokenizer phase 1 is trained with: the base model's own, in a recipe's terms."""
+    english, base = cfg.work_dir / "corpora" / "en.jsonl", cfg.work_dir / "tokenizers" / BASE_TOKENIZER
+    return PipelineStep(f"training the English base tokenizer ({cfg.base_vocab} pieces)",
+                        TokenizerTrainConfig(inputs=(str(english),), out=base, vocab_size=cfg.base_vocab,
+                                             model_type="bpe"), (str(english),), (str(base),))
 
 
 def dataset_specs(runs: Sequence[Phase2Run]) -> list[tuple[str, str, str]]:

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -238,8 +238,10 @@ class StepRunner:
             print(f"{position}{step.name}: done, reused", flush=True)
             return
         started = time.monotonic()
-        # Its output is uncommitted here (no record): a killed step's leftovers are this step's own.
-        config = replace(step.config, overwrite=Path(step.outputs[0]).exists())
+        # Its output is uncommitted here (no record): a killed step's leftovers are this step's own (a part
+        # without --overwrite replaces its output whole).
+        config = (replace(step.config, overwrite=Path(step.outputs[0]).exists())
+                  if "overwrite" in {f.name for f in fields(step.config)} else step.config)
         command = PipelineStep(step.name, config, step.inputs, step.outputs).command()
         print(f"\n=== {position}{step.name}\n$ {as_text(command)}", flush=True)
         # In this process, on the Ray it joined: the part's own main() parses the exact command shown, and
