@@ -43,9 +43,7 @@ def extend_argv(c: ExtendConfig) -> list[str]:
             *(f"--old-input={i}" for i in c.old_inputs), f"--new-pieces={c.new_pieces}", f"--out={c.out}",
             f"--text-field={c.text_field}", f"--max-sample-bytes={c.max_sample_bytes}",
             f"--max-heldout-bytes={c.max_heldout_bytes}", f"--holdout-fraction={c.holdout_fraction!r}"]
-    optional = {"--split": c.split, "--address": c.address, "--num-cpus": c.num_cpus}
-    argv += [f"{flag}={value}" for flag, value in optional.items() if value is not None]
-    return argv + (["--overwrite"] if c.overwrite else [])
+    return argv + _tokenizer_tail(c)
 
 
 def train_tokenizer_argv(c: TokenizerTrainConfig) -> list[str]:
@@ -55,9 +53,14 @@ def train_tokenizer_argv(c: TokenizerTrainConfig) -> list[str]:
             "--byte-fallback" if c.byte_fallback else "--no-byte-fallback",
             f"--character-coverage={c.character_coverage!r}", f"--text-field={c.text_field}",
             f"--max-sample-bytes={c.max_sample_bytes}", f"--holdout-fraction={c.holdout_fraction!r}"]
+    return argv + _tokenizer_tail(c)
+
+
+def _tokenizer_tail(c: ExtendConfig | TokenizerTrainConfig) -> list[str]:
+    """The flags `pipeline.tokenizer`'s two commands share that are given only when set."""
     optional = {"--split": c.split, "--address": c.address, "--num-cpus": c.num_cpus}
-    argv += [f"{flag}={value}" for flag, value in optional.items() if value is not None]
-    return argv + (["--overwrite"] if c.overwrite else [])
+    return [f"{flag}={value}" for flag, value in optional.items() if value is not None] + \
+        (["--overwrite"] if c.overwrite else [])
 
 
 def manpages_argv(c: ManpagesConfig) -> list[str]:
