@@ -1,12 +1,17 @@
 """The main job: the paper's English -> German continual-pretraining experiment, end to end.
 
-`python -m demo [--quick | --gpu]` (or `make demo`) drives the whole system as a user with
-a cluster would: a local Ray head with every preprocessing step submitted by `ray job submit`, the
-mixer service over HTTP, trainer processes pulling from it, a live ratio change by `curl -X PUT`, a run
-whose ratio the service's forgetting-budget controller steers, and a report comparing the runs with the
-paper's findings. Every step checks whether its output already
-exists, so a second invocation reuses what the first built. The run's sizes are a preset of
-`demo/config/` (see demo/experiment_config.py).
+`python -m demo [--quick | --gpu]` (or `make demo`) drives the whole system as a user would: Ray Data
+rendering the man pages and training the base tokenizer (the inputs a recipe starts from), the tokenizer
+extension and the token datasets, the mixer service over HTTP, trainer processes pulling from it, a live
+ratio change by `curl -X PUT`, a run whose ratio the service's forgetting-budget controller steers, and a
+report comparing the runs with the paper's findings.
+
+Its steps are the recipe's typed steps (`demo/steps.py`), run by the recipe's runner
+(`recipe.runner.StepRunner`): one way of running steps, with one reuse rule (a step's record in
+WORK_DIR/steps/), the pipeline's on one Ray, trainers resumed from their latest checkpoint and services
+on the state dir they left. What the demo adds on top is its own: the runs it compares (the replay table,
+the ablations, the union baseline, seeds), the operator's live change, the controller's budget, the corpus
+pins and the report. The run's sizes are a preset of `demo/config/` (see demo/experiment_config.py).
 """
 
 from __future__ import annotations
@@ -14,25 +19,26 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
 import urllib.request
-from contextlib import contextmanager
+from contextlib import ExitStack
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from demo.experiment_config import REPO, ControllerRun, ExperimentConfig, Phase2Run, UnionRun, load_config
 from demo.experiment_report import LIVE_CHANGE_NAME, write_report
-from demo.forgetting_budget import CONTROLLER_STATE_NAME, OLD, choose_budget, held_budget
-from service.launcher import ServiceDidNotStart, ServiceProcess, free_port
-from trainer.checkpoint import CHECKPOINT_DIR, FINAL, named_checkpoint
+from demo.forgetting_budget import choose_budget, held_budget
+from demo.steps import (ADMIN_TOKEN, READ_TOKEN, base_tokenizer_step, phase1_step, phase2_step, pipeline_steps,
+                        render_step, union_step)
+from recipe.errors import RecipeError
+from recipe.plan import TrainStep
+from recipe.runner import StepRunner
 
 
 class DemoError(Exception):
@@ -40,108 +46,24 @@ class DemoError(Exception):
     it); said to the user as one `error: ...` line, exit 2."""
 
 
-def banner(step: str) -> None:
-    print(f"\n=== {step}", flush=True)
-
-
 def echo(args: Sequence[object]) -> None:
     """Print a command as it starts; a bearer token shows as <token>, never its value (logs get shared)."""
     print("$ " + " ".join(re.sub(r"Bearer \S+", "Bearer <token>", str(a)) for a in args), flush=True)
 
 
-def run(args: Sequence[str], retry_if: str | None = None, **kwargs: object) -> None:
-    """Run a child process with its output on our terminal; fail loudly naming the command.
-
-    With `retry_if`, a failure whose output contains that text is retried once.
-    """
+def run(args: Sequence[str]) -> None:
+    """Run a command an operator would type (curl), its output on our terminal; fail naming the command.
+    The demo's steps are not run this way: the recipe's runner runs them."""
     command = [str(a) for a in args]
     echo(command)
-    child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             **kwargs)
-    output = []
-    for line in child.stdout:
-        sys.stdout.write(line)
-        output.append(line)
-    if child.wait() == 0:
-        return
-    if retry_if is not None and retry_if in "".join(output):
-        print(f"retrying once: the failure was {retry_if!r}", flush=True)
-        return run(args, **kwargs)
-    raise DemoError(f"step failed (exit {child.returncode}): {' '.join(command)}")
-
-
-class RayCluster:
-    """A local `ray start --head`, to which every preprocessing step is submitted as a Ray job.
-
-    The head runs with `--block` in its own process group, so stopping it stops this cluster alone
-    (`ray stop` would end every Ray on the machine). Ray's token authentication stays on, with a token
-    of this work dir's own.
-    """
-
-    def __init__(self, work_dir: Path):
-        self.work_dir = work_dir
-        self.dashboard = f"http://127.0.0.1:{free_port()}"
-        self.ray = Path(sys.executable).with_name("ray")
-        token = work_dir / "ray-auth-token"
-        if not token.exists():
-            token.write_text(secrets.token_hex(32))
-            token.chmod(0o600)
-        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-
-    def __enter__(self) -> "RayCluster":
-        # Every listening port is chosen free, so this head can run beside other Ray clusters on the machine.
-        ports = {flag: free_port() for flag in ("port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                "metrics-export-port", "runtime-env-agent-port", "node-manager-port",
-                                                "object-manager-port", "ray-client-server-port")}
-        args = [self.ray, "start", "--head", "--block", *(f"--{flag}={port}" for flag, port in ports.items()),
-                f"--dashboard-port={self.dashboard.rsplit(':', 1)[1]}", "--dashboard-host=127.0.0.1",
-                f"--num-cpus={os.cpu_count()}", f"--temp-dir=/tmp/ray-replaymix-{os.getpid()}",
-                "--disable-usage-stats"]
-        echo(args)
-        self.log = open(self.work_dir / "ray-head.log", "ab")
-        self.head = subprocess.Popen([str(a) for a in args], cwd=REPO, env=self.env, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            self._wait_for_job_agent()
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def _wait_for_job_agent(self, timeout_s: float = 180) -> None:
-        """The head answers before its job agent takes submissions: submit a no-op job until one is taken."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.head.poll() is not None:
-                raise DemoError(f"the Ray head exited (code {self.head.returncode}); see {self.log.name}")
-            probe = subprocess.run([str(self.ray), "job", "submit", "--no-wait", f"--address={self.dashboard}",
-                                    "--", "true"], env=self.env, capture_output=True, text=True)
-            if probe.returncode == 0:
-                print(f"Ray head up, dashboard {self.dashboard}, log {self.log.name}", flush=True)
-                return
-            if time.monotonic() > deadline:
-                raise DemoError(f"the Ray job agent did not come up in {timeout_s:.0f} s: {probe.stderr[-500:]}")
-            time.sleep(2)
-
-    def __exit__(self, *exc: object) -> None:
-        os.killpg(self.head.pid, signal.SIGTERM)
-        try:
-            self.head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.head.pid, signal.SIGKILL)
-        self.log.close()
-
-    def submit(self, module: str, *args: object) -> None:
-        runtime_env = {"excludes": [".venv", "runs", "data", ".git", "**/__pycache__", ".pytest_cache", ".hypothesis"]}
-        run([self.ray, "job", "submit", f"--address={self.dashboard}", f"--working-dir={REPO}",
-             f"--runtime-env-json={json.dumps(runtime_env)}", "--", sys.executable, "-m", module, *args],
-            # Ray 2.60 sometimes loses a just-uploaded working-dir package; a resubmission uploads it again.
-            retry_if="Failed to download runtime_env file package", env=self.env)
+    child = subprocess.run(command, cwd=REPO)
+    if child.returncode != 0:
+        raise DemoError(f"step failed (exit {child.returncode}): {' '.join(command)}")
 
 
 def token_files(work_dir: Path) -> tuple[Path, Path]:
     """(admin token file, read token file) of the demo's services, made once and kept private."""
-    files = work_dir / "admin-token", work_dir / "read-token"
+    files = work_dir / ADMIN_TOKEN, work_dir / READ_TOKEN
     for path in files:
         if not path.exists():
             path.write_text(secrets.token_urlsafe(32))
@@ -149,56 +71,11 @@ def token_files(work_dir: Path) -> tuple[Path, Path]:
     return files
 
 
-def german_dataset(cfg: ExperimentConfig, spec: Phase2Run) -> Path:
-    """German tokenized with the extension, or (a run without it) with the English base tokenizer."""
-    return cfg.work_dir / "datasets" / ("de" if spec.extend_tokenizer else "de-base")
-
-
-@contextmanager
-def mixer_service(cfg: ExperimentConfig, spec: Phase2Run, state_dir: Path, token_file: Path,
-                  extra_args: Sequence[str] = ()) -> Iterator[str]:
-    """Start `python -m service` on a free loopback port; yield its URL; stop it on exit."""
-    datasets, replay = cfg.work_dir / "datasets", spec.replay
-    args = [f"--dataset=en={datasets / 'en'}", f"--dataset=de={german_dataset(cfg, spec)}",
-            f"--weights=en={replay},de={1 - replay}", f"--seq-len={cfg.seq_len}",
-            f"--global-batch={cfg.global_batch}", f"--seed={cfg.seed + spec.seed}", f"--state-dir={state_dir}",
-            f"--admin-token-file={token_file}", f"--read-token-file={token_files(cfg.work_dir)[1]}", *extra_args]
-    # At the service's default log level: the log shows every request the trainer made.
-    service = ServiceProcess(args, log=state_dir.with_suffix(".log"), log_level=None)
-    try:
-        service.start()
-    except ServiceDidNotStart as error:
-        raise DemoError(f"the mixer service did not start: {error}") from None
-    try:
-        print(f"mixer service up at {service.url} (replay {replay:.0%}), log {service.log}", flush=True)
-        yield service.url
-    finally:
-        service.stop(grace=30)
-
-
 def served_frontier(url: str, read_token_file: Path) -> int:
     request = urllib.request.Request(f"{url}/v1/status",
                                      headers={"Authorization": f"Bearer {read_token_file.read_text().strip()}"})
     with urllib.request.urlopen(request, timeout=5) as response:
         return int(json.load(response)["served_frontier"])
-
-
-def trainer_args(cfg: ExperimentConfig, out: Path, steps: int, eval_sets: Mapping[str, Path],
-                 seed: int = 0) -> list[object]:
-    """A trainer's flags common to every run. --overwrite: a run left unfinished by an earlier invocation
-    starts afresh (its stream does too); finished runs are skipped before a trainer starts. The corpus pins
-    go into the run folder first: the report refuses a run trained on other text than its neighbours."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CORPUS_PINS_NAME).write_text(json.dumps(corpus_pins(cfg), indent=2))
-    return [sys.executable, "-m", "trainer", f"--model={cfg.model}", f"--steps={steps}", f"--out={out}",
-            "--overwrite", f"--micro-batch={cfg.micro_batch}", f"--eval-every={cfg.eval_every}",
-            f"--eval-batches={cfg.eval_batches}", f"--device={cfg.device}", f"--seed={cfg.seed + seed}",
-            "--log-every=1", *(f"--eval-dataset={name}={path}" for name, path in eval_sets.items()),
-            *cfg.extra_trainer_args]
-
-
-def finished(run_dir: Path) -> bool:
-    return (run_dir / CHECKPOINT_DIR / FINAL).exists()
 
 
 CORPUS_PINS_NAME = "corpus.json"  # in the work dir: the corpora it was built from; in a run dir: its own
@@ -248,154 +125,38 @@ def check_run_pins(cfg: ExperimentConfig, pins: Mapping[str, dict], run_dirs: Se
                              f"({differences(then, pins) or 'no corpus.json in it'}); rerun with --fresh")
 
 
-def build_data(cfg: ExperimentConfig, ray: RayCluster, runs: Sequence[Phase2Run]) -> None:
-    """Corpora, tokenizers and token datasets, each step submitted as a Ray job and skipped if done."""
-    corpora, tokenizers, datasets = (cfg.work_dir / d for d in ("corpora", "tokenizers", "datasets"))
-    for lang, extra in (("en", cfg.extra_old), ("de", cfg.extra_new)):
-        corpus = corpora / f"{lang}.jsonl"
-        if not corpus.exists():
-            pages = corpora / f"{lang}-manpages.jsonl"
-            banner(f"rendering {cfg.pages_per_language} {lang} man pages (Ray job)")
-            ray.submit("pipeline.corpora.manpages", f"--lang={lang}", f"--out={pages}",
-                       f"--limit={cfg.pages_per_language}")
-            check_page_count(cfg, lang, pages)
-            with open(corpus.with_suffix(".partial"), "wb") as out:  # whole or absent: a crash leaves no half
-                for part in (pages, *([extra] if extra else [])):
-                    with open(part, "rb") as src:
-                        shutil.copyfileobj(src, out)
-            corpus.with_suffix(".partial").rename(corpus)
-            pages.unlink()
-    base, extended = tokenizers / "en.model", tokenizers / "en+de.model"
-    if not base.exists():
-        banner(f"training the English base tokenizer ({cfg.base_vocab} pieces, Ray job)")
-        ray.submit("pipeline.tokenizer", "train", f"--input={corpora / 'en.jsonl'}",
-                   f"--vocab-size={cfg.base_vocab}", "--model-type=bpe", f"--out={base}")
-    if not extended.exists():
-        banner(f"extending it with up to {cfg.new_pieces} German pieces (Ray job)")
-        ray.submit("pipeline.tokenizer", "extend", f"--base={base}", f"--input={corpora / 'de.jsonl'}",
-                   f"--old-input={corpora / 'en.jsonl'}", f"--new-pieces={cfg.new_pieces}", f"--out={extended}")
-    for name, lang, model in dataset_specs(cfg, runs):
-        if not (datasets / name / "manifest.json").exists():
-            banner(f"tokenizing the {lang} corpus with {model} (Ray job)")
-            ray.submit("pipeline.tokenize", f"--input={corpora / f'{lang}.jsonl'}", f"--tokenizer={tokenizers / model}",
-                       f"--out={datasets / name}", f"--seed={cfg.seed}", f"--val-fraction={cfg.val_fraction}",
-                       "--overwrite")
-
-
-def dataset_specs(cfg: ExperimentConfig, runs: Sequence[Phase2Run]) -> list[tuple[str, str, str]]:
-    """(dataset, corpus, tokenizer) of the token datasets these runs need: German with the English base
-    tokenizer only for a run without the extension."""
-    specs = [("en", "en", "en.model"), ("de", "de", "en+de.model")]
-    return specs + ([("de-base", "de", "en.model")] if any(not spec.extend_tokenizer for spec in runs) else [])
-
-
 def check_page_count(cfg: ExperimentConfig, lang: str, pages: Path) -> None:
     """Refuse a corpus with fewer pages than the preset expects, naming the package that brings them."""
     with open(pages, "rb") as rendered:
         count = sum(1 for line in rendered if line.strip())
     if count < cfg.min_pages_per_language:
-        pages.unlink()  # rendered again next time, once the pages are there
         package = "manpages" if lang == "en" else "manpages-de"
         raise DemoError(f"only {count} {lang} man pages rendered, fewer than the "
                          f"{cfg.min_pages_per_language} this preset expects; install {package} (`make manpages`; "
                          f"`dpkg -s {package}` says whether it is) and rerun")
 
 
-def pretrain_english(cfg: ExperimentConfig) -> Path:
-    """Phase 1: English alone, infinite schedule, with a checkpoint saved just before the anneal."""
-    out = cfg.work_dir / "runs" / "phase1-en"
-    if not finished(out):
-        banner(f"phase 1: pretraining a {cfg.model} Llama on English for {cfg.phase1_steps} steps")
-        # Evaluated on English only: German ids of the extended tokenizer do not exist in this model yet.
-        # In-process mixing: the batch geometry is given here; phase 2's services decide it for their trainers.
-        run([*trainer_args(cfg, out, cfg.phase1_steps, {"en": cfg.work_dir / "datasets" / "en"}),
-             f"--dataset=en={cfg.work_dir / 'datasets' / 'en'}",
-             f"--seq-len={cfg.seq_len}", f"--global-batch={cfg.global_batch}", *cfg.infinite_schedule_args(),
-             f"--decay-steps={cfg.anneal_steps(cfg.phase1_steps)}",
-             f"--save-at={cfg.phase1_anneal_start}"])
-    return out
-
-
-def train_union(cfg: ExperimentConfig, union: UnionRun) -> Path:
-    """The baseline the paper measures continuing against: from scratch on English and German together."""
-    out = cfg.work_dir / "runs" / union.name
-    if not finished(out):
-        share, datasets = cfg.union_german_share, cfg.work_dir / "datasets"
-        banner(f"union baseline: a {cfg.model} Llama from scratch on English + German ({share:.1%} German) for "
-               f"{cfg.union_steps} steps, re-warmed cosine")
-        # In-process mixing, like phase 1; the extended tokenizer's vocabulary from the first step (the
-        # English dataset's ids are a prefix of it, which the mixer checks).
-        run([*trainer_args(cfg, out, cfg.union_steps, {lang: datasets / lang for lang in ("en", "de")}),
-             f"--dataset=en={datasets / 'en'}", f"--dataset=de={datasets / 'de'}",
-             f"--weights=en={1 - share:.4f},de={share:.4f}", f"--seq-len={cfg.seq_len}",
-             f"--global-batch={cfg.global_batch}", "--lr-schedule=cosine",
-             f"--warmup-steps={max(1, cfg.union_steps // 100)}", *cfg.rate_args()])
-    return out
-
-
-def phase2_schedule(cfg: ExperimentConfig, spec: Phase2Run) -> list[str]:
-    """A re-warmed cosine (its peak and warmup the run's own where it changes them), or phase 1's infinite
-    schedule as its checkpoint recorded it: the constant rate, then this run's anneal."""
-    if not spec.rewarm:
-        return ["--continue-schedule", f"--decay-steps={cfg.anneal_steps(cfg.phase2_steps)}"]
-    rates = cfg.rate_args() if spec.max_lr is None else [f"--max-lr={spec.max_lr}", f"--min-lr={spec.max_lr / 10:.3g}"]
-    return ["--lr-schedule=cosine", f"--warmup-steps={spec.warmup_steps or cfg.phase2_warmup()}", *rates]
-
-
-def controller_args(cfg: ExperimentConfig, spec: ControllerRun, earlier: Mapping[Phase2Run, Path]) -> list[str]:
-    """The service flags of a controller run: its budget from the runs before it, a decision at most per
-    evaluation (the controller learns nothing new between two)."""
-    budget = choose_budget(spec, earlier)
-    print(f"forgetting budget {budget.value:.4g}: {budget.origin}", flush=True)
-    return ["--controller=forgetting-budget", f"--old={OLD}", f"--budget={budget.value}",
-            f"--min-share={spec.min_share}", f"--max-share={spec.max_share}", f"--interval={cfg.eval_every}"]
-
-
-def continue_on_german(cfg: ExperimentConfig, spec: Phase2Run, phase1: Path, token_file: Path,
-                       earlier: Mapping[Phase2Run, Path]) -> Path:
-    """Phase 2: one run on the German stream served by the mixer, English replayed at spec.replay (changed
-    live, or steered by the service's controller, for the runs that say so)."""
-    out = cfg.work_dir / "runs" / spec.name
-    steered = isinstance(spec, ControllerRun)
-    if finished(out) and steered:
-        # Its budget comes from an earlier run, which may have changed since (or its rule has): never report
-        # a controller against a budget other than the one it held.
-        held, now = held_budget(out), choose_budget(spec, earlier).value
-        if held not in (None, now):
-            print(f"{spec.name}: trained with budget {held}, now {now}; training it again", flush=True)
-            shutil.rmtree(out)
-    if finished(out):
-        return out
-    banner(f"phase 2: {spec.name} ({spec.replay:.0%} English replay" + (f", seed {spec.seed}" if spec.seed else "")
-           + (f", switched live to {spec.switch_to:.0%}" if spec.switch_to is not None else "")
-           + (", then steered by the forgetting-budget controller" if steered else "")
-           + (", no re-warming" if not spec.rewarm else ", re-warmed cosine") + ")")
-    state_dir = cfg.work_dir / "service" / spec.name
-    shutil.rmtree(state_dir, ignore_errors=True)  # a rerun of an unfinished run starts its stream afresh
-    state_dir.mkdir(parents=True)
-    evals = {"en": cfg.work_dir / "datasets" / "en", "de": german_dataset(cfg, spec)}
-    with mixer_service(cfg, spec, state_dir, token_file, controller_args(cfg, spec, earlier) if steered else ()) as url:
-        args = [*trainer_args(cfg, out, cfg.phase2_steps, evals, seed=spec.seed), f"--stream={url}",
-                f"--stream-token-file={token_files(cfg.work_dir)[1]}",
-                f"--init-from={phase1 / CHECKPOINT_DIR / named_checkpoint(cfg.phase1_anneal_start)}",
-                *([f"--extension-report={cfg.work_dir / 'tokenizers' / 'en+de.report.json'}"]
-                  if spec.extend_tokenizer else []),
-                *(["--reset-optimizer"] if spec.reset_optimizer else []), *phase2_schedule(cfg, spec)]
-        if spec.switch_to is not None or steered:
-            # The client reads a few steps ahead only, so a change without start_step (the operator's, or
-            # the controller's after an evaluation) lands a few steps after it was made.
-            args.append("--stream-read-ahead=2")
-        echo(args)
-        trainer = subprocess.Popen([str(a) for a in args], cwd=REPO)
-        if spec.switch_to is not None:
-            change_replay_live(url, token_file, token_files(cfg.work_dir)[1], spec.switch_to,
-                               at_step=cfg.phase2_steps // 2, trainer=trainer,
-                               record=out / LIVE_CHANGE_NAME)
-        if trainer.wait() != 0:
-            raise DemoError(f"phase-2 run {spec.name} failed (exit {trainer.returncode})")
-        if steered:  # its state, observations and decisions live in the service: keep them for the report
-            curl("GET", f"{url}/v1/controller", token_files(cfg.work_dir)[1], out / CONTROLLER_STATE_NAME)
-    return out
+def make_corpora(cfg: ExperimentConfig, runner: StepRunner, on_ray: Callable[[], None]) -> None:
+    """corpora/LANG.jsonl: the rendered man pages (a step), checked for their count, with the extra corpus
+    appended; written whole or not at all."""
+    for lang, extra in (("en", cfg.extra_old), ("de", cfg.extra_new)):
+        corpus = cfg.work_dir / "corpora" / f"{lang}.jsonl"
+        if corpus.exists():
+            continue
+        step = render_step(cfg, lang)
+        on_ray()
+        runner.run_pipeline_step(step)
+        pages = Path(step.outputs[0])
+        try:
+            check_page_count(cfg, lang, pages)
+        except DemoError:
+            runner.move_aside(step)  # rendered again next time, once the pages are there
+            raise
+        with open(corpus.with_suffix(".partial"), "wb") as out:  # whole or absent: a crash leaves no half
+            for part in (pages, *([extra] if extra else [])):
+                with open(part, "rb") as src:
+                    shutil.copyfileobj(src, out)
+        corpus.with_suffix(".partial").rename(corpus)
 
 
 def curl(method: str, url: str, token_file: Path, record: Path, body: dict | None = None) -> None:
@@ -408,7 +169,16 @@ def curl(method: str, url: str, token_file: Path, record: Path, body: dict | Non
 
 def change_replay_live(url: str, token_file: Path, read_token_file: Path, replay: float, at_step: int,
                        trainer: subprocess.Popen, record: Path) -> None:
-    """Wait until the trainer has pulled `at_step`, then change the ratio as an operator would: curl."""
+    """Wait until the trainer has pulled `at_step`, then change the ratio as an operator would: curl. A run
+    resumed after the change was made finds it in the service's schedule (its state dir is kept) and only
+    records it again."""
+    request = urllib.request.Request(f"{url}/v1/mix",
+                                     headers={"Authorization": f"Bearer {token_file.read_text().strip()}"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        schedule = json.load(response)["schedule"]
+    if len(schedule) > 1:
+        record.write_text(json.dumps({"stage": schedule[-1]}))
+        return
     while served_frontier(url, read_token_file) < at_step:
         if trainer.poll() is not None:
             return
@@ -470,6 +240,9 @@ def experiment_record(cfg: ExperimentConfig, runs: Sequence[Phase2Run]) -> dict:
     settings.pop("runs")
     # What `--model SIZE` builds: a work dir trained with the trainer's former own GPT is another experiment.
     settings["architecture"] = "LlamaForCausalLM"
+    # Phase 2 replays English in the extended encoding (datasets/en), as a recipe does; earlier demos
+    # replayed it in the base one under the same name.
+    settings["english_replayed_in"] = "extended encoding"
     return {"settings": settings, "runs": {spec.name: run_record(spec) for spec in runs}}
 
 
@@ -509,26 +282,70 @@ def main(argv: Sequence[str] | None = None) -> int:
         saved.write_text(json.dumps(record, indent=2))
         token_file, _ = token_files(cfg.work_dir)
         return run_experiment(cfg, selected, token_file, started)
-    except DemoError as why:
+    except (DemoError, RecipeError) as why:
         print(f"error: {why}", file=sys.stderr)
         return 2
 
 
 def run_experiment(cfg: ExperimentConfig, selected: Sequence[Phase2Run], token_file: Path, started: float) -> int:
-    datasets = cfg.work_dir / "datasets"
-    if not all((datasets / name / "manifest.json").exists() for name, _, _ in dataset_specs(cfg, selected)):
-        banner(f"starting a local Ray head; preprocessing is submitted to it with `ray job submit` ({cfg.work_dir})")
-        with RayCluster(cfg.work_dir) as ray:
-            build_data(cfg, ray, selected)
-    pins = pin_corpora(cfg)
-    phase1 = pretrain_english(cfg)
+    runner = StepRunner(cfg.work_dir)
+    with ExitStack() as ray:
+        joined = False
+
+        def on_ray() -> None:  # the pipeline steps' Ray, started once and only when a step has to run
+            nonlocal joined
+            if not joined:
+                ray.enter_context(runner.ray(None, None))
+                joined = True
+
+        make_corpora(cfg, runner, on_ray)
+        pins = pin_corpora(cfg)  # before the steps that read the corpora: a changed one is refused here
+        pipeline = [base_tokenizer_step(cfg), *pipeline_steps(cfg, selected)]
+        for index, step in enumerate(pipeline, 1):
+            if not runner.done(step):
+                on_ray()
+            runner.run_pipeline_step(step, f"[{index}/{len(pipeline)}] ")
+    phase1 = train(runner, phase1_step(cfg), pins)
     runs: dict[Phase2Run, Path] = {}
     for spec in selected:  # in order: a controller run takes its budget from the runs before it
-        runs[spec] = continue_on_german(cfg, spec, phase1, token_file, dict(runs))
-    union = train_union(cfg, cfg.union) if cfg.union else None
+        runs[spec] = continue_on_german(cfg, runner, spec, token_file, dict(runs), pins)
+    union = train(runner, union_step(cfg), pins) if cfg.union else None
     check_run_pins(cfg, pins, [phase1, *runs.values(), *([union] if union else [])])
     report = write_report(cfg, phase1, runs, union, pins)
     print(f"\n{report.read_text()}")
     print(f"demo done in {(time.monotonic() - started) / 60:.1f} min: {len(runs) + 1 + bool(union)} training runs, "
           f"report {report}", flush=True)
     return 0
+
+
+def train(runner: StepRunner, step: TrainStep, pins: Mapping[str, dict],
+          during: Callable[[str, subprocess.Popen], None] | None = None) -> Path:
+    """A training step through the recipe's runner (reused when done, resumed when it stopped); a run
+    trained now gets the corpus pins it was trained on, which the report checks."""
+    if runner.run_train_step(step, during):
+        (step.run_dir / CORPUS_PINS_NAME).write_text(json.dumps(pins, indent=2))
+    return step.run_dir
+
+
+def continue_on_german(cfg: ExperimentConfig, runner: StepRunner, spec: Phase2Run, token_file: Path,
+                       earlier: Mapping[Phase2Run, Path], pins: Mapping[str, dict]) -> Path:
+    """Phase 2: one run on the German stream served by the mixer, English replayed at spec.replay (changed
+    live by the operator, or steered by the service's controller, for the runs that say so)."""
+    budget = None
+    if isinstance(spec, ControllerRun):
+        chosen = choose_budget(spec, earlier)
+        print(f"{spec.name}: forgetting budget {chosen.value:.4g}: {chosen.origin}", flush=True)
+        budget = chosen.value
+    step = phase2_step(cfg, spec, budget)
+    held = held_budget(step.run_dir)
+    if budget is not None and held not in (None, budget):
+        # Its budget comes from an earlier run, which may have changed since (or its rule has): never report
+        # a controller against a budget other than the one it held. The old run is kept, moved aside.
+        print(f"{spec.name}: trained with budget {held}, now {budget}; training it again", flush=True)
+        runner.move_aside(step)
+
+    def operator(url: str, trainer: subprocess.Popen) -> None:  # while it trains: the live change
+        change_replay_live(url, token_file, token_files(cfg.work_dir)[1], spec.switch_to,
+                           at_step=cfg.phase2_steps // 2, trainer=trainer, record=step.run_dir / LIVE_CHANGE_NAME)
+
+    return train(runner, step, pins, operator if spec.switch_to is not None else None)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from demo.controller_report import average_share, controller_lines
 from demo.experiment_config import ControllerRun, ExperimentConfig, Phase2Run
-from demo.findings import (PAPER_PILE_BEFORE, PAPER_STRONG_SHIFT, Judge, Point, findings_table, make_point,
-                           plot_losses, plot_rates, plot_tradeoff, seed_spread, union_lines)
+from demo.findings import (PAPER_PILE_BEFORE, PAPER_STRONG_SHIFT, Judge, Point, encoding_row, findings_table,
+                           make_point, plot_losses, plot_rates, plot_tradeoff, seed_spread, union_lines)
 from demo.measures import ValSplit, flops_per_token, val_split, vocab_size
 from trainer.metrics_log import read_metrics
 from trainer.report import write_report as write_run_comparison
@@ -36,11 +36,12 @@ def write_report(cfg: ExperimentConfig, phase1: Path, runs: dict[Phase2Run, Path
     write_run_comparison([phase1, *runs.values(), *([union] if union else [])], plots)
     datasets, corpora = cfg.work_dir / "datasets", cfg.work_dir / "corpora"
     splits = {name: val_split(datasets / name, corpora / f"{name[:2]}.jsonl")
-              for name in ("en", "de", "de-base") if (datasets / name / "manifest.json").exists()}
+              for name in ("en", "en-base", "de", "de-base") if (datasets / name / "manifest.json").exists()}
 
     def ratio(spec: Phase2Run | None) -> dict[str, float]:  # tokens per byte of the val sets a run was scored on
-        return {"en": splits["en"].tokens_per_byte,
-                "de": splits["de" if spec is None or spec.extend_tokenizer else "de-base"].tokens_per_byte}
+        extended = spec is None or spec.extend_tokenizer
+        return {"en": splits["en" if extended else "en-base"].tokens_per_byte,
+                "de": splits["de" if extended else "de-base"].tokens_per_byte}
 
     # Runs differing only by seed make one point: their mean and range.
     groups: dict[str, list[Phase2Run]] = {}
@@ -52,6 +53,8 @@ def write_report(cfg: ExperimentConfig, phase1: Path, runs: dict[Phase2Run, Path
     judge = Judge(seed_spread(list(points.values())))
     losses = {spec: validation_losses(run_dir) for spec, run_dir in runs.items()}
     start = next(iter(losses.values()))[0]  # every run's first evaluation is of the phase-1 checkpoint
+    # ... in the run's own encoding: a run without the extension scores the base one from its start
+    own_start = {spec: losses[spec][0] for spec in runs}
     phase1_end = validation_losses(phase1)[-1]["en"]
     final = {spec: points[spec.base].loss for spec in runs if spec.seed == 0}
     tokens, compute = compute_spent(cfg)
@@ -65,7 +68,7 @@ def write_report(cfg: ExperimentConfig, phase1: Path, runs: dict[Phase2Run, Path
             f"| {base}{f' (x{point.seeds} seeds)' if point.seeds > 1 else ''} | {replay_cell(spec, runs[spec])} "
             f"| {differs(cfg, spec)} | {point.cell('en')} | {point.cell('de')} | {point.average:.3f} "
             f"| {point.bpb['en']:.3f} | {point.bpb['de']:.3f} "
-            f"| {point.loss['en'] - start['en']:+.3f} | {start['de'] - point.loss['de']:+.3f} "
+            f"| {point.loss['en'] - own_start[spec]['en']:+.3f} | {own_start[spec]['de'] - point.loss['de']:+.3f} "
             f"| {f'{paper[0]:.2f} / {paper[1]:.2f}' if paper and spec.recipe else '-'} |"
         )
     live = next((s for s in runs if s.switch_to is not None), None)
@@ -96,7 +99,9 @@ def write_report(cfg: ExperimentConfig, phase1: Path, runs: dict[Phase2Run, Path
         *rows,
         "",
         *(union_lines(cfg, table, union_point, compute, tokens) if union_point and table else []),
-        *findings_table(cfg, points, start, union_point, compute, judge),
+        *findings_table(cfg, points, start, union_point, compute, judge,
+                        [row] if (row := encoding_row({p.spec.replay: runs[p.spec] for p in table.values()},
+                                                       splits)) else []),
         *spread_lines(points, judge),
         *findings_lines(cfg, start, phase1_end, {p.spec: p.loss for p in points.values()}),
         *(live_switch_lines(runs[live], live) if live else []),
@@ -128,7 +133,7 @@ def differs(cfg: ExperimentConfig, spec: Phase2Run) -> str:
 def compute_spent(cfg: ExperimentConfig) -> tuple[dict[str, int], dict[str, float]]:
     """Tokens and training FLOPs of phase 1, of one phase-2 run, and of the union baseline."""
     datasets = cfg.work_dir / "datasets"
-    old, new = vocab_size(datasets / "en"), vocab_size(datasets / "de")
+    old, new = vocab_size(datasets / "en-base"), vocab_size(datasets / "de")
     per_step = cfg.global_batch * cfg.seq_len
     tokens = {"phase1": cfg.phase1_steps * per_step, "phase2": cfg.phase2_steps * per_step,
               "union": cfg.union_steps * per_step}
@@ -148,7 +153,7 @@ def corpus_lines(pins: dict[str, dict] | None, splits: dict[str, ValSplit]) -> l
         names = [name for name in splits if name[:2] == lang]
         lines.append(f"| {lang} | {pin['pages']} | {pin['bytes']:,} | `{pin['sha256']}` "
                      f"| {splits[names[0]].documents} | {splits[names[0]].bytes:,} | "
-                     + ", ".join(f"{splits[n].tokens:,} ({'base' if n in ('en', 'de-base') else 'extended'})"
+                     + ", ".join(f"{splits[n].tokens:,} ({'base' if n.endswith('-base') else 'extended'})"
                                  for n in names) + " |")
     return lines + [""]
 

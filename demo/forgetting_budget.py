@@ -24,6 +24,7 @@ from demo.experiment_config import ControllerRun, Phase2Run
 from trainer.metrics_log import read_metrics
 
 OLD = "en"  # the demo's old data: the dataset whose forgetting the controller holds
+BASE_ENCODING = "en-base"  # the old data in the base tokenizer's encoding, scored beside OLD (demo/steps.py)
 CONTROLLER_STATE_NAME = "controller.json"  # the service's GET /v1/controller answer at the end of the run
 
 

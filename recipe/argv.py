@@ -13,8 +13,10 @@ from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.corpora.manpages import ManpagesConfig
 from pipeline.tokenize import TokenizeConfig
 from pipeline.tokenizer.extend import ExtendConfig
+from pipeline.tokenizer.train import TokenizerTrainConfig
 from service.service_config import ServiceConfig
 from trainer.hf_model import HF_PREFIX
 from trainer.train_config import TrainConfig, flag_of
@@ -44,9 +46,31 @@ def extend_argv(c: ExtendConfig) -> list[str]:
             f"--max-old-sample-bytes={c.max_old_sample_bytes}"]
     argv += [flag for flag, on in (("--keep-old-encoding", c.keep_old_encoding), ("--byte-fallback", c.byte_fallback))
              if on]
+    return argv + _tokenizer_tail(c)
+
+
+def train_tokenizer_argv(c: TokenizerTrainConfig) -> list[str]:
+    """`python -m pipeline.tokenizer train` flags for `c` (`pipeline.tokenizer.__main__.config_from_args`)."""
+    argv = ["train", *(f"--input={i}" for i in c.inputs), f"--out={c.out}", f"--vocab-size={c.vocab_size}",
+            f"--kind={c.kind}", f"--model-type={c.model_type}",
+            "--byte-fallback" if c.byte_fallback else "--no-byte-fallback",
+            f"--character-coverage={c.character_coverage!r}", f"--text-field={c.text_field}",
+            f"--max-sample-bytes={c.max_sample_bytes}", f"--holdout-fraction={c.holdout_fraction!r}"]
+    return argv + _tokenizer_tail(c)
+
+
+def _tokenizer_tail(c: ExtendConfig | TokenizerTrainConfig) -> list[str]:
+    """The flags `pipeline.tokenizer`'s two commands share that are given only when set."""
     optional = {"--split": c.split, "--address": c.address, "--num-cpus": c.num_cpus}
-    argv += [f"{flag}={value}" for flag, value in optional.items() if value is not None]
-    return argv + (["--overwrite"] if c.overwrite else [])
+    return [f"{flag}={value}" for flag, value in optional.items() if value is not None] + \
+        (["--overwrite"] if c.overwrite else [])
+
+
+def manpages_argv(c: ManpagesConfig) -> list[str]:
+    """`python -m pipeline.corpora.manpages` flags for `c` (`pipeline.corpora.manpages.parse_args`)."""
+    argv = [f"--lang={c.lang}", f"--out={c.out}", f"--man-root={c.man_root}"]
+    optional = {"--limit": c.limit, "--address": c.address, "--num-cpus": c.num_cpus}
+    return argv + [f"{flag}={value}" for flag, value in optional.items() if value is not None]
 
 
 def service_argv(c: ServiceConfig) -> list[str]:

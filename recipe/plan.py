@@ -1,8 +1,11 @@
 """A recipe planned into ordered, typed steps, each holding the config object of the part that runs it.
 
-- `PipelineStep`: `pipeline.tokenizer extend` (an `ExtendConfig`) or `pipeline.tokenize` (a `TokenizeConfig`).
+- `PipelineStep`: `pipeline.tokenizer extend` (an `ExtendConfig`) or `pipeline.tokenize` (a `TokenizeConfig`);
+  the demo's own inputs are made by `pipeline.tokenizer train` (a `TokenizerTrainConfig`) and
+  `pipeline.corpora.manpages` (a `ManpagesConfig`), steps of the same kind.
 - `TrainStep`: a mixer service (`ServiceConfig`) and a trainer (`TrainConfig`) pulling from it: a sweep's
-  pilot or an update's full run.
+  pilot or an update's full run (a step with no service is a trainer mixing its datasets in process: the
+  demo's pretraining and union runs).
 
 Every step declares its inputs (what its outputs depend on, content-hashed by the runner) and outputs,
 and its command comes from `recipe.argv`, the one renderer per part. Where things go in the output folder:
@@ -20,10 +23,13 @@ import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from pipeline.corpora.manpages import ManpagesConfig
 from pipeline.shard_cache import CacheConfig
 from pipeline.tokenize import TokenizeConfig
 from pipeline.tokenizer.extend import ExtendConfig
-from recipe.argv import extend_argv, service_argv, tokenize_argv, trainer_argv
+from pipeline.tokenizer.train import TokenizerTrainConfig
+from recipe.argv import (extend_argv, manpages_argv, service_argv, tokenize_argv, train_tokenizer_argv,
+                         trainer_argv)
 from recipe.errors import RecipeError
 from recipe.schema import Corpus, Recipe, Update
 from service.service_config import ServiceConfig
@@ -39,20 +45,26 @@ SECRETS = "secrets"
 WHOLE = 1 - 2**-30
 
 
+# Each pipeline config: the module that runs it, and its renderer.
+_PIPELINE_PARTS = {TokenizeConfig: ("pipeline.tokenize", tokenize_argv),
+                   ExtendConfig: ("pipeline.tokenizer", extend_argv),
+                   TokenizerTrainConfig: ("pipeline.tokenizer", train_tokenizer_argv),
+                   ManpagesConfig: ("pipeline.corpora.manpages", manpages_argv)}
+
+
 @dataclass(frozen=True)
 class PipelineStep:
     name: str
-    config: TokenizeConfig | ExtendConfig
+    config: TokenizeConfig | ExtendConfig | TokenizerTrainConfig | ManpagesConfig
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
 
     @property
     def module(self) -> str:
-        return "pipeline.tokenize" if isinstance(self.config, TokenizeConfig) else "pipeline.tokenizer"
+        return _PIPELINE_PARTS[type(self.config)][0]
 
     def command(self) -> list[str]:
-        argv = tokenize_argv(self.config) if isinstance(self.config, TokenizeConfig) else extend_argv(self.config)
-        return [sys.executable, "-m", self.module, *argv]
+        return [sys.executable, "-m", self.module, *_PIPELINE_PARTS[type(self.config)][1](self.config)]
 
 
 @dataclass(frozen=True)
@@ -61,7 +73,7 @@ class TrainStep:
     update: str
     role: str  # "pilot" or "train"
     share: float | None  # the fixed replayed share (None: stages or a controller decide it)
-    service: ServiceConfig
+    service: ServiceConfig | None  # None: the trainer mixes its `data.datasets` in process
     trainer: TrainConfig
     later_stages: tuple[tuple[int, dict[str, float]], ...]  # (start step, weights) PUT once the service is up
     launcher: str
@@ -71,6 +83,7 @@ class TrainStep:
     new: tuple[str, ...]
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+    about: str = ""  # what the run is, printed as it starts (default: its role, steps and mix)
 
     @property
     def run_dir(self) -> Path:

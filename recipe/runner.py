@@ -1,4 +1,4 @@
-"""Run a plan: each step once, its outputs reused while its inputs and settings are unchanged.
+"""Run steps: each once, its outputs reused while its inputs and settings are unchanged.
 
 One rule decides whether a step is done (`StepRecords.state`): a step is done when its record
 (`steps/STEP.json`, written after its output is committed) holds the settings and the input content
@@ -7,6 +7,9 @@ built again (its outputs moved aside first, never mixed). A step without a recor
 rebuilds its uncommitted output; a training step resumes, the trainer from its latest checkpoint
 (`--resume`, bit for bit) and the service from the state dir it left (never `--overwrite`, never a deleted
 state dir). So a job killed anywhere continues where it stopped when it is run again.
+
+`StepRunner` runs one step under that rule, the one way steps are run in the tree: the recipe's `Runner`
+runs a plan's steps with it, and the demo (`demo/experiment.py`) its own runs, built as the same typed steps.
 
 Pipeline steps run as `python -m pipeline...` processes joined to one Ray: the cluster this job runs
 under (`ray job submit` sets $RAY_ADDRESS), `compute.ray_address`, or a local Ray this process starts.
@@ -24,9 +27,9 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import httpx
 
@@ -62,7 +65,8 @@ def settings(step: Step) -> dict[str, Any]:
     trainer = _jsonable(asdict(step.trainer))
     for volatile in ("resume", "overwrite", "progress"):
         trainer.pop(volatile, None)
-    service = _jsonable({k: v for k, v in asdict(step.service).items() if k not in ("port", "log_level", "cache")})
+    service = None if step.service is None else _jsonable(
+        {k: v for k, v in asdict(step.service).items() if k not in ("port", "log_level", "cache")})
     return {"service": service, "trainer": trainer, "later_stages": _jsonable(step.later_stages),
             "launcher": step.launcher, "workers": step.workers}
 
@@ -161,14 +165,212 @@ def _lookup(tree: dict, dotted: str) -> Any:
 # ---------------------------------------------------------------------------------------------- running
 
 
-class Runner:
+class StepRunner:
+    """Runs typed steps whose records live in OUT/steps/, each under the rule above: done (reused), changed
+    (refused naming what differs, or moved aside with `fresh`), or run (a pipeline step rebuilding its
+    uncommitted output, a trainer resumed, a service on the state dir it left). The recipe's `Runner` and
+    the demo (`demo/experiment.py`) both run their steps with it: one way of running steps in the tree."""
+
+    def __init__(self, out: Path, fresh: bool = False):
+        self.out, self.fresh = out, fresh
+        self.records = StepRecords(out)
+        self.seconds: dict[str, float] = {}
+
+    def _decide(self, step: Step) -> bool:
+        """Whether `step` is done; a changed one is refused, or moved aside with --fresh."""
+        state, differs = self.records.state(step)
+        if state == "changed":
+            if not self.fresh:
+                raise RecipeError(f"step {step.name!r} was built from other inputs or settings than the recipe "
+                                  f"gives now ({differs}); rerun with --fresh to build it again, or restore them")
+            self.move_aside(step)
+            return False
+        return state == "done"
+
+    def done(self, step: Step) -> bool:
+        """Whether `step` is done by the rule (a changed one refused, or moved aside with `fresh`)."""
+        return self._decide(step)
+
+    def move_aside(self, step: Step) -> None:
+        """A step built again: its outputs go to OUTPUT/replaced/ (never deleted), its record goes."""
+        aside = self.out / "replaced" / time.strftime("%Y%m%d-%H%M%S")
+        for output in step.outputs:
+            if Path(output).exists():
+                target = aside / Path(output).relative_to(self.out)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(output, target)
+        self.records.path(step).unlink(missing_ok=True)
+        print(f"{step.name}: its earlier outputs moved to {aside}", flush=True)
+
+    # -- Ray for the pipeline steps
+
+    @staticmethod
+    @contextmanager
+    def ray(address: str | None, cpus: int | None) -> Iterator[None]:
+        """This process joins the Ray the pipeline steps run on: the cluster at `address` (or $RAY_ADDRESS),
+        else a local Ray it starts with `cpus` (stopped when the steps are done)."""
+        import logging
+
+        import ray
+
+        from pipeline.ray_runtime import init_ray
+
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            print(f"pipeline steps run on the Ray cluster at {address}", flush=True)
+            init_ray(address)
+        else:
+            init_ray(None, cpus)
+            print(f"pipeline steps run on a local Ray started by this job ({ray.get_runtime_context().gcs_address})",
+                  flush=True)
+        logging.getLogger("ray").setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+    # -- one step
+
+    def run_pipeline_step(self, step: PipelineStep, position: str = "") -> None:
+        """`step` in this process, on the Ray it joined (`ray`), unless it is done; `position` ("[2/5] ")
+        prefixes what is printed."""
+        if self._decide(step):
+            print(f"{position}{step.name}: done, reused", flush=True)
+            return
+        started = time.monotonic()
+        # Its output is uncommitted here (no record): a killed step's leftovers are this step's own (a part
+        # without --overwrite replaces its output whole).
+        config = (replace(step.config, overwrite=Path(step.outputs[0]).exists())
+                  if "overwrite" in {f.name for f in fields(step.config)} else step.config)
+        command = PipelineStep(step.name, config, step.inputs, step.outputs).command()
+        print(f"\n=== {position}{step.name}\n$ {as_text(command)}", flush=True)
+        # In this process, on the Ray it joined: the part's own main() parses the exact command shown, and
+        # no interpreter or Ray connection is started per step.
+        entry = step.module + (".__main__" if step.module == "pipeline.tokenizer" else "")
+        status = importlib.import_module(entry).main(command[3:])
+        if status != 0:
+            raise RecipeError(f"step {step.name!r} failed (exit {status}); its output above says why. "
+                              f"The same command by hand: {as_text(command)}")
+        self.records.write(step)
+        self.seconds[step.name] = time.monotonic() - started
+
+    def run_train_step(self, step: TrainStep,
+                       during: Callable[[str, subprocess.Popen], None] | None = None) -> bool:
+        """`step` unless it is done: its service (if it has one) on a free port, then its trainer. `during`,
+        given the service's URL and the trainer's process, runs while the trainer trains (an operator's live
+        change). Whether it ran (False: reused)."""
+        if self._decide(step):
+            print(f"{step.name}: done, reused", flush=True)
+            return False
+        started = time.monotonic()
+        if step.service is None:  # the trainer mixes its datasets in process
+            print(f"\n=== {step.name}: {self._describe(step)}", flush=True)
+            self._train(step, self._resumed(step.trainer), None, during)
+        else:
+            self._serve_and_train(step, during)
+        self.records.write(step)
+        self.seconds[step.name] = time.monotonic() - started
+        return True
+
+    def _serve_and_train(self, step: TrainStep, during: Callable[[str, subprocess.Popen], None] | None) -> None:
+        Path(step.service.state_dir).mkdir(parents=True, exist_ok=True)  # a rerun keeps the state the service left
+        port = free_port()
+        service_config, trainer_config = with_port(step, port)
+        trainer_config = self._resumed(trainer_config)
+        service_args = [a for a in step.service_command(service_config)[3:]
+                        if not a.startswith(("--host=", "--port=", "--log-level="))]
+        service = ServiceProcess(service_args, port=port, log=Path(step.service.state_dir).with_suffix(".log"),
+                                 log_level=service_config.log_level)
+        print(f"\n=== {step.name}: {self._describe(step)}\n$ {as_text(service.command())}", flush=True)
+        try:
+            service.start()
+        except ServiceDidNotStart as e:
+            raise RecipeError(f"step {step.name!r}: the mixer service did not start: {e}") from None
+        try:
+            self._add_stages(step, service.url)
+            self._train(step, trainer_config, service.url, during)
+            if step.service.controller:
+                self._save_controller(step, service.url, step.run_dir / "controller.json")
+        finally:
+            service.stop(grace=30)
+
+    def _train(self, step: TrainStep, trainer_config, url: str | None,
+               during: Callable[[str, subprocess.Popen], None] | None) -> None:
+        command = step.trainer_command(trainer_config)
+        print(f"$ {as_text(command)}", flush=True)
+        env = {**os.environ, **({"OMP_NUM_THREADS": str(step.threads), "MKL_NUM_THREADS": str(step.threads)}
+                                if step.threads else {})}
+        child = subprocess.Popen(command, cwd=PACKAGE_ROOT, env=env)
+        try:
+            if during is not None:
+                during(url, child)
+            returncode = child.wait()
+        except BaseException:
+            child.kill()
+            child.wait()
+            raise
+        if returncode != 0:
+            raise RecipeError(f"step {step.name!r}: the trainer failed (exit {returncode}); rerun to resume it "
+                              f"from its latest checkpoint. Command: {as_text(command)}")
+
+    @staticmethod
+    def _describe(step: TrainStep) -> str:
+        if step.about:
+            return step.about
+        mix = ", ".join(f"{n} {w:g}" for n, w in (step.service.weights if step.service else
+                                                   step.trainer.data.weights).items())
+        steered = " (steered by the forgetting-budget controller)" if step.service and step.service.controller else ""
+        return f"{step.role}, {step.trainer.steps} steps, mix {mix}{steered}"
+
+    def _resumed(self, trainer):
+        """A run that left a checkpoint resumes from it; one killed before its first checkpoint starts again
+        with its partial folder moved aside (kept, never deleted)."""
+        checkpoints = trainer.out / CHECKPOINT_DIR
+        if any((checkpoints / name).exists() for name in (LATEST, FINAL, "latest.dcp", "final.dcp")):
+            print(f"{trainer.out}: resuming from its latest checkpoint", flush=True)
+            return replace(trainer, resume=True, init_from=None, hf_model=None)
+        if trainer.out.exists() and any(trainer.out.iterdir()):
+            aside = trainer.out.with_name(trainer.out.name + ".interrupted")
+            shutil.rmtree(aside, ignore_errors=True)  # the previous leftovers of this same unfinished start
+            trainer.out.rename(aside)
+            print(f"{trainer.out}: killed before its first checkpoint; its partial folder moved to {aside}",
+                  flush=True)
+        return trainer
+
+    @staticmethod
+    def _admin(step: TrainStep) -> dict[str, str]:
+        token = Path(step.service.admin_token_file).read_text().strip()
+        return {"Authorization": f"Bearer {token}"}
+
+    def _add_stages(self, step: TrainStep, url: str) -> None:
+        """The recipe's later stages, each PUT once: a restarted service already holds those it logged."""
+        if not step.later_stages:
+            return
+        logged = httpx.get(f"{url}/v1/mix", headers=self._admin(step), timeout=10).json()
+        have = {stage["start_step"] for stage in logged["schedule"]}
+        for start, weights in step.later_stages:
+            if start in have:
+                continue
+            answer = httpx.put(f"{url}/v1/mix", headers=self._admin(step), timeout=10,
+                               json={"weights": weights, "start_step": start, "by": "recipe",
+                                     "reason": f"stage of {step.update}'s replay.stages"})
+            if answer.status_code != 200:
+                raise RecipeError(f"step {step.name!r}: the service refused the stage at step {start}: {answer.text}")
+
+    def _save_controller(self, step: TrainStep, url: str, record: Path) -> None:
+        answer = httpx.get(f"{url}/v1/controller", headers=self._admin(step), timeout=10)
+        record.write_text(answer.text)
+
+
+class Runner(StepRunner):
+    """A recipe's plan, in order: its pipeline steps, each update's pilots, the sweep's choice and the full
+    run, then the Hugging Face export, the lock and the report."""
+
     def __init__(self, plan: Plan, fresh: bool = False):
-        self.plan, self.fresh = plan, fresh
-        self.out = plan.out
-        self.records = StepRecords(self.out)
+        super().__init__(plan.out, fresh)
+        self.plan = plan
         self.choices: dict[str, Choice | None] = {}
         self.started = time.monotonic()
-        self.seconds: dict[str, float] = {}
 
     # -- before anything starts
 
@@ -178,28 +380,6 @@ class Runner:
             if all(is_remote(p) or Path(p).exists() for p in step.inputs):
                 self._decide(step)
 
-    def _decide(self, step: Step) -> bool:
-        """Whether `step` is done; a changed one is refused, or moved aside with --fresh."""
-        state, differs = self.records.state(step)
-        if state == "changed":
-            if not self.fresh:
-                raise RecipeError(f"step {step.name!r} was built from other inputs or settings than the recipe "
-                                  f"gives now ({differs}); rerun with --fresh to build it again, or restore them")
-            self._move_aside(step)
-            return False
-        return state == "done"
-
-    def _move_aside(self, step: Step) -> None:
-        """--fresh: a changed step's outputs go to OUTPUT/replaced/ (never deleted), its record goes."""
-        aside = self.out / "replaced" / time.strftime("%Y%m%d-%H%M%S")
-        for output in step.outputs:
-            if Path(output).exists():
-                target = aside / Path(output).relative_to(self.out)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(output, target)
-        self.records.path(step).unlink(missing_ok=True)
-        print(f"--fresh: {step.name}: its earlier outputs moved to {aside}", flush=True)
-
     # -- the whole job
 
     def run(self) -> Path:
@@ -207,9 +387,9 @@ class Runner:
         self.prepare()
         pending = [s for s in self.plan.pipeline if not self._decide(s)]
         if pending:
-            with self.ray():
+            with self.ray(self.plan.recipe.compute.ray_address, self.plan.recipe.compute.cpus):
                 for index, step in enumerate(self.plan.pipeline, 1):
-                    self.run_pipeline_step(step, index)
+                    self.run_pipeline_step(step, f"[{index}/{len(self.plan.pipeline)}] ")
         for index, update in enumerate(self.plan.recipe.updates):
             for pilot in self.plan.pilots[update.name]:
                 self.run_train_step(pilot)
@@ -257,132 +437,6 @@ class Runner:
         print(f"sweep {update}: chose share {choice.share:g}: {choice.reason}" if choice else
               f"sweep {update}: no share met the budget", flush=True)
         return choice
-
-    # -- Ray for the pipeline steps
-
-    @contextmanager
-    def ray(self) -> Iterator[None]:
-        """This process joins the Ray the pipeline steps run on: the cluster it was submitted to
-        ($RAY_ADDRESS), compute.ray_address, or a local Ray it starts (stopped when the steps are done)."""
-        import logging
-
-        import ray
-
-        from pipeline.ray_runtime import init_ray
-
-        address = self.plan.recipe.compute.ray_address or os.environ.get("RAY_ADDRESS")
-        if address:
-            print(f"pipeline steps run on the Ray cluster at {address}", flush=True)
-            init_ray(address)
-        else:
-            init_ray(None, self.plan.recipe.compute.cpus)
-            print(f"pipeline steps run on a local Ray started by this job ({ray.get_runtime_context().gcs_address})",
-                  flush=True)
-        logging.getLogger("ray").setLevel(logging.WARNING)
-        try:
-            yield
-        finally:
-            ray.shutdown()
-
-    # -- one step
-
-    def run_pipeline_step(self, step: PipelineStep, index: int) -> None:
-        if self._decide(step):
-            print(f"[{index}/{len(self.plan.pipeline)}] {step.name}: done, reused", flush=True)
-            return
-        started = time.monotonic()
-        # Its output is uncommitted here (no record): a killed step's leftovers are this step's own.
-        config = replace(step.config, overwrite=Path(step.outputs[0]).exists())
-        command = PipelineStep(step.name, config, step.inputs, step.outputs).command()
-        print(f"\n=== [{index}/{len(self.plan.pipeline)}] {step.name}\n$ {as_text(command)}", flush=True)
-        # In this process, on the Ray it joined: the part's own main() parses the exact command shown, and
-        # no interpreter or Ray connection is started per step.
-        entry = step.module + (".__main__" if step.module == "pipeline.tokenizer" else "")
-        status = importlib.import_module(entry).main(command[3:])
-        if status != 0:
-            raise RecipeError(f"step {step.name!r} failed (exit {status}); its output above says why. "
-                              f"The same command by hand: {as_text(command)}")
-        self.records.write(step)
-        self.seconds[step.name] = time.monotonic() - started
-
-    def run_train_step(self, step: TrainStep) -> None:
-        if self._decide(step):
-            print(f"{step.name}: done, reused", flush=True)
-            return
-        started = time.monotonic()
-        Path(step.service.state_dir).mkdir(parents=True, exist_ok=True)  # a rerun keeps the state the service left
-        port = free_port()
-        service_config, trainer_config = with_port(step, port)
-        trainer_config = self._resumed(trainer_config)
-        service_args = [a for a in step.service_command(service_config)[3:]
-                        if not a.startswith(("--host=", "--port=", "--log-level="))]
-        service = ServiceProcess(service_args, port=port, log=Path(step.service.state_dir).with_suffix(".log"),
-                                 log_level=service_config.log_level)
-        print(f"\n=== {step.name}: {self._describe(step)}\n$ {as_text(service.command())}", flush=True)
-        try:
-            service.start()
-        except ServiceDidNotStart as e:
-            raise RecipeError(f"step {step.name!r}: the mixer service did not start: {e}") from None
-        try:
-            self._add_stages(step, service.url)
-            command = step.trainer_command(trainer_config)
-            print(f"$ {as_text(command)}", flush=True)
-            env = {**os.environ, **({"OMP_NUM_THREADS": str(step.threads), "MKL_NUM_THREADS": str(step.threads)}
-                                    if step.threads else {})}
-            child = subprocess.run(command, cwd=PACKAGE_ROOT, env=env)
-            if child.returncode != 0:
-                raise RecipeError(f"step {step.name!r}: the trainer failed (exit {child.returncode}); rerun the "
-                                  f"recipe to resume it from its latest checkpoint. Command: {as_text(command)}")
-            if step.service.controller:
-                self._save_controller(service.url, step.run_dir / "controller.json")
-        finally:
-            service.stop(grace=30)
-        self.records.write(step)
-        self.seconds[step.name] = time.monotonic() - started
-
-    @staticmethod
-    def _describe(step: TrainStep) -> str:
-        mix = ", ".join(f"{n} {w:g}" for n, w in step.service.weights.items())
-        steered = " (steered by the forgetting-budget controller)" if step.service.controller else ""
-        return f"{step.role}, {step.trainer.steps} steps, mix {mix}{steered}"
-
-    def _resumed(self, trainer):
-        """A run that left a checkpoint resumes from it; one killed before its first checkpoint starts again
-        with its partial folder moved aside (kept, never deleted)."""
-        checkpoints = trainer.out / CHECKPOINT_DIR
-        if any((checkpoints / name).exists() for name in (LATEST, FINAL, "latest.dcp", "final.dcp")):
-            print(f"{trainer.out}: resuming from its latest checkpoint", flush=True)
-            return replace(trainer, resume=True, init_from=None, hf_model=None)
-        if trainer.out.exists() and any(trainer.out.iterdir()):
-            aside = trainer.out.with_name(trainer.out.name + ".interrupted")
-            shutil.rmtree(aside, ignore_errors=True)  # the previous leftovers of this same unfinished start
-            trainer.out.rename(aside)
-            print(f"{trainer.out}: killed before its first checkpoint; its partial folder moved to {aside}",
-                  flush=True)
-        return trainer
-
-    def _admin(self) -> dict[str, str]:
-        token = (self.out / SECRETS / "admin-token").read_text().strip()
-        return {"Authorization": f"Bearer {token}"}
-
-    def _add_stages(self, step: TrainStep, url: str) -> None:
-        """The recipe's later stages, each PUT once: a restarted service already holds those it logged."""
-        if not step.later_stages:
-            return
-        logged = httpx.get(f"{url}/v1/mix", headers=self._admin(), timeout=10).json()
-        have = {stage["start_step"] for stage in logged["schedule"]}
-        for start, weights in step.later_stages:
-            if start in have:
-                continue
-            answer = httpx.put(f"{url}/v1/mix", headers=self._admin(), timeout=10,
-                               json={"weights": weights, "start_step": start, "by": "recipe",
-                                     "reason": f"stage of {step.update}'s replay.stages"})
-            if answer.status_code != 200:
-                raise RecipeError(f"step {step.name!r}: the service refused the stage at step {start}: {answer.text}")
-
-    def _save_controller(self, url: str, record: Path) -> None:
-        answer = httpx.get(f"{url}/v1/controller", headers=self._admin(), timeout=10)
-        record.write_text(answer.text)
 
     # -- outputs
 

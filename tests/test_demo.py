@@ -1,6 +1,6 @@
 """The README's main job, `python -m demo --quick`, end to end on real man pages.
 
-Real everything: a private Ray head taking `ray job submit`, SentencePiece trained and extended,
+Real everything, run by the recipe's runner: Ray Data rendering the pages, SentencePiece trained and extended,
 Ray Data tokenization, a mixer service per run, trainer processes pulling over HTTP, a live
 `curl -X PUT` ratio change, a run steered by the service's forgetting-budget controller, the union
 baseline, every ablation (`--findings all`) and the report (seeds: a unit test of their report section).
@@ -187,3 +187,59 @@ def test_a_failed_step_is_the_same_one_error_as_a_refusal():
 
     with pytest.raises(DemoError, match=r"step failed \(exit 3\)"):
         run([sys.executable, "-c", "raise SystemExit(3)"])
+
+
+def test_the_demo_runs_the_recipes_typed_steps_each_command_parsed_back_by_its_part(tmp_path):
+    """The demo's steps are the recipe's (recipe/plan.py), run by the recipe's StepRunner: each holds its
+    part's config, and the command it stands for (recipe/argv.py) reads back to that config. Phase 2 replays
+    English in the extended encoding and scores it in the base one too; phase 1 trains on the base one."""
+    from dataclasses import replace
+
+    from demo.steps import base_tokenizer_step, phase1_step, phase2_step, pipeline_steps, render_step, union_step
+    from pipeline.corpora.manpages import parse_args as manpages_parse
+    from pipeline.tokenize import parse_args as tokenize_parse
+    from pipeline.tokenizer.__main__ import build_parser as tokenizer_parser, config_from_args
+    from recipe.argv import service_argv, trainer_argv
+    from service.service_config import parse_args as service_parse
+    from trainer.train_config import parse_args as trainer_parse
+
+    cfg = replace(load_config("quick"), work_dir=tmp_path)
+    selected = cfg.selected_runs("all", 2)
+    trains = [phase1_step(cfg), union_step(cfg), *(phase2_step(cfg, spec, 0.05) for spec in selected)]
+    for step in trains:
+        assert trainer_parse(trainer_argv(step.trainer)) == step.trainer, step.name
+        assert step.service is None or service_parse(service_argv(step.service)) == step.service, step.name
+    for step in [render_step(cfg, "en"), base_tokenizer_step(cfg), *pipeline_steps(cfg, selected)]:
+        argv = step.command()[3:]  # after python -m MODULE
+        parsed = {"pipeline.corpora.manpages": lambda: manpages_parse(argv)[0],
+                  "pipeline.tokenize": lambda: tokenize_parse(argv)[0],
+                  "pipeline.tokenizer": lambda: config_from_args(tokenizer_parser().parse_args(argv))}[step.module]()
+        assert parsed == step.config, step.name
+    assert phase1_step(cfg).trainer.data.datasets == {"en": str(tmp_path / "datasets" / "en-base")}
+    replayed = phase2_step(cfg, selected[1])
+    assert replayed.service.datasets["en"] == str(tmp_path / "datasets" / "en")
+    assert replayed.trainer.data.eval_datasets["en-base"] == str(tmp_path / "datasets" / "en-base")
+    plain = phase2_step(cfg, next(spec for spec in selected if not spec.extend_tokenizer))
+    assert plain.service.datasets == {"en": str(tmp_path / "datasets" / "en-base"),
+                                      "de": str(tmp_path / "datasets" / "de-base")}
+
+
+def test_the_encoding_row_sets_forgetting_in_the_extended_encoding_beside_the_base_one(tmp_path):
+    """The report's row beyond the paper: English forgetting in bits per byte, from each replay run's first
+    evaluation to its last, in the extended encoding it replayed and in the base one."""
+    from demo.findings import encoding_row
+    from demo.measures import ValSplit
+
+    splits = {"en": ValSplit(10, 100, 400), "en-base": ValSplit(10, 120, 400)}  # 0.25 and 0.3 tokens per byte
+    runs = {}
+    for share, (extended, base) in {0.0: ((2.0, 2.5), (2.0, 2.2)), 0.25: ((2.0, 2.2), (2.0, 2.1))}.items():
+        runs[share] = tmp_path / f"replay-{share}"
+        runs[share].mkdir()
+        (runs[share] / "metrics.jsonl").write_text("".join(
+            json.dumps({"kind": "eval", "step": step, "val_loss": {"en": en, "de": 5.0, "en-base": en_base}}) + "\n"
+            for step, en, en_base in ((0, extended[0], base[0]), (40, extended[1], base[1]))))
+    finding, paper, measured, verdict, why = encoding_row(runs, splits)
+    # 0.5 nats/token x 0.25 tokens/byte / ln 2 = +0.1803 bits/byte extended; 0.2 x 0.3 / ln 2 = +0.0866 base
+    assert "0% replay +0.1803 / +0.0866" in measured and "25% replay +0.0721 / +0.0433" in measured
+    assert verdict == "holds"
+    assert encoding_row(runs, {"en": splits["en"]}) is None  # no base-encoding dataset: no row

@@ -457,3 +457,23 @@ output: {shared / 'out'}
     # The recipe's second stage is a stage of the run's mix log, put there by the runner before training.
     log = [json.loads(line) for line in (shared / "out" / "service" / "de" / "train" / "mix_log.jsonl").open()]
     assert any("recipe" in e.get("by", "") and e["stage"]["start_step"] == 1 for e in log if "stage" in e), log
+
+
+def test_the_tokenizer_training_and_man_page_configs_round_trip_through_their_own_parsers(tmp_path):
+    """The two pipeline parts the demo's inputs are made with (its steps run by the same runner)."""
+    from pipeline.corpora.manpages import ManpagesConfig
+    from pipeline.corpora.manpages import parse_args as parse_manpages
+    from pipeline.tokenizer.train import TokenizerTrainConfig
+    from recipe.argv import manpages_argv, train_tokenizer_argv
+
+    for train in (TokenizerTrainConfig(inputs=(str(tmp_path / "en.jsonl"),), out=tmp_path / "en.model", vocab_size=900),
+                  TokenizerTrainConfig(inputs=(str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")),
+                                       out=tmp_path / "tok", vocab_size=512, kind="bpe", model_type="unigram",
+                                       byte_fallback=False, character_coverage=0.99, text_field="body",
+                                       split="train", max_sample_bytes=1000, holdout_fraction=0.1, overwrite=True,
+                                       address="127.0.0.1:6379", num_cpus=3)):
+        assert config_from_args(tokenizer_parser().parse_args(train_tokenizer_argv(train))) == train
+    for pages in (ManpagesConfig("de", tmp_path / "de.jsonl"),
+                  ManpagesConfig("en", tmp_path / "en.jsonl", limit=7, man_root=tmp_path / "man",
+                                 address="127.0.0.1:6379", num_cpus=2)):
+        assert parse_manpages(manpages_argv(pages))[0] == pages
