@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Callable, Protocol, TypeVar
 
@@ -126,9 +127,9 @@ class Refused(Exception):
     """A backend's conditional write refused (S3 412/409, GCS 412): another writer was there first."""
 
 
-class ConditionalStore:
+class ConditionalStore(ABC):
     """An object-store state: every write conditional on the version this process last read or wrote of
-    that object (see the module doc). A backend gives `_get`, `_put` and `_retried`; versions are opaque
+    that object (see the module doc). A backend gives `_get`, `_put` and `_passing`; versions are opaque
     (an S3 ETag, a GCS generation)."""
 
     uri: str
@@ -186,21 +187,40 @@ class ConditionalStore:
         self._versions[name] = self._retried(name, "write", put)
         self._bodies[name] = data
 
+    def _retried(self, name: str, action: str, call: Callable[[], T]) -> T:
+        """`call`, tried again on a failure on the way (`_passing`); StateError naming the object when it
+        keeps failing or is refused for good (no bucket, no permission)."""
+        attempt = 0
+        while True:
+            try:
+                return call()
+            except StateError:
+                raise
+            except Exception as e:
+                passing = self._passing(e)
+                if passing is None:
+                    raise  # not the store's: a bug keeps its traceback
+                attempt += 1
+                if not passing or attempt == WRITE_ATTEMPTS:
+                    fix = ("check the store's endpoint answers" if passing else
+                           "check the bucket exists and this process's credentials may read and write the prefix")
+                    raise StateError(f"{self.where(name)}: cannot {action} it ({e}); {fix}") from None
+            time.sleep(RETRY_BACKOFF_S * 2 ** (attempt - 1))
+
     # --- what a backend gives -------------------------------------------------------------------------
 
+    @abstractmethod
     def _get(self, key: str) -> tuple[bytes, str] | None:
-        raise NotImplementedError
+        """The object's bytes and version; None when it does not exist."""
 
+    @abstractmethod
     def _put(self, key: str, data: bytes, version: str | None) -> str:
         """Write if the object is at `version` (None: absent); its new version, or Refused."""
-        raise NotImplementedError
 
-    def _retried(self, name: str, action: str, call: Callable[[], T]) -> T:
-        raise NotImplementedError
-
-
-def _backoff(attempt: int) -> None:
-    time.sleep(RETRY_BACKOFF_S * 2 ** attempt)
+    @abstractmethod
+    def _passing(self, error: Exception) -> bool | None:
+        """Whether the client's `error` may pass if tried again (a connection, a timeout, a 5xx: True), is
+        final (no bucket, no permission: False), or is not the store's at all (None)."""
 
 
 class S3Store(ConditionalStore):
@@ -237,25 +257,12 @@ class S3Store(ConditionalStore):
                 raise Refused from None
             raise
 
-    def _retried(self, name: str, action: str, call: Callable[[], T]) -> T:
-        """`call`, tried again on a failure on the way (connection, timeout, 5xx); StateError naming the
-        object when it keeps failing or is refused for good (no bucket, no permission)."""
+    def _passing(self, error: Exception) -> bool | None:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        for attempt in range(WRITE_ATTEMPTS):
-            try:
-                return call()
-            except ClientError as e:
-                status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
-                if status < 500 or attempt == WRITE_ATTEMPTS - 1:
-                    raise StateError(f"{self.where(name)}: cannot {action} it ({e}); check the bucket exists and "
-                                     "this process's credentials may read and write the prefix") from None
-            except BotoCoreError as e:
-                if attempt == WRITE_ATTEMPTS - 1:
-                    raise StateError(f"{self.where(name)}: cannot {action} it ({e}); check the store's endpoint "
-                                     "(AWS_ENDPOINT_URL) answers") from None
-            _backoff(attempt)
-        raise AssertionError("unreachable")
+        if isinstance(error, ClientError):
+            return (error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0) >= 500
+        return True if isinstance(error, BotoCoreError) else None
 
 
 class GCSStore(ConditionalStore):
@@ -293,19 +300,11 @@ class GCSStore(ConditionalStore):
             raise Refused from None
         return str(blob.generation)
 
-    def _retried(self, name: str, action: str, call: Callable[[], T]) -> T:
+    def _passing(self, error: Exception) -> bool | None:
         from google.api_core.exceptions import GoogleAPICallError, ServerError
         from google.auth.exceptions import GoogleAuthError
         from requests.exceptions import RequestException
 
-        for attempt in range(WRITE_ATTEMPTS):
-            try:
-                return call()
-            except (ServerError, RequestException) as e:
-                if attempt == WRITE_ATTEMPTS - 1:
-                    raise StateError(f"{self.where(name)}: cannot {action} it ({e}); check the store answers") from None
-            except (GoogleAPICallError, GoogleAuthError) as e:
-                raise StateError(f"{self.where(name)}: cannot {action} it ({e}); check the bucket exists and this "
-                                 "process's credentials may read and write the prefix") from None
-            _backoff(attempt)
-        raise AssertionError("unreachable")
+        if isinstance(error, (ServerError, RequestException)):
+            return True
+        return False if isinstance(error, (GoogleAPICallError, GoogleAuthError)) else None
