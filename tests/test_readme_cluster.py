@@ -51,6 +51,18 @@ def cluster_environment(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+def stop_ray_head(head: subprocess.Popen, temp_dir: str) -> None:
+    """End a `ray start --head --block` started in its own session: SIGTERM to its group, SIGKILL if it has
+    not ended within a minute; then its temp dir goes."""
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
 def head_flags(dashboard: int, temp_dir: str) -> str:
     """`ray start --head` on ports of its own (other Rays on this machine hold the defaults), in the
     foreground so that its process group is this head alone (`ray stop` would stop every Ray here)."""
@@ -116,13 +128,7 @@ def test_the_readme_cluster_recipe_runs_as_written(tmp_path, german_lines, engli
                          r"directory is Ray's temporary copy", output), output[-3000:]
         assert "give absolute paths on storage every node mounts" in output and "Traceback" not in output
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        stop_ray_head(head, temp_dir)
 
     local = subprocess.run([sys.executable, "-m", "pipeline.tokenize", "--input", str(source), "--tokenizer",
                             str(english_model), "--out", str(tmp_path / "local"), "--num-cpus", "2"],

@@ -401,8 +401,8 @@ def test_dry_run_prints_each_step_and_its_exact_command_and_starts_nothing(capsy
 
 @pytest.mark.slow
 def test_the_recipe_submitted_with_ray_job_submit_as_the_readme_says(workspace, tmp_path):
-    from tests.test_readme_cluster import (cluster_environment, head_flags, readme_block, run_block, substituted,
-                                           wait_for_jobs)
+    from tests.test_readme_cluster import (cluster_environment, head_flags, readme_block, run_block, stop_ray_head,
+                                           substituted, wait_for_jobs)
     from service.launcher import free_port
 
     shared = workspace / "shared"
@@ -442,15 +442,7 @@ output: {shared / 'out'}
         assert "pipeline steps run on the Ray cluster at" in job.stdout
         assert "recipe submitted done" in job.stdout
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        import shutil
-
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        stop_ray_head(head, temp_dir)
     assert (shared / "out" / "model" / "config.json").is_file()
     assert (shared / "out" / "runs" / "more" / "train" / "controller.json").is_file()
     assert "## Each corpus after every update" in (shared / "out" / "report.md").read_text()
