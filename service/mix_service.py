@@ -62,6 +62,23 @@ class TooFarAhead(ServiceError):
     http_status = 409
 
 
+def steps_per_body(mixer: Mixer, rank: int, world_size: int, token_bytes: int) -> int:
+    """How many of the rank's steps fit in one body of MAX_BODY_BYTES at `token_bytes` a token (at least 1);
+    ValueError for a rank or world size that does not fit the global batch. (The owner's and a replica's.)"""
+    rows = len(mixer.rows_of(rank, world_size))
+    return max(1, MAX_BODY_BYTES // (rows * ((mixer.config.seq_len + 1) * token_bytes + 1)))
+
+
+def count_served_tokens(metrics: ServiceMetrics, mixer: Mixer, batches: Sequence[Batch]) -> None:
+    """Add the batches' tokens to the per-dataset counter (the owner's and a replica's)."""
+    if not batches:
+        return
+    rows = np.bincount(np.concatenate([b.sources for b in batches]), minlength=len(mixer.names))
+    for name, count in zip(mixer.names, rows.tolist()):
+        if count:
+            metrics.tokens.labels(name).inc(count * (mixer.config.seq_len + 1))
+
+
 def inputs_identity(datasets: Mapping[str, TokenDataset], config: MixerConfig) -> dict:
     """What a batch depends on besides the schedule, with each dataset named by its manifest's hash."""
     return {
@@ -172,11 +189,7 @@ class MixService:
         return self.mixer.vocab_size
 
     def steps_per_body(self, rank: int, world_size: int, token_bytes: int) -> int:
-        """How many of the rank's steps fit in one body of MAX_BODY_BYTES at `token_bytes` a token (at
-        least 1); ValueError for a rank or world size that does not fit the global batch."""
-        rows = len(self.mixer.rows_of(rank, world_size))
-        row_bytes = (self.mixer.config.seq_len + 1) * token_bytes + 1
-        return max(1, MAX_BODY_BYTES // (rows * row_bytes))
+        return steps_per_body(self.mixer, rank, world_size, token_bytes)
 
     @property
     def frontier(self) -> int:
@@ -191,12 +204,7 @@ class MixService:
             with self._lock:
                 self._serve_through(max(steps))
         batches = self.mixer.batches(steps, rank, world_size, dtype)
-        if batches:
-            rows = np.bincount(np.concatenate([b.sources for b in batches]), minlength=len(self.mixer.names))
-            row_tokens = self.mixer.config.seq_len + 1
-            for name, count in zip(self.mixer.names, rows.tolist()):
-                if count:
-                    self.metrics.tokens.labels(name).inc(count * row_tokens)
+        count_served_tokens(self.metrics, self.mixer, batches)
         return batches
 
     def lease(self, until: int, rank: int = 0, world_size: int = 1) -> dict:

@@ -27,7 +27,7 @@ import numpy as np
 from service.errors import ServiceError
 from service.local_compute import LocalCompute
 from service.mix_schedule import Stage
-from service.mix_service import MAX_BODY_BYTES
+from service.mix_service import count_served_tokens, steps_per_body
 from service.prometheus_metrics import ServiceMetrics
 from service.transport import KeepAliveConnections, TransportError
 from service.wire import Batch
@@ -94,18 +94,12 @@ class ReplicaService:
         return self._leases.until
 
     def steps_per_body(self, rank: int, world_size: int, token_bytes: int) -> int:
-        rows = len(self.mixer.rows_of(rank, world_size))
-        return max(1, MAX_BODY_BYTES // (rows * ((self.mixer.config.seq_len + 1) * token_bytes + 1)))
+        return steps_per_body(self.mixer, rank, world_size, token_bytes)
 
     def batches(self, steps: Sequence[int], rank: int = 0, world_size: int = 1, dtype: np.dtype = np.int64) -> list[Batch]:
         self.mixer.check_request(steps, rank, world_size)
         batches = self._leases.batches(steps, rank, world_size, dtype)
-        row_tokens = self.mixer.config.seq_len + 1
-        if batches:
-            rows = np.bincount(np.concatenate([b.sources for b in batches]), minlength=len(self.mixer.names))
-            for name, count in zip(self.mixer.names, rows.tolist()):
-                if count:
-                    self.metrics.tokens.labels(name).inc(count * row_tokens)
+        count_served_tokens(self.metrics, self.mixer, batches)
         return batches
 
     # --- the owner's, sent on ------------------------------------------------------------------------
