@@ -21,6 +21,7 @@ from trainer.merge import (
     linear,
     main,
     merge_folders,
+    merge_state_dicts,
     task_arithmetic,
     ties,
     trim,
@@ -150,6 +151,19 @@ def test_ties_of_folders_loads_with_the_auto_classes_and_takes_new_rows_from_the
                                     "rows_past_shared_from": [str(folders["b"])], "tokenizer_from": str(folders["b"])}
     with torch.no_grad():
         assert merged(input_ids=torch.tensor([[3, rows + 1, 5]])).logits.shape == (1, 3, rows + len(NEW_WORDS))
+
+
+def test_state_dicts_in_memory_merge_as_their_folders_do(tmp_path, folders):
+    """The demo merges trainer checkpoints in memory: the same tensors as the folders' merge."""
+    spec = MergeSpec("ties", (folders["a"], folders["b"]), base=folders["base"], density=0.5, lam=1.0)
+    on_disk = weights(merge_folders(spec, tmp_path / "ties", progress=False))
+    in_memory = merge_state_dicts(spec, [weights(folders["a"]), weights(folders["b"])], base=weights(folders["base"]))
+    assert set(in_memory) == set(on_disk)
+    for name, tensor in on_disk.items():
+        torch.testing.assert_close(in_memory[name], tensor, rtol=0, atol=0)
+    with pytest.raises(MergeError, match="beyond their rows"):
+        merge_state_dicts(MergeSpec("linear", (folders["a"], folders["b"])),
+                          [{"w": torch.zeros(3, 2)}, {"w": torch.zeros(4, 3)}])
 
 
 def test_linear_interpolation_through_the_command(tmp_path, folders, capsys):

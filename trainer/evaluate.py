@@ -9,7 +9,9 @@ every forward pass gathers weights from all ranks, so every rank must make as ma
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
@@ -17,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from pipeline.dataset import DatasetError, TokenSplit
+from pipeline.dataset import DatasetError, TokenDataset, TokenSplit
 
 
 def validation_windows(split: TokenSplit, seq_len: int, count: int, where: str) -> np.ndarray:
@@ -91,6 +93,24 @@ class Evaluator:
             losses[name] = (total[0] / total[1]).item()
         model.train(was_training)
         return losses
+
+
+def autocast_for(device: torch.device) -> Callable[[], AbstractContextManager]:
+    """bf16 autocast on CUDA (weights and optimizer stay fp32); full precision on the CPU."""
+    if device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def score(model: nn.Module, eval_datasets: Mapping[str, str | Path], seq_len: int, batches: int, micro_batch: int,
+          device: str = "cpu") -> dict[str, float]:
+    """A model's loss on each dataset's val split, over the windows a run with these settings (--seq-len,
+    --eval-batches, --micro-batch) scores at every evaluation: a model made outside a run (a merge) compares
+    with the runs' own evaluations exactly."""
+    splits = {name: TokenDataset(str(path)).val for name, path in eval_datasets.items()}
+    evaluator = Evaluator(splits, seq_len, batches, micro_batch, model.config.vocab_size)
+    where = torch.device(device)
+    return evaluator(model.to(where), where, autocast_for(where))
 
 
 def eval_record(step: int, losses: Mapping[str, float], first: Mapping[str, float]) -> dict:

@@ -332,6 +332,49 @@ def _merged_vocab_tensor(spec: MergeSpec, models: list[torch.Tensor], base: torc
     return out
 
 
+def _merge_tensor(spec: MergeSpec, stored: torch.Tensor, models: list[torch.Tensor], base: torch.Tensor | None,
+                  shared_rows: int | None, generator: torch.Generator | None) -> torch.Tensor:
+    """One tensor merged in float32 and stored in `stored`'s dtype; `shared_rows` is given for an embedding or
+    head (its later rows come from the models that have them). An integer buffer is the same in all: kept."""
+    if not stored.is_floating_point():
+        return stored
+    tensors = [m.float() for m in models]
+    base = None if base is None else base.float()
+    if shared_rows is not None:
+        value = _merged_vocab_tensor(spec, tensors, base, shared_rows, generator)
+    else:
+        value = _merge_rows(spec, tensors, base, generator)
+    return value.to(stored.dtype).contiguous()
+
+
+def merge_state_dicts(spec: MergeSpec, models: Sequence[dict[str, torch.Tensor]],
+                      base: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """`spec`'s merge of models already in memory (state dicts of one architecture, e.g. trainer checkpoints;
+    `spec.models` only names them), by the rules `merge_folders` applies to folders. The vocabulary tensors are
+    those whose rows differ between the models; their shared rows are the base's (or the smallest model's)."""
+    first = models[0]
+    for i, other in enumerate([*models[1:], *([base] if base is not None else [])], 1):
+        if set(other) != set(first):
+            raise MergeError(f"model {i} holds other tensors than model 0 (e.g. {sorted(set(other) ^ set(first))[0]}): "
+                             "only models of one architecture can be merged")
+    vocab_names = {name for name, tensor in first.items()
+                   if any(m[name].shape != tensor.shape for m in [*models, *([base] if base else [])])}
+    for name in vocab_names:
+        shapes = {tuple(m[name].shape[1:]) for m in [*models, *([base] if base else [])]}
+        if len(shapes) > 1:
+            raise MergeError(f"{name} has shapes that differ beyond their rows ({sorted(shapes)}): only models of "
+                             "one shape can be merged")
+    rows = [m[name].shape[0] for m in models for name in sorted(vocab_names)[:1]]
+    shared_rows = base[sorted(vocab_names)[0]].shape[0] if base is not None and vocab_names else min(rows, default=0)
+    if rows and min(rows) < shared_rows:
+        raise MergeError(f"a model has {min(rows)} vocabulary rows, fewer than the base's {shared_rows}: a merged "
+                         "model continues the base, whose every row each model must have")
+    generator = torch.Generator().manual_seed(spec.seed) if spec.dare else None
+    return {name: _merge_tensor(spec, first[name], [m[name] for m in models], None if base is None else base[name],
+                                shared_rows if name in vocab_names else None, generator)
+            for name in sorted(first)}
+
+
 def merge_folders(spec: MergeSpec, out: Path, overwrite: bool = False, progress: bool = True) -> Path:
     """Merge `spec`'s folders into the Hugging Face folder `out` (weights, config with the merge recorded,
     generation config, tokenizer) and return it. Everything is checked before anything is written."""
@@ -362,18 +405,10 @@ def merge_folders(spec: MergeSpec, out: Path, overwrite: bool = False, progress:
     merged: dict[str, torch.Tensor] = {}
     parameters = 0
     for name in tqdm(sorted(dtype_source.files), desc="merge", unit="tensor", disable=not progress):
-        stored = dtype_source.tensor(name)
-        base_tensor = base.tensor(name).float() if base is not None else None
-        tensors = [m.tensor(name).float() for m in models]
-        if not stored.is_floating_point():  # e.g. an integer buffer: the same in all, kept as it is
-            merged[name] = stored
-            continue
-        if name in vocab_names:
-            value = _merged_vocab_tensor(spec, tensors, base_tensor, shared_rows, generator)
-        else:
-            value = _merge_rows(spec, tensors, base_tensor, generator)
-        merged[name] = value.to(stored.dtype).contiguous()
-        parameters += value.numel()
+        merged[name] = _merge_tensor(spec, dtype_source.tensor(name), [m.tensor(name) for m in models],
+                                     base.tensor(name) if base is not None else None,
+                                     shared_rows if name in vocab_names else None, generator)
+        parameters += merged[name].numel() if merged[name].is_floating_point() else 0
 
     extra_rows = max(rows) - shared_rows
     config = dict(dtype_source.config)

@@ -46,7 +46,7 @@ from trainer.data import BatchSource, on_device, open_eval_splits, open_source
 from trainer.document_mask import DocumentMasking
 from trainer.downstream import RunDownstream
 from trainer.errors import TrainerError
-from trainer.evaluate import Evaluator, eval_record
+from trainer.evaluate import Evaluator, autocast_for, eval_record
 from trainer.fsdp import full_model_state, global_value, require_world, save_sharded
 from trainer.hf_model import HFCausalLM, check_save_dir, copy_tokenizer, save_hf
 from trainer.metrics_log import METRICS_NAME, MetricsLog, read_metrics
@@ -108,13 +108,6 @@ def init_distributed(device: str) -> Distributed:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
     return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def autocast_for(device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    """bf16 autocast on CUDA (weights and optimizer stay fp32); full precision on the CPU."""
-    if device.type == "cuda":
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext
 
 
 def train_step(
