@@ -34,6 +34,7 @@ from typing import Callable, Mapping, Sequence
 from demo.experiment_config import REPO, ControllerRun, ExperimentConfig, Phase2Run, UnionRun, load_config
 from demo.experiment_report import LIVE_CHANGE_NAME, write_report
 from demo.forgetting_budget import choose_budget, held_budget
+from demo.merges import FROM, build_and_score
 from demo.steps import (ADMIN_TOKEN, READ_TOKEN, base_tokenizer_step, phase1_step, phase2_step, pipeline_steps,
                         render_step, union_step)
 from recipe.errors import RecipeError
@@ -237,7 +238,8 @@ def run_record(spec: Phase2Run | UnionRun) -> dict:
 def experiment_record(cfg: ExperimentConfig, runs: Sequence[Phase2Run]) -> dict:
     """What experiment.json holds: the shared settings, and every run by name (those of this invocation)."""
     settings = json.loads(json.dumps(asdict(cfg), default=str))
-    settings.pop("runs")
+    for rebuilt_every_time in ("runs", "merge_alphas", "ties_density"):
+        settings.pop(rebuilt_every_time)
     # What `--model SIZE` builds: a work dir trained with the trainer's former own GPT is another experiment.
     settings["architecture"] = "LlamaForCausalLM"
     # Phase 2 replays English in the extended encoding (datasets/en), as a recipe does; earlier demos
@@ -311,9 +313,11 @@ def run_experiment(cfg: ExperimentConfig, selected: Sequence[Phase2Run], token_f
         runs[spec] = continue_on_german(cfg, runner, spec, token_file, dict(runs), pins)
     union = train(runner, union_step(cfg), pins) if cfg.union else None
     check_run_pins(cfg, pins, [phase1, *runs.values(), *([union] if union else [])])
-    report = write_report(cfg, phase1, runs, union, pins)
+    merged = build_and_score(cfg, phase2_step(cfg, Phase2Run(FROM, 0.0)).trainer.data.eval_datasets)
+    report = write_report(cfg, phase1, runs, union, pins, merged)
     print(f"\n{report.read_text()}")
     print(f"demo done in {(time.monotonic() - started) / 60:.1f} min: {len(runs) + 1 + bool(union)} training runs, "
+          f"{len(merged)} merges, "
           f"report {report}", flush=True)
     return 0
 

@@ -68,6 +68,30 @@ class ControllerRun(Phase2Run):
 
 
 @dataclass(frozen=True)
+class GrownRun(Phase2Run):
+    """A phase-2 run that grows the phase-1 model at its start instead of (or besides) replaying: `blocks`
+    inserts identity blocks, `layer_share` more layers (LLaMA Pro's block expansion), trained alone with
+    `train="new-blocks"`; `experts` upcycles every MLP into `experts` copies behind a router picking `top_k`
+    (sparse upcycling into a Mixtral). A subclass, as ControllerRun is: the other runs' records stay as they were."""
+
+    grow: str = "blocks"  # "blocks" or "experts"
+    layer_share: float = 0.25
+    experts: int = 4
+    top_k: int = 2
+    train: str = "all"  # the trainer's --train: all, or new-blocks
+
+    def grow_spec(self, layers: int) -> str:
+        """The trainer's --grow for a model of `layers` layers: `layer_share` of them rounded (at least one)."""
+        if self.grow == "blocks":
+            return f"blocks:{max(1, round(self.layer_share * layers))}"
+        return f"experts:{self.experts},top_k:{self.top_k}"
+
+    @property
+    def recipe(self) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
 class UnionRun:
     """The paper's baseline: a model trained from scratch on English and German together, with the extended
     tokenizer from the start, the paper's cosine schedule, for as many steps as phase 1 + phase 2, with the
@@ -106,6 +130,9 @@ class ExperimentConfig:
         Phase2Run("replay-25-no-rewarm", 0.25, rewarm=False),
         Phase2Run("replay-5-to-25-live", 0.05, switch_to=0.25),
         ControllerRun("controller", 0.05),
+        # The other strategies, beside replay (no replay: each is the alternative to it).
+        GrownRun("grow-blocks-new-only", 0.0, grow="blocks", train="new-blocks"),
+        GrownRun("upcycle-moe-4x2", 0.0, grow="experts"),
     )
     extra_trainer_args: tuple[str, ...] = field(default_factory=tuple)
     union: UnionRun | None = UnionRun()
@@ -122,6 +149,11 @@ class ExperimentConfig:
     # `--extra-new`): part of the corpus, pinned with it.
     extra_old: Path | None = None
     extra_new: Path | None = None
+    # Merges of runs that exist (no training; rebuilt at every report, so not a setting a run was trained
+    # with): phase 1's final model and `replay-0` interpolated with these weights on replay-0, and TIES of the
+    # two relative to the phase-1 checkpoint both continued from (the reference recipe: density 0.2, lambda 1).
+    merge_alphas: tuple[float, ...] = (0.25, 0.5, 0.75)
+    ties_density: float = 0.2
 
     def phase2_warmup(self) -> int:
         return max(1, self.phase2_steps // 100)

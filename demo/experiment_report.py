@@ -11,12 +11,16 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Sequence
 
+from demo.alternatives import Alternative, alternative_lines, alternative_rows
 from demo.controller_report import average_share, controller_lines
-from demo.experiment_config import ControllerRun, ExperimentConfig, Phase2Run
+from demo.experiment_config import ControllerRun, ExperimentConfig, GrownRun, Phase2Run
 from demo.findings import (PAPER_PILE_BEFORE, PAPER_STRONG_SHIFT, Judge, Point, encoding_row, findings_table,
-                           make_point, plot_losses, plot_rates, plot_tradeoff, seed_spread, union_lines)
-from demo.measures import ValSplit, flops_per_token, val_split, vocab_size
+                           make_point, plot_losses, plot_rates, plot_tradeoff, point_of, seed_spread, union_lines)
+from demo.measures import ValSplit, flops_per_token, grown_compute, model_parameters, val_split, vocab_size
+from demo.merges import Merged
+from demo.steps import growth
 from trainer.metrics_log import read_metrics
 from trainer.report import write_report as write_run_comparison
 
@@ -30,7 +34,7 @@ def validation_losses(run_dir: Path) -> list[dict[str, float]]:
 
 
 def write_report(cfg: ExperimentConfig, phase1: Path, runs: dict[Phase2Run, Path], union: Path | None = None,
-                 pins: dict[str, dict] | None = None) -> Path:
+                 pins: dict[str, dict] | None = None, merged: Sequence[Merged] = ()) -> Path:
     """Write cfg.work_dir/report.md and the plots beside it; return the report's path."""
     plots = cfg.work_dir / "plots"
     write_run_comparison([phase1, *runs.values(), *([union] if union else [])], plots)
@@ -49,7 +53,7 @@ def write_report(cfg: ExperimentConfig, phase1: Path, runs: dict[Phase2Run, Path
         groups.setdefault(spec.base, []).append(spec)
     points = {base: make_point(base, specs[0], [runs[s] for s in specs], ratio(specs[0]))
               for base, specs in groups.items()}
-    union_point = make_point(cfg.union.name, None, [union], ratio(None)) if union and cfg.union else None
+    union_point = make_point(cfg.union.name, None, [union], ratio(None), "union") if union and cfg.union else None
     judge = Judge(seed_spread(list(points.values())))
     losses = {spec: validation_losses(run_dir) for spec, run_dir in runs.items()}
     start = next(iter(losses.values()))[0]  # every run's first evaluation is of the phase-1 checkpoint
@@ -58,6 +62,7 @@ def write_report(cfg: ExperimentConfig, phase1: Path, runs: dict[Phase2Run, Path
     phase1_end = validation_losses(phase1)[-1]["en"]
     final = {spec: points[spec.base].loss for spec in runs if spec.seed == 0}
     tokens, compute = compute_spent(cfg)
+    alternatives = alternatives_of(cfg, points, merged, ratio(None), tokens, compute)
 
     rows = ["| run | English replay | what differs | English val | German val | average | EN bits/byte "
             "| DE bits/byte | forgetting (EN rise) | adaptation (DE fall) | paper EN / DE at this replay |",
@@ -79,7 +84,8 @@ def write_report(cfg: ExperimentConfig, phase1: Path, runs: dict[Phase2Run, Path
     plot_losses(plots / "loss_over_steps.png", cfg, phase1, runs, union)
     plot_rates(plots / "lr_over_steps.png", cfg, phase1, runs, union)
     start_bpb = {lang: start[lang] / math.log(2) * ratio(None)[lang] for lang in ("en", "de")}
-    plot_tradeoff(plots / "tradeoff.png", [*points.values(), *([union_point] if union_point else [])], start_bpb)
+    plot_tradeoff(plots / "tradeoff.png", [*points.values(), *(a.point for a in alternatives if a.family == "merge"),
+                                           *([union_point] if union_point else [])], start_bpb)
     body = [
         "# replaymix demo: continual pretraining English -> German with replay",
         "",
@@ -99,9 +105,12 @@ def write_report(cfg: ExperimentConfig, phase1: Path, runs: dict[Phase2Run, Path
         *rows,
         "",
         *(union_lines(cfg, table, union_point, compute, tokens) if union_point and table else []),
+        *alternative_lines(alternatives, points, start, compute["phase2"], compute["phase1"],
+                           model_parameters(cfg.model, vocab_size(datasets / "de"), cfg.seq_len)),
         *findings_table(cfg, points, start, union_point, compute, judge,
-                        [row] if (row := encoding_row({p.spec.replay: runs[p.spec] for p in table.values()},
-                                                       splits)) else []),
+                        ([row] if (row := encoding_row({p.spec.replay: runs[p.spec] for p in table.values()},
+                                                        splits)) else [])
+                        + alternative_rows(alternatives, points, start, judge)),
         *spread_lines(points, judge),
         *findings_lines(cfg, start, phase1_end, {p.spec: p.loss for p in points.values()}),
         *(live_switch_lines(runs[live], live) if live else []),
@@ -118,6 +127,34 @@ def write_report(cfg: ExperimentConfig, phase1: Path, runs: dict[Phase2Run, Path
     return report
 
 
+def alternatives_of(cfg: ExperimentConfig, points: dict[str, Point], merged: Sequence[Merged],
+                    tokens_per_byte: dict[str, float], tokens: dict[str, int],
+                    compute: dict[str, float]) -> list[Alternative]:
+    """The merges (no training; their path is phase 1 and replay-0's run) and the grown runs (their own
+    step's FLOPs, from the grown model), as points beside the replay runs."""
+    datasets = cfg.work_dir / "datasets"
+    old, new = vocab_size(datasets / "en-base"), vocab_size(datasets / "de")
+    dense = model_parameters(cfg.model, new, cfg.seq_len)
+    found = [Alternative(point_of(m.merge.name, None, [m.losses], tokens_per_byte, "merge"), "merge", m.merge.about,
+                         0.0, compute["phase1"] + compute["phase2"], dense, dense,
+                         f"No training: built and scored in {m.seconds:.1f} s from phase 1 and replay-0, whose "
+                         "compute is its whole path's.") for m in merged]
+    for point in points.values():
+        if not isinstance(point.spec, GrownRun):
+            continue
+        grow = growth(cfg, point.spec)
+        per_token, parameters, active = grown_compute(cfg.model, new, cfg.seq_len, grow["grow"], grow["train"], old)
+        flops = per_token * tokens["phase2"]
+        family = "blocks" if point.spec.grow == "blocks" else "experts"
+        note = (f"{flops / compute['phase2']:.2f}x a replay run's FLOPs (new blocks and new tokens' rows trained, "
+                "the rest frozen)" if family == "blocks" else
+                f"{flops / compute['phase2']:.2f}x a replay run's FLOPs ({active / 1e6:.2f}M of "
+                f"{parameters / 1e6:.2f}M parameters active per token)")
+        found.append(Alternative(point, family, f"{grow['grow']}, training {grow['train']}, no replay", flops,
+                                 compute["phase1"] + flops, parameters, active, note + "."))
+    return found
+
+
 def differs(cfg: ExperimentConfig, spec: Phase2Run) -> str:
     """What a run changes against the replay table's recipe (re-warmed cosine at the preset's rates)."""
     changes = [*(["no re-warm (infinite schedule continued)"] if not spec.rewarm else []),
@@ -126,7 +163,8 @@ def differs(cfg: ExperimentConfig, spec: Phase2Run) -> str:
                *(["optimizer state reset"] if spec.reset_optimizer else []),
                *(["no tokenizer extension"] if not spec.extend_tokenizer else []),
                *(["ratio changed live"] if spec.switch_to is not None else []),
-               *(["controller"] if isinstance(spec, ControllerRun) else [])]
+               *(["controller"] if isinstance(spec, ControllerRun) else []),
+               *([f"grown: {growth(cfg, spec)['grow']}, training {spec.train}"] if isinstance(spec, GrownRun) else [])]
     return ", ".join(changes) or "- (re-warm + cosine)"
 
 

@@ -49,6 +49,7 @@ class Point:
     low: dict[str, float]  # the seeds' smallest and largest final loss (= loss with one seed)
     high: dict[str, float]
     seeds: int
+    kind: str = "run"  # "run" (a phase-2 run), "union" (the baseline from scratch) or "merge" (no training)
 
     @property
     def average(self) -> float:
@@ -65,12 +66,17 @@ def final_losses(run_dir: Path) -> dict[str, float]:
 
 
 def make_point(name: str, spec: Phase2Run | None, run_dirs: Sequence[Path],
-               tokens_per_byte: Mapping[str, float]) -> Point:
-    finals = [final_losses(d) for d in run_dirs]
+               tokens_per_byte: Mapping[str, float], kind: str = "run") -> Point:
+    return point_of(name, spec, [final_losses(d) for d in run_dirs], tokens_per_byte, kind)
+
+
+def point_of(name: str, spec: Phase2Run | None, finals: Sequence[Mapping[str, float]],
+             tokens_per_byte: Mapping[str, float], kind: str = "run") -> Point:
+    """The point of one or more final losses (runs differing by seed: their mean, with their range)."""
     loss = {lang: statistics.fmean(f[lang] for f in finals) for lang in LANGS}
     return Point(name, spec, loss, {lang: loss[lang] / math.log(2) * tokens_per_byte[lang] for lang in LANGS},
                  {lang: min(f[lang] for f in finals) for lang in LANGS},
-                 {lang: max(f[lang] for f in finals) for lang in LANGS}, len(finals))
+                 {lang: max(f[lang] for f in finals) for lang in LANGS}, len(finals), kind)
 
 
 def seed_spread(points: Sequence[Point]) -> dict[str, float] | None:
@@ -391,14 +397,17 @@ def plot_rates(path: Path, cfg: ExperimentConfig, phase1: Path, runs: Mapping[Ph
 
 def plot_tradeoff(path: Path, points: Sequence[Point], start_bpb: Mapping[str, float]) -> None:
     """Forgetting against adaptation, one point per run (seeds: their mean, bars their range), in bits per
-    byte so that the run without the tokenizer extension sits on the same axes."""
+    byte so that the run without the tokenizer extension sits on the same axes; the union a star, merges
+    diamonds, grown runs triangles."""
     fig, axis = plt.subplots(figsize=(8, 6))
     for point in points:
         scale = {lang: point.bpb[lang] / point.loss[lang] for lang in LANGS}
         xerr = [[(point.loss["en"] - point.low["en"]) * scale["en"]], [(point.high["en"] - point.loss["en"]) * scale["en"]]]
         yerr = [[(point.loss["de"] - point.low["de"]) * scale["de"]], [(point.high["de"] - point.loss["de"]) * scale["de"]]]
-        union = point.spec is None
-        axis.errorbar(point.bpb["en"], point.bpb["de"], xerr=xerr, yerr=yerr, fmt="*" if union else "o",
+        union = point.kind == "union"
+        grown = getattr(point.spec, "grow", None) is not None
+        axis.errorbar(point.bpb["en"], point.bpb["de"], xerr=xerr, yerr=yerr,
+                      fmt="*" if union else "D" if point.kind == "merge" else "^" if grown else "o",
                       markersize=12 if union else 6, color="black" if union else None, capsize=2)
         axis.annotate(point.name, (point.bpb["en"], point.bpb["de"]), fontsize=7, xytext=(4, 3),
                       textcoords="offset points")

@@ -10,7 +10,8 @@ dataset's manifest), so the bytes are counted here exactly, without help from th
 evaluates windows of that split; the ratio of the whole split stands for theirs.
 
 Compute. FLOPs = training FLOPs per token of the model (`flops_per_token`, 6N plus attention) x tokens,
-tokens = steps x global batch x sequence length.
+tokens = steps x global batch x sequence length; for a grown model, of the grown model, its experts counted
+as a token uses them and its frozen weights' gradients left out (`grown_compute`).
 """
 
 from __future__ import annotations
@@ -69,6 +70,38 @@ def flops_per_token(model: str, vocab_size: int, seq_len: int) -> float:
 
     with torch.device("meta"):
         return fresh_model(model, vocab_size, seq_len).flops_per_token(seq_len)
+
+
+@lru_cache(maxsize=None)
+def model_parameters(model: str, vocab_size: int, seq_len: int) -> int:
+    import torch
+
+    from trainer.model import fresh_model
+
+    with torch.device("meta"):
+        return fresh_model(model, vocab_size, seq_len).num_params()
+
+
+@lru_cache(maxsize=None)
+def grown_compute(model: str, vocab_size: int, seq_len: int, grow: str, train: str,
+                  new_token_rows_from: int) -> tuple[float, int, int]:
+    """(training FLOPs per token, parameters, active parameters) of the model a `--grow` run trains, built and
+    grown on the meta device. A mixture of experts counts the experts a token passes through (top_k); with
+    `--train new-blocks` the frozen matrices' weight gradients (2 FLOPs a weight of the 6) are not computed,
+    while the backward pass still runs through every layer to the new tokens' embedding rows."""
+    import torch
+
+    from trainer.growth import GrowSpec, active_parameters, grow as grow_model, select_trainable
+    from trainer.model import fresh_model
+
+    with torch.device("meta"):
+        grown = grow_model(fresh_model(model, vocab_size, seq_len), GrowSpec.parse(grow),
+                           new_token_rows_from=new_token_rows_from, available=1 << 62)
+        select_trainable(grown, train)
+        embedding = grown.hf.get_input_embeddings().weight
+        frozen = sum(p.numel() for p in grown.parameters()
+                     if p.dim() == 2 and not p.requires_grad and (p is not embedding or grown.tied))
+        return grown.flops_per_token(seq_len) - 2.0 * frozen, grown.num_params(), active_parameters(grown)
 
 
 def vocab_size(dataset: Path) -> int:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from demo.experiment_config import ControllerRun, ExperimentConfig, Phase2Run
+from demo.experiment_config import ControllerRun, ExperimentConfig, GrownRun, Phase2Run
 from demo.forgetting_budget import BASE_ENCODING, OLD
 from pipeline.corpora.manpages import ManpagesConfig
 from pipeline.shard_cache import CacheConfig
@@ -32,6 +32,7 @@ from recipe.plan import PORT_PLACEHOLDER, PipelineStep, TrainStep
 from service.service_config import ServiceConfig
 from trainer.checkpoint import CHECKPOINT_DIR, named_checkpoint
 from trainer.lr_schedules import ScheduleConfig
+from trainer.model import MODEL_SIZES
 from trainer.train_config import DataConfig, TrainConfig, parse_args
 
 BASE_TOKENIZER, EXTENDED_TOKENIZER = "en.model", "en+de.model"
@@ -143,6 +144,13 @@ def phase2_schedule(cfg: ExperimentConfig, spec: Phase2Run) -> ScheduleConfig:
                           warmup_steps=spec.warmup_steps or cfg.phase2_warmup())
 
 
+def growth(cfg: ExperimentConfig, spec: Phase2Run) -> dict[str, str]:
+    """The trainer's --grow and --train of a run that grows the phase-1 model (none for the others)."""
+    if not isinstance(spec, GrownRun):
+        return {}
+    return {"grow": spec.grow_spec(MODEL_SIZES[cfg.model]["n_layer"]), "train": spec.train}
+
+
 def phase2_step(cfg: ExperimentConfig, spec: Phase2Run, budget: float | None = None) -> TrainStep:
     """Phase 2: one run on the German stream served by the mixer from the phase-1 checkpoint, English replayed
     at spec.replay (changed live, or steered by the service's controller with `budget`, for the runs that
@@ -178,10 +186,11 @@ def phase2_step(cfg: ExperimentConfig, spec: Phase2Run, budget: float | None = N
                         stream_read_ahead=2 if spec.switch_to is not None or steered else None),
         schedule=phase2_schedule(cfg, spec), model=cfg.model, steps=cfg.phase2_steps, eval_every=cfg.eval_every,
         log_every=1, init_from=start, reset_optimizer=spec.reset_optimizer, extension_report=report,
-        device=cfg.device, seed=cfg.seed + spec.seed)
+        device=cfg.device, seed=cfg.seed + spec.seed, **growth(cfg, spec))
     about = (f"{spec.replay:.0%} English replay" + (f", seed {spec.seed}" if spec.seed else "")
              + (f", switched live to {spec.switch_to:.0%}" if spec.switch_to is not None else "")
              + (", then steered by the forgetting-budget controller" if steered else "")
+             + (f", grown by {growth(cfg, spec)['grow']} (training {spec.train})" if isinstance(spec, GrownRun) else "")
              + (", no re-warming" if not spec.rewarm else ", re-warmed cosine"))
     return _step(f"phase 2: {spec.name}", about, spec.replay, _trainer(cfg, trainer), service,
                  [*mix.values(), *evals.values(), start, *([report] if report else [])])

@@ -92,10 +92,24 @@ def test_quick_demo_end_to_end(tmp_path):
             # every prefix of the sample sequence is within one sample of its share, so a batch within two
             assert abs(record["source_share"]["en"] - expected) < 2 / cfg.global_batch
 
-    # The vocabulary grew to the extension, and the runs started from the phase-1 checkpoint.
-    first_evals = [next(r for r in read_metrics(work / "runs" / s.name) if r["kind"] == "eval")
-                   for s in selected if s.extend_tokenizer]
-    assert len({json.dumps(e["val_loss"], sort_keys=True) for e in first_evals}) == 1
+    # The vocabulary grew to the extension, and the runs started from the phase-1 checkpoint: a grown model
+    # computes what it did (a mixture of experts sums its experts in another order: to float precision).
+    first_evals = {s.name: next(r for r in read_metrics(work / "runs" / s.name) if r["kind"] == "eval")["val_loss"]
+                   for s in selected if s.extend_tokenizer}
+    assert len({json.dumps(e, sort_keys=True) for name, e in first_evals.items() if "grow" not in name
+                and "upcycle" not in name}) == 1
+    for name, losses in first_evals.items():
+        assert losses == pytest.approx(first_evals["replay-0"], rel=1e-5), name
+
+    # The other strategies: merges (no training) and grown runs, each a row beside replay-5 and replay-25.
+    alternatives = report.split("## Merge or grow instead of replay?")[1].split("\n## ")[0]
+    for merge in ("merge-linear-0.25", "merge-linear-0.5", "merge-linear-0.75", "merge-ties-0.2"):
+        assert f"| {merge} |" in alternatives and (work / "merges" / f"{merge}.json").is_file()
+    for name in ("merge-linear-0.5", "merge-ties-0.2", "grow-blocks-new-only", "upcycle-moe-4x2"):
+        row = next(line for line in findings.splitlines() if f"`{name}` instead of replay" in line)
+        assert "replay-5" in row.split(" | ")[3] and "replay-25" in row.split(" | ")[3], row
+    moe = next(line for line in alternatives.splitlines() if line.startswith("| upcycle-moe-4x2 |"))
+    assert moe.endswith("M) |")  # its parameters, and (in brackets) those a token passes through
 
     # A second invocation, the headline runs only, reuses everything the first built.
     again = subprocess.run([sys.executable, "-m", "demo", "--quick", f"--work-dir={work}"],
