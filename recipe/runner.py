@@ -18,13 +18,13 @@ Services and trainers run as processes (`service/launcher.py` for the service).
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, fields, replace
@@ -36,10 +36,12 @@ import httpx
 from recipe.argv import as_text
 from recipe.checks import LOCK, is_remote
 from recipe.errors import RecipeError
+from recipe.hashing import FILE_HASHES, content_hash
 from recipe.outcome import Choice, choose_share, outcome
 from recipe.plan import PORT_PLACEHOLDER, SECRETS, PipelineStep, Plan, Step, TrainStep, make_plan, with_port
+from recipe.store import OutputStore
 from service.launcher import PACKAGE_ROOT, ServiceDidNotStart, ServiceProcess, free_port
-from trainer.checkpoint import CHECKPOINT_DIR, FINAL, LATEST
+from trainer.checkpoint import CHECKPOINT_DIR, FINAL, LATEST, TOKENIZER_DIR, latest_checkpoint
 
 RECORDS = "steps"
 MODEL = "model"  # the continued model as a Hugging Face folder
@@ -71,43 +73,6 @@ def settings(step: Step) -> dict[str, Any]:
             "launcher": step.launcher, "workers": step.workers}
 
 
-# Each file's sha256 by (path, size, mtime): a rerun does not read a model of many GB again to learn that
-# it did not change. A file rewritten in place keeps neither its size and mtime both, in practice.
-_FILE_HASHES: dict[str, list] = {}
-
-
-def _file_hash(f: Path) -> str:
-    stat = f.stat()
-    key, seen = str(f.resolve()), _FILE_HASHES.get(str(f.resolve()))
-    if seen and seen[:2] == [stat.st_size, stat.st_mtime_ns]:
-        return seen[2]
-    digest = hashlib.sha256()
-    with open(f, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    _FILE_HASHES[key] = [stat.st_size, stat.st_mtime_ns, digest.hexdigest()]
-    return digest.hexdigest()
-
-
-def content_hash(path: str) -> str:
-    """sha256 of a file; of a token dataset its manifest (which pins every shard); of a folder (or glob) its
-    files' names and sha256s; a remote path is pinned by its URI (its dataset's manifest pins what was read)."""
-    if is_remote(path):
-        return f"uri:{path}"
-    p = Path(path)
-    if (p / "manifest.json").is_file():
-        p = p / "manifest.json"
-    if p.is_file():
-        return _file_hash(p)
-    import glob
-
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else sorted(Path(f) for f in glob.glob(path))
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(f"{f.relative_to(p) if p.is_dir() else f.name}\0{_file_hash(f)}\n".encode())
-    return digest.hexdigest()
-
-
 class StepRecords:
     """steps/STEP.json per finished step: the settings and input hashes it was built with."""
 
@@ -115,7 +80,7 @@ class StepRecords:
         self.folder = out / RECORDS
         self.hashes = self.folder / "file-hashes.json"
         if self.hashes.is_file():
-            _FILE_HASHES.update(json.loads(self.hashes.read_text()))
+            FILE_HASHES.update(json.loads(self.hashes.read_text()))
 
     def path(self, step: Step) -> Path:
         return self.folder / (step.name.replace("/", "__").replace(" ", "_") + ".json")
@@ -138,10 +103,14 @@ class StepRecords:
     def write(self, step: Step) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.path(step).with_suffix(".partial")
-        tmp.write_text(json.dumps(self.current(step), indent=2))
+        # Its outputs too, relative to the folder where they are: what a working copy fetches of a finished
+        # step from an object-store output (not compared: the settings and inputs decide).
+        out = self.folder.parent
+        outputs = [Path(p).relative_to(out).as_posix() if Path(p).is_relative_to(out) else p for p in step.outputs]
+        tmp.write_text(json.dumps({**self.current(step), "outputs": outputs}, indent=2))
         tmp.rename(self.path(step))
         hashes = self.hashes.with_suffix(".partial")
-        hashes.write_text(json.dumps(_FILE_HASHES))
+        hashes.write_text(json.dumps(FILE_HASHES))
         hashes.rename(self.hashes)
 
 
@@ -171,10 +140,19 @@ class StepRunner:
     uncommitted output, a trainer resumed, a service on the state dir it left). The recipe's `Runner` and
     the demo (`demo/experiment.py`) both run their steps with it: one way of running steps in the tree."""
 
-    def __init__(self, out: Path, fresh: bool = False):
-        self.out, self.fresh = out, fresh
+    def __init__(self, out: Path, fresh: bool = False, store: OutputStore | None = None):
+        self.out, self.fresh, self.store = out, fresh, store
         self.records = StepRecords(out)
         self.seconds: dict[str, float] = {}
+
+    def commit(self, step: Step) -> None:
+        """`step` is done: its record written and, with an object-store output, its outputs uploaded (new or
+        changed files only; what the step no longer holds deleted there), then its record."""
+        self.records.write(step)
+        if self.store is not None:
+            sent = self.store.push(step.outputs, mirror=True)
+            sent = tuple(map(sum, zip(sent, self.store.push([self.records.path(step)]))))
+            print(f"{step.name}: uploaded {sent[0]} files ({sent[1] / 2**20:.1f} MiB) to {self.store.uri}", flush=True)
 
     def _decide(self, step: Step) -> bool:
         """Whether `step` is done; a changed one is refused, or moved aside with --fresh."""
@@ -200,6 +178,8 @@ class StepRunner:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(output, target)
         self.records.path(step).unlink(missing_ok=True)
+        if self.store is not None and aside.exists():  # kept in the output of record too
+            self.store.push([aside])
         print(f"{step.name}: its earlier outputs moved to {aside}", flush=True)
 
     # -- Ray for the pipeline steps
@@ -251,7 +231,7 @@ class StepRunner:
         if status != 0:
             raise RecipeError(f"step {step.name!r} failed (exit {status}); its output above says why. "
                               f"The same command by hand: {as_text(command)}")
-        self.records.write(step)
+        self.commit(step)
         self.seconds[step.name] = time.monotonic() - started
 
     def run_train_step(self, step: TrainStep,
@@ -263,12 +243,13 @@ class StepRunner:
             print(f"{step.name}: done, reused", flush=True)
             return False
         started = time.monotonic()
-        if step.service is None:  # the trainer mixes its datasets in process
-            print(f"\n=== {step.name}: {self._describe(step)}", flush=True)
-            self._train(step, self._resumed(step.trainer), None, during)
-        else:
-            self._serve_and_train(step, during)
-        self.records.write(step)
+        with self._mirrored(step):
+            if step.service is None:  # the trainer mixes its datasets in process
+                print(f"\n=== {step.name}: {self._describe(step)}", flush=True)
+                self._train(step, self._resumed(step.trainer), None, during)
+            else:
+                self._serve_and_train(step, during)
+        self.commit(step)
         self.seconds[step.name] = time.monotonic() - started
         return True
 
@@ -312,6 +293,48 @@ class StepRunner:
         if returncode != 0:
             raise RecipeError(f"step {step.name!r}: the trainer failed (exit {returncode}); rerun to resume it "
                               f"from its latest checkpoint. Command: {as_text(command)}")
+
+    @contextmanager
+    def _mirrored(self, step: TrainStep) -> Iterator[None]:
+        """With an object-store output, the run's folder and its service's state dir are uploaded each
+        time the trainer writes a checkpoint (the checkpoint first, so the state there is never older than
+        it), so that another machine resumes the run from it."""
+        if self.store is None:
+            yield
+            return
+        stop = threading.Event()
+        folders = [step.run_dir, *([Path(step.service.state_dir)] if step.service else [])]
+
+        def latest() -> int | None:
+            try:
+                return latest_checkpoint(step.run_dir).stat().st_mtime_ns
+            except (AttributeError, FileNotFoundError):  # none yet, or being replaced
+                return None
+
+        def mirror() -> None:
+            seen = latest()
+            while not stop.wait(1.0):
+                if latest() != seen:
+                    seen = latest()
+                    try:
+                        self.store.push(folders)
+                    except RecipeError as e:  # the committed upload says it again, and stops the job
+                        print(f"{step.name}: warning: its latest checkpoint was not uploaded: {e}", flush=True)
+
+        thread = threading.Thread(target=mirror, name=f"mirror {step.name}", daemon=True)
+        thread.start()
+        try:
+            yield
+        except BaseException:
+            stop.set()
+            thread.join()
+            try:  # what the failed run left, for a rerun elsewhere
+                self.store.push(folders)
+            except RecipeError as e:
+                print(f"{step.name}: warning: its folders were not uploaded: {e}", flush=True)
+            raise
+        stop.set()
+        thread.join()
 
     @staticmethod
     def _describe(step: TrainStep) -> str:
@@ -367,7 +390,7 @@ class Runner(StepRunner):
     run, then the Hugging Face export, the lock and the report."""
 
     def __init__(self, plan: Plan, fresh: bool = False):
-        super().__init__(plan.out, fresh)
+        super().__init__(plan.out, fresh, OutputStore(plan.store, plan.out) if plan.store else None)
         self.plan = plan
         self.choices: dict[str, Choice | None] = {}
         self.started = time.monotonic()
@@ -383,6 +406,8 @@ class Runner(StepRunner):
     # -- the whole job
 
     def run(self) -> Path:
+        if self.store is not None:
+            self.fetch()
         self.refuse_changed()  # before anything is written: a refused job leaves the folder as it was
         self.prepare()
         pending = [s for s in self.plan.pipeline if not self._decide(s)]
@@ -397,6 +422,8 @@ class Runner(StepRunner):
                 choice = self.choose(update.name)
                 if choice is None:
                     self.write_lock()
+                    if self.store is not None:
+                        self.upload_results()
                     raise RecipeError(f"updates.{index}.replay.choose: no share kept forgetting within the "
                                       f"budget and choose.otherwise is stop; see {self.out / 'report.md'}")
                 self.plan = make_plan(self.plan.recipe, self.plan.name,
@@ -409,6 +436,8 @@ class Runner(StepRunner):
         from recipe.report import write_report
 
         report = write_report(self.plan, self.choices, self.seconds)
+        if self.store is not None:
+            self.upload_results()
         print(f"recipe {self.plan.name} done in {(time.monotonic() - self.started) / 60:.1f} min: "
               f"{len(self.plan.steps())} steps, model {model or '(no Hugging Face folder: a fresh model)'}, "
               f"report {report}", flush=True)
@@ -417,6 +446,8 @@ class Runner(StepRunner):
     def prepare(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         self.write_lock()
+        if self.store is not None:  # the store is this recipe's from now on (its lock names it)
+            self.store.push([self.out / LOCK])
         secrets = self.out / SECRETS
         secrets.mkdir(exist_ok=True, mode=0o700)
         for name in ("admin-token", "read-token"):
@@ -426,6 +457,50 @@ class Runner(StepRunner):
 
                 token.write_text(random_secrets.token_urlsafe(32))
                 token.chmod(0o600)
+
+    # -- an object-store output
+
+    def fetch(self) -> None:
+        """What the store holds and the working copy lacks (another machine's run, a wiped cache): the step
+        records and the lock; each finished step's outputs (replacing a partial local copy); of a run not
+        finished, its folder with only its latest checkpoint, and its service's state. So the rerun reuses
+        the finished steps and resumes the unfinished trainer as it does in a local output folder."""
+        store = self.store
+        held = store.listing()
+        fetched = [r for r in held if r.startswith(f"{RECORDS}/") and r.endswith(".json")
+                   and not (self.out / r).is_file()]
+        store.download([*fetched, *([LOCK] if LOCK in held and not (self.out / LOCK).exists() else [])])
+        newly = {self.out / r for r in fetched}
+        finished: dict[str, bool] = {}  # a finished step's output -> whether its record just came
+        for record in set((self.out / RECORDS).glob("*.json")) - {self.records.hashes}:
+            for output in json.loads(record.read_text()).get("outputs", []):
+                finished[output] = finished.get(output, False) or record in newly
+        wanted = []
+        for r in held:
+            if r.startswith((f"{RECORDS}/", "replaced/", f"{MODEL}/", "plots/")) or \
+                    r in (LOCK, "report.md"):
+                continue  # kept there; what the job makes again at its end, or has just fetched
+            owner = next((o for o in finished if r == o or r.startswith(o.rstrip("/") + "/")), None)
+            if owner is not None:
+                if store.differs(r) if finished[owner] else not (self.out / r).exists():
+                    wanted.append(r)
+            elif not (self.out / r).exists() and not _older_checkpoint(r):
+                wanted.append(r)
+        files, size = store.download(wanted)
+        if fetched or files:
+            print(f"fetched from {store.uri}: {len(fetched)} step records, {files} files ({size / 2**20:.1f} MiB)",
+                  flush=True)
+
+    def upload_results(self) -> None:
+        """Every finished step's outputs (new or changed files only: a step reused costs a listing), the
+        model folder, the plots, report.md and the lock."""
+        finished = [s for s in self.plan.steps() if self.records.path(s).is_file()]
+        outputs = [o for s in finished for o in (*s.outputs, self.records.path(s))]
+        files, size = self.store.push(outputs)
+        results = [self.out / MODEL, self.out / "plots", self.out / "report.md", self.out / LOCK]
+        sent = self.store.push(results, mirror=True)
+        print(f"uploaded {files + sent[0]} files ({(size + sent[1]) / 2**20:.1f} MiB) to {self.store.uri}; the "
+              "rest was there already", flush=True)
 
     def choose(self, update: str) -> Choice | None:
         replay = next(u for u in self.plan.recipe.updates if u.name == update).replay
@@ -473,9 +548,20 @@ class Runner(StepRunner):
         tmp.rename(self.out / LOCK)
 
 
+def _older_checkpoint(relative: str) -> bool:
+    """A checkpoint of a run other than its latest (which --resume reads) and the tokenizer it carries:
+    what a working copy need not fetch of a run that is not finished."""
+    parts = relative.split("/")
+    if CHECKPOINT_DIR not in parts[:-1]:
+        return False
+    name = parts[parts.index(CHECKPOINT_DIR) + 1]
+    return name not in (LATEST, "latest.dcp", TOKENIZER_DIR)
+
+
 def print_plan(plan: Plan) -> None:
     """--dry-run: each step, its inputs, outputs and the exact command."""
-    print(f"recipe {plan.name}: {len(plan.steps())} steps planned, outputs in {plan.out}")
+    kept = f" (a working copy of {plan.store}, the output of record)" if plan.store else ""
+    print(f"recipe {plan.name}: {len(plan.steps())} steps planned, outputs in {plan.out}{kept}")
     for index, step in enumerate(plan.steps(), 1):
         print(f"\n[{index}] {step.name}")
         print("    inputs:  " + "\n             ".join(step.inputs))
