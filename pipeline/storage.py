@@ -28,6 +28,7 @@ from typing import BinaryIO, Callable, TypeVar
 
 import pyarrow.fs as pafs
 
+from pipeline.atomic_file import atomic_writer
 from pipeline.errors import PipelineError
 
 STORE_SCHEMES = ("s3", "gs")
@@ -165,8 +166,11 @@ def filesystem(location: Location) -> pafs.FileSystem:
         if key not in _FILESYSTEMS:
             try:
                 host = os.environ.get("STORAGE_EMULATOR_HOST")
+                # An emulator takes no credentials: without `anonymous` the client first looks for the
+                # application default ones (a metadata server), retrying for minutes where there is none.
                 _FILESYSTEMS[key] = pafs.GcsFileSystem(
-                    **({"endpoint_override": host.split("://")[-1], "scheme": "http"} if host else {}))
+                    **({"endpoint_override": host.split("://")[-1], "scheme": "http", "anonymous": True}
+                       if host else {}))
             except (ImportError, NotImplementedError, OSError) as e:  # a pyarrow built without GCS
                 raise StorageError(f"{location.uri}: this pyarrow build has no GCS support ({e})") from e
         return _FILESYSTEMS[key]
@@ -360,6 +364,18 @@ def upload_file(source: Path, location: Location, chunk_bytes: int = 8 << 20) ->
                 out.write(chunk)
 
     with_retries(location, "write it", put)
+
+
+def download_file(location: Location, target: Path, chunk_bytes: int = 8 << 20) -> None:
+    """Copy an object to a local file, streamed; the file is replaced atomically (never half there)."""
+    fs = filesystem(location)
+
+    def get() -> None:
+        with fs.open_input_stream(location.path) as source, atomic_writer(target) as out:
+            while chunk := source.read(chunk_bytes):
+                out.write(chunk)
+
+    with_retries(location, "read it", get)
 
 
 def delete_file(location: Location) -> None:
