@@ -64,10 +64,9 @@ def check_recipe(recipe: Recipe, name: str) -> None:
                           "compute.workers to 2 or more, or drop fsdp")
     if compute.launcher == "process" and compute.workers != 1:
         raise RecipeError("compute.workers: one process has one rank; set compute.launcher to torchrun or ray")
-    if is_remote(recipe.output):
-        raise RecipeError(f"output: {recipe.output}: the output folder is local (trainer checkpoints and the "
-                          "report are written there); give a folder on storage the job's machine mounts")
-    check_output(Path(recipe.output), name)
+    if recipe.output_in_store:
+        check_output_store(recipe.output, recipe.work_folder(name), name)
+    check_output(recipe.work_folder(name), name)
     check_ray_address(compute.ray_address or os.environ.get("RAY_ADDRESS"),
                       "compute.ray_address" if compute.ray_address else "$RAY_ADDRESS")
 
@@ -110,20 +109,36 @@ def tokenizer_size(folder: Path) -> int | None:
 
 
 def check_output(out: Path, name: str) -> None:
-    """An output folder is empty, absent, or this recipe's (its lock names the same recipe)."""
+    """An output folder (or an object-store output's working copy) is empty, absent, or this recipe's."""
     if not out.exists():
         return
     if not out.is_dir():
         raise RecipeError(f"output: {out}: exists and is not a folder; choose another output")
     lock = out / LOCK
-    if lock.is_file():
-        held = json.loads(lock.read_text()).get("name")
+    check_owner(str(out), json.loads(lock.read_text()) if lock.is_file() else None, any(out.iterdir()), name)
+
+
+def check_output_store(uri: str, work: Path, name: str) -> None:
+    """An object-store output is reachable with these credentials and empty or this recipe's (by the lock
+    it holds): read only, before anything starts."""
+    from recipe.store import OutputStore  # here: recipe.store imports this module (through recipe.hashing)
+
+    store = OutputStore(uri, work)
+    store.check_reachable()
+    lock = store.read(LOCK)
+    check_owner(uri, json.loads(lock) if lock else None, bool(store.listing()), name)
+
+
+def check_owner(where: str, lock: dict | None, holds_anything: bool, name: str) -> None:
+    """The one rule of an output: it holds nothing, or the results of the recipe its lock names."""
+    if lock is not None:
+        held = lock.get("name")
         if held != name:
-            raise RecipeError(f"output: {out} holds the results of another recipe ({held!r}, this one is {name!r}); "
-                              "choose another output folder, or give this recipe that name to continue it")
-    elif any(out.iterdir()):
-        raise RecipeError(f"output: {out}: a non-empty folder that holds no recipe's results (no {LOCK}); choose "
-                          "another output folder or empty it yourself")
+            raise RecipeError(f"output: {where} holds the results of another recipe ({held!r}, this one is "
+                              f"{name!r}); choose another output, or give this recipe that name to continue it")
+    elif holds_anything:
+        raise RecipeError(f"output: {where}: not empty and holds no recipe's results (no {LOCK}); choose "
+                          "another output or empty it yourself")
 
 
 def check_ray_address(address: str | None, key: str) -> None:

@@ -117,6 +117,7 @@ class Plan:
     # Per update, in order: its pilots (a sweep's) and its full run (None until a sweep has chosen).
     pilots: dict[str, list[TrainStep]] = field(default_factory=dict)
     runs: dict[str, TrainStep | None] = field(default_factory=dict)
+    store: str | None = None  # an object-store output of record (`out` is then its local working copy)
 
     def steps(self) -> list[Step]:
         trains = [s for u in self.recipe.updates for s in [*self.pilots[u.name], self.runs[u.name]] if s]
@@ -125,11 +126,11 @@ class Plan:
 
 def make_plan(recipe: Recipe, name: str, chosen: dict[str, float] | None = None) -> Plan:
     """The steps of `recipe`; a sweep's full run is planned once `chosen` gives its update's share."""
-    out = Path(recipe.output)
+    out = recipe.work_folder(name)
     if recipe.tokenizer is None and not recipe.is_hf:
         raise RecipeError(f"model {recipe.model!r}: a fresh model needs `tokenizer:` (the tokenizer its data uses)")
     base = recipe.tokenizer or recipe.model[3:]
-    plan = Plan(recipe, name, out, base)
+    plan = Plan(recipe, name, out, base, store=recipe.output if recipe.output_in_store else None)
     tokenizer, tag = base, BASE
     earlier: dict[str, Corpus] = dict(recipe.old)
     datasets: dict[tuple[str, str], str] = {}  # (corpus, tag) -> the dataset of its text in that encoding

