@@ -66,7 +66,7 @@ def check_recipe(recipe: Recipe, name: str) -> None:
         raise RecipeError("compute.workers: one process has one rank; set compute.launcher to torchrun or ray")
     if recipe.output_in_store:
         check_output_store(recipe.output, recipe.work_folder(name), name)
-    check_output(recipe.work_folder(name), name)
+    check_output(recipe.work_folder(name), name, "compute.work_dir" if recipe.output_in_store else "output")
     check_ray_address(compute.ray_address or os.environ.get("RAY_ADDRESS"),
                       "compute.ray_address" if compute.ray_address else "$RAY_ADDRESS")
 
@@ -108,14 +108,14 @@ def tokenizer_size(folder: Path) -> int | None:
                           "the folder save_pretrained wrote") from None
 
 
-def check_output(out: Path, name: str) -> None:
+def check_output(out: Path, name: str, key: str = "output") -> None:
     """An output folder (or an object-store output's working copy) is empty, absent, or this recipe's."""
     if not out.exists():
         return
     if not out.is_dir():
-        raise RecipeError(f"output: {out}: exists and is not a folder; choose another output")
+        raise RecipeError(f"{key}: {out}: exists and is not a folder; choose another folder")
     lock = out / LOCK
-    check_owner(str(out), json.loads(lock.read_text()) if lock.is_file() else None, any(out.iterdir()), name)
+    check_owner(str(out), json.loads(lock.read_text()) if lock.is_file() else None, any(out.iterdir()), name, key)
 
 
 def check_output_store(uri: str, work: Path, name: str) -> None:
@@ -129,16 +129,17 @@ def check_output_store(uri: str, work: Path, name: str) -> None:
     check_owner(uri, json.loads(lock) if lock else None, bool(store.listing()), name)
 
 
-def check_owner(where: str, lock: dict | None, holds_anything: bool, name: str) -> None:
-    """The one rule of an output: it holds nothing, or the results of the recipe its lock names."""
+def check_owner(where: str, lock: dict | None, holds_anything: bool, name: str, key: str = "output") -> None:
+    """The one rule of an output (and of a working copy): it holds nothing, or the results of the recipe
+    its lock names."""
     if lock is not None:
         held = lock.get("name")
         if held != name:
-            raise RecipeError(f"output: {where} holds the results of another recipe ({held!r}, this one is "
-                              f"{name!r}); choose another output, or give this recipe that name to continue it")
+            raise RecipeError(f"{key}: {where} holds the results of another recipe ({held!r}, this one is "
+                              f"{name!r}); choose another {key}, or give this recipe that name to continue it")
     elif holds_anything:
-        raise RecipeError(f"output: {where}: not empty and holds no recipe's results (no {LOCK}); choose "
-                          "another output or empty it yourself")
+        raise RecipeError(f"{key}: {where}: not empty and holds no recipe's results (no {LOCK}); choose "
+                          f"another {key} or empty it yourself")
 
 
 def check_ray_address(address: str | None, key: str) -> None:

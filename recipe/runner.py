@@ -41,7 +41,7 @@ from recipe.outcome import Choice, choose_share, outcome
 from recipe.plan import PORT_PLACEHOLDER, SECRETS, PipelineStep, Plan, Step, TrainStep, make_plan, with_port
 from recipe.store import OutputStore
 from service.launcher import PACKAGE_ROOT, ServiceDidNotStart, ServiceProcess, free_port
-from trainer.checkpoint import CHECKPOINT_DIR, FINAL, LATEST, TOKENIZER_DIR, latest_checkpoint
+from trainer.checkpoint import CHECKPOINT_DIR, FINAL, LATEST, latest_checkpoint
 
 RECORDS = "steps"
 MODEL = "model"  # the continued model as a Hugging Face folder
@@ -463,7 +463,7 @@ class Runner(StepRunner):
     def fetch(self) -> None:
         """What the store holds and the working copy lacks (another machine's run, a wiped cache): the step
         records and the lock; each finished step's outputs (replacing a partial local copy); of a run not
-        finished, its folder with only its latest checkpoint, and its service's state. So the rerun reuses
+        finished, what it left there: its latest checkpoint and its service's state. So the rerun reuses
         the finished steps and resumes the unfinished trainer as it does in a local output folder."""
         store = self.store
         held = store.listing()
@@ -484,8 +484,8 @@ class Runner(StepRunner):
             if owner is not None:
                 if store.differs(r) if finished[owner] else not (self.out / r).exists():
                     wanted.append(r)
-            elif not (self.out / r).exists() and not _older_checkpoint(r):
-                wanted.append(r)
+            elif not (self.out / r).exists():  # a run not finished: its latest checkpoint, those kept at
+                wanted.append(r)               # --save-at steps (a next update may start there), its state
         files, size = store.download(wanted)
         if fetched or files:
             print(f"fetched from {store.uri}: {len(fetched)} step records, {files} files ({size / 2**20:.1f} MiB)",
@@ -546,16 +546,6 @@ class Runner(StepRunner):
         tmp = self.out / (LOCK + ".partial")
         tmp.write_text(json.dumps(lock, indent=2))
         tmp.rename(self.out / LOCK)
-
-
-def _older_checkpoint(relative: str) -> bool:
-    """A checkpoint of a run other than its latest (which --resume reads) and the tokenizer it carries:
-    what a working copy need not fetch of a run that is not finished."""
-    parts = relative.split("/")
-    if CHECKPOINT_DIR not in parts[:-1]:
-        return False
-    name = parts[parts.index(CHECKPOINT_DIR) + 1]
-    return name not in (LATEST, "latest.dcp", TOKENIZER_DIR)
 
 
 def print_plan(plan: Plan) -> None:

@@ -147,6 +147,40 @@ def test_an_unreachable_bucket_or_missing_credentials_is_one_error_naming_output
     assert not work.exists() and not any(k.startswith("empty/") for k in objects(s3, ""))  # nothing written
 
 
+def test_a_store_holding_another_recipes_results_is_refused_by_its_lock(capsys, workspace, s3, tmp_path):
+    s3.put_object(Bucket=BUCKET, Key="taken/recipe.lock.json", Body=json.dumps({"name": "someone-else"}).encode())
+    work = tmp_path / "work"
+    taken = fails(capsys, write(tmp_path / "c.yaml", recipe_text(workspace, work, f"s3://{BUCKET}/taken")))
+    assert taken.startswith("error: ") and "output" in taken and "another recipe ('someone-else'" in taken
+    assert not work.exists() and objects(s3, "taken") == {"recipe.lock.json": s3.head_object(
+        Bucket=BUCKET, Key="taken/recipe.lock.json")["ETag"]}
+
+
+def test_a_training_runs_checkpoint_and_service_state_are_uploaded_while_it_trains(workspace, s3, tmp_path):
+    """What lets another machine resume a run whose job died: each new checkpoint goes up as it is written."""
+    import time
+
+    from recipe.plan import make_plan
+    from recipe.runner import Runner
+    from recipe.schema import load_recipe
+
+    recipe, name = load_recipe(write(tmp_path / "m.yaml", recipe_text(workspace, tmp_path / "work",
+                                                                     f"s3://{BUCKET}/mirrored")))
+    runner = Runner(make_plan(recipe, name))
+    run = runner.plan.runs["de"]
+    with runner._mirrored(run):  # as while its trainer trains: the test writes what the trainer and service would
+        (Path(run.service.state_dir)).mkdir(parents=True)
+        (Path(run.service.state_dir) / "mix_log.jsonl").write_text("{}\n")
+        (run.run_dir / "checkpoints").mkdir(parents=True)
+        (run.run_dir / "checkpoints" / "latest.pt").write_bytes(b"step 2")
+        for _ in range(100):
+            if "runs/de/train/checkpoints/latest.pt" in objects(s3, "mirrored"):
+                break
+            time.sleep(0.1)
+    held = objects(s3, "mirrored")
+    assert {"runs/de/train/checkpoints/latest.pt", "service/de/train/mix_log.jsonl"} <= set(held), held
+
+
 def test_only_new_or_changed_files_are_sent_and_a_rebuilt_folder_is_mirrored_in_gcs(gcs, tmp_path):
     """The store rule itself, on the other store (fake-gcs-server): a file rewritten at the same size is
     sent again, an unchanged one is not, a mirrored folder loses what the working copy no longer holds."""
