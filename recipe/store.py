@@ -24,7 +24,7 @@ from typing import Iterable
 import pyarrow.fs as pafs
 
 from pipeline import storage
-from pipeline.storage import Location, StorageError, parse_location
+from pipeline.storage import Location, MissingObject, StorageError, parse_location
 from recipe.errors import RecipeError
 from recipe.hashing import file_hash
 
@@ -52,10 +52,15 @@ class OutputStore:
         self._index: dict[str, list] | None = None  # relative path -> [size, sha256] of what was uploaded
         self._lock = threading.Lock()  # a training run's mirror thread and the runner push in turn
 
-    def _call(self, what, *args):
-        """A `pipeline.storage` operation; its StorageError becomes one line naming `output`."""
+    def _call(self, what, *args, missing: object = MissingObject):
+        """A `pipeline.storage` operation; its StorageError becomes one line naming `output` (a missing
+        object `missing`, when that is given)."""
         try:
             return what(*args)
+        except MissingObject as e:
+            if missing is MissingObject:
+                raise RecipeError(f"output: {e.message}") from None
+            return missing
         except StorageError as e:
             raise RecipeError(f"output: {e.message}") from None
 
@@ -81,12 +86,7 @@ class OutputStore:
 
     def read(self, relative: str) -> bytes | None:
         """An object's bytes, None when there is none."""
-        try:
-            return self._call(storage.read_bytes, self.root.child(relative))
-        except RecipeError:
-            if self._call(storage.file_size, self.root.child(relative)) is None:
-                return None
-            raise
+        return self._call(storage.read_bytes, self.root.child(relative), missing=None)
 
     def index(self) -> dict[str, list]:
         if self._index is None:
