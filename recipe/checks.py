@@ -127,6 +127,11 @@ def check_output_store(uri: str, work: Path, name: str) -> None:
     store.check_reachable()
     lock = store.read(LOCK)
     check_owner(uri, json.loads(lock) if lock else None, bool(store.listing()), name)
+    made_in = lock and json.loads(lock).get("work_dir")
+    if made_in and Path(made_in) != work:
+        raise RecipeError(f"compute.work_dir: the results in {uri} were made in a working copy at {made_in} (its "
+                          f"step records and checkpoints name paths there), not {work}; set compute.work_dir: "
+                          f"{made_in} to continue them")
 
 
 def check_owner(where: str, lock: dict | None, holds_anything: bool, name: str, key: str = "output") -> None:

@@ -543,6 +543,8 @@ class Runner(StepRunner):
                 "chosen": {u: c.share if c else None for u, c in self.choices.items()},
                 "steps": {s.name: self.records.path(s).name for s in self.plan.steps()
                           if self.records.path(s).is_file()}}
+        if self.store is not None:  # the records and checkpoints name paths in it: a rerun works there too
+            lock["work_dir"] = str(self.out)
         tmp = self.out / (LOCK + ".partial")
         tmp.write_text(json.dumps(lock, indent=2))
         tmp.rename(self.out / LOCK)

@@ -154,6 +154,12 @@ def test_a_store_holding_another_recipes_results_is_refused_by_its_lock(capsys, 
     assert taken.startswith("error: ") and "output" in taken and "another recipe ('someone-else'" in taken
     assert not work.exists() and objects(s3, "taken") == {"recipe.lock.json": s3.head_object(
         Bucket=BUCKET, Key="taken/recipe.lock.json")["ETag"]}
+    # This recipe's results, made in a working copy elsewhere: continued only from the same path.
+    s3.put_object(Bucket=BUCKET, Key="moved/recipe.lock.json",
+                  Body=json.dumps({"name": "stored", "work_dir": "/elsewhere/work"}).encode())
+    moved = fails(capsys, write(tmp_path / "d.yaml", recipe_text(workspace, work, f"s3://{BUCKET}/moved")))
+    assert "compute.work_dir" in moved and "set compute.work_dir: /elsewhere/work" in moved
+    assert not work.exists()
 
 
 def test_a_training_runs_checkpoint_and_service_state_are_uploaded_while_it_trains(workspace, s3, tmp_path):
