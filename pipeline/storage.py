@@ -23,6 +23,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import BinaryIO, Callable, TypeVar
 
@@ -35,6 +36,8 @@ STORE_SCHEMES = ("s3", "gs")
 HUB_SCHEME = "hf"
 READ_ATTEMPTS = 4  # the first try and three retries
 RETRY_BACKOFF_S = 0.25  # doubled after each failed attempt: 0.25 + 0.5 + 1 s at most in all
+# What pyarrow's GCS client says when it finds no application default credentials.
+_NO_GCS_CREDENTIALS = "Could not create a OAuth2 access token"
 _URI = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://(.*)$")
 
 T = TypeVar("T")
@@ -168,7 +171,10 @@ def filesystem(location: Location) -> pafs.FileSystem:
                 host = os.environ.get("STORAGE_EMULATOR_HOST")
                 # An emulator takes no credentials: without `anonymous` the client first looks for the
                 # application default ones (a metadata server), retrying for minutes where there is none.
+                # As for S3, our own loop retries, so the client gives up soon: without a limit it retries
+                # a missing credential (no metadata server to ask) for many minutes before it says so.
                 _FILESYSTEMS[key] = pafs.GcsFileSystem(
+                    retry_time_limit=timedelta(seconds=5),
                     **({"endpoint_override": host.split("://")[-1], "scheme": "http", "anonymous": True}
                        if host else {}))
             except (ImportError, NotImplementedError, OSError) as e:  # a pyarrow built without GCS
@@ -194,6 +200,9 @@ def _explain(location: Location, error: BaseException, action: str) -> StorageEr
             return MissingObject(f"{location.uri}: the bucket {bucket!r} does not exist (or these credentials cannot "
                                 "see it); check the URI and AWS_ENDPOINT_URL / the account")
         return MissingObject(f"{location.uri}: no such object; check the path")
+    if _NO_GCS_CREDENTIALS in text:
+        return StorageError(f"{location.uri}: no Google Cloud credentials: set GOOGLE_APPLICATION_CREDENTIALS to a "
+                            "service account's key file, or run `gcloud auth application-default login`")
     if "ACCESS_DENIED" in text or "AccessDenied" in text or "InvalidAccessKeyId" in text or "403" in text:
         return StorageError(f"{location.uri}: access denied while trying to {action}; check the credentials "
                             "(AWS_ACCESS_KEY_ID / AWS_PROFILE) and the bucket's policy")
@@ -205,7 +214,7 @@ def _is_permanent(error: BaseException) -> bool:
     text = str(error)
     return isinstance(error, (FileNotFoundError, PermissionError)) or any(
         word in text for word in ("NOT_FOUND", "NoSuchKey", "NoSuchBucket", "ACCESS_DENIED", "AccessDenied",
-                                  "InvalidAccessKeyId"))
+                                  "InvalidAccessKeyId", _NO_GCS_CREDENTIALS))
 
 
 def with_retries(location: Location, action: str, call: Callable[[], T], attempts: int = READ_ATTEMPTS) -> T:
