@@ -9,6 +9,7 @@ with the nearest valid key for a misspelt one. Relative paths are relative to th
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -323,8 +324,8 @@ def absolute(recipe: Recipe, base: Path) -> Recipe:
         "updates": [u.model_copy(update={"new": {n: corpus(c) for n, c in u.new.items()}}) for u in recipe.updates],
         "output": _absolute_path(recipe.output, base),
         "compute": recipe.compute.model_copy(update={
-            "work_dir": recipe.compute.work_dir and _absolute_path(str(Path(recipe.compute.work_dir).expanduser()),
-                                                                   base)}),
+            "work_dir": recipe.compute.work_dir and os.path.normpath(
+                _absolute_path(os.path.expanduser(recipe.compute.work_dir), base))}),
     })
 
 
