@@ -469,7 +469,8 @@ class Runner(StepRunner):
         held = store.listing()
         fetched = [r for r in held if r.startswith(f"{RECORDS}/") and r.endswith(".json")
                    and not (self.out / r).is_file()]
-        store.download([*fetched, *([LOCK] if LOCK in held and not (self.out / LOCK).exists() else [])])
+        store.download({r: held[r] for r in [*fetched, *([LOCK] if LOCK in held and not (self.out / LOCK).exists()
+                                                            else [])]})
         newly = {self.out / r for r in fetched}
         finished: dict[str, bool] = {}  # a finished step's output -> whether its record just came
         for record in set((self.out / RECORDS).glob("*.json")) - {self.records.hashes}:
@@ -486,7 +487,7 @@ class Runner(StepRunner):
                     wanted.append(r)
             elif not (self.out / r).exists():  # a run not finished: its latest checkpoint, those kept at
                 wanted.append(r)               # --save-at steps (a next update may start there), its state
-        files, size = store.download(wanted)
+        files, size = store.download({r: held[r] for r in wanted})
         if fetched or files:
             print(f"fetched from {store.uri}: {len(fetched)} step records, {files} files ({size / 2**20:.1f} MiB)",
                   flush=True)

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import json
 import threading
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Mapping
 
 import pyarrow.fs as pafs
+from tqdm import tqdm
 
 from pipeline import storage
 from pipeline.storage import Location, MissingObject, StorageError, parse_location
@@ -29,6 +31,8 @@ from recipe.errors import RecipeError
 from recipe.hashing import file_hash
 
 INDEX = "store-index.json"
+TRANSFERS = 8  # objects in flight at once
+BAR_BYTES = 64 << 20  # a transfer this large shows a progress bar
 # Never sent: the service tokens, the records' hash cache (a local cache), half-written files.
 NOT_SENT = ("secrets/", "steps/file-hashes.json")
 
@@ -96,14 +100,12 @@ class OutputStore:
 
     # -- down
 
-    def download(self, relatives: Iterable[str]) -> tuple[int, int]:
-        """Each object to the same path in the working copy; (files, bytes) fetched."""
-        files = size = 0
-        for relative in relatives:
-            target = self.work / relative
-            self._call(storage.download_file, self.root.child(relative), target)
-            files, size = files + 1, size + target.stat().st_size
-        return files, size
+    def download(self, objects: Mapping[str, int]) -> tuple[int, int]:
+        """Each object ({path: size}, as `listing` gives) to the same path in the working copy; (files, bytes)
+        fetched."""
+        jobs = [(storage.download_file, (self.root.child(r), self.work / r), size) for r, size in objects.items()]
+        self._transfer(jobs, "download")
+        return len(jobs), sum(size for _, _, size in jobs)
 
     def differs(self, relative: str) -> bool:
         """Whether the working copy's file is missing or is not what the store holds (by the index)."""
@@ -120,7 +122,7 @@ class OutputStore:
         with `mirror`, delete the objects under a folder that the working copy no longer holds (a step
         rebuilt in place: never a mix of old and new files). (files, bytes) sent."""
         with self._lock:
-            index, files, size = self.index(), 0, 0
+            index, sent, gone = self.index(), {}, []
             for path in paths:
                 path = Path(path)
                 if not path.exists():
@@ -133,16 +135,27 @@ class OutputStore:
                          else self.listing(relative))
                 for r, f in local.items():
                     seen = [f.stat().st_size, file_hash(f)]
-                    if index.get(r) == seen and there.get(r) == seen[0]:
-                        continue
-                    self._call(storage.upload_file, f, self.root.child(r))
-                    index[r] = seen
-                    files, size = files + 1, size + seen[0]
+                    if index.get(r) != seen or there.get(r) != seen[0]:
+                        sent[r] = (f, seen)
                 if mirror and path.is_dir():
-                    for r in sorted(set(there) - set(local)):
-                        self._call(storage.delete_file, self.root.child(r))
-                        index.pop(r, None)
-                        files += 1
-            if files:
+                    gone += sorted(set(there) - set(local))
+            self._transfer([(storage.upload_file, (f, self.root.child(r)), seen[0]) for r, (f, seen) in sent.items()],
+                           "upload")
+            index.update({r: seen for r, (_, seen) in sent.items()})
+            for r in gone:
+                self._call(storage.delete_file, self.root.child(r))
+                index.pop(r, None)
+            if sent or gone:  # after the objects: an index entry never claims an object not sent
                 self._call(storage.write_bytes, self.root.child(INDEX), json.dumps(index, indent=0).encode())
-            return files, size
+            return len(sent), sum(seen[0] for _, seen in sent.values())
+
+    def _transfer(self, jobs: list[tuple[Callable, tuple, int]], what: str) -> None:
+        """Each (a `pipeline.storage` transfer, its arguments, its bytes), `TRANSFERS` at a time; a bar when
+        they are many bytes."""
+        total = sum(size for _, _, size in jobs)
+        with ThreadPoolExecutor(TRANSFERS) as pool, tqdm(total=total, desc=what, unit="B", unit_scale=True,
+                                                         disable=total < BAR_BYTES, mininterval=1.0) as bar:
+            sizes = {pool.submit(self._call, call, *args): size for call, args, size in jobs}
+            for done in as_completed(sizes):
+                done.result()  # the first failure stops the job (the pool finishes what is in flight)
+                bar.update(sizes[done])
