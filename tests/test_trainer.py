@@ -29,11 +29,18 @@ SMALL = ["--model", "test", "--micro-batch", "4", "--eval-batches", "2", "--no-p
 GEOMETRY = ["--seq-len", "32", "--global-batch", "8"]
 
 
+def write_datasets(folder: Path, english_model: Path, english_lines: list[str], german_lines: list[str]
+                   ) -> dict[str, Path]:
+    """English and German token datasets under `folder`: 600 training documents each, 100 validation."""
+    from tests.conftest import write_token_dataset  # here, not above: test_fsdp's ranks import this module
+
+    return {name: write_token_dataset(folder / name, lines[:600], english_model, lines[1900:]).root
+            for name, lines in (("en", english_lines), ("de", german_lines))}
+
+
 @pytest.fixture
-def datasets(token_dataset_factory, english_model, english_lines, german_lines):
-    english = token_dataset_factory("en", english_lines[:600], english_model, english_lines[1900:])
-    german = token_dataset_factory("de", german_lines[:600], english_model, german_lines[1900:])
-    return {"en": english.root, "de": german.root}
+def datasets(tmp_path, english_model, english_lines, german_lines):
+    return write_datasets(tmp_path, english_model, english_lines, german_lines)
 
 
 def args_for(datasets: dict[str, Path], out: Path, *extra: str) -> list[str]:
@@ -415,19 +422,37 @@ def test_resume_command_drops_what_only_starts_a_run():
     assert resume_command(["--out", "r", "--resume"]) == ["--out", "r", "--resume"]
 
 
+# Long enough that the run is still going when the signal comes after step 3 (37 steps of ~0.1 s to spare),
+# short enough that the resumed run and the uninterrupted one are cheap; evaluations before and after the stop.
+SIGNALLED_STEPS = 40
+SIGNALLED_RUN = ["--steps", str(SIGNALLED_STEPS), "--checkpoint-every", "1000", "--eval-every", "20",
+                 "--weights", "en=3,de=1", "--lr-schedule", "wsd", "--max-lr", "2e-3"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory, english_model, english_lines, german_lines) -> tuple[dict[str, Path], Path]:
+    """The datasets of the signal tests and the run a signalled run must come back to, trained once for both
+    signals: SIGINT and SIGTERM stop the same run, so they are compared with the same uninterrupted one."""
+    folder = tmp_path_factory.mktemp("signalled")
+    datasets = write_datasets(folder, english_model, english_lines, german_lines)
+    straight = folder / "straight"
+    train(parse_args(args_for(datasets, straight, *SIGNALLED_RUN)))
+    return datasets, straight
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_stops_after_a_step_with_a_checkpoint_and_the_resume_command(tmp_path, datasets, signum):
+def test_a_signal_stops_after_a_step_with_a_checkpoint_and_the_resume_command(tmp_path, uninterrupted_run, signum,
+                                                                              capsys):
     """Issue 18: Ctrl-C (or a scheduler's SIGTERM) ended in a traceback and lost every step since the last
     checkpoint. A real `python -m trainer` is signalled mid-run: it must finish the step, checkpoint it, print
     the command that resumes, exit 128 + signal; that command must then finish the run exactly as an
     uninterrupted one (losses, evaluations, model and optimizer to the bit)."""
-    common = ["--steps", "80", "--checkpoint-every", "1000", "--eval-every", "40", "--weights", "en=3,de=1",
-              "--lr-schedule", "wsd", "--max-lr", "2e-3"]
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    datasets, straight = uninterrupted_run
+    stopped = tmp_path / "stopped"
     # One thread, as this process trains the straight run, so that the arithmetic is the same to the bit.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    child = subprocess.Popen([sys.executable, "-m", "trainer", *args_for(datasets, stopped, *common)], cwd=REPO,
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, "-m", "trainer", *args_for(datasets, stopped, *SIGNALLED_RUN)],
+                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = stopped / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.exists() and metrics.read_text().count('"kind": "train"') >= 3):
@@ -439,15 +464,18 @@ def test_a_signal_stops_after_a_step_with_a_checkpoint_and_the_resume_command(tm
     assert child.returncode == 128 + signum, stderr
     assert "Traceback" not in stderr
     stopped_at = max(train_losses(stopped))
-    assert 3 <= stopped_at < 80 and checkpoint_of(stopped, "latest.pt")["step"] == stopped_at  # no step lost
+    assert 3 <= stopped_at < SIGNALLED_STEPS  # mid-run
+    assert checkpoint_of(stopped, "latest.pt")["step"] == stopped_at  # no step lost
     assert f"stopped by {signal.Signals(signum).name} at step {stopped_at}" in stderr
     command = shlex.split(stderr.split("resume with:\n", 1)[1].splitlines()[0])
-    assert command == [sys.executable, "-m", "trainer", *args_for(datasets, stopped, *common), "--resume"]
+    python_m_trainer = [sys.executable, "-m", "trainer"]
+    assert command == [*python_m_trainer, *args_for(datasets, stopped, *SIGNALLED_RUN), "--resume"]
 
-    resumed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    train(parse_args(args_for(datasets, straight, *common)))
-    assert train_losses(stopped) == train_losses(straight) and sorted(train_losses(straight)) == list(range(1, 81))
+    # The printed command, through the function `python -m trainer` runs: the signalled process above is the
+    # CLI's own process, so a second one would only pay the imports again.
+    assert main(command[len(python_m_trainer):]) == 0, capsys.readouterr().err
+    assert sorted(train_losses(straight)) == list(range(1, SIGNALLED_STEPS + 1))
+    assert train_losses(stopped) == train_losses(straight)
     assert evals(stopped) == evals(straight)
     for name in ("model", "optimizer"):
         assert_bitwise_equal(checkpoint_of(stopped)[name], checkpoint_of(straight)[name], name)
