@@ -76,6 +76,16 @@ def _datasets(token_dataset_factory, english_model, english_lines, german_lines)
     return {"en": str(english.root), "de": str(german.root)}
 
 
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory, english_model, english_lines, german_lines) -> dict[str, str]:
+    """`_datasets`, written once for a module whose runs only read them."""
+    from tests.conftest import write_token_dataset  # here, not above: every rank imports this module
+
+    folder = tmp_path_factory.mktemp("datasets")
+    return _datasets(lambda name, *args: write_token_dataset(folder / name, *args), english_model, english_lines,
+                     german_lines)
+
+
 def _records(run_dir: Path, kind: str) -> list[dict]:
     return [r for r in read_metrics(run_dir) if r["kind"] == kind]
 
@@ -94,22 +104,26 @@ def _assert_same_run(ddp: Path, single: Path) -> None:
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-4)
 
 
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, datasets) -> Path:
+    """The 1-process run that both 2-rank runs, the uninterrupted one and the signalled and resumed one,
+    must reproduce (the same flags): trained once."""
+    out = tmp_path_factory.mktemp("one-process") / "single"
+    train(parse_args(_flags(datasets, out)))
+    return out
+
+
 @pytest.mark.timeout(300)
-def test_two_gloo_ranks_train_like_one_process(tmp_path, token_dataset_factory, english_model, english_lines,
-                                               german_lines):
-    datasets = _datasets(token_dataset_factory, english_model, english_lines, german_lines)
+def test_two_gloo_ranks_train_like_one_process(tmp_path, datasets, one_process_run):
     mp.spawn(_worker, args=(2, free_port(), _flags(datasets, tmp_path / "ddp")), nprocs=2, join=True)
-    train(parse_args(_flags(datasets, tmp_path / "single")))
-    _assert_same_run(tmp_path / "ddp", tmp_path / "single")
+    _assert_same_run(tmp_path / "ddp", one_process_run)
 
 
 @pytest.mark.timeout(120)  # ranks that disagree on where to stop hang in their next collective
-def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path, token_dataset_factory, english_model,
-                                                                   english_lines, german_lines):
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path, datasets, one_process_run):
     """Issue 18: a rank stopping alone would leave the others waiting in the next all-reduce. A SIGTERM to
     rank 1 after step 2 must stop both ranks at step 2 with one checkpoint, and the resumed run must be the
     uninterrupted one."""
-    datasets = _datasets(token_dataset_factory, english_model, english_lines, german_lines)
     flags = _flags(datasets, tmp_path / "ddp")
     mp.spawn(_worker, args=(2, free_port(), flags, _signal_rank_1_after_step_2, tmp_path), nprocs=2, join=True)
     stops = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
@@ -117,5 +131,4 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path, tok
     assert torch.load(tmp_path / "ddp" / "checkpoints" / "latest.pt", weights_only=False)["step"] == 2
 
     mp.spawn(_worker, args=(2, free_port(), [*flags, "--resume"]), nprocs=2, join=True)
-    train(parse_args(_flags(datasets, tmp_path / "single")))
-    _assert_same_run(tmp_path / "ddp", tmp_path / "single")
+    _assert_same_run(tmp_path / "ddp", one_process_run)
