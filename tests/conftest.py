@@ -97,6 +97,16 @@ def english_model(tmp_path_factory: pytest.TempPathFactory, english_lines: list[
     return train_spm(english_lines, tmp_path_factory.mktemp("spm") / "english", vocab_size=200)
 
 
+@pytest.fixture(scope="session")
+def base_tokenizer(tmp_path_factory: pytest.TempPathFactory, english_lines: list[str], german_lines: list[str]) -> Path:
+    """A byte-level BPE Hugging Face folder of 300 pieces: the tokenizer of the tiny transformers models.
+    Here rather than in test_hf_model, so that a module using it (test_fsdp, whose ranks import it) need not
+    import test_hf_model and transformers' model classes."""
+    from tests.hf_tokenizers import train_tokenizer
+
+    return train_tokenizer(english_lines[:800] + german_lines[:100], 300, tmp_path_factory.mktemp("tokenizer") / "base")
+
+
 def write_token_dataset(
     out: Path, documents: Sequence[str], model_path: Path, val_documents: Sequence[str] = (), shard_docs: int = 50
 ) -> TokenDataset:

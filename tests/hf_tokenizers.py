@@ -6,6 +6,8 @@
 - `llama3_folder`: byte-level BPE with its special tokens after the BPE vocabulary and a post-processor
   that adds `<|begin_of_text|>`, `ignore_merges` set (Llama 3).
 - `wordlevel_folder`: a word-level vocabulary of any size (ids past 65,535 for the uint32 path).
+- `train_tokenizer`: byte-level BPE with `<s>` and `</s>`, the tokenizer of the tiny transformers models the
+  trainer's tests build (conftest's `base_tokenizer`).
 """
 
 from __future__ import annotations
@@ -75,4 +77,16 @@ def wordlevel_folder(words: Sequence[str], folder: Path) -> Path:
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
                             unk_token="<unk>").save_pretrained(str(folder))
+    return folder
+
+
+def train_tokenizer(lines: list[str], vocab: int, folder: Path) -> Path:
+    """A byte-level BPE tokenizer trained here on `lines`, saved as a Hugging Face folder."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(lines, trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>").save_pretrained(folder)
+    assert len(AutoTokenizer.from_pretrained(folder)) == vocab
     return folder

@@ -11,18 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    GPTNeoXConfig,
-    LlamaConfig,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, LlamaConfig, Qwen2Config
 
 from pipeline.tokenizer.report import ExtensionReport
-from tests.conftest import write_token_dataset
+from tests.conftest import base_tokenizer, write_token_dataset  # noqa: F401  (a fixture others import from here)
+from tests.hf_tokenizers import train_tokenizer
 from tests.test_trainer import Crash, assert_bitwise_equal, checkpoint_of, crash_after, evals, train_losses
 from trainer.embedding_growth import grow_vocab
 from trainer.hf_model import HFCausalLM, from_record
@@ -47,23 +40,6 @@ def tiny_config(family: str, vocab: int):
     if family == "qwen2":  # untied, with padding rows beyond the tokenizer, as the real Qwen2 models have
         return Qwen2Config(num_key_value_heads=2, tie_word_embeddings=False, **{**common, "vocab_size": vocab + 12})
     return GPTNeoXConfig(tie_word_embeddings=False, **common)
-
-
-def train_tokenizer(lines: list[str], vocab: int, folder: Path) -> Path:
-    """A byte-level BPE tokenizer trained here on `lines`, saved as a Hugging Face folder."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(lines, trainers.BpeTrainer(
-        vocab_size=vocab, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>").save_pretrained(folder)
-    assert len(AutoTokenizer.from_pretrained(folder)) == vocab
-    return folder
-
-
-@pytest.fixture(scope="session")
-def base_tokenizer(tmp_path_factory, english_lines, german_lines) -> Path:
-    return train_tokenizer(english_lines[:800] + german_lines[:100], 300, tmp_path_factory.mktemp("tokenizer") / "base")
 
 
 def make_model_folder(folder: Path, family: str, tokenizer_dir: Path, seed: int = 0) -> Path:
