@@ -19,15 +19,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from service.launcher import free_port
-from tests.test_ddp import _datasets, _flags, _records
-from tests.test_hf_model import base_tokenizer  # noqa: F401  (a fixture)
+from tests.test_ddp import _flags, _records, datasets  # noqa: F401  (a fixture)
 from tests.test_trainer import Crash, checkpoint_of
 from trainer.fsdp import full_model_state
 from trainer.train import train
 from trainer.train_config import parse_args
 
+# Every rank imports this module (mp.spawn sends _worker and the step hooks by name): it imports neither
+# transformers' models nor test_hf_model, which would cost each rank seconds; the Hugging Face test imports
+# what it needs itself.
 torch.set_num_threads(1)
-STEPS = 4
+STEPS = 6
+RUN = ["--steps", str(STEPS), "--checkpoint-every", "2"]
 
 
 def _worker(rank: int, world_size: int, port: int, flags: list[str], on_step: Callable | None = None) -> None:
@@ -68,58 +71,60 @@ def _save_and_crash(out: Path, last: int, crash: int, step: int, model: torch.nn
     _crash_after(crash, step, model, batch)
 
 
-@pytest.mark.timeout(300)
-def test_sharded_run_trains_the_weights_of_one_process(tmp_path, token_dataset_factory, english_model,
-                                                       english_lines, german_lines):
-    datasets = _datasets(token_dataset_factory, english_model, english_lines, german_lines)
-    _spawn([*_flags(datasets, tmp_path / "fsdp"), "--fsdp"],
-           functools.partial(_gather_weights, tmp_path / "fsdp.pt", STEPS))
-    train(parse_args(_flags(datasets, tmp_path / "single")))
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory, datasets) -> tuple[Path, Path]:
+    """An uninterrupted 2-rank --fsdp run and the whole model gathered from its shards after the last step
+    (each rank checked to hold about half): what one process must train and what a resumed sharded run must
+    be, run once for both tests."""
+    folder = tmp_path_factory.mktemp("sharded")
+    _spawn([*_flags(datasets, folder / "run"), *RUN, "--fsdp"],
+           functools.partial(_gather_weights, folder / "weights.pt", STEPS))
+    return folder / "run", folder / "weights.pt"
 
-    sharded, single = torch.load(tmp_path / "fsdp.pt"), checkpoint_of(tmp_path / "single")["model"]
+
+@pytest.mark.timeout(300)
+def test_sharded_run_trains_the_weights_of_one_process(tmp_path, datasets, sharded_run):
+    fsdp, fsdp_weights = sharded_run
+    train(parse_args([*_flags(datasets, tmp_path / "single"), *RUN]))
+
+    sharded, single = torch.load(fsdp_weights), checkpoint_of(tmp_path / "single")["model"]
     assert sharded.keys() == single.keys()
     for name in single:
         torch.testing.assert_close(sharded[name], single[name], rtol=0, atol=2e-5, msg=lambda m: f"{name}: {m}")
     for kind in ("train", "eval"):
-        fsdp_records, single_records = _records(tmp_path / "fsdp", kind), _records(tmp_path / "single", kind)
+        fsdp_records, single_records = _records(fsdp, kind), _records(tmp_path / "single", kind)
         assert [r["step"] for r in fsdp_records] == [r["step"] for r in single_records]
         for a, b in zip(fsdp_records, single_records, strict=True):
             loss = "loss" if kind == "train" else "val_loss"
             assert a[loss] == pytest.approx(b[loss], abs=1e-4)
     # Sharded checkpoints: one folder of shards per name, no .pt.
-    names = sorted(p.name for p in (tmp_path / "fsdp" / "checkpoints").iterdir())
+    names = sorted(p.name for p in (fsdp / "checkpoints").iterdir())
     assert names == ["final.dcp", "latest.dcp"]
 
 
 @pytest.mark.timeout(300)
-def test_resume_from_a_sharded_checkpoint_is_the_uninterrupted_run(tmp_path, token_dataset_factory, english_model,
-                                                                  english_lines, german_lines):
-    datasets = _datasets(token_dataset_factory, english_model, english_lines, german_lines)
-    steps = ["--steps", "6", "--checkpoint-every", "2"]
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    _spawn([*_flags(datasets, straight), *steps, "--fsdp"],
-           functools.partial(_gather_weights, tmp_path / "straight.pt", 6))
+def test_resume_from_a_sharded_checkpoint_is_the_uninterrupted_run(tmp_path, datasets, sharded_run):
+    straight, straight_weights = sharded_run
+    stopped = tmp_path / "stopped"
     # Killed in step 4 (before its checkpoint): the step-2 checkpoint is the latest, and step 3's records
     # must be dropped.
-    _spawn([*_flags(datasets, stopped), *steps, "--fsdp"], functools.partial(_crash_after, 4))
+    _spawn([*_flags(datasets, stopped), *RUN, "--fsdp"], functools.partial(_crash_after, 4))
     assert max(r["step"] for r in _records(stopped, "train")) == 3
-    _spawn([*_flags(datasets, stopped), *steps, "--fsdp", "--resume"],
-           functools.partial(_gather_weights, tmp_path / "stopped.pt", 6))
+    _spawn([*_flags(datasets, stopped), *RUN, "--fsdp", "--resume"],
+           functools.partial(_gather_weights, tmp_path / "stopped.pt", STEPS))
 
-    assert [r["step"] for r in _records(straight, "train")] == list(range(1, 7))
+    assert [r["step"] for r in _records(straight, "train")] == list(range(1, STEPS + 1))
     drop_time = lambda records: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "data_wait_share")}
                                  for r in records]
     assert drop_time(_records(stopped, "train")) == drop_time(_records(straight, "train"))  # to the bit
     assert _records(stopped, "eval") == _records(straight, "eval")
-    a, b = torch.load(tmp_path / "stopped.pt"), torch.load(tmp_path / "straight.pt")
+    a, b = torch.load(tmp_path / "stopped.pt"), torch.load(straight_weights)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_fsdp_refuses_one_process_and_a_plain_resume_of_shards(tmp_path, token_dataset_factory, english_model,
-                                                              english_lines, german_lines, capsys):
+def test_fsdp_refuses_one_process_and_a_plain_resume_of_shards(tmp_path, datasets, capsys):
     from trainer.__main__ import main
 
-    datasets = _datasets(token_dataset_factory, english_model, english_lines, german_lines)
     assert main([*_flags(datasets, tmp_path / "one"), "--fsdp"]) == 2
     assert "--fsdp shards the model over the ranks torchrun" in capsys.readouterr().err
     fake = tmp_path / "run" / "checkpoints" / "latest.dcp"
