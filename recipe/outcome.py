@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -39,6 +39,18 @@ def outcome(name: str, share: float | None, run_dir: Path, replayed: Sequence[st
     evals = evaluations(run_dir)
     if not evals or 0 not in evals:
         raise ValueError(f"{run_dir}: no evaluation at step 0 in metrics.jsonl")
+    return _judged(name, share, evals, replayed, new)
+
+
+def merge_outcome(name: str, start: dict[str, float], losses: dict[str, float], replayed: Sequence[str],
+                  new: Sequence[str]) -> Outcome:
+    """A merge's outcome: its one evaluation against its update's full run's start (step 0), the same
+    windows; 0 steps trained."""
+    return replace(_judged(name, None, {0: start, 1: losses}, replayed, new), steps=0)
+
+
+def _judged(name: str, share: float | None, evals: dict[int, dict[str, float]], replayed: Sequence[str],
+            new: Sequence[str]) -> Outcome:
     start, last = evals[0], evals[max(evals)]
     rises = [losses[n] / start[n] - 1 for losses in evals.values() for n in replayed]
     falls = [1 - last[n] / start[n] for n in new]

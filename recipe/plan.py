@@ -6,6 +6,9 @@
 - `TrainStep`: a mixer service (`ServiceConfig`) and a trainer (`TrainConfig`) pulling from it: a sweep's
   pilot or an update's full run (a step with no service is a trainer mixing its datasets in process: the
   demo's pretraining and union runs).
+- `MergeStep`: the update's start model (grown as its run grew it, if it did) and its continued model (the
+  full run's final checkpoint) merged in memory (`trainer.merge.merge_state_dicts`) and scored on the full run's validation windows
+  (`trainer.evaluate.score`): the alternative to replay that costs no training (`recipe/merging.py` runs it).
 
 Every step declares its inputs (what its outputs depend on, content-hashed by the runner) and outputs,
 and its command comes from `recipe.argv`, the one renderer per part. Where things go in the output folder:
@@ -15,6 +18,7 @@ and its command comes from `recipe.argv`, the one renderer per part. Where thing
     datasets/CORPUS.eval.TAG/    a corpus's held-out `eval` file, tokenized whole as a validation split
     runs/UPDATE/pilot-SHARE/     a sweep's pilot; runs/UPDATE/train/ the update's full run
     service/STEP/                each run's mixer state (its mix log: mix_log.jsonl)
+    merges/UPDATE/NAME.json      a merge's losses on the update's validation sets
 """
 
 from __future__ import annotations
@@ -31,15 +35,17 @@ from pipeline.tokenizer.train import TokenizerTrainConfig
 from recipe.argv import (extend_argv, manpages_argv, service_argv, tokenize_argv, train_tokenizer_argv,
                          trainer_argv)
 from recipe.errors import RecipeError
-from recipe.schema import Corpus, Recipe, Update
+from recipe.schema import Corpus, MergeOption, Recipe, Update
 from service.service_config import ServiceConfig
 from trainer.checkpoint import CHECKPOINT_DIR, FINAL, named_checkpoint
 from trainer.lr_schedules import ScheduleConfig, build_schedule
+from trainer.merge import MergeSpec
 from trainer.train_config import DataConfig, OptimConfig, TrainConfig
 
 BASE = "base"  # the tag of the model's own tokenizer
 PORT_PLACEHOLDER = 0  # a service's port is chosen free when it starts; the plan shows PORT
 SECRETS = "secrets"
+MERGES = "merges"  # OUTPUT/merges/UPDATE/NAME.json: a merge's record
 # An eval file is held out whole: every document in the validation split the trainer scores (the job takes
 # fractions below 1; one document in 2**30 is lost to the train split).
 WHOLE = 1 - 2**-30
@@ -104,7 +110,47 @@ class TrainStep:
         return [sys.executable, "-m", "service", *service_argv(service or self.service)]
 
 
-Step = PipelineStep | TrainStep
+@dataclass(frozen=True)
+class MergeStep:
+    """A merge of an update's start and continued models, scored as the update's runs are: a row beside them."""
+
+    name: str  # UPDATE/LABEL
+    update: str
+    option: MergeOption
+    start: Path  # the model the update started from: a Hugging Face folder or a checkpoint
+    grow: str | None  # the update's growth: the start is merged grown as its run grew it (computing what it did)
+    seed: int  # the growth's seed (an upcycled router's), the trainer's --seed
+    continued: Path  # the update's full run's final checkpoint
+    eval_datasets: dict[str, str]  # the full run's, scored on its windows
+    seq_len: int
+    eval_batches: int
+    micro_batch: int
+    device: str
+    replayed: tuple[str, ...]
+    new: tuple[str, ...]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]  # the record of its losses, merges/UPDATE/LABEL.json
+
+    @property
+    def record(self) -> Path:
+        return Path(self.outputs[0])
+
+    def spec(self) -> MergeSpec:
+        """The merge as `trainer.merge` states it: linear weighs the two models, the others add the task
+        vector (continued minus start) to the start."""
+        o = self.option
+        if o.method == "linear":
+            return MergeSpec("linear", (self.start, self.continued), weights=(1 - o.alpha, o.alpha))
+        return MergeSpec(o.method, (self.continued,), base=self.start, density=o.density, lam=o.lam)
+
+    def settings(self) -> dict:
+        """What its losses are a function of besides its inputs' content."""
+        return {"merge": self.spec().record(), "grow": self.grow, "seed": self.seed,
+                "eval_datasets": dict(self.eval_datasets), "seq_len": self.seq_len,
+                "eval_batches": self.eval_batches, "micro_batch": self.micro_batch, "device": self.device}
+
+
+Step = PipelineStep | TrainStep | MergeStep
 
 
 @dataclass
@@ -117,10 +163,12 @@ class Plan:
     # Per update, in order: its pilots (a sweep's) and its full run (None until a sweep has chosen).
     pilots: dict[str, list[TrainStep]] = field(default_factory=dict)
     runs: dict[str, TrainStep | None] = field(default_factory=dict)
+    merges: dict[str, list[MergeStep]] = field(default_factory=dict)  # planned with the update's full run
     store: str | None = None  # an object-store output of record (`out` is then its local working copy)
 
     def steps(self) -> list[Step]:
-        trains = [s for u in self.recipe.updates for s in [*self.pilots[u.name], self.runs[u.name]] if s]
+        trains = [s for u in self.recipe.updates
+                  for s in [*self.pilots[u.name], self.runs[u.name], *self.merges.get(u.name, [])] if s]
         return [*self.pipeline, *trains]
 
 
@@ -129,6 +177,7 @@ def make_plan(recipe: Recipe, name: str, chosen: dict[str, float] | None = None)
     out = recipe.work_folder(name)
     if recipe.tokenizer is None and not recipe.is_hf:
         raise RecipeError(f"model {recipe.model!r}: a fresh model needs `tokenizer:` (the tokenizer its data uses)")
+    check_strategies(recipe)
     base = recipe.tokenizer or recipe.model[3:]
     plan = Plan(recipe, name, out, base, store=recipe.output if recipe.output_in_store else None)
     tokenizer, tag = base, BASE
@@ -189,12 +238,39 @@ def make_plan(recipe: Recipe, name: str, chosen: dict[str, float] | None = None)
             plan.runs[update.name] = None
         else:
             plan.runs[update.name] = context.step("train", "train", share)
+            plan.merges[update.name] = [context.merge(option, plan.runs[update.name]) for option in update.merges]
         # The next update continues this one's model: its final one, or (schedule: continue) the one saved
         # where this run's final decay begins, so that it goes on at the constant rate, not re-warmed.
         checkpoints = out / "runs" / update.name / "train" / CHECKPOINT_DIR
         start = ("checkpoint", checkpoints / (named_checkpoint(context.anneal_start()) if continued else FINAL))
         earlier |= update.new
     return plan
+
+
+def check_strategies(recipe: Recipe) -> None:
+    """What the trainer or a merge would refuse later, refused now: the model grown by one update only (a
+    grown checkpoint is not grown again: later updates continue it as it is), never a fresh model's first
+    update (it has nothing to continue), --train new-blocks without FSDP, merges of unsharded checkpoints."""
+    grown_by = None
+    for index, update in enumerate(recipe.updates):
+        if update.grow is None:
+            continue
+        key = f"updates.{index}.grow"
+        if grown_by is not None:
+            raise RecipeError(f"{key}: the model was grown by update {grown_by!r} already, and later updates "
+                              "continue the grown model; a grown model is not grown again: drop grow here")
+        if index == 0 and not recipe.is_hf:
+            raise RecipeError(f"{key}: grow grows the model an update continues, and the first update of a fresh "
+                              f"model ({recipe.model}) continues none; grow a later update, or start from hf:PATH")
+        if update.train == "new-blocks" and recipe.compute.fsdp:
+            raise RecipeError(f"updates.{index}.train: new-blocks is not supported with compute.fsdp (the new "
+                              "tokens' rows are held by a gradient hook sharded parameters do not run); use "
+                              "train: all, or fsdp: false")
+        grown_by = update.name
+    for index, update in enumerate(recipe.updates):
+        if update.merges and recipe.compute.fsdp:
+            raise RecipeError(f"updates.{index}.merges: a merge reads the full run's final checkpoint whole, and "
+                              "an fsdp run's is sharded; drop merges, or fsdp: false")
 
 
 def _one_text_field(update: Update) -> str:
@@ -275,13 +351,27 @@ class _RunContext:
             init_from=self.start[1], hf_model=self.start[0][3:] if self.start[1] is None and recipe.is_hf else None,
             model=recipe.model if not recipe.is_hf else TrainConfig.model,
             dtype=recipe.training.dtype, extension_report=self.report, seed=recipe.training.seed,
-            device=recipe.compute.device, compile=recipe.training.compile, progress=False, fsdp=recipe.compute.fsdp)
+            device=recipe.compute.device, compile=recipe.training.compile, progress=False, fsdp=recipe.compute.fsdp,
+            grow=update.grow, train=update.train)
         inputs = (*self.mix.values(), *self.eval_sets.values(),
                   *([self.start[0][3:]] if trainer.hf_model else [str(self.start[1])] if self.start[1] else []),
                   *([str(self.report)] if self.report else []))
         return TrainStep(name, update.name, role, share, service, trainer, later, recipe.compute.launcher,
                          recipe.compute.workers, recipe.compute.threads, tuple(self.earlier), tuple(update.new),
                          inputs, (str(run_dir), str(service.state_dir)))
+
+    def merge(self, option: MergeOption, full: TrainStep) -> MergeStep:
+        """`option`'s merge of this update's start model and `full`'s final one, scored on `full`'s windows."""
+        start = Path(self.start[0][3:]) if self.start[1] is None else self.start[1]
+        continued = full.run_dir / CHECKPOINT_DIR / FINAL
+        name = f"{self.update.name}/{option.label}"
+        record = self.out / MERGES / self.update.name / f"{option.label}.json"
+        data = full.trainer.data
+        return MergeStep(name, self.update.name, option, start, full.trainer.grow, full.trainer.seed, continued,
+                         dict(data.eval_datasets),
+                         self.recipe.data.seq_len, data.eval_batches, data.micro_batch, self.recipe.compute.device,
+                         full.replayed, full.new, (str(start), str(continued), *data.eval_datasets.values()),
+                         (str(record),))
 
     def _controller(self, budget: float, every: int) -> tuple[str, dict]:
         replay = self.update.replay

@@ -1,6 +1,7 @@
 """OUTPUT/report.md: the demo's report sections for any recipe's model and data.
 
-Per update and run: each corpus's final validation loss and bits per byte, forgetting and adaptation;
+Per update and run (and each merge of the update's start and continued models, a row beside the runs
+that trained nothing): each corpus's final validation loss and bits per byte, forgetting and adaptation;
 the replayed corpora's bits per byte also in the model's original (base) encoding, so forgetting measured
 in the encoding the continued model meets sits beside the one a replay in the old encoding would show;
 the sweep's trade-off (one point per pilot) and the share its rule chose; the controller's decisions; each
@@ -19,8 +20,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from recipe.outcome import Choice, Outcome, bits_per_byte, outcome, tokens_per_byte  # noqa: E402
-from recipe.plan import BASE, Plan, TrainStep  # noqa: E402
+from recipe.merging import read as read_merge  # noqa: E402
+from recipe.outcome import (Choice, Outcome, bits_per_byte, merge_outcome, outcome,  # noqa: E402
+                            tokens_per_byte)
+from recipe.plan import BASE, MergeStep, Plan, TrainStep  # noqa: E402
 from trainer.report import write_report as write_run_plots  # noqa: E402
 
 REPORT = "report.md"
@@ -45,7 +48,7 @@ def write_report(plan: Plan, choices: Mapping[str, Choice | None], seconds: Mapp
         full = plan.runs[update.name]
         lines += [f"## Update {update.name}", ""]
         done = [s for s in [*pilots, *([full] if full else [])] if (s.run_dir / "metrics.jsonl").exists()]
-        lines += run_table(plan, done)
+        lines += run_table(plan, done, plan.merges.get(update.name, []))
         if pilots:
             lines += sweep_lines(plan, update.name, pilots, choices.get(update.name), plots)
         if full and (full.run_dir / "controller.json").exists():
@@ -60,31 +63,47 @@ def write_report(plan: Plan, choices: Mapping[str, Choice | None], seconds: Mapp
     return report
 
 
-def _ratio(step: TrainStep, eval_name: str) -> float | None:
-    return tokens_per_byte(step.trainer.data.eval_datasets[eval_name])
-
-
-def run_table(plan: Plan, steps: list[TrainStep]) -> list[str]:
+def run_table(plan: Plan, steps: list[TrainStep], merges: list[MergeStep] = ()) -> list[str]:
+    """A row per run, then per merge of the update's start and continued models (no training), scored on the
+    same windows and judged against the full run's start."""
     if not steps:
         return []
     names = list(steps[0].trainer.data.eval_datasets)
+    eval_datasets = steps[0].trainer.data.eval_datasets
     header = ["run", "replayed share", "steps", *(f"{n} loss / bits per byte" for n in names), "forgetting",
               "adaptation"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def row(o: Outcome, first: list[str]) -> str:
+        cells = list(first)
+        for n in names:
+            bpb = bits_per_byte(o.final[n], tokens_per_byte(eval_datasets[n])) if n in o.final else None
+            cells.append("-" if n not in o.final else f"{o.final[n]:.3f} / {bpb:.3f}" if bpb else f"{o.final[n]:.3f}")
+        return "| " + " | ".join([*cells, f"{o.forgetting:+.4f}", f"{o.adaptation:+.4f}"]) + " |"
+
     for step in steps:
         o = outcome(step.name, step.share, step.run_dir, step.replayed, step.new)
-        cells = [step.name, share_cell(step), str(o.steps)]
-        for n in names:
-            bpb = bits_per_byte(o.final[n], _ratio(step, n)) if n in o.final else None
-            cells.append("-" if n not in o.final else f"{o.final[n]:.3f} / {bpb:.3f}" if bpb else f"{o.final[n]:.3f}")
-        cells += [f"{o.forgetting:+.4f}", f"{o.adaptation:+.4f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(row(o, [step.name + grown_note(step), share_cell(step), str(o.steps)]))
+    full = next((s for s in steps if s.role == "train"), None)
+    made = [(m, read_merge(m)) for m in merges]
+    made = [(m, merged) for m, merged in made if merged is not None]
+    if full is not None and made:
+        start = outcome(full.name, full.share, full.run_dir, full.replayed, full.new).start
+        for step, merged in made:
+            o = merge_outcome(step.name, start, merged.losses, step.replayed, step.new)
+            lines.append(row(o, [step.name, f"merge, {merged.about}", "0 (no training)"]))
     based = [n for n in names if n.endswith(f"-{BASE}")]
     if based:
         lines += ["", "Columns NAME-base score the replayed corpus in the model's original encoding: the text the "
                   "model was trained on replays in the final (extended) encoding, and forgetting is measured there; "
                   "the base encoding's bits per byte show what a replay in the old encoding would have reported."]
     return lines + [""]
+
+
+def grown_note(step: TrainStep) -> str:
+    if step.trainer.grow is None:
+        return ""
+    return f" (grown {step.trainer.grow}, training {step.trainer.train})"
 
 
 def share_cell(step: TrainStep) -> str:
@@ -162,5 +181,10 @@ def compute_lines(plan: Plan, runs: list[TrainStep], seconds: Mapping[str, float
         total += tokens
         wall = f"{seconds[step.name]:.0f} s" if step.name in seconds else "reused"
         lines.append(f"| {step.name} | {step.trainer.steps} | {tokens:,} | {wall} |")
+    for merges in plan.merges.values():
+        for merge in merges:
+            if merge.record.is_file():
+                wall = f"{seconds[merge.name]:.0f} s" if merge.name in seconds else "reused"
+                lines.append(f"| {merge.name} | 0 | 0 (a merge: no training) | {wall} |")
     lines.append(f"| all | | {total:,} | |")
     return lines + [""]

@@ -38,7 +38,8 @@ from recipe.checks import LOCK, is_remote
 from recipe.errors import RecipeError
 from recipe.hashing import FILE_HASHES, content_hash
 from recipe.outcome import Choice, choose_share, outcome
-from recipe.plan import PORT_PLACEHOLDER, SECRETS, PipelineStep, Plan, Step, TrainStep, make_plan, with_port
+from recipe.plan import (PORT_PLACEHOLDER, SECRETS, MergeStep, PipelineStep, Plan, Step, TrainStep, make_plan,
+                         with_port)
 from recipe.store import OutputStore
 from service.launcher import PACKAGE_ROOT, ServiceDidNotStart, ServiceProcess, free_port
 from trainer.checkpoint import CHECKPOINT_DIR, FINAL, LATEST, latest_checkpoint
@@ -64,6 +65,8 @@ def settings(step: Step) -> dict[str, Any]:
     if isinstance(step, PipelineStep):
         return _jsonable({k: v for k, v in asdict(step.config).items()
                           if k not in ("address", "overwrite", "num_cpus", "workers")})
+    if isinstance(step, MergeStep):
+        return _jsonable(step.settings())
     trainer = _jsonable(asdict(step.trainer))
     for volatile in ("resume", "overwrite", "progress"):
         trainer.pop(volatile, None)
@@ -253,6 +256,19 @@ class StepRunner:
         self.seconds[step.name] = time.monotonic() - started
         return True
 
+    def run_merge_step(self, step: MergeStep) -> None:
+        """`step`'s merge made and scored (seconds, no training), unless its record is done."""
+        if self._decide(step):
+            print(f"{step.name}: done, reused", flush=True)
+            return
+        from recipe.merging import build_and_score
+
+        merged = build_and_score(step)
+        print(f"{step.name}: {merged.about}: " + ", ".join(f"{k} {v:.3f}" for k, v in merged.losses.items())
+              + f" ({merged.seconds:.1f} s, no training)", flush=True)
+        self.commit(step)
+        self.seconds[step.name] = merged.seconds
+
     def _serve_and_train(self, step: TrainStep, during: Callable[[str, subprocess.Popen], None] | None) -> None:
         Path(step.service.state_dir).mkdir(parents=True, exist_ok=True)  # a rerun keeps the state the service left
         port = free_port()
@@ -431,6 +447,8 @@ class Runner(StepRunner):
             else:
                 self.choices.setdefault(update.name, None)
             self.run_train_step(self.plan.runs[update.name])
+            for merge in self.plan.merges[update.name]:
+                self.run_merge_step(merge)
         model = self.export_model()
         self.write_lock()
         from recipe.report import write_report
@@ -561,6 +579,11 @@ def print_plan(plan: Plan) -> None:
         print("    outputs: " + "\n             ".join(step.outputs))
         if isinstance(step, PipelineStep):
             print(f"    command: {as_text(step.command())}")
+        elif isinstance(step, MergeStep):
+            from recipe.merging import describe
+
+            print(f"    merge:   {describe(step)}, in memory (trainer.merge.merge_state_dicts), scored on the "
+                  "full run's validation windows (trainer.evaluate.score); no training")
         else:
             port = "PORT"
             service = as_text(step.service_command()).replace(f"--port={PORT_PLACEHOLDER}", f"--port={port}")

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from recipe.errors import RecipeError
 
@@ -123,6 +124,38 @@ class Schedule(Strict):
                                                             "trainer's)")
 
 
+class MergeOption(Strict):
+    """A merge of the update's start model and its continued model, scored beside the runs (no training)."""
+
+    method: Literal["linear", "task_arithmetic", "ties"] = Field(
+        description="linear: (1 - alpha) x start + alpha x continued (WiSE-FT); task_arithmetic: start + lambda "
+                    "x (continued - start); ties: the same task vector trimmed to its largest entries (density)")
+    alpha: float = Field(0.5, ge=0, le=1, description="linear: the continued model's weight")
+    density: float = Field(1.0, gt=0, le=1, description="ties: the share of the task vector's entries kept, by "
+                                                        "magnitude (the TIES paper keeps 0.2)")
+    lam: float = Field(1.0, alias="lambda", description="task_arithmetic, ties: the task vector's scale")
+    name: str | None = Field(None, description="its row's name (default: merge-METHOD-VALUE, e.g. merge-linear-0.5)")
+
+    @model_validator(mode="after")
+    def _keys_of_its_method(self) -> "MergeOption":
+        given = self.model_fields_set
+        if "alpha" in given and self.method != "linear":
+            raise ValueError(f"alpha weighs the two models of a linear merge; {self.method} adds the task vector "
+                             "scaled by lambda: drop alpha or use method: linear")
+        if "density" in given and self.method != "ties":
+            raise ValueError(f"density trims the task vector of a ties merge; drop it for {self.method}")
+        if "lam" in given and self.method == "linear":
+            raise ValueError("lambda scales a task vector, which a linear merge has none of; use alpha")
+        if self.name is not None and not NAME.match(self.name):
+            raise ValueError(f"name {self.name!r}: use letters, digits, '.', '_' or '-'")
+        return self
+
+    @property
+    def label(self) -> str:
+        value = {"linear": self.alpha, "ties": self.density, "task_arithmetic": self.lam}[self.method]
+        return self.name or f"merge-{self.method}-{value:g}"
+
+
 class Update(Strict):
     name: str = Field(description="this update's name: its runs go to OUTPUT/runs/NAME")
     new: dict[str, Corpus] = Field(description="the new corpora, by name: {de: data/de.jsonl}")
@@ -130,6 +163,45 @@ class Update(Strict):
     replay: Replay = Field(Replay(), description="how much of every earlier corpus each batch replays")
     steps: int = Field(gt=0, description="optimizer updates of the full run")
     schedule: Schedule = Field(Schedule(), description="the learning-rate schedule")
+    grow: str | None = Field(None, description="grow the model at this update's start (its pilots too), so that it "
+                                               "computes what it did: blocks:N inserts N identity blocks (LLaMA "
+                                               "Pro), experts:E,top_k:K upcycles every MLP into a Mixtral of E "
+                                               "experts; later updates continue the grown model")
+    train: Literal["all", "new-blocks"] = Field(
+        "all", description="which parameters train: all, or new-blocks (only the blocks grow: blocks:N inserts, "
+                           "and the rows of tokens an extension added)")
+    merges: list[MergeOption] = Field([], description="merges of the start and continued models to score beside "
+                                                      "the runs, e.g. [{method: linear, alpha: 0.5}, {method: ties, "
+                                                      "density: 0.2}]")
+
+    @field_validator("grow")
+    @classmethod
+    def _parsable(cls, grow: str | None) -> str | None:
+        if grow is None:
+            return None
+        from trainer.growth import GrowSpec, GrowthError  # torch and transformers: only when a recipe grows
+
+        try:
+            return str(GrowSpec.parse(grow))
+        except GrowthError as e:
+            raise ValueError(str(e).replace("--grow ", "", 1)) from None
+
+    @field_validator("train")
+    @classmethod
+    def _blocks_to_train(cls, train: str, info: ValidationInfo) -> str:
+        grow = info.data.get("grow")
+        if train == "new-blocks" and not (grow or "").startswith("blocks:"):
+            raise ValueError("new-blocks trains the blocks that grow: blocks:N inserts; add grow: blocks:N to this "
+                             "update, or train: all")
+        return train
+
+    @model_validator(mode="after")
+    def _merges(self) -> "Update":
+        labels = [m.label for m in self.merges]
+        twice = sorted({label for label in labels if labels.count(label) > 1})
+        if twice:
+            raise ValueError(f"merges: two are named {twice[0]}; give each its own name")
+        return self
 
 
 class Data(Strict):
@@ -336,7 +408,7 @@ def key_table(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple[s
     """(key, default, description) of every key, nested keys dotted: what --help and the README list."""
     rows = []
     for name, field in model.model_fields.items():
-        key = prefix + name
+        key = prefix + (field.alias or name)
         inner = _inner_model(field.annotation)
         shape = next((a for a in getattr(field.annotation, "__args__", ()) if a is not type(None)), None)
         origin = getattr(field.annotation, "__origin__", None) or getattr(shape, "__origin__", None)
