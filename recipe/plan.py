@@ -7,8 +7,9 @@
   pilot or an update's full run (a step with no service is a trainer mixing its datasets in process: the
   demo's pretraining and union runs).
 - `MergeStep`: the update's start model (grown as its run grew it, if it did) and its continued model (the
-  full run's final checkpoint) merged in memory (`trainer.merge.merge_state_dicts`) and scored on the full run's validation windows
-  (`trainer.evaluate.score`): the alternative to replay that costs no training (`recipe/merging.py` runs it).
+  full run's final checkpoint) merged in memory (`trainer.merge.merge_state_dicts`) and scored on the full
+  run's validation windows (`trainer.evaluate.score`): the alternative to replay that costs no training
+  (`recipe/merging.py` runs it).
 
 Every step declares its inputs (what its outputs depend on, content-hashed by the runner) and outputs,
 and its command comes from `recipe.argv`, the one renderer per part. Where things go in the output folder:
@@ -250,7 +251,12 @@ def make_plan(recipe: Recipe, name: str, chosen: dict[str, float] | None = None)
 def check_strategies(recipe: Recipe) -> None:
     """What the trainer or a merge would refuse later, refused now: the model grown by one update only (a
     grown checkpoint is not grown again: later updates continue it as it is), never a fresh model's first
-    update (it has nothing to continue), --train new-blocks without FSDP, merges of unsharded checkpoints."""
+    update (it has nothing to continue), --train new-blocks without FSDP; merges of a start model (not a fresh
+    model's random initialisation) and of unsharded checkpoints."""
+    if recipe.updates[0].merges and not recipe.is_hf:
+        raise RecipeError(f"updates.0.merges: a merge weighs the model an update started from, and the first update "
+                          f"of a fresh model ({recipe.model}) starts from random weights; merge a later update's, or "
+                          "start from hf:PATH")
     grown_by = None
     for index, update in enumerate(recipe.updates):
         if update.grow is None:

@@ -147,6 +147,7 @@ def test_the_plan_grows_only_the_update_that_says_so(workspace, tmp_path):
     ("    merges:\n      - {method: linear}\n      - {method: ties, alpha: 0.3}\n", None,
      ["line 10", "updates.0.merges.1", "alpha weighs"]),
     ("    grow: blocks:1\n", "tiny", ["line 9", "updates.0.grow", "fresh model"]),
+    ("    merges: [{method: linear}]\n", "tiny", ["line 9", "updates.0.merges", "random weights"]),
     ("    grow: blocks:1\n  - {name: more, new: {more: MORE}, steps: 2, grow: blocks:1}\n", None,
      ["line 9", "updates.1.grow", "not grown again"]),
 ])
