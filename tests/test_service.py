@@ -182,38 +182,58 @@ def test_mutations_need_the_admin_token(service):
     assert httpx.get(f"{service.url}/healthz").json()["ok"] is True
 
 
-def test_start_is_refused_with_clear_messages(tmp_path, two_datasets, german_lines, token_dataset_factory):
+def refused_in_process(args: list[str], capsys) -> subprocess.CompletedProcess:
+    """`refused_start` through the function `python -m service` runs (`service.__main__.main`), in this
+    process: a Python process and its imports fewer. A flag argparse refuses exits (SystemExit) with the
+    status the process would. The port is one this test holds, so a start that was not refused ends at once,
+    where uvicorn binds it (SystemExit 1), instead of serving."""
+    import socket
+
+    from service.__main__ import main
+
+    capsys.readouterr()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        try:
+            status = main([*args, "--port", str(taken.getsockname()[1])])
+        except SystemExit as exited:
+            status = exited.code
+    return subprocess.CompletedProcess(["python", "-m", "service", *args], status, "", capsys.readouterr().err)
+
+
+def test_start_is_refused_with_clear_messages(tmp_path, two_datasets, german_lines, token_dataset_factory, capsys):
     from tests.conftest import train_spm
 
     german = train_spm(german_lines, tmp_path / "spm" / "german", vocab_size=200)
     foreign = token_dataset_factory("foreign", german_lines[:40], german).root
     args = service_args({"old": two_datasets["old"], "foreign": foreign}, tmp_path / "s1", None, "old=1,foreign=0")
-    result = refused_start(args)
+    result = refused_start(args)  # as the user runs it, a process of its own; the refusals below in this one
     assert result.returncode == 2 and "do not share a vocabulary" in result.stderr
     assert not (tmp_path / "s1").exists()
     # a state dir made for other inputs is refused rather than silently changing served steps
     state = tmp_path / "s2"
     ServiceProcess(service_args(two_datasets, state, None, "old=1,new=0"), free_port()).start().stop()
     other = service_args(two_datasets, state, None, "old=1,new=0", seq_len=32)
-    result = refused_start(other)
+    result = refused_in_process(other, capsys)
     assert result.returncode == 2 and "seq_len" in result.stderr and "identity.json" in result.stderr
     # other weights on a state dir are refused: its log decides the mix (omitting --weights resumes it)
     other = service_args(two_datasets, state, None, "old=0.5,new=0.5")
-    result = refused_start(other)
+    result = refused_in_process(other, capsys)
     assert result.returncode == 2 and "differs from the one this state dir started with" in result.stderr
     ServiceProcess(service_args(two_datasets, state, None, None), free_port()).start().stop()
     # a state dir written under another mix rule (replaymix before Tijdeman's rule) is refused by name
     identity = json.loads((state / "identity.json").read_text())
     del identity["mix_rule"]
     (state / "identity.json").write_text(json.dumps(identity))
-    result = refused_start(service_args(two_datasets, state, None, None))
+    result = refused_in_process(service_args(two_datasets, state, None, None), capsys)
     assert result.returncode == 2 and "served with mix rule 1" in result.stderr and "mix rule 2" in result.stderr
     # an omitted dataset, and a service nobody could read from, are refused at start
     partial = service_args(two_datasets, tmp_path / "s3", None, "old=1")
-    result = refused_start(partial)
+    result = refused_in_process(partial, capsys)
     assert result.returncode == 2 and "no weight for ['new']" in result.stderr
     unreadable = [a for a in service_args(two_datasets, tmp_path / "s4", None, "old=1,new=1") if "read-token" not in a]
-    result = refused_start(unreadable)
+    result = refused_in_process(unreadable, capsys)
     assert result.returncode == 2 and "--allow-anonymous-reads" in result.stderr
 
 
