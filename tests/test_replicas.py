@@ -13,7 +13,7 @@ import pytest
 from service.client import StreamClient
 from service.launcher import ServiceProcess
 from service.wire import decode_batch
-from tests.test_service import READ_TOKEN, get_batch, put_mix, refused_start, reader, service_args
+from tests.test_service import READ_TOKEN, get_batch, put_mix, reader, refused_in_process, service_args
 
 
 @pytest.fixture
@@ -71,13 +71,15 @@ def test_a_client_with_two_replica_urls_goes_on_when_one_dies(owner_and_replicas
 
 
 def test_a_replica_of_other_data_or_without_a_token_is_refused(tmp_path, owner_and_replicas, german_lines,
-                                                              english_model, token_dataset_factory):
+                                                              english_model, token_dataset_factory, capsys):
     owner, _, _ = owner_and_replicas
     other = token_dataset_factory("other", german_lines[:40], english_model).root
     read_token = tmp_path / "state.read-token"
-    result = refused_start([f"--replica-of={owner.url}", f"--read-token-file={read_token}", f"--dataset=new={other}"])
+    result = refused_in_process([f"--replica-of={owner.url}", f"--read-token-file={read_token}",
+                                 f"--dataset=new={other}"], capsys)
     assert result.returncode == 2 and "is not the one the service serves from" in result.stderr, result.stderr
-    result = refused_start([f"--replica-of={owner.url}", "--allow-anonymous-reads"])
+    result = refused_in_process([f"--replica-of={owner.url}", "--allow-anonymous-reads"], capsys)
     assert result.returncode == 2 and "needs --read-token-file" in result.stderr
-    result = refused_start([f"--replica-of={owner.url}", f"--read-token-file={read_token}", "--state-dir=x"])
+    result = refused_in_process([f"--replica-of={owner.url}", f"--read-token-file={read_token}", "--state-dir=x"],
+                                capsys)
     assert result.returncode == 2 and "belong to the owner" in result.stderr
