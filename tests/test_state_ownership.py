@@ -17,7 +17,7 @@ from service.launcher import ServiceProcess
 from service.mix_service import MixService
 from service.mixer import MixerConfig
 from service.state_store import S3Store, Superseded
-from tests.test_service import READ_TOKEN, TOKEN, get_batch, put_mix, refused_start
+from tests.test_service import READ_TOKEN, TOKEN, get_batch, put_mix, refused_in_process, refused_start
 
 
 def flags(datasets: dict[str, Path], state: str, tmp_path: Path, *extra: str) -> list[str]:
@@ -49,12 +49,13 @@ def log_ops(url: str) -> list[str]:
     return [entry["op"] for entry in reader.get(f"{url}/v1/mix").json()["log"]]
 
 
-def test_one_owner_is_refused_a_second_and_a_standby_takes_over_when_it_dies(tmp_path, two_datasets, state):
+def test_one_owner_is_refused_a_second_and_a_standby_takes_over_when_it_dies(tmp_path, two_datasets, state,
+                                                                              capsys):
     owner = ServiceProcess(flags(two_datasets, state, tmp_path)).start()
     standby = ServiceProcess(flags(two_datasets, state, tmp_path, "--standby"))
     try:
         served = {step: get_batch(owner.url, step) for step in range(6)}
-        result = refused_start(flags(two_datasets, state, tmp_path))
+        result = refused_in_process(flags(two_datasets, state, tmp_path), capsys)
         assert result.returncode == 2, result.stderr
         assert "owned by " + owner.url in result.stderr and "--standby" in result.stderr
         assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
@@ -119,14 +120,15 @@ def test_a_conditional_write_on_a_superseded_version_is_refused(s3):
 
 
 def test_bad_state_uris_and_a_standby_for_another_run_are_refused(tmp_path, two_datasets, s3, german_lines,
-                                                                   english_model, token_dataset_factory):
-    result = refused_start(flags(two_datasets, "s3://no-such-bucket/state", tmp_path))
+                                                                   english_model, token_dataset_factory, capsys):
+    result = refused_in_process(flags(two_datasets, "s3://no-such-bucket/state", tmp_path), capsys)
     assert result.returncode == 2 and "no-such-bucket" in result.stderr and "credentials" in result.stderr
     state = f"s3://{BUCKET}/runs/one"
     owner = ServiceProcess(flags(two_datasets, state, tmp_path)).start()
     try:
         other = {**two_datasets, "new": token_dataset_factory("other", german_lines[:50], english_model).root}
-        result = refused_start(flags(other, state, tmp_path, "--standby"))  # refused at once, not after waiting
+        # In a process of its own, with its timeout: refused at once, not after waiting.
+        result = refused_start(flags(other, state, tmp_path, "--standby"))
         assert result.returncode == 2 and "made for other inputs" in result.stderr
     finally:
         owner.stop()
