@@ -61,6 +61,7 @@ def grown_job(workspace, tmp_path_factory) -> Path:
     return root / "out"
 
 
+@pytest.mark.slow
 def test_a_grown_update_trains_only_its_new_block_and_rows_and_a_merge_is_scored_beside_it(grown_job, workspace):
     from transformers import AutoModelForCausalLM
 
@@ -103,6 +104,7 @@ def test_a_grown_update_trains_only_its_new_block_and_rows_and_a_merge_is_scored
     assert "no training" in rows[1]
 
 
+@pytest.mark.slow
 def test_a_merge_is_reused_while_its_inputs_are_unchanged(grown_job):
     from dataclasses import replace
 
