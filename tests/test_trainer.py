@@ -38,9 +38,10 @@ def write_datasets(folder: Path, english_model: Path, english_lines: list[str], 
             for name, lines in (("en", english_lines), ("de", german_lines))}
 
 
-@pytest.fixture
-def datasets(tmp_path, english_model, english_lines, german_lines):
-    return write_datasets(tmp_path, english_model, english_lines, german_lines)
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory, english_model, english_lines, german_lines):
+    """Written once for the module: the tests only read them (each run writes under its test's tmp_path)."""
+    return write_datasets(tmp_path_factory.mktemp("datasets"), english_model, english_lines, german_lines)
 
 
 def args_for(datasets: dict[str, Path], out: Path, *extra: str) -> list[str]:
@@ -430,25 +431,22 @@ SIGNALLED_RUN = ["--steps", str(SIGNALLED_STEPS), "--checkpoint-every", "1000", 
 
 
 @pytest.fixture(scope="module")
-def uninterrupted_run(tmp_path_factory, english_model, english_lines, german_lines) -> tuple[dict[str, Path], Path]:
-    """The datasets of the signal tests and the run a signalled run must come back to, trained once for both
-    signals: SIGINT and SIGTERM stop the same run, so they are compared with the same uninterrupted one."""
-    folder = tmp_path_factory.mktemp("signalled")
-    datasets = write_datasets(folder, english_model, english_lines, german_lines)
-    straight = folder / "straight"
+def uninterrupted_run(tmp_path_factory, datasets) -> Path:
+    """The run a signalled run must come back to, trained once for both signals: SIGINT and SIGTERM stop the
+    same run, so they are compared with the same uninterrupted one."""
+    straight = tmp_path_factory.mktemp("signalled") / "straight"
     train(parse_args(args_for(datasets, straight, *SIGNALLED_RUN)))
-    return datasets, straight
+    return straight
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_stops_after_a_step_with_a_checkpoint_and_the_resume_command(tmp_path, uninterrupted_run, signum,
-                                                                              capsys):
+def test_a_signal_stops_after_a_step_with_a_checkpoint_and_the_resume_command(tmp_path, datasets, uninterrupted_run,
+                                                                              signum, capsys):
     """Issue 18: Ctrl-C (or a scheduler's SIGTERM) ended in a traceback and lost every step since the last
     checkpoint. A real `python -m trainer` is signalled mid-run: it must finish the step, checkpoint it, print
     the command that resumes, exit 128 + signal; that command must then finish the run exactly as an
     uninterrupted one (losses, evaluations, model and optimizer to the bit)."""
-    datasets, straight = uninterrupted_run
-    stopped = tmp_path / "stopped"
+    straight, stopped = uninterrupted_run, tmp_path / "stopped"
     # One thread, as this process trains the straight run, so that the arithmetic is the same to the bit.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     child = subprocess.Popen([sys.executable, "-m", "trainer", *args_for(datasets, stopped, *SIGNALLED_RUN)],
