@@ -26,8 +26,26 @@ def how_to_resume(argv: Sequence[str]) -> str:
     return f"{shlex.join([sys.executable, '-m', 'trainer'])} {flags}"
 
 
+def die_with_launcher() -> None:
+    """Under torchrun, end this rank when its torchrun agent ends. The agent starts each rank in a session of
+    its own, so a SIGKILL of the job's process group (a killed `python -m recipe run`, a scheduler's kill)
+    takes the agent but not the ranks, which would train on, orphaned, into the run folder that the rerun
+    resumes from. Linux's parent-death signal ends them with it; elsewhere nothing is changed."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    agent = os.getppid()
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if agent == 1 or os.getppid() != agent:  # the agent ended before (orphans go to init) or while it was asked for
+        os._exit(128 + signal.SIGKILL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    die_with_launcher()
     config = parse_args(argv)
     try:
         train(config)
