@@ -99,7 +99,9 @@ class TrainStep:
     def trainer_command(self, trainer: TrainConfig | None = None) -> list[str]:
         argv = trainer_argv(trainer or self.trainer)
         if self.launcher == "torchrun":
-            return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={self.workers}",
+            # --standalone: its rendezvous on a free port of this node, not torchrun's fixed 29500, which a
+            # second job (or a killed one's leftover) on the machine would hold.
+            return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={self.workers}",
                     "-m", "trainer", *argv]
         if self.launcher == "ray":
             gpu = ["--use-gpu"] if self.trainer.device == "cuda" else []
