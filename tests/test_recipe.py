@@ -131,7 +131,9 @@ TEST_SCALE = {
     "data: {seq_len: 1024, global_batch: 64, micro_batch: 8}": "data: {seq_len: 32, global_batch: 8, micro_batch: 4}",
     "evaluation: {every: 100, batches: 8}": "evaluation: {every: 4, batches: 2}",
     "training: {checkpoint_every: 100}": "training: {checkpoint_every: 2}",
-    "compute: {launcher: process, device: cuda}": "compute: {launcher: process, device: cpu, cpus: 2, threads: 1}",
+    # Two DDP ranks of one thread each on the 2 cores: the README's torchrun, run end to end and killed.
+    "compute: {launcher: torchrun, workers: 8, device: cuda}":
+        "compute: {launcher: torchrun, workers: 2, device: cpu, cpus: 2, threads: 1}",
 }
 
 
@@ -155,9 +157,29 @@ def run_job(recipe: Path, *flags: str, kill_when: Path | None = None) -> subproc
                 time.sleep(0.05)
             os.killpg(job.pid, signal.SIGKILL)
             job.wait()
+            # Nothing of the job outlives it (torchrun starts its ranks in sessions of their own): a rank
+            # training on, orphaned, would write into the run the rerun resumes.
+            deadline = time.monotonic() + 2  # a SIGKILLed process is gone in milliseconds
+            while (left := processes_naming(recipe.parent)) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not left, f"processes of the killed job still run: {left}"
             return None
         job.wait(timeout=900)
     return subprocess.CompletedProcess(job.args, job.returncode, log.read_text(), "")
+
+
+def processes_naming(folder: Path) -> list[str]:
+    """The command lines of this machine's processes that name `folder` (a job's own paths)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            words = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # not a process, or it has just ended
+            continue
+        line = " ".join(w.decode(errors="replace") for w in words if w)
+        if str(folder) in line:
+            found.append(f"{proc.name}: {line[:200]}")
+    return found
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -409,7 +431,7 @@ def test_the_recipe_submitted_with_ray_job_submit_as_the_readme_says(workspace, 
     shared.mkdir()
     data = workspace / "data"
     # Two updates: replay by stages, then a forgetting budget held by the controller, continuing the first
-    # update's schedule without re-warming.
+    # update's schedule without re-warming; each trained by two Ray Train workers, as a cluster user would.
     write(shared / "recipe.yaml", f"""\
 name: submitted
 model: hf:{workspace / 'models' / 'base'}
@@ -421,7 +443,7 @@ updates:
      replay: {{budget: 0.02, old: en}}}}
 data: {{seq_len: 32, global_batch: 8, micro_batch: 4}}
 evaluation: {{every: 2, batches: 1}}
-compute: {{threads: 1}}
+compute: {{launcher: ray, workers: 2, threads: 1}}
 output: {shared / 'out'}
 """)
     env = cluster_environment(tmp_path)
@@ -441,6 +463,8 @@ output: {shared / 'out'}
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "pipeline steps run on the Ray cluster at" in job.stdout
         assert "recipe submitted done" in job.stdout
+        # Each pilot and full run trained as two Ray Train workers on the cluster the job was submitted to.
+        assert job.stdout.count("ray train run finished") == 2, job.stdout[-3000:]
     finally:
         stop_ray_head(head, temp_dir)
     assert (shared / "out" / "model" / "config.json").is_file()
