@@ -408,7 +408,7 @@ def _state_dir(path: Path) -> str | Path:
     return str(path) if str(annotation).startswith("str") else path
 
 
-def with_port(step: TrainStep, port: int) -> tuple[ServiceConfig, TrainConfig]:
-    """The step's service and trainer configs for a service listening on `port`."""
-    return (replace(step.service, port=port),
-            replace(step.trainer, data=replace(step.trainer.data, stream_url=f"http://127.0.0.1:{port}")))
+def with_port(step: TrainStep, port: int, host: str = "127.0.0.1") -> tuple[ServiceConfig, TrainConfig]:
+    """The step's service and trainer configs for a service listening on `host`:`port`."""
+    return (replace(step.service, port=port, host=host),
+            replace(step.trainer, data=replace(step.trainer.data, stream_url=f"http://{host}:{port}")))

@@ -41,7 +41,7 @@ from recipe.outcome import Choice, choose_share, outcome
 from recipe.plan import (PORT_PLACEHOLDER, SECRETS, MergeStep, PipelineStep, Plan, Step, TrainStep, make_plan,
                          with_port)
 from recipe.store import OutputStore
-from service.launcher import PACKAGE_ROOT, ServiceDidNotStart, ServiceProcess, free_port
+from service.launcher import LOOPBACK, PACKAGE_ROOT, ServiceDidNotStart, ServiceProcess, free_port
 from trainer.checkpoint import CHECKPOINT_DIR, FINAL, LATEST, latest_checkpoint
 
 RECORDS = "steps"
@@ -74,6 +74,17 @@ def settings(step: Step) -> dict[str, Any]:
         {k: v for k, v in asdict(step.service).items() if k not in ("port", "log_level", "cache")})
     return {"service": service, "trainer": trainer, "later_stages": _jsonable(step.later_stages),
             "launcher": step.launcher, "workers": step.workers}
+
+
+def service_host(step: TrainStep) -> str:
+    """Where a run's mixer service listens: the loopback for ranks on this node (one process, torchrun), this
+    node's cluster address for Ray Train workers, which Ray may place on any node (the service still asks
+    every request for its read token)."""
+    if step.launcher != "ray":
+        return LOOPBACK
+    import ray.util
+
+    return ray.util.get_node_ip_address()
 
 
 class StepRecords:
@@ -271,13 +282,14 @@ class StepRunner:
 
     def _serve_and_train(self, step: TrainStep, during: Callable[[str, subprocess.Popen], None] | None) -> None:
         Path(step.service.state_dir).mkdir(parents=True, exist_ok=True)  # a rerun keeps the state the service left
-        port = free_port()
-        service_config, trainer_config = with_port(step, port)
+        host = service_host(step)
+        port = free_port(host)
+        service_config, trainer_config = with_port(step, port, host)
         trainer_config = self._resumed(trainer_config)
         service_args = [a for a in step.service_command(service_config)[3:]
                         if not a.startswith(("--host=", "--port=", "--log-level="))]
         service = ServiceProcess(service_args, port=port, log=Path(step.service.state_dir).with_suffix(".log"),
-                                 log_level=service_config.log_level)
+                                 log_level=service_config.log_level, host=host)
         print(f"\n=== {step.name}: {self._describe(step)}\n$ {as_text(service.command())}", flush=True)
         try:
             service.start()

@@ -41,25 +41,27 @@ class ServiceDidNotStart(ServiceError, RuntimeError):
 
 
 class ServiceProcess:
-    """`python -m service ARGS --host 127.0.0.1 --port PORT` in a subprocess; restartable on the same port.
+    """`python -m service ARGS --host HOST --port PORT` in a subprocess; restartable on the same port. HOST is
+    the loopback unless given: another node's process (a Ray Train worker) reaches the service at this node's
+    address only.
 
     Its output goes to `log` (appended, so one file spans restarts) or, without one, to a pipe read once
     the process has ended. `cwd` is where `python -m service` imports the service from.
     """
 
     def __init__(self, args: Sequence[str], port: int | None = None, *, log: Path | None = None,
-                 cwd: Path = PACKAGE_ROOT, log_level: str | None = "warning"):
-        self.args, self.cwd = list(args), cwd
+                 cwd: Path = PACKAGE_ROOT, log_level: str | None = "warning", host: str = LOOPBACK):
+        self.args, self.cwd, self.host = list(args), cwd, host
         self.log = Path(log) if log is not None else None
-        self.port = port or free_port()
-        self.url = f"http://{LOOPBACK}:{self.port}"
+        self.port = port or free_port(host)
+        self.url = f"http://{host}:{self.port}"
         self.log_level = log_level  # None: the service's own default (info: every request is logged)
         self.proc: subprocess.Popen | None = None
         self._piped = b""
 
     def command(self) -> list[str]:
         level = ["--log-level", self.log_level] if self.log_level else []
-        return [sys.executable, "-m", "service", *self.args, "--host", LOOPBACK, "--port", str(self.port), *level]
+        return [sys.executable, "-m", "service", *self.args, "--host", self.host, "--port", str(self.port), *level]
 
     def start(self, wait: bool = True, ready_within: float = 60.0) -> "ServiceProcess":
         """Start the process; with `wait`, return once it serves (see wait_ready)."""
