@@ -11,6 +11,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+from pipeline.storage import is_uri
 from recipe.errors import RecipeError
 from recipe.schema import Recipe
 from trainer.model import MODEL_SIZES
@@ -18,13 +19,9 @@ from trainer.model import MODEL_SIZES
 LOCK = "recipe.lock.json"
 
 
-def is_remote(path: str) -> bool:
-    return "://" in path
-
-
 def check_readable(path: str, key: str) -> None:
     """A local file, folder or glob that exists and can be read; remote paths are read by the step itself."""
-    if is_remote(path):
+    if is_uri(path):
         return
     matches = glob.glob(path) if any(ch in path for ch in "*?[") else [path] if os.path.exists(path) else []
     if not matches:

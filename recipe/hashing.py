@@ -7,7 +7,8 @@ import glob
 import hashlib
 from pathlib import Path
 
-from recipe.checks import is_remote
+from pipeline.storage import is_uri
+
 
 # Each file's sha256 by (path, size, mtime): a rerun does not read a model of many GB again to learn that
 # it did not change. A file rewritten in place keeps neither its size and mtime both, in practice.
@@ -31,7 +32,7 @@ def file_hash(f: Path) -> str:
 def content_hash(path: str) -> str:
     """sha256 of a file; of a token dataset its manifest (which pins every shard); of a folder (or glob) its
     files' names and sha256s; a remote path is pinned by its URI (its dataset's manifest pins what was read)."""
-    if is_remote(path):
+    if is_uri(path):
         return f"uri:{path}"
     p = Path(path)
     if (p / "manifest.json").is_file():

@@ -33,8 +33,9 @@ from typing import Any, Callable, Iterator
 
 import httpx
 
+from pipeline.storage import is_uri
 from recipe.argv import as_text
-from recipe.checks import LOCK, is_remote
+from recipe.checks import LOCK
 from recipe.errors import RecipeError
 from recipe.hashing import FILE_HASHES, content_hash
 from recipe.outcome import Choice, choose_share, outcome
@@ -428,7 +429,7 @@ class Runner(StepRunner):
     def refuse_changed(self) -> None:
         """Every step whose inputs exist now is compared with its record before the first step runs."""
         for step in self.plan.steps():
-            if all(is_remote(p) or Path(p).exists() for p in step.inputs):
+            if all(is_uri(p) or Path(p).exists() for p in step.inputs):
                 self._decide(step)
 
     # -- the whole job
@@ -570,7 +571,7 @@ class Runner(StepRunner):
         inputs = sorted({p for s in self.plan.steps() for p in s.inputs
                          if not p.startswith(str(self.out))})
         lock = {"name": self.plan.name, "recipe": recipe.model_dump(mode="json"),
-                "inputs": {p: content_hash(p) if is_remote(p) or Path(p).exists() else None for p in inputs},
+                "inputs": {p: content_hash(p) if is_uri(p) or Path(p).exists() else None for p in inputs},
                 "chosen": {u: c.share if c else None for u, c in self.choices.items()},
                 "steps": {s.name: self.records.path(s).name for s in self.plan.steps()
                           if self.records.path(s).is_file()}}
