@@ -18,7 +18,8 @@ import yaml
 from recipe.checks import check_recipe
 from recipe.errors import RecipeError
 from recipe.plan import make_plan
-from recipe.runner import Runner, print_plan
+from recipe.dry_run import print_plan
+from recipe.runner import Runner
 from recipe.schema import key_table, line_of, load_recipe
 
 EXAMPLE = """\
